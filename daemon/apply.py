@@ -1,0 +1,108 @@
+"""The apply core: make Qdrant hold exactly what PostgreSQL says, for a set of chunks.
+
+Transports (the notify daemon now, Kafka consumers later) hand it the current
+state of each chunk they have events for, already coalesced: one target per
+chunk, the latest state winning, so duplicated and reordered events are
+harmless. For each chunk it then does the least work that converges:
+
+- chunk gone, or text empty/whitespace  -> delete the point
+- point missing, text changed, or the point was made by another model
+                                        -> embed and upsert
+- only payload fields differ            -> set the payload, no embedding
+- nothing differs                       -> nothing
+
+and sends all of it to Qdrant as one confirmed batch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from qdrant_client import models
+
+from daemon.chunk_state import ChunkState
+from daemon.embedder import Embedder
+from daemon.errors import InvalidChunkError
+from daemon.qdrant_sink import QdrantSink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplyResult:
+    # chunk id -> the state hash Qdrant now reflects (None: the chunk does not exist)
+    written: dict[UUID, str | None] = field(default_factory=dict)
+    # chunk id -> why this chunk cannot be applied (the chunk's fault, not the infrastructure's)
+    failed: dict[UUID, str] = field(default_factory=dict)
+    upserted: int = 0
+    payload_only: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    embedded: int = 0
+
+    def merge(self, other: "ApplyResult") -> None:
+        self.written.update(other.written)
+        self.failed.update(other.failed)
+        for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class Applier:
+    def __init__(self, embedder: Embedder, sink: QdrantSink) -> None:
+        self.embedder = embedder
+        self.sink = sink
+
+    @property
+    def model_id(self) -> str:
+        assert self.embedder.fingerprint is not None, "load the model before applying"
+        return self.embedder.fingerprint.id
+
+    async def apply(self, targets: dict[UUID, ChunkState | None]) -> ApplyResult:
+        result = ApplyResult()
+        deletes: list[str] = []
+        live: dict[UUID, tuple[ChunkState, dict[str, Any]]] = {}
+        for chunk_id, state in targets.items():
+            if state is None or not state.has_text:
+                deletes.append(str(chunk_id))
+                result.written[chunk_id] = state.state_hash if state else None
+                continue
+            try:
+                live[chunk_id] = (state, state.payload(self.model_id))
+            except InvalidChunkError as exc:
+                result.failed[chunk_id] = str(exc)
+
+        existing = await self.sink.payloads(list(live))
+        to_embed: dict[UUID, tuple[ChunkState, dict[str, Any]]] = {}
+        payload_updates: list[tuple[str, dict[str, Any]]] = []
+        for chunk_id, (state, payload) in live.items():
+            current = existing.get(str(chunk_id))
+            if (
+                current is None
+                or current.get("content_hash") != state.content_hash
+                or current.get("embedding_model") != self.model_id
+            ):
+                to_embed[chunk_id] = (state, payload)
+            elif any(current.get(k) != v for k, v in payload.items()):
+                # set, not overwrite: "truncated" belongs to the vector and stays
+                payload_updates.append((str(chunk_id), payload))
+                result.payload_only += 1
+            else:
+                result.unchanged += 1
+            result.written[chunk_id] = state.state_hash
+
+        upserts: list[models.PointStruct] = []
+        if to_embed:
+            texts = {state.content_hash: state.text for state, _ in to_embed.values()}
+            vectors, result.embedded = await self.embedder.embed(texts)
+            for chunk_id, (state, payload) in to_embed.items():
+                emb = vectors[state.content_hash]
+                upserts.append(
+                    models.PointStruct(id=str(chunk_id), vector=emb.vector, payload={**payload, "truncated": emb.truncated})
+                )
+            result.upserted = len(upserts)
+
+        await self.sink.write(upserts, payload_updates, deletes)
+        result.deleted = len(deletes)
+        return result

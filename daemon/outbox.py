@@ -1,0 +1,89 @@
+"""The outbox as the daemon sees it: claim, renew, read state, acknowledge, fail.
+
+Each method is one named query in one short autocommit transaction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from psycopg_pool import AsyncConnectionPool
+
+from daemon.chunk_state import ChunkState
+from db.queries import query
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    chunk_id: UUID
+    op: str
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSummary:
+    pending: int
+    wait_seconds: float | None  # until the next pending event can be claimed
+
+
+class Outbox:
+    def __init__(self, pool: AsyncConnectionPool, worker: str, lease_seconds: float) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.lease_seconds = lease_seconds
+
+    async def _fetch(self, name: str, **params) -> list[dict]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query(name), params)
+            return await cur.fetchall() if cur.description else []
+
+    async def claim(self, batch_size: int) -> list[Event]:
+        rows = await self._fetch(
+            "claim_batch", worker=self.worker, batch_size=batch_size, lease_seconds=self.lease_seconds
+        )
+        return sorted((Event(**r) for r in rows), key=lambda e: e.id)
+
+    async def renew(self, event_ids: list[int]) -> None:
+        await self._fetch("renew_lease", worker=self.worker, event_ids=event_ids, lease_seconds=self.lease_seconds)
+
+    async def chunk_states(self, chunk_ids: list[UUID]) -> dict[UUID, ChunkState]:
+        rows = await self._fetch("chunk_states", chunk_ids=chunk_ids)
+        return {r["chunk_id"]: ChunkState.from_row(r) for r in rows}
+
+    async def ack_verified(self, event_ids: list[int], written: dict[UUID, str | None]) -> tuple[int, int]:
+        """(acknowledged, released): events of chunks whose state changed since it
+        was read are released to be applied again instead of acknowledged."""
+        rows = await self._fetch(
+            "ack_verified",
+            worker=self.worker,
+            event_ids=event_ids,
+            chunk_ids=list(written),
+            state_hashes=list(written.values()),
+        )
+        return rows[0]["acked"], rows[0]["released"]
+
+    async def fail(
+        self, event_ids: list[int], error: str, *, max_attempts: int, backoff_base: float, backoff_max: float
+    ) -> list[dict]:
+        return await self._fetch(
+            "fail_events",
+            worker=self.worker,
+            event_ids=event_ids,
+            error=error,
+            max_attempts=max_attempts,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+        )
+
+    async def release(self, event_ids: list[int]) -> None:
+        await self._fetch("release_events", worker=self.worker, event_ids=event_ids)
+
+    async def pending(self) -> PendingSummary:
+        row = (await self._fetch("pending_summary"))[0]
+        wait = None
+        if row["next_at"] is not None:
+            wait = max(0.0, (row["next_at"] - row["db_now"]).total_seconds())
+        return PendingSummary(row["pending"], wait)

@@ -1,0 +1,107 @@
+"""The Qdrant side: the collection, its model fingerprint, and batched writes.
+
+Point id = chunk id. Every write waits for Qdrant to confirm it (wait=True),
+because the outbox acknowledges an event only after that confirmation.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+from uuid import UUID
+
+from qdrant_client import AsyncQdrantClient, models
+
+from daemon.config import Settings
+from daemon.embedder import ModelFingerprint
+from daemon.errors import ConfigError, ModelMismatchError
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_KEY = "outboxd_model"
+INDEXED_FIELDS = ("document_id", "source_id", "content_hash")
+
+# Local mode ignores payload indexes and says so on every create; we create them
+# for the day the same collection lives on a server.
+warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local Qdrant")
+
+
+def make_client(settings: Settings) -> AsyncQdrantClient:
+    if settings.qdrant_url:
+        key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+        return AsyncQdrantClient(url=settings.qdrant_url, api_key=key, timeout=int(settings.qdrant_timeout))
+    if settings.local_qdrant_path == ":memory:":
+        return AsyncQdrantClient(location=":memory:")
+    return AsyncQdrantClient(path=settings.local_qdrant_path)
+
+
+def describe_target(settings: Settings) -> str:
+    return settings.qdrant_url or f"local mode at {settings.local_qdrant_path}"
+
+
+class QdrantSink:
+    def __init__(self, client: AsyncQdrantClient, collection: str) -> None:
+        self.client = client
+        self.collection = collection
+
+    async def ensure_collection(self, fingerprint: ModelFingerprint) -> None:
+        """Create the collection for this model, or refuse one that holds another model's vectors."""
+        if not await self.client.collection_exists(self.collection):
+            await self.client.create_collection(
+                self.collection,
+                vectors_config=models.VectorParams(size=fingerprint.dimension, distance=models.Distance.COSINE),
+                metadata={FINGERPRINT_KEY: fingerprint.as_dict()},
+            )
+            for field in INDEXED_FIELDS:
+                await self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
+            log.info("collection created", extra={"collection": self.collection, "model": str(fingerprint)})
+            return
+        recorded = await self.recorded_fingerprint()
+        if recorded is None:
+            count = (await self.client.count(self.collection, exact=True)).count
+            if count:
+                raise ConfigError(
+                    f"Qdrant collection {self.collection!r} holds {count} points but no outboxd model "
+                    "fingerprint, so outboxd cannot tell which model made them. Point OUTBOXD_COLLECTION "
+                    "at a new collection name, or delete this collection to rebuild it from PostgreSQL."
+                )
+            await self.client.update_collection(self.collection, metadata={FINGERPRINT_KEY: fingerprint.as_dict()})
+            return
+        if recorded != fingerprint:
+            raise ModelMismatchError(
+                f"Qdrant collection {self.collection!r} holds vectors of {recorded}, but outboxd is "
+                f"configured with {fingerprint}. Mixing them would make search meaningless. Set "
+                f"OUTBOXD_MODEL={recorded.name} to keep this collection, or set OUTBOXD_COLLECTION to a "
+                "new name to build a collection for the new model from PostgreSQL."
+            )
+
+    async def recorded_fingerprint(self) -> ModelFingerprint | None:
+        info = await self.client.get_collection(self.collection)
+        meta = (info.config.metadata or {}).get(FINGERPRINT_KEY)
+        return ModelFingerprint.from_dict(meta) if meta else None
+
+    async def payloads(self, ids: list[UUID]) -> dict[str, dict[str, Any]]:
+        """Current payload of each existing point, by point id."""
+        if not ids:
+            return {}
+        records = await self.client.retrieve(
+            self.collection, [str(i) for i in ids], with_payload=True, with_vectors=False
+        )
+        return {str(r.id): (r.payload or {}) for r in records}
+
+    async def write(
+        self,
+        upserts: list[models.PointStruct],
+        payload_updates: list[tuple[str, dict[str, Any]]],
+        deletes: list[str],
+    ) -> None:
+        """One batched request, confirmed before it returns."""
+        ops: list[Any] = []
+        if upserts:
+            ops.append(models.UpsertOperation(upsert=models.PointsList(points=upserts)))
+        for point_id, payload in payload_updates:
+            ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=[point_id])))
+        if deletes:
+            ops.append(models.DeleteOperation(delete=models.PointIdsList(points=deletes)))
+        if ops:
+            await self.client.batch_update_points(self.collection, ops, wait=True)

@@ -1,0 +1,227 @@
+"""The daemon's lifecycle: start the parts, run the workers, stop cleanly.
+
+One stop event ends everything. SIGTERM/SIGINT set it: workers stop claiming,
+finish the batch in flight within drain_timeout (or release it), and the
+process exits 0. A second signal stops at once, releasing claims.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from contextlib import suppress
+from dataclasses import asdict
+
+from psycopg_pool import AsyncConnectionPool
+from qdrant_client import AsyncQdrantClient
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from daemon.apply import Applier
+from daemon.config import Settings
+from daemon.embedder import Embedder
+from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe, is_transient
+from daemon.listener import Listener, Wakeup
+from daemon.outbox import Outbox
+from daemon.qdrant_sink import QdrantSink, describe_target, make_client
+from daemon.worker import Stats, Worker
+from db import migrate
+from db.pool import make_pool
+
+log = logging.getLogger(__name__)
+
+STATS_EVERY = 30.0
+
+
+class Daemon:
+    """Owns what it creates; an embedder or Qdrant client passed in (tests, an
+    embedding application) is used but left open for its owner."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        *,
+        embedder: Embedder | None = None,
+        qdrant: AsyncQdrantClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.stop = asyncio.Event()
+        self.wakeup = Wakeup()
+        self.stats = Stats()
+        self.pool: AsyncConnectionPool | None = None
+        self._owns_embedder = embedder is None
+        self._owns_qdrant = qdrant is None
+        self.embedder = embedder or Embedder(settings)
+        self.qdrant = qdrant or make_client(settings)
+        self.sink = QdrantSink(self.qdrant, settings.collection)
+        self.applier = Applier(self.embedder, self.sink)
+        self.outbox: Outbox | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, check the schema, load the model, check the collection.
+        Unreachable services are waited for up to startup_timeout."""
+        s = self.settings
+        self.pool = make_pool(
+            self.dsn, application_name=s.application_name, min_size=s.pool_min_size, max_size=s.pool_max_size
+        )
+        await self._until_reachable("PostgreSQL", self._open_pool)
+        await self._check_schema()
+        self.outbox = Outbox(self.pool, s.worker_name, s.lease_seconds)
+        fingerprint = self.embedder.fingerprint or await self.embedder.load()
+        await self._until_reachable(
+            f"Qdrant ({describe_target(s)})", lambda: self.sink.ensure_collection(fingerprint)
+        )
+
+    async def _open_pool(self) -> None:
+        await self.pool.open(wait=True, timeout=min(10.0, self.settings.startup_timeout))
+
+    async def _until_reachable(self, what: str, fn) -> None:
+        def log_retry(state) -> None:
+            log.warning(
+                f"{what} not reachable yet; retrying",
+                extra={"error": describe(state.outcome.exception()), "retry_in": round(state.upcoming_sleep, 2)},
+            )
+
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(is_transient),
+                wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
+                stop=stop_after_delay(self.settings.startup_timeout),
+                before_sleep=log_retry,
+                reraise=True,
+            ):
+                with attempt:
+                    await fn()
+        except Exception as exc:
+            if is_transient(exc):  # PoolTimeout is an OperationalError too
+                raise ServiceUnavailableError(
+                    f"{what} stayed unreachable for {self.settings.startup_timeout:.0f}s: {describe(exc)}. "
+                    "Check the address and credentials, or raise OUTBOXD_STARTUP_TIMEOUT."
+                ) from exc
+            raise
+
+    async def _check_schema(self) -> None:
+        current = await asyncio.to_thread(migrate.current_revision, self.dsn)
+        head = migrate.head_revision()
+        if current != head:
+            raise SchemaNotReadyError(
+                f"the database schema is at revision {current or 'none'} but this outboxd needs {head}. "
+                "Run `outboxd migrate` (with the same DATABASE_URL) first."
+            )
+
+    async def close(self) -> None:
+        if self._owns_qdrant:
+            with suppress(Exception):
+                await self.qdrant.close()
+        if self.pool is not None:
+            with suppress(Exception):
+                await self.pool.close()
+        if self._owns_embedder:
+            self.embedder.close()
+
+    # --- running ----------------------------------------------------------------
+    def _install_signals(self, workers: list[asyncio.Task]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if not self.stop.is_set():
+                log.info("stopping: finishing the batches in flight", extra={"signal": signal.Signals(signum).name})
+                self.stop.set()
+            else:
+                log.warning("second signal: stopping now, claims released")
+                for t in workers:
+                    t.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    async def run(self, *, drain: bool = False, handle_signals: bool = True) -> int:
+        """Run the workers until stopped (or, with drain, until nothing is pending)."""
+        s = self.settings
+        listener = Listener(self.dsn, f"{s.application_name}:listen"[:63], self.wakeup)
+        side_tasks = [
+            asyncio.create_task(listener.run(), name="listener"),
+            asyncio.create_task(self._report_stats(), name="stats"),
+        ]
+        workers = [
+            asyncio.create_task(
+                Worker(
+                    f"{s.worker_name}/{i}", s, self.outbox, self.applier, self.wakeup, self.stop, self.stats, drain=drain
+                ).run(),
+                name=f"worker-{i}",
+            )
+            for i in range(s.concurrency)
+        ]
+        if handle_signals:
+            self._install_signals(workers)
+        log.info(
+            "outboxd running",
+            extra={
+                "mode": "drain" if drain else "daemon",
+                "collection": s.collection,
+                "qdrant": describe_target(s),
+                "model": str(self.embedder.fingerprint),
+                "concurrency": s.concurrency,
+                "batch_size": s.batch_size,
+            },
+        )
+        exit_code = 0
+        stopper = asyncio.create_task(self.stop.wait())
+        try:
+            pending = set(workers)
+            while pending:
+                done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stopper)
+                for t in done - {stopper}:
+                    if not t.cancelled() and t.exception() is not None:
+                        exc = t.exception()
+                        log.error("worker crashed; stopping", extra={"error": describe(exc)}, exc_info=exc)
+                        exit_code = 1
+                        self.stop.set()
+                if self.stop.is_set() and pending:
+                    _, pending = await asyncio.wait(pending, timeout=s.drain_timeout)
+                    for t in pending:
+                        log.warning("drain timeout: releasing the batch in flight")
+                        t.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    pending = set()
+        finally:
+            stopper.cancel()
+            for t in side_tasks:
+                t.cancel()
+            await asyncio.gather(*side_tasks, return_exceptions=True)
+            if handle_signals:
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            self._log_stats("outboxd stopped")
+        return exit_code
+
+    async def _report_stats(self) -> None:
+        last = None
+        while True:
+            await asyncio.sleep(STATS_EVERY)
+            now = asdict(self.stats)
+            if now != last:
+                self._log_stats("progress")
+                last = now
+
+    def _log_stats(self, message: str) -> None:
+        extra = asdict(self.stats)
+        extra["encode_seconds"] = round(self.embedder.encode_seconds, 3)
+        extra["cache_hits"] = self.embedder.cache_hits
+        log.info(message, extra=extra)
+
+
+async def run_daemon(settings: Settings, dsn: str, *, drain: bool = False, **parts) -> int:
+    daemon = Daemon(settings, dsn, **parts)
+    started = time.perf_counter()
+    try:
+        await daemon.start()
+        log.debug("started", extra={"seconds": round(time.perf_counter() - started, 3)})
+        return await daemon.run(drain=drain)
+    finally:
+        await daemon.close()

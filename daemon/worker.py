@@ -1,0 +1,249 @@
+"""One claim loop: wait for work, claim a batch, apply it, acknowledge it.
+
+Failure handling, from the outside in:
+- the infrastructure fails (PostgreSQL or Qdrant unreachable): the batch is
+  retried with exponential backoff and jitter, its lease renewed, no attempt
+  counted against its events; on shutdown the claims are released;
+- one chunk cannot be applied: the batch is split so the others go through,
+  and that chunk's events are retried with backoff, then parked as dead
+  letters after max_attempts (invariant 6).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from contextlib import suppress
+from dataclasses import dataclass
+from uuid import UUID
+
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from daemon.apply import Applier, ApplyResult
+from daemon.chunk_state import ChunkState
+from daemon.config import Settings
+from daemon.errors import describe, is_transient
+from daemon.listener import Wakeup
+from daemon.outbox import Event, Outbox
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stats:
+    batches: int = 0
+    events_acked: int = 0
+    events_released: int = 0
+    events_failed: int = 0
+    dead_letters: int = 0
+    upserted: int = 0
+    payload_only: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    embedded: int = 0
+    transient_retries: int = 0
+
+    def add(self, result: ApplyResult) -> None:
+        for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded"):
+            setattr(self, name, getattr(self, name) + getattr(result, name))
+
+
+async def wait_for_any(events: list[asyncio.Event], timeout: float | None) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+class Worker:
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        outbox: Outbox,
+        applier: Applier,
+        wakeup: Wakeup,
+        stop: asyncio.Event,
+        stats: Stats,
+        *,
+        drain: bool = False,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.outbox = outbox
+        self.applier = applier
+        self.wakeup = wakeup
+        self.stop = stop
+        self.stats = stats
+        self.drain = drain
+
+    async def run(self) -> None:
+        """Until stop is set; in drain mode, also until nothing is pending."""
+        outage = 0.5
+        while not self.stop.is_set():
+            ticket = self.wakeup.ticket()
+            try:
+                events = await self.outbox.claim(self.settings.batch_size)
+                if not events:
+                    timeout = self.settings.poll_interval
+                    if self.drain:
+                        summary = await self.outbox.pending()
+                        if summary.pending == 0:
+                            return
+                        timeout = min(timeout, summary.wait_seconds or timeout)
+                    await wait_for_any([ticket, self.stop], timeout)
+                    continue
+                outage = 0.5
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.stats.transient_retries += 1
+                log.warning("cannot claim; retrying", extra={"error": describe(exc), "retry_in": outage})
+                await wait_for_any([self.stop], outage)
+                outage = min(outage * 2, 30.0)
+                continue
+            await self.process(events)
+
+    async def process(self, events: list[Event]) -> None:
+        ids = [e.id for e in events]
+        renewer = asyncio.create_task(self._renew(ids))
+        try:
+            await self._process_with_retry(events)
+        except asyncio.CancelledError:
+            # Shutdown ran out of time: hand the claims back so another worker
+            # takes them now instead of after the lease.
+            with suppress(Exception):
+                await asyncio.wait_for(self.outbox.release(ids), 5)
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Only reached when stopping during an outage.
+            with suppress(Exception):
+                await asyncio.wait_for(self.outbox.release(ids), 5)
+            log.warning("stopped during an outage; claims released", extra={"events": len(ids)})
+        finally:
+            renewer.cancel()
+
+    async def _renew(self, ids: list[int]) -> None:
+        interval = self.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.outbox.renew(ids)
+            except Exception as exc:  # noqa: BLE001 - a missed renewal only risks duplicate work
+                log.warning("lease renewal failed", extra={"error": describe(exc)})
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        await wait_for_any([self.stop], seconds)
+
+    def _log_retry(self, retry_state) -> None:
+        self.stats.transient_retries += 1
+        log.warning(
+            "PostgreSQL or Qdrant unavailable; retrying the batch",
+            extra={
+                "error": describe(retry_state.outcome.exception()),
+                "attempt": retry_state.attempt_number,
+                "retry_in": round(retry_state.upcoming_sleep, 2),
+            },
+        )
+
+    async def _process_with_retry(self, events: list[Event]) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_exponential_jitter(multiplier=0.5, max=30.0),
+            stop=lambda _state: self.stop.is_set(),
+            sleep=self._sleep_unless_stopped,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._process_once(events)
+
+    async def _process_once(self, events: list[Event]) -> None:
+        started = time.perf_counter()
+        chunk_ids = list(dict.fromkeys(e.chunk_id for e in events))
+        states = await self.outbox.chunk_states(chunk_ids)
+        targets = {cid: states.get(cid) for cid in chunk_ids}
+        try:
+            result = await self.applier.apply(targets)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            result = await self._isolate(targets, exc)
+
+        by_chunk: dict[UUID, list[int]] = defaultdict(list)
+        for e in events:
+            by_chunk[e.chunk_id].append(e.id)
+        if result.written:
+            written_ids = [i for cid in result.written for i in by_chunk[cid]]
+            acked, released = await self.outbox.ack_verified(written_ids, result.written)
+            self.stats.events_acked += acked
+            self.stats.events_released += released
+        else:
+            acked = released = 0
+        if result.failed:
+            await self._fail(result.failed, by_chunk)
+        self.stats.batches += 1
+        self.stats.add(result)
+        log.debug(
+            "batch applied",
+            extra={
+                "worker": self.name,
+                "events": len(events),
+                "chunks": len(chunk_ids),
+                "acked": acked,
+                "released": released,
+                "failed": len(result.failed),
+                "upserted": result.upserted,
+                "payload_only": result.payload_only,
+                "deleted": result.deleted,
+                "embedded": result.embedded,
+                "seconds": round(time.perf_counter() - started, 4),
+            },
+        )
+
+    async def _isolate(self, targets: dict[UUID, ChunkState | None], exc: Exception) -> ApplyResult:
+        """A batch failed for a reason that is not an outage: apply chunk by chunk
+        so that only the chunk at fault is held back."""
+        if len(targets) == 1:
+            return ApplyResult(failed={next(iter(targets)): describe(exc)})
+        log.warning("batch failed; applying its chunks one by one", extra={"error": describe(exc)})
+        combined = ApplyResult()
+        for cid, state in targets.items():
+            try:
+                combined.merge(await self.applier.apply({cid: state}))
+            except Exception as one:
+                if is_transient(one):
+                    raise
+                combined.failed[cid] = describe(one)
+        return combined
+
+    async def _fail(self, failed: dict[UUID, str], by_chunk: dict[UUID, list[int]]) -> None:
+        s = self.settings
+        for cid, error in failed.items():
+            rows = await self.outbox.fail(
+                by_chunk[cid],
+                error,
+                max_attempts=s.max_attempts,
+                backoff_base=s.retry_backoff_base,
+                backoff_max=s.retry_backoff_max,
+            )
+            dead = [r for r in rows if r["status"] == "dead"]
+            self.stats.events_failed += len(rows)
+            self.stats.dead_letters += len(dead)
+            level = logging.ERROR if dead else logging.WARNING
+            log.log(
+                level,
+                "chunk parked as a dead letter" if dead else "chunk failed; will retry with backoff",
+                extra={
+                    "chunk_id": str(cid),
+                    "error": error,
+                    "attempts": max((r["attempts"] for r in rows), default=0),
+                    "event_ids": [r["id"] for r in rows],
+                },
+            )

@@ -1,0 +1,62 @@
+"""Schema migrations with Alembic, run programmatically on a psycopg DSN."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import sqlalchemy
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+VERSION_TABLE = "outboxd_alembic_version"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def _engine(dsn: str) -> sqlalchemy.Engine:
+    # psycopg parses the DSN (URLs, key=value, unix sockets) exactly as the daemon does.
+    return sqlalchemy.create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=sqlalchemy.NullPool
+    )
+
+
+def _run(dsn: str, fn, *args) -> None:
+    engine = _engine(dsn)
+    try:
+        with engine.begin() as conn:
+            cfg = _config()
+            cfg.attributes["connection"] = conn
+            fn(cfg, *args)
+    finally:
+        engine.dispose()
+
+
+def upgrade(dsn: str, revision: str = "head") -> None:
+    """Idempotent: at head it does nothing."""
+    _run(dsn, command.upgrade, revision)
+
+
+def downgrade(dsn: str, revision: str = "base") -> None:
+    _run(dsn, command.downgrade, revision)
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def current_revision(dsn: str) -> str | None:
+    engine = _engine(dsn)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(
+                conn, opts={"version_table": VERSION_TABLE}
+            ).get_current_revision()
+    finally:
+        engine.dispose()

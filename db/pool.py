@@ -1,0 +1,24 @@
+"""The connection pool every daemon query goes through."""
+from __future__ import annotations
+
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+
+def make_pool(dsn: str, *, application_name: str, min_size: int, max_size: int) -> AsyncConnectionPool:
+    """A closed pool: the caller opens it (and closes it) explicitly.
+
+    Connections are autocommit, so each statement is its own short transaction:
+    nothing the daemon does holds a transaction open across embedding or Qdrant.
+    application_name makes each worker visible in pg_stat_activity.
+    """
+    return AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={"application_name": application_name, "autocommit": True, "row_factory": dict_row},
+        open=False,
+        name=application_name,
+        # Detect connections the server dropped (restart, failover) before handing them out.
+        check=AsyncConnectionPool.check_connection,
+    )

@@ -1,0 +1,32 @@
+"""The named SQL queries in sql/queries.sql, loaded once."""
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+QUERIES_FILE = Path(__file__).parent / "sql" / "queries.sql"
+_HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+
+
+def parse(text: str) -> dict[str, str]:
+    parts = _HEADER.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        if name in queries:
+            raise ValueError(f"query {name!r} is defined twice in {QUERIES_FILE}")
+        queries[name] = body.strip()
+    return queries
+
+
+@cache
+def _all() -> dict[str, str]:
+    return parse(QUERIES_FILE.read_text(encoding="utf-8"))
+
+
+def query(name: str) -> str:
+    try:
+        return _all()[name]
+    except KeyError:
+        raise KeyError(f"no query named {name!r} in {QUERIES_FILE}") from None

@@ -1,0 +1,109 @@
+-- Every query the daemon runs, by name. db/queries.py loads this file; a line
+-- "-- name --" starts a query. Parameters are psycopg %(named)s placeholders.
+
+-- claim_batch --
+-- Take up to batch_size pending events nobody holds (or whose lease ran out),
+-- oldest first, and lease them to this worker in one short statement.
+WITH picked AS (
+    SELECT id
+    FROM outboxd.outbox
+    WHERE status = 'pending'
+      AND available_at <= now()
+      AND (locked_until IS NULL OR locked_until < now())
+    ORDER BY id
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outboxd.outbox o
+SET locked_by = %(worker)s,
+    locked_until = now() + make_interval(secs => %(lease_seconds)s)
+FROM picked
+WHERE o.id = picked.id
+RETURNING o.id, o.chunk_id, o.op, o.attempts, o.created_at;
+
+-- renew_lease --
+-- Keeps a long batch (slow embedding) from being re-claimed by another worker.
+UPDATE outboxd.outbox
+SET locked_until = now() + make_interval(secs => %(lease_seconds)s)
+WHERE id = ANY(%(event_ids)s) AND locked_by = %(worker)s;
+
+-- chunk_states --
+SELECT chunk_id, document_id, source_id, chunk_index, text, token_count, content_hash,
+       metadata, title, url, document_type, state_hash
+FROM outboxd.chunk_state
+WHERE chunk_id = ANY(%(chunk_ids)s);
+
+-- ack_verified --
+-- Acknowledge only where the chunk still has the state that was written to
+-- Qdrant (state_hash NULL = the chunk is gone). Every event of such a chunk that
+-- this snapshot sees is reflected in that state, so all of them go. Claimed
+-- events of chunks that changed meanwhile are released to be applied again.
+WITH written AS (
+    SELECT * FROM unnest(%(chunk_ids)s::uuid[], %(state_hashes)s::text[]) AS w(chunk_id, state_hash)
+),
+verified AS (
+    SELECT w.chunk_id
+    FROM written w
+    LEFT JOIN outboxd.chunk_state s ON s.chunk_id = w.chunk_id
+    WHERE s.state_hash IS NOT DISTINCT FROM w.state_hash
+),
+acked AS (
+    DELETE FROM outboxd.outbox o
+    USING verified v
+    WHERE o.chunk_id = v.chunk_id
+    RETURNING o.id
+),
+released AS (
+    UPDATE outboxd.outbox o
+    SET locked_by = NULL, locked_until = NULL
+    WHERE o.id = ANY(%(event_ids)s)
+      AND o.locked_by = %(worker)s
+      AND o.chunk_id NOT IN (SELECT chunk_id FROM verified)
+    RETURNING o.id
+)
+SELECT (SELECT count(*) FROM acked) AS acked, (SELECT count(*) FROM released) AS released;
+
+-- fail_events --
+-- Count a failed attempt: back off exponentially with jitter, or park the event
+-- as a dead letter once it has used max_attempts.
+UPDATE outboxd.outbox
+SET attempts = attempts + 1,
+    status = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'dead' ELSE 'pending' END,
+    available_at = now() + make_interval(secs => least(
+        %(backoff_max)s::float8,
+        %(backoff_base)s::float8 * power(2, attempts)) * (0.5 + random() / 2)),
+    last_error = %(error)s,
+    first_failed_at = coalesce(first_failed_at, now()),
+    last_failed_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+WHERE id = ANY(%(event_ids)s) AND locked_by = %(worker)s
+RETURNING id, chunk_id, status, attempts;
+
+-- release_events --
+-- Give claims back untouched (shutdown, or an outage that is not the events' fault).
+UPDATE outboxd.outbox
+SET locked_by = NULL, locked_until = NULL
+WHERE id = ANY(%(event_ids)s) AND locked_by = %(worker)s;
+
+-- pending_summary --
+-- What --drain waits for: pending events (dead letters aside) and when the next
+-- one becomes claimable.
+SELECT count(*) AS pending,
+       min(greatest(available_at, coalesce(locked_until, available_at))) AS next_at,
+       now() AS db_now
+FROM outboxd.outbox
+WHERE status = 'pending';
+
+-- dead_letters --
+SELECT id, chunk_id, op, attempts, last_error, first_failed_at, last_failed_at, created_at
+FROM outboxd.outbox
+WHERE status = 'dead'
+ORDER BY id;
+
+-- retry_dead_letters --
+UPDATE outboxd.outbox
+SET status = 'pending', attempts = 0, available_at = now(), last_error = NULL,
+    first_failed_at = NULL, last_failed_at = NULL, locked_by = NULL, locked_until = NULL
+WHERE status = 'dead' AND (%(event_ids)s::bigint[] IS NULL OR id = ANY(%(event_ids)s))
+RETURNING id;

@@ -1,0 +1,135 @@
+"""Real services for the tests: PostgreSQL (DATABASE_URL, else a throwaway
+pgserver), Qdrant (QDRANT_URL, else local mode) and the real MiniLM model."""
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from qdrant_client import AsyncQdrantClient
+
+from daemon.config import Settings
+from daemon.embedder import Embedder
+from db import migrate
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def dsn_for(base_dsn: str, dbname: str) -> str:
+    params = conninfo_to_dict(base_dsn)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+def _admin(base_dsn: str) -> psycopg.Connection:
+    return psycopg.connect(base_dsn, autocommit=True)
+
+
+def create_database(base_dsn: str, name: str, template: str | None = None) -> str:
+    with _admin(base_dsn) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    return dsn_for(base_dsn, name)
+
+
+def drop_database(base_dsn: str, name: str) -> None:
+    with _admin(base_dsn) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory) -> str:
+    """DSN of a server the tests may create databases on."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server) -> str:
+    name = f"outboxd_tpl_{os.getpid()}"
+    migrate.upgrade(create_database(pg_server, name))
+    yield name
+    drop_database(pg_server, name)
+
+
+@pytest.fixture
+def empty_dsn(pg_server):
+    """A new database with nothing in it (for migration tests)."""
+    name = f"outboxd_empty_{uuid.uuid4().hex[:10]}"
+    yield create_database(pg_server, name)
+    drop_database(pg_server, name)
+
+
+@pytest.fixture
+def dsn(pg_server, template_db):
+    """A new database migrated to head."""
+    name = f"outboxd_t_{uuid.uuid4().hex[:10]}"
+    yield create_database(pg_server, name, template=template_db)
+    drop_database(pg_server, name)
+
+
+@pytest.fixture
+def conn(dsn):
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+def collection() -> str:
+    return f"chunks_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def qdrant(collection):
+    """QDRANT_URL when set, else qdrant-client's local mode in memory."""
+    url = os.environ.get("QDRANT_URL")
+    client = AsyncQdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY")) if url else AsyncQdrantClient(location=":memory:")
+    yield client
+    if url and await client.collection_exists(collection):
+        await client.delete_collection(collection)
+    await client.close()
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    """The real all-MiniLM-L6-v2, loaded once per session."""
+    emb = Embedder(Settings(database_url=None))
+    asyncio.run(emb.load())
+    yield emb
+    emb.close()
+
+
+@pytest.fixture
+def make_settings(dsn, collection, tmp_path):
+    def make(**overrides) -> Settings:
+        values = dict(
+            database_url=dsn,
+            collection=collection,
+            data_dir=tmp_path / "data",
+            qdrant_path=tmp_path / "qdrant",
+            poll_interval=0.5,
+            lease_seconds=5,
+            retry_backoff_base=0.05,
+            retry_backoff_max=0.2,
+            drain_timeout=10,
+            startup_timeout=10,
+            log_format="text",
+        )
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,97 @@
+"""Helpers the tests share: write content the way an application does, run the
+daemon in-process, and check invariant 2 (convergence) in full."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import numpy as np
+import orjson
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from qdrant_client import AsyncQdrantClient
+
+from daemon.chunk_state import ChunkState
+from daemon.embedder import Embedder
+from daemon.supervisor import Daemon
+
+
+def add_source(conn: psycopg.Connection, source_type: str = "api") -> uuid.UUID:
+    return conn.execute("INSERT INTO sources (source_type) VALUES (%s) RETURNING id", (source_type,)).fetchone()[0]
+
+
+def add_document(conn: psycopg.Connection, texts: list[str], *, source_id=None, title="A document", **doc) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A document with one chunk per text, in one transaction. Returns (document id, chunk ids)."""
+    with conn.transaction():
+        source_id = source_id or add_source(conn)
+        doc_id = conn.execute(
+            "INSERT INTO documents (source_id, title, url, document_type, metadata) VALUES (%s, %s, %s, %s, %s) RETURNING id",
+            (source_id, title, doc.get("url"), doc.get("document_type"), Jsonb(doc.get("metadata", {}))),
+        ).fetchone()[0]
+        chunk_ids = []
+        for i, text in enumerate(texts):
+            chunk_ids.append(
+                conn.execute(
+                    "INSERT INTO chunks (document_id, chunk_index, text, token_count, metadata) VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                    (doc_id, i, text, len(text.split()), Jsonb({"i": i})),
+                ).fetchone()[0]
+            )
+    return doc_id, chunk_ids
+
+
+def outbox_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM outboxd.outbox ORDER BY id").fetchall()
+
+
+async def drain(settings, dsn: str, embedder: Embedder, qdrant: AsyncQdrantClient, timeout: float = 120) -> Daemon:
+    """Run the daemon in-process until nothing is pending; return it for its stats."""
+    daemon = Daemon(settings, dsn, embedder=embedder, qdrant=qdrant)
+    await daemon.start()
+    try:
+        code = await asyncio.wait_for(daemon.run(drain=True, handle_signals=False), timeout)
+    finally:
+        await daemon.close()
+    assert code == 0
+    return daemon
+
+
+async def all_points(qdrant: AsyncQdrantClient, collection: str) -> dict[str, Any]:
+    points, offset = {}, None
+    while True:
+        batch, offset = await qdrant.scroll(collection, limit=256, offset=offset, with_payload=True, with_vectors=True)
+        points.update({str(p.id): p for p in batch})
+        if offset is None:
+            return points
+
+
+async def assert_converged(dsn: str, qdrant: AsyncQdrantClient, collection: str, embedder: Embedder) -> int:
+    """Invariant 2: one point per chunk with non-empty text, id = chunk id, the
+    vector = the model's embedding of the text, the payload = the projection;
+    no other points. Returns the number of points."""
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        states = [ChunkState.from_row(r) for r in conn.execute(
+            "SELECT chunk_id, document_id, source_id, chunk_index, text, token_count, content_hash, metadata, "
+            "title, url, document_type, state_hash FROM outboxd.chunk_state"
+        ).fetchall()]
+    expected = {str(s.chunk_id): s for s in states if s.has_text}
+    points = await all_points(qdrant, collection)
+    assert set(points) == set(expected), (
+        f"missing points: {sorted(set(expected) - set(points))[:5]}, "
+        f"orphaned points: {sorted(set(points) - set(expected))[:5]}"
+    )
+    if not expected:
+        return 0
+    model_id = embedder.fingerprint.id
+    texts = [s.text for s in expected.values()]
+    truth = embedder._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    for (pid, state), vec in zip(expected.items(), truth):
+        point = points[pid]
+        want = state.payload(model_id)
+        got = {k: point.payload.get(k) for k in want}
+        assert orjson.loads(orjson.dumps(got)) == orjson.loads(orjson.dumps(want)), f"payload of {pid} differs"
+        cos = float(np.dot(np.asarray(point.vector), vec))
+        assert cos > 0.999, f"vector of {pid} is not the embedding of its text (cosine {cos:.4f})"
+    return len(expected)
