@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def drop_database(base_dsn: str, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory) -> str:
+def pg_server() -> str:
     """DSN of a server the tests may create databases on."""
     url = os.environ.get("DATABASE_URL")
     if url:
@@ -50,7 +51,10 @@ def pg_server(tmp_path_factory) -> str:
         return
     import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    # Not under pytest's tmp_path: a concurrent pytest run prunes old numbered
+    # folders there, which would pull the data directory from under the server.
+    pgdata = Path(tempfile.mkdtemp(prefix="outboxd-test-pg-"))
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
 

@@ -36,8 +36,13 @@ WHERE chunk_id = ANY(%(chunk_ids)s);
 -- ack_verified --
 -- Acknowledge only where the chunk still has the state that was written to
 -- Qdrant (state_hash NULL = the chunk is gone). Every event of such a chunk that
--- this snapshot sees is reflected in that state, so all of them go. Claimed
--- events of chunks that changed meanwhile are released to be applied again.
+-- this snapshot sees is reflected in that state, so this worker's claims and the
+-- unclaimed ones go; claims another worker holds stay, because its write may
+-- still land after ours and must be checked by its own ack.
+-- Where the chunk changed since it was read (a racing worker, a new write), the
+-- claims are released to be applied again; if they are gone (a lease ran out and
+-- someone acknowledged them), a fresh event takes their place: a write that may
+-- be stale is never left without an event that will correct it.
 WITH written AS (
     SELECT * FROM unnest(%(chunk_ids)s::uuid[], %(state_hashes)s::text[]) AS w(chunk_id, state_hash)
 ),
@@ -51,6 +56,9 @@ acked AS (
     DELETE FROM outboxd.outbox o
     USING verified v
     WHERE o.chunk_id = v.chunk_id
+      AND ((o.locked_by = %(worker)s AND o.id = ANY(%(event_ids)s))
+           OR o.locked_until IS NULL
+           OR o.locked_until < now())
     RETURNING o.id
 ),
 released AS (
@@ -59,9 +67,18 @@ released AS (
     WHERE o.id = ANY(%(event_ids)s)
       AND o.locked_by = %(worker)s
       AND o.chunk_id NOT IN (SELECT chunk_id FROM verified)
-    RETURNING o.id
+    RETURNING o.chunk_id
+),
+requeued AS (
+    INSERT INTO outboxd.outbox (chunk_id, op)
+    SELECT w.chunk_id, 'update'
+    FROM written w
+    WHERE w.chunk_id NOT IN (SELECT chunk_id FROM verified)
+      AND w.chunk_id NOT IN (SELECT chunk_id FROM released)
+    RETURNING id
 )
-SELECT (SELECT count(*) FROM acked) AS acked, (SELECT count(*) FROM released) AS released;
+SELECT (SELECT count(*) FROM acked) AS acked,
+       (SELECT count(*) FROM released) + (SELECT count(*) FROM requeued) AS released;
 
 -- fail_events --
 -- Count a failed attempt: back off exponentially with jitter, or park the event

@@ -1,0 +1,305 @@
+"""Invariants 3, 4, 5 and 6 on real PostgreSQL, Qdrant and MiniLM: racing
+workers, outages of Qdrant and PostgreSQL, and events that keep failing.
+
+Faults are injected at the boundary the daemon sees: Qdrant requests fail the
+way qdrant-client fails when a server is unreachable (the real local-mode
+Qdrant does the work otherwise), and PostgreSQL drops the daemon's
+connections and refuses new ones for a while.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+import orjson
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from daemon import cli
+from daemon.apply import Applier
+from daemon.outbox import Outbox
+from daemon.qdrant_sink import QdrantSink
+from daemon.supervisor import Daemon
+from db.pool import make_pool
+from tests.support import add_document, all_points, assert_converged, drain, outbox_rows
+
+
+# --- invariant 3: racing workers never leave an older state --------------------------
+@contextlib.asynccontextmanager
+async def two_workers(dsn, settings, embedder, qdrant):
+    pool = make_pool(dsn, application_name="outboxd:test", min_size=1, max_size=4)
+    await pool.open(wait=True)
+    sink = QdrantSink(qdrant, settings.collection)
+    await sink.ensure_collection(embedder.fingerprint)
+    try:
+        yield Applier(embedder, sink), Outbox(pool, "worker-a", 30), Outbox(pool, "worker-b", 30)
+    finally:
+        await pool.close()
+
+
+async def point_text(qdrant, collection, chunk_id) -> str:
+    (point,) = await qdrant.retrieve(collection, [str(chunk_id)], with_payload=True)
+    return point.payload["text"]
+
+
+async def test_stale_write_landing_last_is_corrected(conn, dsn, qdrant, collection, embedder, make_settings):
+    """Worker A reads v2, worker B reads and writes v3, then A's v2 lands last:
+    A's ack sees the chunk moved on and keeps its event, so v3 wins."""
+    settings = make_settings()
+    _, (cid,) = add_document(conn, ["version one"])
+    await drain(settings, dsn, embedder, qdrant)
+    async with two_workers(dsn, settings, embedder, qdrant) as (applier, a, b):
+        conn.execute("UPDATE chunks SET text = 'version two' WHERE id = %s", (cid,))
+        events_a = await a.claim(10)
+        states_a = await a.chunk_states([cid])
+
+        conn.execute("UPDATE chunks SET text = 'version three' WHERE id = %s", (cid,))
+        events_b = await b.claim(10)
+        assert {e.id for e in events_b}.isdisjoint(e.id for e in events_a)
+        states_b = await b.chunk_states([cid])
+        result_b = await applier.apply({cid: states_b[cid]})
+        assert await b.ack_verified([e.id for e in events_b], result_b.written) == (1, 0)
+
+        result_a = await applier.apply({cid: states_a[cid]})  # the stale write lands last
+        assert await point_text(qdrant, collection, cid) == "version two"
+        assert await a.ack_verified([e.id for e in events_a], result_a.written) == (0, 1)
+
+    rows = outbox_rows(conn)
+    assert [(r["chunk_id"], r["locked_by"]) for r in rows] == [(cid, None)]
+    await drain(settings, dsn, embedder, qdrant)
+    assert await point_text(qdrant, collection, cid) == "version three"
+    await assert_converged(dsn, qdrant, collection, embedder)
+
+
+async def test_stale_write_after_lease_loss_is_requeued(conn, dsn, qdrant, collection, embedder, make_settings):
+    """If A's lease ran out and B acknowledged A's event, A's stale write still
+    gets a fresh event: no write that may be stale is left uncorrected."""
+    settings = make_settings()
+    _, (cid,) = add_document(conn, ["version one"])
+    await drain(settings, dsn, embedder, qdrant)
+    async with two_workers(dsn, settings, embedder, qdrant) as (applier, a, b):
+        conn.execute("UPDATE chunks SET text = 'version two' WHERE id = %s", (cid,))
+        events_a = await a.claim(10)
+        states_a = await a.chunk_states([cid])
+        conn.execute("UPDATE outboxd.outbox SET locked_until = now() - interval '1 second' WHERE locked_by = 'worker-a'")
+
+        conn.execute("UPDATE chunks SET text = 'version three' WHERE id = %s", (cid,))
+        events_b = await b.claim(10)
+        result_b = await applier.apply({cid: (await b.chunk_states([cid]))[cid]})
+        acked, _ = await b.ack_verified([e.id for e in events_b], result_b.written)
+        assert acked == 2  # B's own event and A's expired one
+
+        result_a = await applier.apply({cid: states_a[cid]})
+        assert await a.ack_verified([e.id for e in events_a], result_a.written) == (0, 1)
+
+    assert len(outbox_rows(conn)) == 1
+    await drain(settings, dsn, embedder, qdrant)
+    assert await point_text(qdrant, collection, cid) == "version three"
+
+
+async def test_two_daemons_share_the_work_under_concurrent_writes(conn, dsn, qdrant, collection, embedder, make_settings):
+    """Two daemons on one database, while writers keep changing the same chunks,
+    end converged with every event acknowledged once the writes stop."""
+    _, ids = add_document(conn, [f"chunk number {i} about topic {i % 7}" for i in range(240)])
+    daemons = [
+        Daemon(make_settings(worker_name=name, batch_size=16, concurrency=1), dsn, embedder=embedder, qdrant=qdrant)
+        for name in ("daemon-a", "daemon-b")
+    ]
+    for d in daemons:
+        await d.start()
+    runs = [asyncio.create_task(d.run(handle_signals=False)) for d in daemons]
+    try:
+        for round_ in range(5):
+            with conn.transaction():
+                for cid in ids[round_ * 20 : round_ * 20 + 60]:
+                    conn.execute("UPDATE chunks SET text = text || ' (edit ' || %s || ')' WHERE id = %s", (round_, cid))
+            await asyncio.sleep(0.3)
+        for _ in range(600):
+            if not outbox_rows(conn):
+                break
+            await asyncio.sleep(0.2)
+        assert outbox_rows(conn) == []
+    finally:
+        for d in daemons:
+            d.stop.set()
+        assert await asyncio.gather(*runs) == [0, 0]
+        for d in daemons:
+            await d.close()
+    assert all(d.stats.batches > 0 for d in daemons), "both daemons should have taken work"
+    await assert_converged(dsn, qdrant, collection, embedder)
+
+
+# --- invariants 4 and 5: outages end in convergence, with nothing lost -------------------
+class FlakyQdrant:
+    """The real client, with requests failing as they do when the server is
+    unreachable while `down` is set, or rejected (HTTP 400) for one chunk id."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.down = False
+        self.reject_id: str | None = None
+        self.failures = 0
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def _check(self, ids) -> None:
+        if self.down:
+            self.failures += 1
+            raise ResponseHandlingException(httpx.ConnectError("[Errno 111] Connection refused"))
+        if self.reject_id is not None and self.reject_id in ids:
+            raise UnexpectedResponse(400, "Bad Request", b'{"status":{"error":"rejected"}}', httpx.Headers())
+
+    async def retrieve(self, collection_name, ids, **kw):
+        self._check([str(i) for i in ids])
+        return await self._client.retrieve(collection_name, ids, **kw)
+
+    async def batch_update_points(self, collection_name, update_operations, **kw):
+        ids = []
+        for op in update_operations:
+            if hasattr(op, "upsert"):
+                ids += [str(p.id) for p in op.upsert.points]
+        self._check(ids)
+        return await self._client.batch_update_points(collection_name, update_operations, **kw)
+
+
+async def wait_until(predicate, timeout: float = 60.0) -> None:
+    for _ in range(int(timeout / 0.1)):
+        if predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_qdrant_outage_is_retried_without_counting_attempts(conn, dsn, qdrant, collection, embedder, make_settings):
+    """While Qdrant is unreachable nothing is acknowledged, no attempt is counted and
+    nothing becomes a dead letter; once it is back the backlog converges."""
+    flaky = FlakyQdrant(qdrant)
+    daemon = Daemon(make_settings(max_attempts=2), dsn, embedder=embedder, qdrant=flaky)
+    await daemon.start()
+    flaky.down = True
+    add_document(conn, [f"written during the outage {i}" for i in range(30)])
+    run = asyncio.create_task(daemon.run(handle_signals=False))
+    try:
+        await wait_until(lambda: flaky.failures >= 3)
+        rows = outbox_rows(conn)
+        assert len(rows) == 30
+        assert {r["status"] for r in rows} == {"pending"} and {r["attempts"] for r in rows} == {0}
+        flaky.down = False
+        await wait_until(lambda: not outbox_rows(conn))
+    finally:
+        daemon.stop.set()
+        assert await run == 0
+        await daemon.close()
+    assert daemon.stats.transient_retries >= 3 and daemon.stats.dead_letters == 0
+    await assert_converged(dsn, qdrant, collection, embedder)
+
+
+async def test_postgres_outage_ends_in_convergence(conn, dsn, qdrant, collection, embedder, make_settings, caplog):
+    """PostgreSQL drops the daemon's connections and refuses new ones for a
+    while; writes made before and after converge with no manual step."""
+    dbname = conn.info.dbname
+    daemon = Daemon(make_settings(), dsn, embedder=embedder, qdrant=qdrant)
+    await daemon.start()
+    run = asyncio.create_task(daemon.run(handle_signals=False))
+    admin = psycopg.connect(dsn, autocommit=True, dbname="postgres")
+    try:
+        add_document(conn, [f"before the outage {i}" for i in range(10)])
+        await wait_until(lambda: not outbox_rows(conn))
+        add_document(conn, [f"just before the outage {i}" for i in range(40)])
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
+        await asyncio.sleep(3)
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        with psycopg.connect(dsn, autocommit=True) as fresh:
+            add_document(fresh, [f"after the outage {i}" for i in range(10)])
+            await wait_until(lambda: not outbox_rows(fresh), timeout=90)
+    finally:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        admin.close()
+        daemon.stop.set()
+        assert await run == 0
+        await daemon.close()
+    assert "LISTEN connection lost; polling covers the gap" in caplog.text  # the outage was real
+    assert await assert_converged(dsn, qdrant, collection, embedder) == 60
+
+
+# --- invariant 6: poison isolation and dead letters ----------------------------------------
+async def test_poison_chunk_becomes_a_dead_letter_and_others_converge(conn, dsn, qdrant, collection, embedder, make_settings, capsys):
+    """A chunk whose metadata cannot be a payload object is retried, then parked
+    with its error; the rest of its batch converges; fixing the row heals it."""
+    settings = make_settings(max_attempts=3)
+    _, ids = add_document(conn, ["good one", "good two", "poisoned", "good three"])
+    conn.execute("UPDATE chunks SET metadata = %s WHERE id = %s", (Jsonb(["not", "an", "object"]), ids[2]))
+    daemon = await drain(settings, dsn, embedder, qdrant)
+
+    rows = outbox_rows(conn)
+    assert {r["chunk_id"] for r in rows} == {ids[2]}
+    assert {r["status"] for r in rows} == {"dead"}
+    assert all(r["attempts"] == 3 and "metadata is a JSON list" in r["last_error"] for r in rows)
+    assert daemon.stats.dead_letters == len(rows)
+    assert set(await all_points(qdrant, collection)) == {str(i) for i in ids if i != ids[2]}
+
+    capsys.readouterr()
+    assert cli.main(["dead-letters", "list", "--json", "--database-url", dsn, "--log-format", "json"]) == 0
+    listed = orjson.loads(capsys.readouterr().out)
+    assert {r["chunk_id"] for r in listed} == {str(ids[2])}
+
+    conn.execute("UPDATE chunks SET metadata = '{}' WHERE id = %s", (ids[2],))
+    await drain(settings, dsn, embedder, qdrant)
+    assert outbox_rows(conn) == []  # the fix's event converged the chunk, and its dead letters with it
+    await assert_converged(dsn, qdrant, collection, embedder)
+
+
+async def test_dead_letter_retry_puts_events_back(conn, dsn, qdrant, collection, embedder, make_settings, capsys):
+    """`outboxd dead-letters retry` sends dead letters back to pending with attempts reset."""
+    settings = make_settings(max_attempts=1)
+    _, (cid,) = add_document(conn, ["poisoned"])
+    conn.execute("DELETE FROM outboxd.outbox")
+    conn.execute("UPDATE chunks SET metadata = '\"a string\"'::jsonb WHERE id = %s", (cid,))
+    await drain(settings, dsn, embedder, qdrant)
+    assert [r["status"] for r in outbox_rows(conn)] == ["dead"]
+
+    assert cli.main(["dead-letters", "retry", "--database-url", dsn]) == 0
+    assert "1 dead letter(s) back to pending" in capsys.readouterr().out
+    assert [(r["status"], r["attempts"]) for r in outbox_rows(conn)] == [("pending", 0)]
+
+
+async def test_rejected_point_is_isolated_from_its_batch(conn, dsn, qdrant, collection, embedder, make_settings):
+    """Qdrant rejecting one point (HTTP 400) fails that chunk alone: the batch is
+    split, the others converge, the rejected one ends as a dead letter."""
+    flaky = FlakyQdrant(qdrant)
+    _, ids = add_document(conn, [f"text {i}" for i in range(8)])
+    flaky.reject_id = str(ids[5])
+    await drain(make_settings(max_attempts=2), dsn, embedder, flaky)
+    rows = outbox_rows(conn)
+    assert {r["chunk_id"] for r in rows} == {ids[5]} and {r["status"] for r in rows} == {"dead"}
+    assert "UnexpectedResponse" in rows[0]["last_error"]
+    assert set(await all_points(qdrant, collection)) == {str(i) for i in ids if i != ids[5]}
+
+
+# --- the embedding edge: text longer than the model's window ----------------------------------
+async def test_long_text_is_embedded_truncated_and_says_so(conn, dsn, qdrant, collection, embedder, make_settings):
+    long_text = " ".join(f"word{i}" for i in range(600))
+    _, (short_id, long_id) = add_document(conn, ["a short text", long_text])
+    await drain(make_settings(), dsn, embedder, qdrant)
+    points = await all_points(qdrant, collection)
+    assert points[str(short_id)].payload["truncated"] is False
+    assert points[str(long_id)].payload["truncated"] is True
+    assert len(points[str(long_id)].payload["text"]) == 1000
+    await assert_converged(dsn, qdrant, collection, embedder)
+
+
+@pytest.mark.parametrize("text", ["x" * 300, "naïve café 東京 " * 10])
+async def test_text_near_the_window_is_flagged_correctly(conn, dsn, qdrant, collection, embedder, make_settings, text):
+    _, (cid,) = add_document(conn, [text])
+    await drain(make_settings(), dsn, embedder, qdrant)
+    (point,) = await qdrant.retrieve(collection, [str(cid)], with_payload=True)
+    tokens = len(embedder._model.tokenizer(text)["input_ids"])
+    assert point.payload["truncated"] is (tokens > embedder.max_seq_length)
