@@ -39,29 +39,56 @@ def describe_target(settings: Settings) -> str:
     return settings.qdrant_url or f"local mode at {settings.local_qdrant_path}"
 
 
+def physical_name(alias: str, fingerprint: ModelFingerprint) -> str:
+    return f"{alias}__{fingerprint.id[:12]}"
+
+
 class QdrantSink:
-    def __init__(self, client: AsyncQdrantClient, collection: str) -> None:
+    """Readers use `alias` (OUTBOXD_COLLECTION), a Qdrant alias of the physical
+    collection built for one model. The daemon writes to the physical
+    collection whose fingerprint it checked, never through the alias, so a
+    later switch of the alias to another model's collection cannot receive
+    this model's vectors."""
+
+    def __init__(self, client: AsyncQdrantClient, alias: str) -> None:
         self.client = client
-        self.collection = collection
+        self.alias = alias
+        self.collection = alias  # the physical collection, known after ensure_collection
+
+    async def resolve(self) -> str | None:
+        """The physical collection behind the alias; a plain collection of that
+        name (made by hand or by another tool) stands for itself."""
+        aliases = {a.alias_name: a.collection_name for a in (await self.client.get_aliases()).aliases}
+        if self.alias in aliases:
+            return aliases[self.alias]
+        return self.alias if await self.client.collection_exists(self.alias) else None
 
     async def ensure_collection(self, fingerprint: ModelFingerprint) -> None:
-        """Create the collection for this model, or refuse one that holds another model's vectors."""
-        if not await self.client.collection_exists(self.collection):
-            await self.client.create_collection(
-                self.collection,
-                vectors_config=models.VectorParams(size=fingerprint.dimension, distance=models.Distance.COSINE),
-                metadata={FINGERPRINT_KEY: fingerprint.as_dict()},
+        """Create the collection and alias for this model, or refuse a collection
+        that holds another model's vectors."""
+        target = await self.resolve()
+        if target is None:
+            self.collection = physical_name(self.alias, fingerprint)
+            await self.create_physical(fingerprint)
+            await self.client.update_collection_aliases(
+                change_aliases_operations=[
+                    models.CreateAliasOperation(
+                        create_alias=models.CreateAlias(collection_name=self.collection, alias_name=self.alias)
+                    )
+                ]
             )
-            for field in INDEXED_FIELDS:
-                await self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
-            log.info("collection created", extra={"collection": self.collection, "model": str(fingerprint)})
+            log.info(
+                "collection created",
+                extra={"alias": self.alias, "collection": self.collection, "model": str(fingerprint)},
+            )
             return
+        self.collection = target
         recorded = await self.recorded_fingerprint()
         if recorded is None:
             count = (await self.client.count(self.collection, exact=True)).count
             if count:
                 raise ConfigError(
-                    f"Qdrant collection {self.collection!r} holds {count} points but no outboxd model "
+                    f"Qdrant collection {self.alias!r} holds {count} points but no outboxd model "
                     "fingerprint, so outboxd cannot tell which model made them. Point OUTBOXD_COLLECTION "
                     "at a new collection name, or delete this collection to rebuild it from PostgreSQL."
                 )
@@ -69,11 +96,22 @@ class QdrantSink:
             return
         if recorded != fingerprint:
             raise ModelMismatchError(
-                f"Qdrant collection {self.collection!r} holds vectors of {recorded}, but outboxd is "
+                f"Qdrant collection {self.alias!r} holds vectors of {recorded}, but outboxd is "
                 f"configured with {fingerprint}. Mixing them would make search meaningless. Set "
                 f"OUTBOXD_MODEL={recorded.name} to keep this collection, or set OUTBOXD_COLLECTION to a "
                 "new name to build a collection for the new model from PostgreSQL."
             )
+
+    async def create_physical(self, fingerprint: ModelFingerprint) -> None:
+        if await self.client.collection_exists(self.collection):
+            return
+        await self.client.create_collection(
+            self.collection,
+            vectors_config=models.VectorParams(size=fingerprint.dimension, distance=models.Distance.COSINE),
+            metadata={FINGERPRINT_KEY: fingerprint.as_dict()},
+        )
+        for field in INDEXED_FIELDS:
+            await self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
 
     async def recorded_fingerprint(self) -> ModelFingerprint | None:
         info = await self.client.get_collection(self.collection)

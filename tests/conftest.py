@@ -100,8 +100,10 @@ async def qdrant(collection):
     url = os.environ.get("QDRANT_URL")
     client = AsyncQdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY")) if url else AsyncQdrantClient(location=":memory:")
     yield client
-    if url and await client.collection_exists(collection):
-        await client.delete_collection(collection)
+    if url:  # a shared server: remove the alias and the physical collections behind it
+        for c in (await client.get_collections()).collections:
+            if c.name.startswith(collection):
+                await client.delete_collection(c.name)
     await client.close()
 
 

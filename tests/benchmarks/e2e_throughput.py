@@ -1,0 +1,111 @@
+"""End-to-end throughput of the notify path against raw model.encode.
+
+    python -m tests.benchmarks.e2e_throughput [--chunks 1000] [--out results.json]
+
+Measures, in one run on the same texts and batch size: raw `model.encode`
+chunks/s (before and after, averaged), and chunks/s from the commit of the
+chunks to all of them visible in Qdrant through the daemon (real PostgreSQL
+from pgserver, Qdrant local mode in memory, the real MiniLM). Their ratio is
+the pipeline efficiency: what outboxd adds to the cost of embedding.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import psycopg
+from qdrant_client import AsyncQdrantClient
+
+from daemon.config import Settings
+from daemon.embedder import Embedder
+from daemon.supervisor import Daemon
+from db import migrate
+
+SYLLABLES = ["ka", "lo", "mi", "ne", "ra", "to", "vi", "su", "de", "pa", "ri", "mo", "ta", "shi", "en", "or"]
+LENGTHS = [20] * 5 + [60] * 4 + [200]  # words: mostly short and medium chunks, some long ones
+
+
+def make_texts(n: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 3))) for _ in range(3000)]
+    return [f"{i} " + " ".join(rng.choices(vocab, k=rng.choice(LENGTHS))) for i in range(n)]
+
+
+def raw_encode_rate(embedder: Embedder, texts: list[str], batch_size: int) -> float:
+    started = time.perf_counter()
+    embedder._model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+    return len(texts) / (time.perf_counter() - started)
+
+
+async def pipeline_rate(dsn: str, embedder: Embedder, texts: list[str], settings: Settings) -> float:
+    qdrant = AsyncQdrantClient(location=":memory:")
+    daemon = Daemon(settings, dsn, embedder=embedder, qdrant=qdrant)
+    await daemon.start()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with conn.transaction():
+            sid = conn.execute("INSERT INTO sources (source_type) VALUES ('api') RETURNING id").fetchone()[0]
+            did = conn.execute("INSERT INTO documents (source_id, title) VALUES (%s, 'bench') RETURNING id", (sid,)).fetchone()[0]
+            with conn.cursor().copy("COPY chunks (document_id, chunk_index, text) FROM STDIN") as copy:
+                for i, text in enumerate(texts):
+                    copy.write_row((did, i, text))
+        committed = time.perf_counter()
+    try:
+        assert await daemon.run(drain=True, handle_signals=False) == 0
+        elapsed = time.perf_counter() - committed
+    finally:
+        await daemon.close()
+        await qdrant.close()
+    points = daemon.stats.upserted
+    assert points == len(texts), f"expected {len(texts)} points, daemon upserted {points}"
+    return len(texts) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunks", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("results.json"))
+    args = parser.parse_args()
+
+    import pgserver
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    texts = make_texts(args.chunks)
+    pgdata = Path(tempfile.mkdtemp(prefix="outboxd-bench-pg-"))
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    dsn = server.get_uri()
+    migrate.upgrade(dsn)
+    settings = Settings(database_url=dsn, collection="bench", batch_size=args.batch_size,
+                        embed_batch_size=args.batch_size, log_level="WARNING", embed_cache_size=0)
+    embedder = Embedder(settings)
+    asyncio.run(embedder.load())
+    embedder._model.encode(texts[:64], batch_size=args.batch_size)  # warm up
+
+    raw_before = raw_encode_rate(embedder, texts, args.batch_size)
+    pipeline = asyncio.run(pipeline_rate(dsn, embedder, texts, settings))
+    raw_after = raw_encode_rate(embedder, texts, args.batch_size)
+    raw = (raw_before + raw_after) / 2
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "chunks": len(texts),
+        "batch_size": args.batch_size,
+        "raw_encode_chunks_per_s": round(raw, 1),
+        "raw_encode_runs": [round(raw_before, 1), round(raw_after, 1)],
+        "pipeline_chunks_per_s": round(pipeline, 1),
+        "pipeline_efficiency": round(pipeline / raw, 3),
+    }
+    args.out.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
