@@ -44,6 +44,16 @@ def _settings_flags() -> argparse.ArgumentParser:
     return parent
 
 
+def describe_validation(exc: ValidationError) -> str:
+    """Name each bad setting the way the operator sets it: its environment variable."""
+    problems = []
+    for e in exc.errors():
+        field = e["loc"][0] if e["loc"] else None
+        where = f"{env_name(field)}: " if field in Settings.model_fields else ""
+        problems.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
 def load_settings(args: argparse.Namespace) -> Settings:
     overrides = {k.removeprefix("setting__"): v for k, v in vars(args).items() if k.startswith("setting__")}
     return Settings(**overrides)
@@ -121,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outboxd",
         description="Keep a Qdrant collection of chunk embeddings converged with PostgreSQL.",
+        epilog="PostgreSQL comes from DATABASE_URL; without it, commands start an embedded PostgreSQL "
+        "under --data-dir. Qdrant comes from QDRANT_URL; without it, qdrant-client's local mode. "
+        "`outboxd COMMAND --help` lists every setting.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -150,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{env_name(str(e['loc'][0])) if e['loc'] and e['loc'][0] in Settings.model_fields else e['loc']}: {e['msg']}"
-            for e in exc.errors()
-        )
-        print(f"outboxd: invalid settings: {problems}", file=sys.stderr)
+        print(f"outboxd: invalid settings: {describe_validation(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings.log_level, settings.log_format)
     try:

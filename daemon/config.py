@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     )
     worker_name: str = Field(
         default_factory=_default_worker_name,
-        description="Name of this worker in leases and pg_stat_activity (default: host-pid).",
+        pattern=r"^[\x21-\x7e]{1,200}$",
+        description="Name of this worker in leases and pg_stat_activity (default: host-pid); printable ASCII.",
     )
 
     # --- process ----------------------------------------------------------------
@@ -109,10 +110,19 @@ class Settings(BaseSettings):
     def _upper(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "Settings":
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError(
+                f"OUTBOXD_POOL_MIN_SIZE ({self.pool_min_size}) is larger than OUTBOXD_POOL_MAX_SIZE "
+                f"({self.pool_max_size}); raise the maximum or lower the minimum"
+            )
+        return self
+
     # --- derived ----------------------------------------------------------------
     @property
     def application_name(self) -> str:
-        return f"outboxd:{self.worker_name}"[:63]  # PostgreSQL truncates at 63 bytes
+        return f"outboxd:{self.worker_name}"[:63]  # PostgreSQL keeps 63 bytes; the name is ASCII
 
     @property
     def local_qdrant_path(self) -> str:

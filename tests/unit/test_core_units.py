@@ -1,0 +1,220 @@
+"""Small pure pieces of the core: the payload projection, error classification,
+the wake-up signal and JSON logs."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from qdrant_client.http.exceptions import UnexpectedResponse
+
+from daemon.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState
+from daemon.errors import InvalidChunkError, describe, is_transient
+from daemon.listener import Wakeup
+from daemon.logs import JsonFormatter
+
+PAYLOAD_KEYS = {
+    "document_id", "source_id", "chunk_index", "text", "token_count", "content_hash",
+    "metadata", "title", "url", "document_type", "embedding_model",
+}
+
+
+def state(**overrides) -> ChunkState:
+    values = dict(
+        chunk_id=uuid.uuid4(),
+        document_id=uuid.uuid4(),
+        source_id=uuid.uuid4(),
+        chunk_index=3,
+        text="Some chunk text.",
+        token_count=3,
+        content_hash="abc123",
+        metadata={"lang": "en"},
+        title="A title",
+        url="https://example.org/a",
+        document_type="html",
+        state_hash="f" * 32,
+    )
+    values.update(overrides)
+    return ChunkState(**values)
+
+
+def unexpected(status: int | None) -> UnexpectedResponse:
+    return UnexpectedResponse(status, "reason", b'{"status": "error"}', httpx.Headers())
+
+
+# --- ChunkState ------------------------------------------------------------------------
+def test_payload_is_the_documented_projection():
+    """payload holds exactly the documented fields, ids as strings, plus the model id."""
+    s = state()
+    p = s.payload("minilm-384-norm")
+    assert set(p) == PAYLOAD_KEYS
+    assert p == {
+        "document_id": str(s.document_id),
+        "source_id": str(s.source_id),
+        "chunk_index": 3,
+        "text": "Some chunk text.",
+        "token_count": 3,
+        "content_hash": "abc123",
+        "metadata": {"lang": "en"},
+        "title": "A title",
+        "url": "https://example.org/a",
+        "document_type": "html",
+        "embedding_model": "minilm-384-norm",
+    }
+
+
+def test_payload_text_is_cut_at_1000_characters():
+    """Long text is stored in the payload only up to its first 1000 characters."""
+    text = "é" * 999 + "xyz" + "tail" * 500
+    p = state(text=text).payload("m")
+    assert PAYLOAD_TEXT_CHARS == 1000
+    assert p["text"] == text[:1000]
+    assert len(p["text"]) == 1000
+    assert state(text="short").payload("m")["text"] == "short"
+
+
+def test_payload_metadata_none_becomes_empty_object():
+    """A chunk without metadata gets {} so readers can always filter on metadata.<key>."""
+    assert state(metadata=None).payload("m")["metadata"] == {}
+
+
+@pytest.mark.parametrize("metadata", [[1, 2], "a string", 42, True])
+def test_payload_rejects_non_object_metadata_with_advice(metadata):
+    """Non-object metadata is an InvalidChunkError that names the chunk and says how to fix it."""
+    s = state(metadata=metadata)
+    with pytest.raises(InvalidChunkError) as exc:
+        s.payload("m")
+    message = str(exc.value)
+    assert str(s.chunk_id) in message
+    assert "object" in message
+    assert "dead-letters retry" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", False), (" ", False), ("  \n\t ", False), ("x", True), ("  real text  ", True)],
+)
+def test_has_text(text, expected):
+    """Empty and whitespace-only text has nothing to embed; any other text does."""
+    assert state(text=text).has_text is expected
+
+
+# --- errors --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "exc",
+    [
+        psycopg.OperationalError("server closed the connection unexpectedly"),
+        psycopg.InterfaceError("connection is closed"),
+        httpx.ConnectError("[Errno 111] Connection refused"),
+        httpx.ReadTimeout("timed out"),
+        ConnectionResetError(),
+        TimeoutError(),
+        unexpected(503),
+        unexpected(500),
+        unexpected(429),
+    ],
+    ids=lambda e: f"{type(e).__name__}-{getattr(e, 'status_code', '')}",
+)
+def test_infrastructure_failures_are_transient(exc):
+    """Network, restart and overload failures are retried without counting against the event."""
+    assert is_transient(exc) is True
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("bad value"),
+        InvalidChunkError("metadata is a list"),
+        unexpected(400),
+        unexpected(404),
+        psycopg.errors.UniqueViolation("duplicate key"),
+        KeyError("x"),
+    ],
+    ids=lambda e: f"{type(e).__name__}-{getattr(e, 'status_code', '')}",
+)
+def test_event_failures_are_not_transient(exc):
+    """Failures caused by the data or a bad request count against the event (and may dead-letter it)."""
+    assert is_transient(exc) is False
+
+
+def test_describe_is_one_line_with_type_and_message():
+    """describe gives 'Type: first line' for logs and dead letters, never a traceback."""
+    assert describe(ValueError("bad value\nsecond line\nthird")) == "ValueError: bad value"
+    assert describe(ValueError()) == "ValueError"
+    assert describe(ValueError("   ")) == "ValueError"
+    line = describe(unexpected(503))
+    assert "\n" not in line
+    assert line.startswith("UnexpectedResponse: ") and "503" in line
+    assert len(describe(RuntimeError("x" * 10_000))) <= 2000
+
+
+# --- Wakeup --------------------------------------------------------------------------------
+async def test_wakeup_between_ticket_and_wait_is_not_missed():
+    """A fire() after ticket() but before wait() still wakes the waiter."""
+    wakeup = Wakeup()
+    ticket = wakeup.ticket()
+    wakeup.fire()
+    assert await Wakeup.wait(ticket, timeout=0.1) is True
+
+
+async def test_wakeup_wait_times_out_when_nothing_fires():
+    """wait returns False after its timeout when nothing fired."""
+    wakeup = Wakeup()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await Wakeup.wait(wakeup.ticket(), timeout=0.1) is False
+    assert loop.time() - started >= 0.09
+
+
+async def test_wakeup_fire_before_ticket_does_not_wake_a_later_ticket():
+    """A fire() that happened before the ticket was taken is not replayed to it."""
+    wakeup = Wakeup()
+    wakeup.fire()
+    assert await Wakeup.wait(wakeup.ticket(), timeout=0.05) is False
+
+
+async def test_wakeup_fire_wakes_every_waiter():
+    """fire() is a broadcast: all workers waiting on tickets wake up."""
+    wakeup = Wakeup()
+    waiters = [asyncio.create_task(Wakeup.wait(wakeup.ticket(), timeout=2)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    wakeup.fire()
+    assert await asyncio.gather(*waiters) == [True, True, True]
+
+
+# --- logs ------------------------------------------------------------------------------------
+def test_json_formatter_writes_one_object_per_line_with_extras():
+    """Each record is one JSON line; extra= fields are top-level keys; tracebacks stay inside the line."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(f"outboxd.test.{uuid.uuid4().hex}")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    chunk = uuid.uuid4()
+
+    logger.info("batch applied", extra={"events": 3, "chunk_id": chunk, "path": Path("/tmp/x")})
+    try:
+        raise RuntimeError("boom\nsecond line")
+    except RuntimeError:
+        logger.exception("apply failed", extra={"attempt": 2})
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["msg"] == "batch applied"
+    assert first["level"] == "info"
+    assert first["logger"] == logger.name
+    assert first["ts"]
+    assert (first["events"], first["chunk_id"], first["path"]) == (3, str(chunk), "/tmp/x")
+    assert "exc" not in first
+    assert (second["msg"], second["level"], second["attempt"]) == ("apply failed", "error", 2)
+    assert "RuntimeError: boom" in second["exc"]
+    assert not {"args", "exc_info", "levelno", "taskName"} & set(first)
