@@ -6,17 +6,17 @@ environment variable); flags win over the environment.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
-from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
+from daemon.commands import dead_letters, migrate, run
 from daemon.config import Settings
-from daemon.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, OutboxdError
+from daemon.errors import EXIT_CONFIG, EXIT_FAILURE, OutboxdError
 from daemon.logs import setup_logging
+
+COMMANDS = [run, migrate, dead_letters]
 
 log = logging.getLogger("outboxd")
 
@@ -59,73 +59,6 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def resolve_dsn(settings: Settings) -> str:
-    """DATABASE_URL, or the embedded PostgreSQL (migrated, and its URL printed)."""
-    if settings.database_url is not None:
-        return settings.database_url.get_secret_value()
-    from db import migrate
-    from db.embedded import start_embedded_postgres
-
-    dsn = start_embedded_postgres(settings.data_dir.resolve())
-    migrate.upgrade(dsn)
-    print(f"outboxd: embedded PostgreSQL is ready; write your chunks to DATABASE_URL={dsn}", flush=True)
-    return dsn
-
-
-# --- commands ----------------------------------------------------------------------------
-def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.supervisor import run_daemon
-
-    dsn = resolve_dsn(settings)
-    return asyncio.run(run_daemon(settings, dsn, drain=args.drain))
-
-
-def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from db import migrate
-
-    if settings.database_url is None:
-        resolve_dsn(settings)  # the embedded database migrates as it starts
-        return EXIT_OK
-    dsn = settings.database_url.get_secret_value()
-    if args.downgrade:
-        migrate.downgrade(dsn, args.downgrade)
-    else:
-        migrate.upgrade(dsn)
-    log.info("schema migrated", extra={"revision": migrate.current_revision(dsn)})
-    return EXIT_OK
-
-
-def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
-    import psycopg
-    from psycopg.rows import dict_row
-
-    from db.queries import query
-
-    dsn = resolve_dsn(settings)
-    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row, application_name="outboxd:cli") as conn:
-        if args.action == "list":
-            rows = conn.execute(query("dead_letters")).fetchall()
-            _print_rows(rows, args.json, ["id", "chunk_id", "op", "attempts", "last_failed_at", "last_error"])
-        else:
-            ids = args.id or None
-            rows = conn.execute(query("retry_dead_letters"), {"event_ids": ids}).fetchall()
-            print(f"{len(rows)} dead letter(s) back to pending")
-    return EXIT_OK
-
-
-def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
-    if as_json:
-        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    Console().print(table)
-
-
 def build_parser() -> argparse.ArgumentParser:
     flags = _settings_flags()
     parser = argparse.ArgumentParser(
@@ -136,25 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`outboxd COMMAND --help` lists every setting.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser(
-        "run",
-        parents=[flags],
-        help="run the daemon until SIGTERM/SIGINT",
-        description="Run the daemon. Without DATABASE_URL it starts an embedded PostgreSQL and prints its URL.",
-    )
-    run.add_argument("--drain", action="store_true", help="exit 0 once no event is pending (dead letters aside)")
-    run.set_defaults(func=cmd_run)
-
-    mig = sub.add_parser("migrate", parents=[flags], help="upgrade the database schema to head (idempotent)")
-    mig.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION instead ('base' removes all)")
-    mig.set_defaults(func=cmd_migrate)
-
-    dl = sub.add_parser("dead-letters", parents=[flags], help="list or retry events that kept failing")
-    dl.add_argument("action", choices=["list", "retry"])
-    dl.add_argument("--id", type=int, action="append", help="retry only this event id (repeatable)")
-    dl.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    dl.set_defaults(func=cmd_dead_letters)
+    for module in COMMANDS:
+        module.register(sub, [flags])
     return parser
 
 

@@ -13,7 +13,7 @@ _CALL = re.compile(r"""\b(?:query|_fetch)\(\s*["']([a-z_]+)["']""")
 
 
 def names_used_in_code() -> set[str]:
-    files = sorted((REPO / "daemon").glob("*.py")) + sorted((REPO / "consumers").glob("*.py"))
+    files = sorted((REPO / "daemon").rglob("*.py")) + sorted((REPO / "consumers").rglob("*.py"))
     return {name for f in files for name in _CALL.findall(f.read_text(encoding="utf-8"))}
 
 
