@@ -34,6 +34,10 @@ class SchemaNotReadyError(ConfigError):
     """The database is not migrated to the schema this version needs."""
 
 
+class CollectionRetiredError(ConfigError):
+    """A reindex made another collection live; this process's model is no longer wanted."""
+
+
 class ServiceUnavailableError(OutboxdError):
     exit_code = EXIT_UNAVAILABLE
 

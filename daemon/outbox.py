@@ -11,6 +11,7 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.chunk_state import ChunkState
+from daemon.errors import CollectionRetiredError
 from db.queries import query
 
 
@@ -30,12 +31,16 @@ class PendingSummary:
 
 
 class Outbox:
-    def __init__(self, pool: AsyncConnectionPool, worker: str, lease_seconds: float) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool, worker: str, lease_seconds: float, collection: str | None = None
+    ) -> None:
         self.pool = pool
         self.worker = worker
         self.lease_seconds = lease_seconds
+        # the physical collection this worker writes; None skips the catalog check
+        self.collection = collection
 
-    async def _fetch(self, name: str, **params) -> list[dict]:
+    async def _fetch(self, name: str, /, **params) -> list[dict]:
         async with self.pool.connection() as conn:
             cur = await conn.execute(query(name), params)
             return await cur.fetchall() if cur.description else []
@@ -62,7 +67,14 @@ class Outbox:
             event_ids=event_ids,
             chunk_ids=list(written),
             state_hashes=list(written.values()),
+            collection=self.collection,
         )
+        if not rows[0]["live"]:
+            raise CollectionRetiredError(
+                f"Qdrant collection {self.collection!r} is no longer the live collection of its alias "
+                "(a reindex switched it); its events were released. Restart outboxd with the model the "
+                "live collection uses (see `outboxd status`)."
+            )
         return rows[0]["acked"], rows[0]["released"]
 
     async def fail(

@@ -63,20 +63,26 @@ class QdrantSink:
             return aliases[self.alias]
         return self.alias if await self.client.collection_exists(self.alias) else None
 
-    async def ensure_collection(self, fingerprint: ModelFingerprint) -> None:
+    async def ensure_collection(self, fingerprint: ModelFingerprint, live: str | None = None) -> None:
         """Create the collection and alias for this model, or refuse a collection
-        that holds another model's vectors."""
-        target = await self.resolve()
+        that holds another model's vectors. `live` is the collection the catalog
+        says is live for the alias; it wins over where the alias points (during
+        a reindex the alias moves last)."""
+        target = live or await self.resolve()
+        if live is not None and not await self.client.collection_exists(live):
+            log.warning(
+                "the live collection is missing in Qdrant; recreating it empty. Run `outboxd reconcile "
+                "--repair` to refill it from PostgreSQL",
+                extra={"collection": live},
+            )
+            self.collection = live
+            await self.create_physical(fingerprint)
+            await self.point_alias()
+            return
         if target is None:
             self.collection = physical_name(self.alias, fingerprint)
             await self.create_physical(fingerprint)
-            await self.client.update_collection_aliases(
-                change_aliases_operations=[
-                    models.CreateAliasOperation(
-                        create_alias=models.CreateAlias(collection_name=self.collection, alias_name=self.alias)
-                    )
-                ]
-            )
+            await self.point_alias()
             log.info(
                 "collection created",
                 extra={"alias": self.alias, "collection": self.collection, "model": str(fingerprint)},
@@ -101,6 +107,20 @@ class QdrantSink:
                 f"OUTBOXD_MODEL={recorded.name} to keep this collection, or set OUTBOXD_COLLECTION to a "
                 "new name to build a collection for the new model from PostgreSQL."
             )
+
+    async def point_alias(self) -> None:
+        """Point the alias at self.collection in one atomic Qdrant operation:
+        readers see the old collection or the new one, never neither."""
+        ops: list[Any] = []
+        aliases = {a.alias_name for a in (await self.client.get_aliases()).aliases}
+        if self.alias in aliases:
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self.alias)))
+        ops.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=self.collection, alias_name=self.alias)
+            )
+        )
+        await self.client.update_collection_aliases(change_aliases_operations=ops)
 
     async def create_physical(self, fingerprint: ModelFingerprint) -> None:
         if await self.client.collection_exists(self.collection):

@@ -20,7 +20,15 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 from daemon.apply import Applier
 from daemon.config import Settings
 from daemon.embedder import Embedder
-from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe, is_transient
+from daemon.catalog import Catalog
+from daemon.errors import (
+    CollectionRetiredError,
+    OutboxdError,
+    SchemaNotReadyError,
+    ServiceUnavailableError,
+    describe,
+    is_transient,
+)
 from daemon.listener import Listener, Wakeup
 from daemon.outbox import Outbox
 from daemon.qdrant_sink import QdrantSink, describe_target, make_client
@@ -69,11 +77,21 @@ class Daemon:
         )
         await self._until_reachable("PostgreSQL", self._open_pool)
         await self._check_schema()
-        self.outbox = Outbox(self.pool, s.worker_name, s.lease_seconds)
         fingerprint = self.embedder.fingerprint or await self.embedder.load()
+        catalog = Catalog(self.pool)
+        live = await catalog.live(s.collection)
         await self._until_reachable(
-            f"Qdrant ({describe_target(s)})", lambda: self.sink.ensure_collection(fingerprint)
+            f"Qdrant ({describe_target(s)})",
+            lambda: self.sink.ensure_collection(fingerprint, live.name if live else None),
         )
+        if live is None:
+            live = await catalog.register_live(self.sink.collection, s.collection, fingerprint)
+        if live.name != self.sink.collection:  # another daemon registered another model first
+            raise CollectionRetiredError(
+                f"the live collection of {s.collection!r} is {live.name!r} ({live.fingerprint}), not "
+                f"{self.sink.collection!r}; start outboxd with OUTBOXD_MODEL={live.model_name}"
+            )
+        self.outbox = Outbox(self.pool, s.worker_name, s.lease_seconds, collection=self.sink.collection)
 
     async def _open_pool(self) -> None:
         await self.pool.open(wait=True, timeout=min(10.0, self.settings.startup_timeout))
@@ -178,8 +196,12 @@ class Daemon:
                 for t in done - {stopper}:
                     if not t.cancelled() and t.exception() is not None:
                         exc = t.exception()
-                        log.error("worker crashed; stopping", extra={"error": describe(exc)}, exc_info=exc)
-                        exit_code = 1
+                        if isinstance(exc, OutboxdError):  # an operator-facing stop, e.g. a reindex switched
+                            log.error(str(exc), extra={"exit_code": exc.exit_code})
+                            exit_code = exc.exit_code
+                        else:
+                            log.error("worker crashed; stopping", extra={"error": describe(exc)}, exc_info=exc)
+                            exit_code = 1
                         self.stop.set()
                 if self.stop.is_set() and pending:
                     _, pending = await asyncio.wait(pending, timeout=s.drain_timeout)

@@ -43,14 +43,22 @@ WHERE chunk_id = ANY(%(chunk_ids)s);
 -- claims are released to be applied again; if they are gone (a lease ran out and
 -- someone acknowledged them), a fresh event takes their place: a write that may
 -- be stale is never left without an event that will correct it.
-WITH written AS (
+-- Nothing is acknowledged for a collection the catalog no longer calls live
+-- (a reindex retired it): its claims are released for the new model's daemon.
+WITH live AS (
+    SELECT %(collection)s::text IS NULL OR EXISTS (
+        SELECT 1 FROM outboxd.collections WHERE name = %(collection)s AND status = 'live'
+    ) AS ok
+),
+written AS (
     SELECT * FROM unnest(%(chunk_ids)s::uuid[], %(state_hashes)s::text[]) AS w(chunk_id, state_hash)
 ),
 verified AS (
     SELECT w.chunk_id
     FROM written w
     LEFT JOIN outboxd.chunk_state s ON s.chunk_id = w.chunk_id
-    WHERE s.state_hash IS NOT DISTINCT FROM w.state_hash
+    WHERE (SELECT ok FROM live)
+      AND s.state_hash IS NOT DISTINCT FROM w.state_hash
 ),
 acked AS (
     DELETE FROM outboxd.outbox o
@@ -73,12 +81,14 @@ requeued AS (
     INSERT INTO outboxd.outbox (chunk_id, op)
     SELECT w.chunk_id, 'update'
     FROM written w
-    WHERE w.chunk_id NOT IN (SELECT chunk_id FROM verified)
+    WHERE (SELECT ok FROM live)
+      AND w.chunk_id NOT IN (SELECT chunk_id FROM verified)
       AND w.chunk_id NOT IN (SELECT chunk_id FROM released)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM acked) AS acked,
-       (SELECT count(*) FROM released) + (SELECT count(*) FROM requeued) AS released;
+       (SELECT count(*) FROM released) + (SELECT count(*) FROM requeued) AS released,
+       (SELECT ok FROM live) AS live;
 
 -- fail_events --
 -- Count a failed attempt: back off exponentially with jitter, or park the event
@@ -124,3 +134,44 @@ SET status = 'pending', attempts = 0, available_at = now(), last_error = NULL,
     first_failed_at = NULL, last_failed_at = NULL, locked_by = NULL, locked_until = NULL
 WHERE status = 'dead' AND (%(event_ids)s::bigint[] IS NULL OR id = ANY(%(event_ids)s))
 RETURNING id;
+
+-- live_collection --
+SELECT name, alias, model_name, dimension, normalized, fingerprint_id, status, created_at, updated_at
+FROM outboxd.collections
+WHERE alias = %(alias)s AND status = 'live';
+
+-- register_live_collection --
+-- First writer for an alias records its collection as live; a concurrent
+-- starter loses on the one-live-per-alias index and reads the winner instead.
+INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, fingerprint_id, status)
+VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(fingerprint_id)s, 'live')
+ON CONFLICT DO NOTHING;
+
+-- upsert_collection --
+INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, fingerprint_id, status)
+VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(fingerprint_id)s, %(status)s)
+ON CONFLICT (name) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
+RETURNING name, alias, model_name, dimension, normalized, fingerprint_id, status, created_at, updated_at;
+
+-- list_collections --
+SELECT name, alias, model_name, dimension, normalized, fingerprint_id, status, created_at, updated_at
+FROM outboxd.collections
+WHERE %(alias)s::text IS NULL OR alias = %(alias)s
+ORDER BY alias, created_at;
+
+-- retire_live_collection --
+-- With make_live_collection, in one transaction: the alias never has two live
+-- collections (the unique index checks each row at once, so retire first).
+UPDATE outboxd.collections
+SET status = 'retired', updated_at = now()
+WHERE alias = %(alias)s AND status = 'live'
+RETURNING name;
+
+-- make_live_collection --
+UPDATE outboxd.collections
+SET status = 'live', updated_at = now()
+WHERE name = %(name)s AND alias = %(alias)s
+RETURNING name;
+
+-- delete_collection_record --
+DELETE FROM outboxd.collections WHERE name = %(name)s AND status = 'retired' RETURNING name;

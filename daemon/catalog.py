@@ -1,0 +1,84 @@
+"""The catalog in PostgreSQL of collections and the model that made each.
+
+Writers follow the catalog, readers follow the Qdrant alias: the daemon
+acknowledges events only for the collection the catalog says is live for its
+alias, so a reindex can retire a collection without racing running daemons.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from psycopg_pool import AsyncConnectionPool
+
+from daemon.embedder import ModelFingerprint
+from db.queries import query
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionRecord:
+    name: str
+    alias: str
+    model_name: str
+    dimension: int
+    normalized: bool
+    fingerprint_id: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        return ModelFingerprint(self.model_name, self.dimension, self.normalized)
+
+
+def _params(name: str, alias: str, fp: ModelFingerprint, **extra) -> dict:
+    return dict(
+        name=name,
+        alias=alias,
+        model_name=fp.name,
+        dimension=fp.dimension,
+        normalized=fp.normalized,
+        fingerprint_id=fp.id,
+        **extra,
+    )
+
+
+class Catalog:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def _rows(self, query_name: str, /, **params) -> list[dict]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query(query_name), params)
+            return await cur.fetchall() if cur.description else []
+
+    async def live(self, alias: str) -> CollectionRecord | None:
+        rows = await self._rows("live_collection", alias=alias)
+        return CollectionRecord(**rows[0]) if rows else None
+
+    async def register_live(self, name: str, alias: str, fp: ModelFingerprint) -> CollectionRecord:
+        """Record `name` as live unless the alias already has a live collection;
+        returns whichever is live now."""
+        await self._rows("register_live_collection", **_params(name, alias, fp))
+        live = await self.live(alias)
+        assert live is not None
+        return live
+
+    async def upsert(self, name: str, alias: str, fp: ModelFingerprint, status: str) -> CollectionRecord:
+        return CollectionRecord(**(await self._rows("upsert_collection", **_params(name, alias, fp, status=status)))[0])
+
+    async def records(self, alias: str | None = None) -> list[CollectionRecord]:
+        return [CollectionRecord(**r) for r in await self._rows("list_collections", alias=alias)]
+
+    async def switch_live(self, alias: str, name: str) -> None:
+        """Retire the alias's live collection and make `name` live, atomically."""
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                await conn.execute(query("retire_live_collection"), {"alias": alias})
+                cur = await conn.execute(query("make_live_collection"), {"alias": alias, "name": name})
+                if not await cur.fetchall():
+                    raise LookupError(f"collection {name!r} is not in the catalog for alias {alias!r}")
+
+    async def forget(self, name: str) -> bool:
+        return bool(await self._rows("delete_collection_record", name=name))
