@@ -22,6 +22,7 @@ class CollectionRecord:
     model_name: str
     dimension: int
     normalized: bool
+    max_seq_length: int | None
     fingerprint_id: str
     status: str
     created_at: datetime
@@ -29,7 +30,7 @@ class CollectionRecord:
 
     @property
     def fingerprint(self) -> ModelFingerprint:
-        return ModelFingerprint(self.model_name, self.dimension, self.normalized)
+        return ModelFingerprint(self.model_name, self.dimension, self.normalized, self.max_seq_length)
 
 
 def _params(name: str, alias: str, fp: ModelFingerprint, **extra) -> dict:
@@ -39,6 +40,7 @@ def _params(name: str, alias: str, fp: ModelFingerprint, **extra) -> dict:
         model_name=fp.name,
         dimension=fp.dimension,
         normalized=fp.normalized,
+        max_seq_length=fp.max_seq_length,
         fingerprint_id=fp.id,
         **extra,
     )

@@ -11,12 +11,12 @@ import sys
 
 from pydantic import ValidationError
 
-from daemon.commands import dead_letters, migrate, run
+from daemon.commands import dead_letters, migrate, run, status
 from daemon.config import Settings
 from daemon.errors import EXIT_CONFIG, EXIT_FAILURE, OutboxdError
 from daemon.logs import setup_logging
 
-COMMANDS = [run, migrate, dead_letters]
+COMMANDS = [run, migrate, dead_letters, status]
 
 log = logging.getLogger("outboxd")
 

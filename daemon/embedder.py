@@ -29,26 +29,39 @@ _DEFAULT_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2"}
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """What must match for two vectors to be comparable (invariant 8)."""
+    """What must match for two vectors to be comparable (invariant 8): the
+    model, its dimension, normalisation, and the window it reads (a text cut at
+    128 tokens does not embed like the same text cut at 256)."""
 
     name: str
     dimension: int
     normalized: bool = True
+    max_seq_length: int | None = None
 
     @property
     def id(self) -> str:
-        raw = orjson.dumps({"name": self.name, "dimension": self.dimension, "normalized": self.normalized})
+        raw = orjson.dumps(self._fields())
         return hashlib.sha256(raw).hexdigest()[:16]
 
+    def _fields(self) -> dict:
+        return {
+            "name": self.name,
+            "dimension": self.dimension,
+            "normalized": self.normalized,
+            "max_seq_length": self.max_seq_length,
+        }
+
     def as_dict(self) -> dict:
-        return {"name": self.name, "dimension": self.dimension, "normalized": self.normalized, "id": self.id}
+        return {**self._fields(), "id": self.id}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFingerprint":
-        return cls(name=d["name"], dimension=int(d["dimension"]), normalized=bool(d["normalized"]))
+        window = d.get("max_seq_length")
+        return cls(d["name"], int(d["dimension"]), bool(d["normalized"]), int(window) if window else None)
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.dimension} dims, {'normalized' if self.normalized else 'raw'})"
+        norm = "normalized" if self.normalized else "raw"
+        return f"{self.name} ({self.dimension} dims, {norm}, {self.max_seq_length or '?'} tokens)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +99,11 @@ class Embedder:
     async def load(self) -> ModelFingerprint:
         loop = asyncio.get_running_loop()
         self._model = await loop.run_in_executor(self._executor, self._load)
+        if self._settings.max_seq_length:
+            self._model.max_seq_length = self._settings.max_seq_length
         get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         dim = get_dim()
-        self.fingerprint = ModelFingerprint(self.name, int(dim), True)
+        self.fingerprint = ModelFingerprint(self.name, int(dim), self._settings.normalize, self.max_seq_length)
         log.info("model loaded", extra={"model": str(self.fingerprint), "max_seq_length": self.max_seq_length})
         return self.fingerprint
 
@@ -152,7 +167,7 @@ class Embedder:
         vectors = self._model.encode(
             texts,
             batch_size=self._settings.embed_batch_size,
-            normalize_embeddings=True,
+            normalize_embeddings=self._settings.normalize,
             convert_to_numpy=True,
             show_progress_bar=False,
         )

@@ -129,32 +129,87 @@ WHERE status = 'dead'
 ORDER BY id;
 
 -- retry_dead_letters --
+-- Back to pending, attempts reset. The selection is explicit: every dead letter
+-- (all), these ids (event_ids), or those whose last_error matches error_pattern
+-- (a case-insensitive substring: ILIKE, whose wildcards still work).
 UPDATE outboxd.outbox
 SET status = 'pending', attempts = 0, available_at = now(), last_error = NULL,
     first_failed_at = NULL, last_failed_at = NULL, locked_by = NULL, locked_until = NULL
-WHERE status = 'dead' AND (%(event_ids)s::bigint[] IS NULL OR id = ANY(%(event_ids)s))
+WHERE status = 'dead'
+  AND (%(all)s::boolean
+       OR id = ANY(%(event_ids)s::bigint[])
+       OR last_error ILIKE '%%' || %(error_pattern)s::text || '%%')
 RETURNING id;
 
+-- select_dead_letters --
+-- The dead letters a purge would delete (same selection as retry_dead_letters),
+-- so the operator confirms a count and exactly those rows go.
+SELECT id
+FROM outboxd.outbox
+WHERE status = 'dead'
+  AND (%(all)s::boolean
+       OR id = ANY(%(event_ids)s::bigint[])
+       OR last_error ILIKE '%%' || %(error_pattern)s::text || '%%')
+ORDER BY id;
+
+-- purge_dead_letters --
+-- Delete the confirmed dead letters; one retried or healed meanwhile is no
+-- longer dead and stays.
+DELETE FROM outboxd.outbox
+WHERE status = 'dead' AND id = ANY(%(event_ids)s::bigint[])
+RETURNING id;
+
+-- status_outbox --
+-- The outbox at a glance, measured by the database clock. backlog = pending
+-- events (dead letters aside); lag = age of the oldest of them; in_flight =
+-- leased right now; backing_off = waiting for a retry delay; expired_leases =
+-- claims whose lease ran out unreleased (a worker died or stalled).
+SELECT count(*) FILTER (WHERE status = 'pending') AS backlog,
+       count(*) FILTER (WHERE status = 'pending' AND available_at <= now()
+                          AND (locked_until IS NULL OR locked_until <= now())) AS ready,
+       count(*) FILTER (WHERE status = 'pending' AND locked_until > now()) AS in_flight,
+       count(*) FILTER (WHERE status = 'pending' AND available_at > now()) AS backing_off,
+       count(*) FILTER (WHERE status = 'pending' AND locked_until <= now()) AS expired_leases,
+       count(*) FILTER (WHERE status = 'pending' AND attempts > 0) AS failed_before,
+       count(*) FILTER (WHERE status = 'dead') AS dead_letters,
+       min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending_at,
+       coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')), 0)::float8
+           AS lag_seconds,
+       now() AS db_now
+FROM outboxd.outbox;
+
+-- status_leases --
+-- Live leases by worker: how many events each holds and when its leases end
+-- (a worker renews them while a batch is slow).
+SELECT locked_by AS worker,
+       count(*) AS events,
+       extract(epoch FROM min(locked_until) - now())::float8 AS expires_in_seconds,
+       extract(epoch FROM max(locked_until) - now())::float8 AS last_expires_in_seconds
+FROM outboxd.outbox
+WHERE status = 'pending' AND locked_until > now()
+GROUP BY locked_by
+ORDER BY locked_by;
+
 -- live_collection --
-SELECT name, alias, model_name, dimension, normalized, fingerprint_id, status, created_at, updated_at
+SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at
 FROM outboxd.collections
 WHERE alias = %(alias)s AND status = 'live';
 
 -- register_live_collection --
 -- First writer for an alias records its collection as live; a concurrent
 -- starter loses on the one-live-per-alias index and reads the winner instead.
-INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, fingerprint_id, status)
-VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(fingerprint_id)s, 'live')
+INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status)
+VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, 'live')
 ON CONFLICT DO NOTHING;
 
 -- upsert_collection --
-INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, fingerprint_id, status)
-VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(fingerprint_id)s, %(status)s)
+INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status)
+VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, %(status)s)
 ON CONFLICT (name) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
-RETURNING name, alias, model_name, dimension, normalized, fingerprint_id, status, created_at, updated_at;
+RETURNING name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at;
 
 -- list_collections --
-SELECT name, alias, model_name, dimension, normalized, fingerprint_id, status, created_at, updated_at
+SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at
 FROM outboxd.collections
 WHERE %(alias)s::text IS NULL OR alias = %(alias)s
 ORDER BY alias, created_at;

@@ -8,6 +8,7 @@ CREATE TABLE outboxd.collections (
     model_name TEXT NOT NULL,
     dimension INTEGER NOT NULL CHECK (dimension > 0),
     normalized BOOLEAN NOT NULL,
+    max_seq_length INTEGER,
     fingerprint_id TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('building', 'live', 'retired')),
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
