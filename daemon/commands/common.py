@@ -2,15 +2,20 @@
 (a table on a terminal, JSON with --json)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
 from psycopg.rows import dict_row
 
 from daemon.config import Settings
+from daemon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from daemon.embedder import ModelFingerprint
 
 
 def resolve_dsn(settings: Settings, announce_to=None) -> str:
@@ -50,3 +55,63 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: s
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
     Console().print(table)
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings, *, qdrant: bool = True):
+    """A small pool and (optionally) a Qdrant client for an operator command."""
+    from daemon.qdrant_sink import make_client
+    from db.pool import make_pool
+
+    pool = make_pool(resolve_dsn(settings), application_name="outboxd:cli", min_size=1, max_size=2)
+    await pool.open(wait=True, timeout=settings.startup_timeout)
+    client = make_client(settings) if qdrant else None
+    try:
+        yield pool, client
+    finally:
+        if client is not None:
+            await client.close()
+        await pool.close()
+
+
+async def live_collection(settings: Settings, pool, client) -> tuple[str, "ModelFingerprint"]:
+    """The physical collection behind OUTBOXD_COLLECTION (the catalog's live one,
+    else where the alias points) and the model fingerprint it records."""
+    from daemon.catalog import Catalog
+    from daemon.qdrant_sink import QdrantSink
+
+    sink = QdrantSink(client, settings.collection)
+    live = await Catalog(pool).live(settings.collection)
+    sink.collection = live.name if live else (await sink.resolve() or "")
+    if not sink.collection or not await client.collection_exists(sink.collection):
+        raise ConfigError(
+            f"there is no Qdrant collection for {settings.collection!r} yet: start the daemon "
+            "(`outboxd run`) once, or check OUTBOXD_COLLECTION and QDRANT_URL"
+        )
+    fingerprint = await sink.recorded_fingerprint()
+    if fingerprint is None:
+        raise ConfigError(f"Qdrant collection {sink.collection!r} records no outboxd model fingerprint")
+    return sink.collection, fingerprint
+
+
+def progress_bar(total: int | None, description: str, enabled: bool):
+    """A rich progress bar on a terminal (stderr); a no-op otherwise."""
+    if not enabled:
+        return contextlib.nullcontext(lambda n: None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as progress:
+            task = progress.add_task(description, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    return bar()

@@ -1,0 +1,212 @@
+"""`outboxd reconcile` and `outboxd backfill` on real PostgreSQL, Qdrant and MiniLM:
+each drift class is found after it is injected behind the daemon's back,
+--check and --repair behave, a live daemon causes no false drift, and a
+database populated before outboxd is adopted with backfill."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import orjson
+import pytest
+from qdrant_client import AsyncQdrantClient, models
+
+from daemon import cli
+from daemon.reconcile import Reconciler, Scope, enqueue_repair
+from daemon.supervisor import Daemon
+from db import migrate
+from db.pool import make_pool
+from tests.conftest import create_database, drop_database
+from tests.support import add_document, assert_converged, drain, outbox_rows
+
+
+@pytest.fixture
+async def pool(dsn):
+    p = make_pool(dsn, application_name="outboxd:test", min_size=1, max_size=2)
+    await p.open(wait=True)
+    yield p
+    await p.close()
+
+
+async def physical(qdrant, alias) -> str:
+    return {a.alias_name: a.collection_name for a in (await qdrant.get_aliases()).aliases}[alias]
+
+
+async def reconcile(pool, qdrant, collection, embedder, repair=None, **kw):
+    target = await physical(qdrant, collection)
+    return await Reconciler(pool, qdrant, target, embedder.fingerprint.id, **kw).run(repair)
+
+
+async def test_each_drift_class_is_found_then_repaired(conn, dsn, qdrant, collection, embedder, make_settings, pool):
+    """missing, orphaned, stale (text and payload), wrong_model: found exactly;
+    --repair then a drain gives zero drift."""
+    settings = make_settings()
+    _, ids = add_document(conn, [f"chunk {i} of the reconcile corpus" for i in range(12)])
+    await drain(settings, dsn, embedder, qdrant)
+    target = await physical(qdrant, collection)
+    assert (await reconcile(pool, qdrant, collection, embedder)).drift == 0
+
+    await qdrant.delete(target, models.PointIdsList(points=[str(ids[0])]))                      # missing
+    stray = str(uuid.uuid4())
+    await qdrant.upsert(target, [models.PointStruct(id=stray, vector=[0.1] * 384, payload={})])   # orphaned
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")  # writes the triggers do not see
+        conn.execute("DELETE FROM chunks WHERE id = %s", (ids[1],))                                # orphaned
+        conn.execute("UPDATE chunks SET text = 'changed behind the back' WHERE id = %s", (ids[2],))  # stale
+    await qdrant.set_payload(target, {"title": "tampered"}, points=[str(ids[3])])                  # stale
+    await qdrant.set_payload(target, {"embedding_model": "another-model"}, points=[str(ids[4])])   # wrong_model
+
+    report = await reconcile(pool, qdrant, collection, embedder)
+    assert report.counts == {"missing": 1, "orphaned": 2, "stale": 2, "wrong_model": 1}
+    assert set(report.examples["orphaned"]) == {stray, str(ids[1])}
+    assert report.examples["missing"] == [str(ids[0])] and report.examples["wrong_model"] == [str(ids[4])]
+    assert report.chunks == 11 and report.points == 12
+
+    repaired = await reconcile(pool, qdrant, collection, embedder, repair=enqueue_repair(pool))
+    assert repaired.repaired == 6 and len(outbox_rows(conn)) == 6
+    await drain(settings, dsn, embedder, qdrant)
+    assert (await reconcile(pool, qdrant, collection, embedder)).drift == 0
+    await assert_converged(dsn, qdrant, collection, embedder)
+
+
+async def test_pending_changes_are_in_flight_not_drift(conn, dsn, qdrant, collection, embedder, make_settings, pool):
+    """A change whose event the daemon has not applied yet is reported in flight."""
+    _, ids = add_document(conn, ["first", "second"])
+    await drain(make_settings(), dsn, embedder, qdrant)
+    conn.execute("UPDATE chunks SET text = 'edited, not yet applied' WHERE id = %s", (ids[0],))
+    report = await reconcile(pool, qdrant, collection, embedder)
+    assert report.drift == 0 and report.in_flight == 1
+
+
+async def test_scope_limits_the_comparison(conn, dsn, qdrant, collection, embedder, make_settings, pool):
+    """--document compares only that document's chunks and points."""
+    doc_a, ids_a = add_document(conn, ["a1", "a2"])
+    _, ids_b = add_document(conn, ["b1", "b2", "b3"])
+    await drain(make_settings(), dsn, embedder, qdrant)
+    target = await physical(qdrant, collection)
+    await qdrant.delete(target, models.PointIdsList(points=[str(ids_b[0])]))
+    scoped = await reconcile(pool, qdrant, collection, embedder, scope=Scope(document_id=doc_a))
+    assert (scoped.chunks, scoped.points, scoped.drift) == (2, 2, 0)
+    assert (await reconcile(pool, qdrant, collection, embedder)).counts["missing"] == 1
+
+
+async def test_reconcile_against_a_live_daemon_reports_no_false_drift(conn, dsn, qdrant, collection, embedder, make_settings, pool):
+    """While a daemon applies a stream of writes, reconcile finds no drift: every
+    difference it meets is either in flight or already applied."""
+    _, ids = add_document(conn, [f"live chunk {i}" for i in range(150)])
+    daemon = Daemon(make_settings(batch_size=8), dsn, embedder=embedder, qdrant=qdrant)
+    await daemon.start()
+    run = asyncio.create_task(daemon.run(handle_signals=False))
+
+    async def writer():
+        for round_ in range(6):
+            with conn.transaction():
+                for cid in ids[round_ * 25 : round_ * 25 + 25]:
+                    conn.execute("UPDATE chunks SET text = text || ' edited' WHERE id = %s", (cid,))
+            await asyncio.sleep(0.15)
+
+    try:
+        reports = []
+        writing = asyncio.create_task(writer())
+        while not writing.done():
+            reports.append(await reconcile(pool, qdrant, collection, embedder))
+        await writing
+    finally:
+        daemon.stop.set()
+        await run
+        await daemon.close()
+    assert reports and all(r.drift == 0 for r in reports), [r.counts for r in reports if r.drift]
+
+
+# --- the CLI (sync tests: each command runs its own event loop) -------------------------------
+def test_cli_check_json_and_repair(conn, dsn, collection, embedder, make_settings, tmp_path, capsys):
+    """--check exits 1 on drift and 0 without; --json is one document; --repair enqueues."""
+    path = tmp_path / "qdrant"  # local mode on disk, so the CLI can open it once the test closed it
+    settings = make_settings(qdrant_path=path)
+    _, ids = add_document(conn, ["one", "two", "three"])
+
+    async def converge_then_lose_a_point():
+        client = AsyncQdrantClient(path=str(path))
+        await drain(settings, dsn, embedder, client)
+        await client.delete(await physical(client, collection), models.PointIdsList(points=[str(ids[1])]))
+        await client.close()
+
+    async def converge():
+        client = AsyncQdrantClient(path=str(path))
+        await drain(settings, dsn, embedder, client)
+        await client.close()
+
+    asyncio.run(converge_then_lose_a_point())
+    base = ["reconcile", "--database-url", dsn, "--qdrant-path", str(path), "--collection", collection]
+    capsys.readouterr()
+    assert cli.main(base + ["--check", "--json"]) == 1
+    doc = orjson.loads(capsys.readouterr().out)
+    assert doc["counts"]["missing"] == 1 and doc["examples"]["missing"] == [str(ids[1])] and doc["drift"] == 1
+
+    assert cli.main(base + ["--repair", "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["repaired"] == 1
+    assert [r["chunk_id"] for r in outbox_rows(conn)] == [ids[1]]
+
+    asyncio.run(converge())
+    assert cli.main(base + ["--check"]) == 0
+    assert "0 drifted" in capsys.readouterr().out
+
+
+# --- backfill ----------------------------------------------------------------------------------
+@pytest.fixture
+def legacy_dsn(pg_server):
+    """A database whose content existed before outboxd's outbox did."""
+    name = f"outboxd_legacy_{uuid.uuid4().hex[:8]}"
+    dsn = create_database(pg_server, name)
+    migrate.upgrade(dsn, "0001")  # the content tables only: no capture yet
+    yield dsn
+    drop_database(pg_server, name)
+
+
+def test_backfill_adopts_a_database_populated_before_migration(legacy_dsn, collection, embedder, make_settings, capsys):
+    """Chunks written before the outbox existed converge after backfill + drain;
+    a second backfill says it is complete; --restart enqueues only what is not pending."""
+    import psycopg
+
+    with psycopg.connect(legacy_dsn, autocommit=True) as conn:
+        add_document(conn, [f"pre-existing chunk {i}" for i in range(30)])
+        add_document(conn, [f"another document {i}" for i in range(7)])
+        migrate.upgrade(legacy_dsn)
+        assert outbox_rows(conn) == []
+
+        base = ["backfill", "--database-url", legacy_dsn, "--page-size", "8", "--json"]
+        capsys.readouterr()
+        assert cli.main(base) == 0
+        first = orjson.loads(capsys.readouterr().out)
+        assert (first["scanned"], first["enqueued"]) == (37, 37)
+        assert cli.main(base) == 0
+        assert orjson.loads(capsys.readouterr().out)["already_complete"] is True
+        assert cli.main(base + ["--restart"]) == 0
+        again = orjson.loads(capsys.readouterr().out)
+        assert (again["scanned"], again["enqueued"]) == (37, 0)  # all still pending: nothing doubled
+        assert len(outbox_rows(conn)) == 37
+
+    async def converge() -> int:
+        qdrant = AsyncQdrantClient(location=":memory:")
+        await drain(make_settings(database_url=legacy_dsn), legacy_dsn, embedder, qdrant)
+        return await assert_converged(legacy_dsn, qdrant, collection, embedder)
+
+    assert asyncio.run(converge()) == 37
+
+
+def test_backfill_resumes_from_its_checkpoint(conn, dsn, capsys):
+    """An interrupted backfill (checkpoint half-way) continues after it, scoped to one source."""
+    doc, ids = add_document(conn, [f"c{i}" for i in range(20)])
+    source = conn.execute("SELECT source_id FROM documents WHERE id = %s", (doc,)).fetchone()[0]
+    add_document(conn, ["other source"])
+    conn.execute("DELETE FROM outboxd.outbox")
+    ordered = sorted(ids)
+    job = f"backfill:source:{source}"
+    conn.execute(
+        "INSERT INTO outboxd.scan_progress (job, last_chunk_id, done) VALUES (%s, %s, 10)", (job, ordered[9])
+    )
+    capsys.readouterr()
+    assert cli.main(["backfill", "--database-url", dsn, "--source", str(source), "--json"]) == 0
+    result = orjson.loads(capsys.readouterr().out)
+    assert result["resumed"] is True and result["enqueued"] == 10
+    assert sorted(r["chunk_id"] for r in outbox_rows(conn)) == ordered[10:]
