@@ -11,12 +11,12 @@ import sys
 
 from pydantic import ValidationError
 
-from daemon.commands import dead_letters, migrate, run, status
+from daemon.commands import backfill, dead_letters, migrate, reconcile, reindex, run, status
 from daemon.config import Settings
 from daemon.errors import EXIT_CONFIG, EXIT_FAILURE, OutboxdError
 from daemon.logs import setup_logging
 
-COMMANDS = [run, migrate, dead_letters, status]
+COMMANDS = [run, migrate, status, reconcile, backfill, dead_letters, reindex]
 
 log = logging.getLogger("outboxd")
 

@@ -190,26 +190,19 @@ class Daemon:
         stopper = asyncio.create_task(self.stop.wait())
         try:
             pending = set(workers)
-            while pending:
+            while pending and not self.stop.is_set():
                 done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(stopper)
                 for t in done - {stopper}:
-                    if not t.cancelled() and t.exception() is not None:
-                        exc = t.exception()
-                        if isinstance(exc, OutboxdError):  # an operator-facing stop, e.g. a reindex switched
-                            log.error(str(exc), extra={"exit_code": exc.exit_code})
-                            exit_code = exc.exit_code
-                        else:
-                            log.error("worker crashed; stopping", extra={"error": describe(exc)}, exc_info=exc)
-                            exit_code = 1
-                        self.stop.set()
-                if self.stop.is_set() and pending:
-                    _, pending = await asyncio.wait(pending, timeout=s.drain_timeout)
-                    for t in pending:
-                        log.warning("drain timeout: releasing the batch in flight")
-                        t.cancel()
-                    await asyncio.gather(*pending, return_exceptions=True)
-                    pending = set()
+                    exit_code = self._outcome(t) or exit_code
+            if pending:  # stopping: the batches in flight get drain_timeout to finish
+                done, late = await asyncio.wait(pending, timeout=s.drain_timeout)
+                for t in late:
+                    log.warning("drain timeout: releasing the batch in flight")
+                    t.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+                for t in done:
+                    exit_code = self._outcome(t) or exit_code
         finally:
             stopper.cancel()
             for t in side_tasks:
@@ -221,6 +214,18 @@ class Daemon:
                     loop.remove_signal_handler(sig)
             self._log_stats("outboxd stopped")
         return exit_code
+
+    def _outcome(self, task: asyncio.Task) -> int:
+        """The exit code a finished worker asks for (0: it just ended, e.g. drained)."""
+        if task.cancelled() or task.exception() is None:
+            return 0
+        exc = task.exception()
+        self.stop.set()
+        if isinstance(exc, OutboxdError):  # an operator-facing stop, e.g. a reindex switched models
+            log.error(str(exc), extra={"exit_code": exc.exit_code})
+            return exc.exit_code
+        log.error("worker crashed; stopping", extra={"error": describe(exc)}, exc_info=exc)
+        return 1
 
     async def _report_stats(self) -> None:
         last = None

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from daemon.commands.common import connect, print_json, print_table
+from daemon.embedder import ModelFingerprint
 from daemon.errors import EXIT_FAILURE, EXIT_OK, SchemaNotReadyError, ServiceUnavailableError, describe
 from daemon.qdrant_sink import QdrantSink, describe_target, make_client
 from db.queries import query
@@ -190,13 +191,13 @@ def render(report: dict[str, Any]) -> None:
     )
     if report["leases"]:
         print_table(
-            [{**r, "expires_in": _seconds(r["expires_in_seconds"]), "last_expires_in": _seconds(r["last_expires_in_seconds"])}
-             for r in report["leases"]],
-            ["worker", "events", "expires_in", "last_expires_in"],
+            [{**r, "next lease ends in": _seconds(r["expires_in_seconds"]),
+              "last lease ends in": _seconds(r["last_expires_in_seconds"])} for r in report["leases"]],
+            ["worker", "events", "next lease ends in", "last lease ends in"],
             title="Leases by worker",
         )
     if report["catalog"]:
-        print_table(report["catalog"], ["alias", "name", "model_name", "dimension", "status", "updated_at"], title="Catalog")
+        print_table(report["catalog"], ["alias", "name", "model_name", "dimension", "status"], title="Catalog")
     else:
         print("Catalog: no collections recorded yet")
     q = report["qdrant"]
@@ -209,7 +210,7 @@ def render(report: dict[str, Any]) -> None:
             {"": "alias points at", "value": q["alias_target"]},
             {"": "live collection", "value": q["collection"]},
             {"": "points", "value": q["points"]},
-            {"": "model", "value": f"{fp['name']} ({fp['dimension']} dims, id {fp['id']})" if fp else None},
+            {"": "model", "value": f"{ModelFingerprint.from_dict(fp)}, id {fp['id']}" if fp else None},
         ]
         rows += [{"": "note", "value": n} for n in q["notes"]]
     print_table(rows, ["", "value"], title="Qdrant")

@@ -230,3 +230,90 @@ RETURNING name;
 
 -- delete_collection_record --
 DELETE FROM outboxd.collections WHERE name = %(name)s AND status = 'retired' RETURNING name;
+
+-- reconcile_chunks --
+-- One keyset page of chunk states in id order (the order Qdrant scrolls points in).
+SELECT chunk_id, document_id, source_id, chunk_index, text, token_count, content_hash,
+       metadata, title, url, document_type, state_hash
+FROM outboxd.chunk_state
+WHERE (%(after)s::uuid IS NULL OR chunk_id > %(after)s::uuid)
+  AND (%(source_id)s::uuid IS NULL OR source_id = %(source_id)s::uuid)
+  AND (%(document_id)s::uuid IS NULL OR document_id = %(document_id)s::uuid)
+ORDER BY chunk_id
+LIMIT %(limit)s;
+
+-- count_chunks --
+SELECT count(*) AS n
+FROM public.chunks c
+JOIN public.documents d ON d.id = c.document_id
+WHERE (%(source_id)s::uuid IS NULL OR d.source_id = %(source_id)s::uuid)
+  AND (%(document_id)s::uuid IS NULL OR c.document_id = %(document_id)s::uuid);
+
+-- pending_chunks --
+-- Which of these chunks have an event waiting: their drift is in flight, not lost.
+SELECT DISTINCT chunk_id FROM outboxd.outbox
+WHERE chunk_id = ANY(%(chunk_ids)s) AND status = 'pending';
+
+-- enqueue_chunks --
+-- Repair goes through the normal path: an event per chunk, applied by the daemon.
+INSERT INTO outboxd.outbox (chunk_id, op)
+SELECT id, 'update' FROM unnest(%(chunk_ids)s::uuid[]) AS ids(id)
+RETURNING id;
+
+-- scan_progress --
+SELECT job, last_chunk_id, done, completed_at, started_at, updated_at
+FROM outboxd.scan_progress WHERE job = %(job)s;
+
+-- scan_progress_reset --
+DELETE FROM outboxd.scan_progress WHERE job = %(job)s;
+
+-- scan_progress_save --
+INSERT INTO outboxd.scan_progress (job, last_chunk_id, done)
+VALUES (%(job)s, %(last_chunk_id)s, %(done)s)
+ON CONFLICT (job) DO UPDATE
+SET last_chunk_id = EXCLUDED.last_chunk_id,
+    done = outboxd.scan_progress.done + EXCLUDED.done,
+    updated_at = now();
+
+-- scan_progress_complete --
+INSERT INTO outboxd.scan_progress (job, completed_at) VALUES (%(job)s, now())
+ON CONFLICT (job) DO UPDATE SET completed_at = now(), updated_at = now();
+
+-- backfill_page --
+-- One page of existing chunks after the checkpoint: enqueue those without a
+-- pending event, and move the checkpoint, in one statement (so a crash between
+-- pages neither loses nor repeats a page).
+WITH page AS (
+    SELECT c.id
+    FROM public.chunks c
+    JOIN public.documents d ON d.id = c.document_id
+    WHERE (%(after)s::uuid IS NULL OR c.id > %(after)s::uuid)
+      AND (%(source_id)s::uuid IS NULL OR d.source_id = %(source_id)s::uuid)
+      AND (%(document_id)s::uuid IS NULL OR c.document_id = %(document_id)s::uuid)
+    ORDER BY c.id
+    LIMIT %(limit)s
+),
+last AS (
+    SELECT id FROM page ORDER BY id DESC LIMIT 1
+),
+enqueued AS (
+    INSERT INTO outboxd.outbox (chunk_id, op)
+    SELECT p.id, 'update'
+    FROM page p
+    WHERE NOT EXISTS (
+        SELECT 1 FROM outboxd.outbox o WHERE o.chunk_id = p.id AND o.status = 'pending'
+    )
+    RETURNING chunk_id
+),
+checkpoint AS (
+    INSERT INTO outboxd.scan_progress (job, last_chunk_id, done)
+    SELECT %(job)s, (SELECT id FROM last), (SELECT count(*) FROM page)
+    WHERE EXISTS (SELECT 1 FROM page)
+    ON CONFLICT (job) DO UPDATE
+    SET last_chunk_id = EXCLUDED.last_chunk_id,
+        done = outboxd.scan_progress.done + EXCLUDED.done,
+        updated_at = now()
+)
+SELECT (SELECT count(*) FROM page) AS scanned,
+       (SELECT id FROM last) AS last_id,
+       (SELECT count(*) FROM enqueued) AS enqueued;

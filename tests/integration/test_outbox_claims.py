@@ -368,14 +368,14 @@ async def test_dead_letters_list_and_retry(dsn, conn, make_outbox):
         ]
         assert all(r["first_failed_at"] and r["last_failed_at"] and r["op"] == "insert" for r in listed)
 
-        retried = c.execute(query("retry_dead_letters"), {"event_ids": [e1]}).fetchall()
+        retried = c.execute(query("retry_dead_letters"), {"event_ids": [e1], "error_pattern": None, "all": False}).fetchall()
         assert [r["id"] for r in retried] == [e1]
         r = row(conn, e1)
         assert (r["status"], r["attempts"], r["last_error"], r["first_failed_at"]) == ("pending", 0, None, None)
         assert row(conn, e2)["status"] == "dead"
         assert [r["id"] for r in c.execute(query("dead_letters")).fetchall()] == [e2]
 
-        retried = c.execute(query("retry_dead_letters"), {"event_ids": None}).fetchall()
+        retried = c.execute(query("retry_dead_letters"), {"event_ids": None, "error_pattern": None, "all": True}).fetchall()
         assert [r["id"] for r in retried] == [e2]
         assert c.execute(query("dead_letters")).fetchall() == []
 

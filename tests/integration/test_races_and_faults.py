@@ -266,7 +266,7 @@ async def test_dead_letter_retry_puts_events_back(conn, dsn, qdrant, collection,
     await drain(settings, dsn, embedder, qdrant)
     assert [r["status"] for r in outbox_rows(conn)] == ["dead"]
 
-    assert cli.main(["dead-letters", "retry", "--database-url", dsn]) == 0
+    assert cli.main(["dead-letters", "retry", "--all", "--database-url", dsn]) == 0
     assert "1 dead letter(s) back to pending" in capsys.readouterr().out
     assert [(r["status"], r["attempts"]) for r in outbox_rows(conn)] == [("pending", 0)]
 

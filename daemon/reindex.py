@@ -1,0 +1,188 @@
+"""Move an alias to a collection built with another model, with no read downtime.
+
+1. build   the new collection from PostgreSQL, page by page in chunk-id order,
+           with a checkpoint (resumable); the running daemon keeps the live
+           collection current meanwhile
+2. catch up reconcile the new collection against PostgreSQL and apply what
+           changed during the build, until a round finds nothing
+3. writers the catalog makes the new collection live: running daemons of the
+           old model stop acknowledging (their events wait for the new model)
+4. catch up once more, for what the old daemons acknowledged before step 3
+5. verify  reconcile: no drift beyond events still pending
+6. readers the Qdrant alias moves to the new collection in one atomic operation
+
+The old collection stays, retired, for `outboxd reindex --rollback`, which is a
+reindex back to it (a catch-up, since it is already built).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from psycopg_pool import AsyncConnectionPool
+from qdrant_client import AsyncQdrantClient
+
+from daemon.apply import Applier
+from daemon.catalog import Catalog
+from daemon.chunk_state import ChunkState
+from daemon.embedder import Embedder
+from daemon.errors import ConfigError
+from daemon.qdrant_sink import QdrantSink, physical_name
+from daemon.reconcile import Reconciler, Repair
+from db.queries import query
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_ROUNDS = 5
+
+
+@dataclass
+class ReindexResult:
+    alias: str
+    previous: str | None
+    collection: str
+    model: str
+    built: int = 0
+    caught_up: int = 0
+    rounds: int = 0
+    in_flight: int = 0
+    status: str = "switched"
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Reindexer:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        qdrant: AsyncQdrantClient,
+        alias: str,
+        embedder: Embedder,
+        *,
+        page_size: int = 256,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.qdrant = qdrant
+        self.alias = alias
+        self.embedder = embedder
+        self.page_size = page_size
+        self.progress = progress or (lambda n: None)
+        self.catalog = Catalog(pool)
+
+    async def run(self) -> ReindexResult:
+        started = time.perf_counter()
+        fp = self.embedder.fingerprint
+        live = await self.catalog.live(self.alias)
+        if live is None:
+            raise ConfigError(
+                f"nothing to reindex: no live collection is recorded for {self.alias!r}. Start the daemon "
+                "once (`outboxd run`) to create it, or check OUTBOXD_COLLECTION"
+            )
+        target = physical_name(self.alias, fp)
+        result = ReindexResult(self.alias, live.name, target, str(fp))
+        if live.fingerprint_id == fp.id:
+            result.status = "already live"
+            return result
+
+        await self.catalog.upsert(target, self.alias, fp, "building")
+        sink = QdrantSink(self.qdrant, self.alias)
+        sink.collection = target
+        await sink.create_physical(fp)
+        applier = Applier(self.embedder, sink)
+        log.info("reindex: building", extra={"collection": target, "model": str(fp)})
+
+        result.built = await self._build(applier, f"reindex:{target}")
+        # Under steady writes a round may never come back clean; the rounds after
+        # the switch below take what is left.
+        await self._catch_up_rounds(applier, result, trust_pending=False)
+        await self.catalog.switch_live(self.alias, target)
+        log.info("reindex: writers switched", extra={"collection": target, "retired": live.name})
+        # From here on a pending event will be applied to the new collection by the
+        # new model's daemon, so only what the old daemons acknowledged is left.
+        if not await self._catch_up_rounds(applier, result, trust_pending=True):
+            raise RuntimeError(f"reindex could not catch up {target!r} in {CATCH_UP_ROUNDS} rounds")
+
+        verify = await Reconciler(self.pool, self.qdrant, target, fp.id).run()
+        if verify.drift:
+            raise RuntimeError(f"reindex verification found {verify.drift} drifted chunks: {verify.counts}")
+        result.in_flight = verify.in_flight
+        if verify.in_flight:
+            result.notes.append(f"{verify.in_flight} chunk(s) have events pending for the new model's daemon")
+
+        await sink.point_alias()
+        log.info("reindex: readers switched", extra={"alias": self.alias, "collection": target})
+        result.seconds = round(time.perf_counter() - started, 3)
+        return result
+
+    async def _build(self, applier: Applier, job: str) -> int:
+        """Apply every chunk to the new collection, resuming from the checkpoint."""
+        async with self.pool.connection() as conn:
+            progress = await (await conn.execute(query("scan_progress"), {"job": job})).fetchone()
+        if progress and progress["completed_at"]:
+            return 0
+        after = progress["last_chunk_id"] if progress else None
+        if progress:
+            self.progress(progress["done"])
+        built = 0
+        while True:
+            async with self.pool.connection() as conn:
+                rows = await (
+                    await conn.execute(
+                        query("reconcile_chunks"),
+                        {"after": after, "limit": self.page_size, "source_id": None, "document_id": None},
+                    )
+                ).fetchall()
+            if rows:
+                states = {r["chunk_id"]: ChunkState.from_row(r) for r in rows}
+                applied = await applier.apply(states)
+                if applied.failed:
+                    log.warning("reindex: chunks the daemon cannot write either", extra={"failed": len(applied.failed)})
+                after = rows[-1]["chunk_id"]
+                async with self.pool.connection() as conn:
+                    await conn.execute(query("scan_progress_save"), {"job": job, "last_chunk_id": after, "done": len(rows)})
+                built += len(rows)
+                self.progress(len(rows))
+            if len(rows) < self.page_size:
+                async with self.pool.connection() as conn:
+                    await conn.execute(query("scan_progress_complete"), {"job": job})
+                return built
+
+    async def _catch_up_rounds(self, applier: Applier, result: ReindexResult, *, trust_pending: bool) -> bool:
+        """Reconcile the new collection and apply its drift directly, until a
+        round finds none (True) or the rounds run out (False). Before the switch
+        pending events do not excuse drift: the old model's daemon applies them
+        to the old collection, not to this one."""
+        for _ in range(CATCH_UP_ROUNDS):
+            result.rounds += 1
+            reconciler = Reconciler(
+                self.pool, self.qdrant, applier.sink.collection, applier.model_id, trust_pending=trust_pending
+            )
+            report = await reconciler.run(self._apply_repair(applier))
+            result.caught_up += report.drift
+            if report.drift == 0:
+                return True
+        return False
+
+    def _apply_repair(self, applier: Applier) -> Repair:
+        async def repair(drift: dict[UUID, str]) -> int:
+            async with self.pool.connection() as conn:
+                rows = await (await conn.execute(query("chunk_states"), {"chunk_ids": list(drift)})).fetchall()
+            states = {r["chunk_id"]: ChunkState.from_row(r) for r in rows}
+            await applier.apply({cid: states.get(cid) for cid in drift})
+            return len(drift)
+
+        return repair
+
+
+async def retired_collection(pool: AsyncConnectionPool, alias: str):
+    """The most recently retired collection of the alias (the rollback target)."""
+    retired = [r for r in await Catalog(pool).records(alias) if r.status == "retired"]
+    return max(retired, key=lambda r: r.updated_at) if retired else None
