@@ -54,7 +54,8 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: s
     table = Table(*columns, title=title)
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console().print(table)
+    # Piped output is for grep and scripts: never cut ids to fit 80 columns.
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 @contextlib.asynccontextmanager

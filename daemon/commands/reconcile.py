@@ -58,10 +58,10 @@ def _print(report: ReconcileReport, *, repaired: bool) -> None:
         {"class": kind, "count": report.counts[kind], "examples": ", ".join(report.examples[kind])}
         for kind in KINDS
     ]
-    title = (
+    print(
         f"{report.collection}: {report.chunks} chunks, {report.points} points, "
         f"{report.drift} drifted, {report.in_flight} in flight ({report.seconds:.1f}s)"
     )
-    print_table(rows, ["class", "count", "examples"], title=title)
+    print_table(rows, ["class", "count", "examples"])
     if repaired:
         print(f"repair: {report.repaired} event(s) enqueued; `outboxd run` applies them")
