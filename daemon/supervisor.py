@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential_jitter
 
 from daemon.apply import Applier
 from daemon.config import Settings
@@ -66,6 +66,7 @@ class Daemon:
         self.sink = QdrantSink(self.qdrant, settings.collection)
         self.applier = Applier(self.embedder, self.sink)
         self.outbox: Outbox | None = None
+        self._workers: list[asyncio.Task] = []
 
     # --- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -107,7 +108,7 @@ class Daemon:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(is_transient),
                 wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
-                stop=stop_after_delay(self.settings.startup_timeout),
+                stop=stop_any(stop_after_delay(self.settings.startup_timeout), lambda _: self.stop.is_set()),
                 before_sleep=log_retry,
                 reraise=True,
             ):
@@ -141,7 +142,9 @@ class Daemon:
             self.embedder.close()
 
     # --- running ----------------------------------------------------------------
-    def _install_signals(self, workers: list[asyncio.Task]) -> None:
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT set the stop event (also during start-up, which then
+        ends as soon as it can); a second one cancels the workers at once."""
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: int) -> None:
@@ -150,13 +153,18 @@ class Daemon:
                 self.stop.set()
             else:
                 log.warning("second signal: stopping now, claims released")
-                for t in workers:
+                for t in self._workers:
                     t.cancel()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
 
-    async def run(self, *, drain: bool = False, handle_signals: bool = True) -> int:
+    def remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    async def run(self, *, drain: bool = False) -> int:
         """Run the workers until stopped (or, with drain, until nothing is pending)."""
         s = self.settings
         listener = Listener(self.dsn, f"{s.application_name}:listen"[:63], self.wakeup)
@@ -173,8 +181,7 @@ class Daemon:
             )
             for i in range(s.concurrency)
         ]
-        if handle_signals:
-            self._install_signals(workers)
+        self._workers = workers
         log.info(
             "outboxd running",
             extra={
@@ -208,10 +215,6 @@ class Daemon:
             for t in side_tasks:
                 t.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
-            if handle_signals:
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
             self._log_stats("outboxd stopped")
         return exit_code
 
@@ -245,10 +248,15 @@ class Daemon:
 
 async def run_daemon(settings: Settings, dsn: str, *, drain: bool = False, **parts) -> int:
     daemon = Daemon(settings, dsn, **parts)
+    daemon.install_signals()
     started = time.perf_counter()
     try:
         await daemon.start()
         log.debug("started", extra={"seconds": round(time.perf_counter() - started, 3)})
+        if daemon.stop.is_set():
+            log.info("stopped during start-up; nothing was claimed")
+            return 0
         return await daemon.run(drain=drain)
     finally:
+        daemon.remove_signals()
         await daemon.close()

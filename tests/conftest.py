@@ -90,6 +90,36 @@ def conn(dsn):
 
 
 @pytest.fixture
+async def make_outbox(dsn):
+    """Outbox(worker, lease) on its own pool, as a separate daemon would have."""
+    from daemon.outbox import Outbox
+    from db.pool import make_pool
+
+    pools = []
+
+    async def make(worker: str, lease_seconds: float = 30.0, *, application_name: str | None = None) -> Outbox:
+        pool = make_pool(dsn, application_name=application_name or f"outboxd:{worker}", min_size=1, max_size=3)
+        await pool.open(wait=True)
+        pools.append(pool)
+        return Outbox(pool, worker, lease_seconds)
+
+    yield make
+    for pool in pools:
+        await pool.close()
+
+
+@pytest.fixture
+async def pool(dsn):
+    """An open pool on the test database, for the parts that take one."""
+    from db.pool import make_pool
+
+    p = make_pool(dsn, application_name="outboxd:test", min_size=1, max_size=4)
+    await p.open(wait=True)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
 def collection() -> str:
     return f"chunks_{uuid.uuid4().hex[:8]}"
 

@@ -51,7 +51,7 @@ async def drain(settings, dsn: str, embedder: Embedder, qdrant: AsyncQdrantClien
     daemon = Daemon(settings, dsn, embedder=embedder, qdrant=qdrant)
     await daemon.start()
     try:
-        code = await asyncio.wait_for(daemon.run(drain=True, handle_signals=False), timeout)
+        code = await asyncio.wait_for(daemon.run(drain=True), timeout)
     finally:
         await daemon.close()
     assert code == 0

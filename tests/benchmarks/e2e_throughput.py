@@ -57,7 +57,7 @@ async def pipeline_rate(dsn: str, embedder: Embedder, texts: list[str], settings
                     copy.write_row((did, i, text))
         committed = time.perf_counter()
     try:
-        assert await daemon.run(drain=True, handle_signals=False) == 0
+        assert await daemon.run(drain=True) == 0
         elapsed = time.perf_counter() - committed
     finally:
         await daemon.close()

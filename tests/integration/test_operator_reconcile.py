@@ -15,17 +15,8 @@ from daemon import cli
 from daemon.reconcile import Reconciler, Scope, enqueue_repair
 from daemon.supervisor import Daemon
 from db import migrate
-from db.pool import make_pool
 from tests.conftest import create_database, drop_database
 from tests.support import add_document, assert_converged, drain, outbox_rows
-
-
-@pytest.fixture
-async def pool(dsn):
-    p = make_pool(dsn, application_name="outboxd:test", min_size=1, max_size=2)
-    await p.open(wait=True)
-    yield p
-    await p.close()
 
 
 async def physical(qdrant, alias) -> str:
@@ -96,7 +87,7 @@ async def test_reconcile_against_a_live_daemon_reports_no_false_drift(conn, dsn,
     _, ids = add_document(conn, [f"live chunk {i}" for i in range(150)])
     daemon = Daemon(make_settings(batch_size=8), dsn, embedder=embedder, qdrant=qdrant)
     await daemon.start()
-    run = asyncio.create_task(daemon.run(handle_signals=False))
+    run = asyncio.create_task(daemon.run())
 
     async def writer():
         for round_ in range(6):

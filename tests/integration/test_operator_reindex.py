@@ -19,18 +19,9 @@ from daemon.qdrant_sink import physical_name
 from daemon.reconcile import Reconciler
 from daemon.reindex import Reindexer, retired_collection
 from daemon.supervisor import Daemon
-from db.pool import make_pool
 from tests.support import add_document, assert_converged, drain, outbox_rows
 
 LONG = " ".join(f"token{i}" for i in range(200))  # past 128 tokens: the two settings embed it differently
-
-
-@pytest.fixture
-async def pool(dsn):
-    p = make_pool(dsn, application_name="outboxd:test", min_size=1, max_size=4)
-    await p.open(wait=True)
-    yield p
-    await p.close()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ async def test_reindex_under_concurrent_writes_then_rollback(
     _, ids = add_document(conn, [f"chunk {i} " + (LONG if i % 5 == 0 else "short text") for i in range(60)])
     old = Daemon(old_settings, dsn, embedder=embedder, qdrant=qdrant)
     await old.start()
-    old_run = asyncio.create_task(old.run(handle_signals=False))
+    old_run = asyncio.create_task(old.run())
     for _ in range(300):
         if not outbox_rows(conn):
             break

@@ -15,8 +15,6 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon import cli
 from daemon.commands import status
-from daemon.outbox import Outbox
-from db.pool import make_pool
 from tests.support import add_document, drain, outbox_rows
 
 
@@ -25,21 +23,6 @@ def local_qdrant(monkeypatch):
     """The CLI runs here use Qdrant's local mode on a path, even where QDRANT_URL is set."""
     monkeypatch.delenv("QDRANT_URL", raising=False)
     monkeypatch.delenv("QDRANT_API_KEY", raising=False)
-
-
-@pytest.fixture
-async def make_outbox(dsn):
-    pools = []
-
-    async def make(worker: str, lease_seconds: float) -> Outbox:
-        pool = make_pool(dsn, application_name=f"outboxd:{worker}", min_size=1, max_size=2)
-        await pool.open(wait=True)
-        pools.append(pool)
-        return Outbox(pool, worker, lease_seconds)
-
-    yield make
-    for pool in pools:
-        await pool.close()
 
 
 def event_ids(conn) -> list[int]:

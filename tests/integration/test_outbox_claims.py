@@ -10,28 +10,11 @@ import pytest
 from psycopg.rows import dict_row
 
 from daemon.config import Settings
-from daemon.outbox import Outbox, PendingSummary
-from db.pool import make_pool
+from daemon.outbox import PendingSummary
 from db.queries import query
 from tests.support import add_document, outbox_rows
 
 BACKOFF = dict(backoff_base=10.0, backoff_max=60.0)  # a failed event stays unclaimable for >= 5 s
-
-
-@pytest.fixture
-async def make_outbox(dsn):
-    """Outbox(worker, lease) on its own pool, as a separate daemon would have."""
-    pools = []
-
-    async def make(worker: str, lease_seconds: float = 30.0, *, application_name: str | None = None) -> Outbox:
-        pool = make_pool(dsn, application_name=application_name or f"outboxd:{worker}", min_size=1, max_size=3)
-        await pool.open(wait=True)
-        pools.append(pool)
-        return Outbox(pool, worker, lease_seconds)
-
-    yield make
-    for pool in pools:
-        await pool.close()
 
 
 def event_ids(conn) -> list[int]:

@@ -110,7 +110,7 @@ async def test_two_daemons_share_the_work_under_concurrent_writes(conn, dsn, qdr
     ]
     for d in daemons:
         await d.start()
-    runs = [asyncio.create_task(d.run(handle_signals=False)) for d in daemons]
+    runs = [asyncio.create_task(d.run()) for d in daemons]
     try:
         for round_ in range(5):
             with conn.transaction():
@@ -182,7 +182,7 @@ async def test_qdrant_outage_is_retried_without_counting_attempts(conn, dsn, qdr
     await daemon.start()
     flaky.down = True
     add_document(conn, [f"written during the outage {i}" for i in range(30)])
-    run = asyncio.create_task(daemon.run(handle_signals=False))
+    run = asyncio.create_task(daemon.run())
     try:
         await wait_until(lambda: flaky.failures >= 3)
         rows = outbox_rows(conn)
@@ -204,7 +204,7 @@ async def test_postgres_outage_ends_in_convergence(conn, dsn, qdrant, collection
     dbname = conn.info.dbname
     daemon = Daemon(make_settings(), dsn, embedder=embedder, qdrant=qdrant)
     await daemon.start()
-    run = asyncio.create_task(daemon.run(handle_signals=False))
+    run = asyncio.create_task(daemon.run())
     admin = psycopg.connect(dsn, autocommit=True, dbname="postgres")
     try:
         add_document(conn, [f"before the outage {i}" for i in range(10)])
