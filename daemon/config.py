@@ -69,7 +69,12 @@ class Settings(BaseSettings):
         None, ge=8, description="Tokens the model reads per text (default: the model's own window); longer text is cut."
     )
     normalize: bool = Field(True, description="Normalise vectors to unit length (cosine distance either way).")
-    embed_batch_size: int = Field(64, ge=1, description="Texts per model.encode call.")
+    embed_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Texts per forward pass (default: 8 on CPU, where padding a batch to its longest "
+        "text costs more than batching saves; 64 on a GPU).",
+    )
     embed_cache_size: int = Field(
         10_000, ge=0, description="Embeddings kept in memory by content hash (identical text is encoded once)."
     )

@@ -146,9 +146,7 @@ class Embedder:
                 missing[h] = text
         if missing:
             loop = asyncio.get_running_loop()
-            started = time.perf_counter()
             fresh = await loop.run_in_executor(self._executor, self._encode, list(missing.values()))
-            self.encode_seconds += time.perf_counter() - started
             self.encoded += len(missing)
             for h, emb in zip(missing, fresh):
                 out[h] = emb
@@ -163,10 +161,25 @@ class Embedder:
         if len(self._cache) > size:
             self._cache.popitem(last=False)
 
+    @property
+    def batch_size(self) -> int:
+        if self._settings.embed_batch_size:
+            return self._settings.embed_batch_size
+        return 8 if str(self._model.device).startswith("cpu") else 64
+
     def _encode(self, texts: list[str]) -> list[Embedding]:
+        started = time.perf_counter()  # timed here: not the wait for the encode thread
+        try:
+            return self._encode_now(texts)
+        finally:
+            self.encode_seconds += time.perf_counter() - started
+
+    def _encode_now(self, texts: list[str]) -> list[Embedding]:
+        # encode() sorts the texts by length before batching, so small batches
+        # also keep padding (wasted work on CPU) low.
         vectors = self._model.encode(
             texts,
-            batch_size=self._settings.embed_batch_size,
+            batch_size=self.batch_size,
             normalize_embeddings=self._settings.normalize,
             convert_to_numpy=True,
             show_progress_bar=False,
