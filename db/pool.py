@@ -1,8 +1,13 @@
 """The connection pool every daemon query goes through."""
 from __future__ import annotations
 
+import orjson
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
+
+# jsonb (metadata) is parsed for every chunk the daemon and reconcile read.
+set_json_loads(orjson.loads)
 
 
 def make_pool(dsn: str, *, application_name: str, min_size: int, max_size: int) -> AsyncConnectionPool:

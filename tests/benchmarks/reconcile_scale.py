@@ -1,0 +1,121 @@
+"""Reconcile rate and memory at growing sizes.
+
+    python -m tests.benchmarks.reconcile_scale [--sizes 10000 50000 100000] [--out reconcile.json]
+
+For each size N: N chunks in a real PostgreSQL (pgserver) and N matching points
+in Qdrant local mode (in memory; vectors are random, since reconcile compares
+ids, hashes and payloads, never vectors), then one full `Reconciler.run()`.
+Reports chunks/s and the peak of Python memory allocated during the run
+(tracemalloc): flat in N is the claim, since both sides are streamed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import orjson
+import psycopg
+from qdrant_client import AsyncQdrantClient, models
+
+from daemon.chunk_state import ChunkState
+from daemon.embedder import ModelFingerprint
+from daemon.qdrant_sink import QdrantSink
+from daemon.reconcile import Reconciler
+from db import migrate
+from db.pool import make_pool
+
+FINGERPRINT = ModelFingerprint("bench/model", 8, True, 256)
+
+
+def populate(dsn: str, n: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE sources CASCADE")
+        conn.execute("ALTER TABLE chunks DISABLE TRIGGER USER")  # the outbox is not under test here
+        sid = conn.execute("INSERT INTO sources (source_type) VALUES ('api') RETURNING id").fetchone()[0]
+        did = conn.execute("INSERT INTO documents (source_id, title) VALUES (%s, 'bench') RETURNING id", (sid,)).fetchone()[0]
+        with conn.cursor().copy("COPY chunks (document_id, chunk_index, text, search_vector) FROM STDIN") as copy:
+            for i in range(n):
+                copy.write_row((did, i, f"chunk number {i} of the reconcile benchmark", ""))
+        conn.execute("ALTER TABLE chunks ENABLE TRIGGER USER")
+
+
+async def load_points(dsn: str, client: AsyncQdrantClient, collection: str) -> None:
+    rng = random.Random(1)
+    sink = QdrantSink(client, collection)
+    sink.collection = collection
+    await sink.create_physical(FINGERPRINT)
+    with psycopg.connect(dsn, row_factory=psycopg.rows.dict_row) as conn:
+        cur = conn.cursor(name="all_chunks")
+        cur.execute(
+            "SELECT chunk_id, document_id, source_id, chunk_index, text, token_count, content_hash, metadata, "
+            "title, url, document_type, state_hash FROM outboxd.chunk_state"
+        )
+        while rows := cur.fetchmany(5000):
+            points = [
+                models.PointStruct(
+                    id=str(r["chunk_id"]),
+                    vector=[rng.random() for _ in range(FINGERPRINT.dimension)],
+                    payload={**ChunkState.from_row(r).payload(FINGERPRINT.id), "truncated": False},
+                )
+                for r in rows
+            ]
+            await client.upsert(collection, points, wait=True)
+
+
+async def measure(dsn: str, n: int) -> dict:
+    populate(dsn, n)
+    client = AsyncQdrantClient(location=":memory:")
+    collection = f"bench_{n}"
+    await load_points(dsn, client, collection)
+    pool = make_pool(dsn, application_name="outboxd:bench", min_size=1, max_size=2)
+    await pool.open(wait=True)
+    try:
+        tracemalloc.start()
+        started = time.perf_counter()
+        report = await Reconciler(pool, client, collection, FINGERPRINT.id).run()
+        seconds = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        await pool.close()
+        await client.close()
+    assert report.chunks == n and report.points == n and report.drift == 0, report.as_dict()
+    return {
+        "chunks": n,
+        "seconds": round(seconds, 2),
+        "chunks_per_s": round(n / seconds),
+        "peak_python_mib_during_run": round(peak / 2**20, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
+    parser.add_argument("--out", type=Path, default=Path("reconcile.json"))
+    args = parser.parse_args()
+
+    import pgserver
+
+    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="outboxd-bench-pg-")), cleanup_mode="delete")
+    dsn = server.get_uri()
+    migrate.upgrade(dsn)
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores",
+        "qdrant": "local mode, in memory",
+        "runs": [asyncio.run(measure(dsn, n)) for n in args.sizes],
+    }
+    text = orjson.dumps(results, option=orjson.OPT_INDENT_2).decode()
+    args.out.write_text(text)
+    print(text)
+    server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
