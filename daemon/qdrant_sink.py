@@ -101,11 +101,13 @@ class QdrantSink:
             await self.client.update_collection(self.collection, metadata={FINGERPRINT_KEY: fingerprint.as_dict()})
             return
         if recorded != fingerprint:
+            window = f" OUTBOXD_MAX_SEQ_LENGTH={recorded.max_seq_length}" if recorded.max_seq_length else ""
             raise ModelMismatchError(
                 f"Qdrant collection {self.alias!r} holds vectors of {recorded}, but outboxd is "
-                f"configured with {fingerprint}. Mixing them would make search meaningless. Set "
-                f"OUTBOXD_MODEL={recorded.name} to keep this collection, or set OUTBOXD_COLLECTION to a "
-                "new name to build a collection for the new model from PostgreSQL."
+                f"configured with {fingerprint}. Mixing them would make search meaningless. To keep this "
+                f"collection, set OUTBOXD_MODEL={recorded.name}{window} OUTBOXD_NORMALIZE={recorded.normalized}; "
+                "to move to the new model without downtime, run `outboxd reindex` with the new settings; "
+                "or set OUTBOXD_COLLECTION to a new name to build a separate collection from PostgreSQL."
             )
 
     async def point_alias(self) -> None:

@@ -30,6 +30,11 @@ from daemon.errors import InvalidChunkError
 from db.queries import query
 
 KINDS = ("missing", "orphaned", "stale", "wrong_model")
+# Points per scroll request. A Qdrant server pages through an index; qdrant-client's
+# local mode sorts every point and walks to the offset on each request, so with it
+# fewer, larger pages are far faster (at the cost of holding one page in memory).
+SERVER_QDRANT_PAGE = 4096
+LOCAL_QDRANT_PAGE = 25_000
 EXAMPLES = 5
 CONFIRM_BATCH = 256
 
@@ -121,7 +126,7 @@ class Reconciler:
         *,
         scope: Scope = Scope(),
         page_size: int = 2000,
-        qdrant_page_size: int = 4096,
+        qdrant_page_size: int = SERVER_QDRANT_PAGE,
         trust_pending: bool = True,
     ) -> None:
         self.pool = pool

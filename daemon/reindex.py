@@ -32,7 +32,7 @@ from daemon.chunk_state import ChunkState
 from daemon.embedder import Embedder
 from daemon.errors import ConfigError
 from daemon.qdrant_sink import QdrantSink, physical_name
-from daemon.reconcile import Reconciler, Repair
+from daemon.reconcile import SERVER_QDRANT_PAGE, Reconciler, Repair
 from db.queries import query
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Reindexer:
         embedder: Embedder,
         *,
         page_size: int = 256,
+        qdrant_page_size: int = SERVER_QDRANT_PAGE,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         self.pool = pool
@@ -74,6 +75,7 @@ class Reindexer:
         self.alias = alias
         self.embedder = embedder
         self.page_size = page_size
+        self.qdrant_page_size = qdrant_page_size
         self.progress = progress or (lambda n: None)
         self.catalog = Catalog(pool)
 
@@ -110,7 +112,7 @@ class Reindexer:
         if not await self._catch_up_rounds(applier, result, trust_pending=True):
             raise RuntimeError(f"reindex could not catch up {target!r} in {CATCH_UP_ROUNDS} rounds")
 
-        verify = await Reconciler(self.pool, self.qdrant, target, fp.id).run()
+        verify = await Reconciler(self.pool, self.qdrant, target, fp.id, qdrant_page_size=self.qdrant_page_size).run()
         if verify.drift:
             raise RuntimeError(f"reindex verification found {verify.drift} drifted chunks: {verify.counts}")
         result.in_flight = verify.in_flight
@@ -163,7 +165,12 @@ class Reindexer:
         for _ in range(CATCH_UP_ROUNDS):
             result.rounds += 1
             reconciler = Reconciler(
-                self.pool, self.qdrant, applier.sink.collection, applier.model_id, trust_pending=trust_pending
+                self.pool,
+                self.qdrant,
+                applier.sink.collection,
+                applier.model_id,
+                trust_pending=trust_pending,
+                qdrant_page_size=self.qdrant_page_size,
             )
             report = await reconciler.run(self._apply_repair(applier))
             result.caught_up += report.drift

@@ -7,7 +7,15 @@ from uuid import UUID
 
 from daemon.commands.common import live_collection, open_services, print_json, print_table, progress_bar
 from daemon.errors import EXIT_FAILURE, EXIT_OK
-from daemon.reconcile import KINDS, Reconciler, ReconcileReport, Scope, enqueue_repair
+from daemon.reconcile import (
+    KINDS,
+    LOCAL_QDRANT_PAGE,
+    SERVER_QDRANT_PAGE,
+    Reconciler,
+    ReconcileReport,
+    Scope,
+    enqueue_repair,
+)
 
 
 def register(sub, parents) -> None:
@@ -46,6 +54,7 @@ async def _reconcile(args, settings) -> ReconcileReport:
             fingerprint.id,
             scope=Scope(source_id=args.source, document_id=args.document),
             page_size=args.page_size,
+            qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant_url else LOCAL_QDRANT_PAGE,
         )
         tty = sys.stderr.isatty() and not args.json
         total = await reconciler.count_chunks() if tty else None

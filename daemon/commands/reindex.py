@@ -8,7 +8,7 @@ import sys
 from daemon.commands.common import open_services, print_json, progress_bar
 from daemon.embedder import Embedder
 from daemon.errors import EXIT_OK, EXIT_USAGE, ConfigError
-from daemon.reconcile import count_chunks
+from daemon.reconcile import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
 from daemon.reindex import Reindexer, retired_collection
 
 
@@ -69,7 +69,13 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
             total = await count_chunks(pool) if tty else None
             with progress_bar(total, "building", tty) as advance:
                 return await Reindexer(
-                    pool, client, settings.collection, embedder, page_size=page_size, progress=advance
+                    pool,
+                    client,
+                    settings.collection,
+                    embedder,
+                    page_size=page_size,
+                    qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant_url else LOCAL_QDRANT_PAGE,
+                    progress=advance,
                 ).run()
         finally:
             embedder.close()

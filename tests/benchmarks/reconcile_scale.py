@@ -26,7 +26,7 @@ from qdrant_client import AsyncQdrantClient, models
 from daemon.chunk_state import ChunkState
 from daemon.embedder import ModelFingerprint
 from daemon.qdrant_sink import QdrantSink
-from daemon.reconcile import Reconciler
+from daemon.reconcile import LOCAL_QDRANT_PAGE, Reconciler
 from db import migrate
 from db.pool import make_pool
 
@@ -68,7 +68,7 @@ async def load_points(dsn: str, client: AsyncQdrantClient, collection: str) -> N
             await client.upsert(collection, points, wait=True)
 
 
-async def measure(dsn: str, n: int) -> dict:
+async def measure(dsn: str, n: int, qdrant_page_size: int) -> dict:
     populate(dsn, n)
     client = AsyncQdrantClient(location=":memory:")
     collection = f"bench_{n}"
@@ -78,7 +78,7 @@ async def measure(dsn: str, n: int) -> dict:
     try:
         tracemalloc.start()
         started = time.perf_counter()
-        report = await Reconciler(pool, client, collection, FINGERPRINT.id).run()
+        report = await Reconciler(pool, client, collection, FINGERPRINT.id, qdrant_page_size=qdrant_page_size).run()
         seconds = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -88,6 +88,7 @@ async def measure(dsn: str, n: int) -> dict:
     assert report.chunks == n and report.points == n and report.drift == 0, report.as_dict()
     return {
         "chunks": n,
+        "qdrant_page_size": qdrant_page_size,
         "seconds": round(seconds, 2),
         "chunks_per_s": round(n / seconds),
         "peak_python_mib_during_run": round(peak / 2**20, 1),
@@ -97,6 +98,7 @@ async def measure(dsn: str, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
+    parser.add_argument("--qdrant-page-size", type=int, default=LOCAL_QDRANT_PAGE)
     parser.add_argument("--out", type=Path, default=Path("reconcile.json"))
     args = parser.parse_args()
 
@@ -109,7 +111,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} cores",
         "qdrant": "local mode, in memory",
-        "runs": [asyncio.run(measure(dsn, n)) for n in args.sizes],
+        "runs": [asyncio.run(measure(dsn, n, args.qdrant_page_size)) for n in args.sizes],
     }
     text = orjson.dumps(results, option=orjson.OPT_INDENT_2).decode()
     args.out.write_text(text)
