@@ -153,6 +153,13 @@ class Embedder:
                 self._remember(h, emb)
         return out, len(missing)
 
+    async def embed_query(self, text: str) -> list[float]:
+        """The vector of one search query, on the encode thread; neither cached
+        nor counted with the chunks the daemon embeds."""
+        loop = asyncio.get_running_loop()
+        (emb,) = await loop.run_in_executor(self._executor, self._encode_now, [text])
+        return emb.vector
+
     def _remember(self, h: str, emb: Embedding) -> None:
         size = self._settings.embed_cache_size
         if size <= 0:

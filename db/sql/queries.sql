@@ -317,3 +317,35 @@ checkpoint AS (
 SELECT (SELECT count(*) FROM page) AS scanned,
        (SELECT id FROM last) AS last_id,
        (SELECT count(*) FROM enqueued) AS enqueued;
+
+-- search_keyword --
+-- Hybrid search, keyword side: the best full-text matches of the query
+-- (websearch syntax: quoted phrases, or, -exclusion; other words all required)
+-- among the chunks that pass the filters. A NULL filter is no filter; metadata
+-- matches by containment (every given key has the given value).
+SELECT c.id AS chunk_id,
+       ts_rank(c.search_vector, websearch_to_tsquery('english', %(query)s)) AS rank
+FROM public.chunks c
+JOIN public.documents d ON d.id = c.document_id
+WHERE c.search_vector @@ websearch_to_tsquery('english', %(query)s)
+  AND (%(source_id)s::uuid IS NULL OR d.source_id = %(source_id)s::uuid)
+  AND (%(document_id)s::uuid IS NULL OR c.document_id = %(document_id)s::uuid)
+  AND (%(document_type)s::text IS NULL OR d.document_type = %(document_type)s::text)
+  AND (%(metadata)s::jsonb IS NULL OR c.metadata @> %(metadata)s::jsonb)
+ORDER BY rank DESC, c.id
+LIMIT %(limit)s;
+
+-- search_hits --
+-- Hybrid search, the last word: what PostgreSQL holds now for the fused
+-- candidates. A chunk deleted since Qdrant indexed it, emptied, or no longer
+-- passing the filters is not returned, and the text is the current one.
+SELECT c.id AS chunk_id, c.document_id, d.source_id, d.title, d.url, d.document_type,
+       c.chunk_index, c.text
+FROM public.chunks c
+JOIN public.documents d ON d.id = c.document_id
+WHERE c.id = ANY(%(chunk_ids)s::uuid[])
+  AND c.text ~ '[^[:space:]]'
+  AND (%(source_id)s::uuid IS NULL OR d.source_id = %(source_id)s::uuid)
+  AND (%(document_id)s::uuid IS NULL OR c.document_id = %(document_id)s::uuid)
+  AND (%(document_type)s::text IS NULL OR d.document_type = %(document_type)s::text)
+  AND (%(metadata)s::jsonb IS NULL OR c.metadata @> %(metadata)s::jsonb);

@@ -1,0 +1,352 @@
+"""Hybrid retrieval over the converged collection: semantic (Qdrant) and
+keyword (PostgreSQL full text) candidates, fused into one ranking, answered
+with PostgreSQL's current text.
+
+    from daemon.search import SearchFilters, hybrid_search
+
+    hits = await hybrid_search(pool, qdrant, "chunks", embedder, "how do I retry a deadlock",
+                               limit=5, filters=SearchFilters(document_type="guide"))
+    for hit in hits:
+        print(f"{hit.score:.3f} {hit.title}: {hit.text[:80]}")
+
+`pool` is a psycopg_pool.AsyncConnectionPool on the content database,
+`qdrant` an AsyncQdrantClient, "chunks" the collection alias
+(OUTBOXD_COLLECTION) and `embedder` a loaded daemon.embedder.Embedder
+configured like the daemon that writes the collection.
+
+1. The query is embedded with the collection's own model: the embedder's
+   fingerprint must equal the one the collection records (ModelMismatchError,
+   a ConfigError, otherwise; vectors of two models are not comparable).
+2. Qdrant returns the `candidates` nearest points of the collection the alias
+   points at (resolved per call, so a reindex switch is followed), and
+   PostgreSQL the `candidates` best full-text matches (websearch_to_tsquery
+   over chunks.search_vector, ranked with ts_rank), both under the filters.
+3. The two ranked lists are fused: "weighted" min-max normalises each list's
+   scores to [0, 1] and adds them with weights vector_weight and
+   1 - vector_weight (a chunk missing from a list scores 0 there); "rrf"
+   (reciprocal rank fusion) adds 1 / (60 + rank) from each list.
+4. The fused candidates are read from PostgreSQL as they are now: a chunk
+   deleted or emptied since Qdrant indexed it, or no longer passing the
+   filters, is dropped (the next candidate takes its place), and every hit
+   carries the current text, title and url, never a stale copy.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+from uuid import UUID
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from qdrant_client import models
+
+from daemon.errors import ConfigError, ModelMismatchError
+from daemon.qdrant_sink import QdrantSink
+from db import queries
+
+RRF_K = 60
+FUSIONS = ("weighted", "rrf")
+Fusion = Literal["weighted", "rrf"]
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Restrict both searches (and the final answer) to chunks of one source,
+    one document, one document_type, and/or with chunk metadata key == value.
+    A dotted metadata key ("a.b") names a nested object's field. Values are
+    JSON scalars: strings, numbers (1 matches 1.0) and booleans."""
+
+    source_id: UUID | None = None
+    document_id: UUID | None = None
+    document_type: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # chunk metadata key == value
+
+    def __post_init__(self) -> None:
+        for key, value in self.metadata.items():
+            if not isinstance(key, str) or not all(key.split(".")) or any(c in key for c in "[]"):
+                raise ValueError(f"metadata filter key {key!r}: use a field name, or a dotted path like a.b")
+            if not isinstance(value, (str, int, float, bool)) or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(
+                    f"metadata filter {key}: {value!r} is not a string, number or boolean"
+                )
+        self._nested_metadata()  # refuses contradictory keys such as "a" and "a.b"
+
+    def _nested_metadata(self) -> dict[str, Any]:
+        nested: dict[str, Any] = {}
+        for key, value in self.metadata.items():
+            *parents, leaf = key.split(".")
+            node = nested
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"metadata filter {key!r} contradicts a filter on {part!r}")
+            if leaf in node:
+                raise ValueError(f"metadata filter {key!r} contradicts another filter on the same field")
+            node[leaf] = value
+        return nested
+
+    def sql_params(self) -> dict[str, Any]:
+        """The filter parameters of the search_keyword and search_hits queries."""
+        return {
+            "source_id": self.source_id,
+            "document_id": self.document_id,
+            "document_type": self.document_type,
+            "metadata": Jsonb(self._nested_metadata()) if self.metadata else None,
+        }
+
+    def qdrant_filter(self) -> models.Filter | None:
+        """The same restriction on the points' payload (see chunk_state.ChunkState.payload)."""
+        must: list[models.FieldCondition] = []
+        if self.source_id is not None:
+            must.append(_match("source_id", str(self.source_id)))
+        if self.document_id is not None:
+            must.append(_match("document_id", str(self.document_id)))
+        if self.document_type is not None:
+            must.append(_match("document_type", self.document_type))
+        for key, value in self.metadata.items():
+            must.append(_match(f"metadata.{key}", value))
+        return models.Filter(must=must) if must else None
+
+
+def _match(key: str, value: Any) -> models.FieldCondition:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # A range, not a keyword match, so that 1 and 1.0 are equal, as in jsonb.
+        return models.FieldCondition(key=key, range=models.Range(gte=value, lte=value))
+    return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: UUID
+    document_id: UUID
+    source_id: UUID
+    title: str
+    url: str | None
+    document_type: str | None
+    chunk_index: int
+    text: str  # current text from PostgreSQL
+    score: float
+    vector_rank: int | None  # 1-based rank in the semantic candidates, None if absent
+    keyword_rank: int | None  # 1-based rank in the full-text candidates, None if absent
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("chunk_id", "document_id", "source_id"):
+            d[key] = str(d[key])
+        return d
+
+
+# --- fusion: pure functions over ranked lists ------------------------------------------------
+@dataclass(frozen=True)
+class Fused:
+    id: Hashable
+    score: float
+    vector_rank: int | None
+    keyword_rank: int | None
+
+
+def normalise(scores: Sequence[float]) -> list[float]:
+    """Min-max to [0, 1]: the best becomes 1.0 and the worst 0.0. A list whose
+    scores are all equal (a single element, say) is all 1.0: each is the best."""
+    if not scores:
+        return []
+    low, high = min(scores), max(scores)
+    if high == low:
+        return [1.0] * len(scores)
+    return [(s - low) / (high - low) for s in scores]
+
+
+def _ranks(ids: Sequence[Hashable]) -> dict[Hashable, int]:
+    """1-based rank of each id, best first; a repeated id keeps its best rank."""
+    ranks: dict[Hashable, int] = {}
+    for rank, id_ in enumerate(ids, start=1):
+        ranks.setdefault(id_, rank)
+    return ranks
+
+
+def _ordered(scores: dict[Hashable, float], vrank: dict, krank: dict) -> list[Fused]:
+    def key(id_):
+        ranks = [r for r in (vrank.get(id_), krank.get(id_)) if r is not None]
+        return (-scores[id_], min(ranks), str(id_))
+
+    return [Fused(i, scores[i], vrank.get(i), krank.get(i)) for i in sorted(scores, key=key)]
+
+
+def weighted_fusion(
+    vector: Sequence[tuple[Hashable, float]],
+    keyword: Sequence[tuple[Hashable, float]],
+    vector_weight: float = 0.7,
+) -> list[Fused]:
+    """Weighted score fusion of two ranked (id, score) lists, best first:
+    w * normalised vector score + (1 - w) * normalised keyword score, a side
+    where the id is absent counting 0. Ties go to the better rank."""
+    _check_weight(vector_weight)
+    vector, keyword = _dedupe(vector), _dedupe(keyword)
+    vnorm = dict(zip((i for i, _ in vector), normalise([s for _, s in vector])))
+    knorm = dict(zip((i for i, _ in keyword), normalise([s for _, s in keyword])))
+    scores = {
+        i: vector_weight * vnorm.get(i, 0.0) + (1.0 - vector_weight) * knorm.get(i, 0.0)
+        for i in {**vnorm, **knorm}
+    }
+    return _ordered(scores, _ranks([i for i, _ in vector]), _ranks([i for i, _ in keyword]))
+
+
+def rrf_fusion(vector: Sequence[Hashable], keyword: Sequence[Hashable], k: int = RRF_K) -> list[Fused]:
+    """Reciprocal rank fusion of two ranked id lists, best first: the sum over
+    the lists an id appears in of 1 / (k + rank). Scores are ignored."""
+    vrank, krank = _ranks(vector), _ranks(keyword)
+    scores = {i: sum(1.0 / (k + r[i]) for r in (vrank, krank) if i in r) for i in {**vrank, **krank}}
+    return _ordered(scores, vrank, krank)
+
+
+def fuse(
+    vector: Sequence[tuple[Hashable, float]],
+    keyword: Sequence[tuple[Hashable, float]],
+    *,
+    fusion: Fusion = "weighted",
+    vector_weight: float = 0.7,
+) -> list[Fused]:
+    """Fuse two ranked (id, score) lists with the chosen method."""
+    if fusion == "weighted":
+        return weighted_fusion(vector, keyword, vector_weight)
+    if fusion == "rrf":
+        return rrf_fusion([i for i, _ in vector], [i for i, _ in keyword])
+    raise ValueError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSIONS)}")
+
+
+def _dedupe(pairs: Sequence[tuple[Hashable, float]]) -> list[tuple[Hashable, float]]:
+    seen: set = set()
+    out = []
+    for id_, score in pairs:
+        if id_ not in seen:
+            seen.add(id_)
+            out.append((id_, float(score)))
+    return out
+
+
+def _check_weight(w: float) -> None:
+    if not (0.0 <= w <= 1.0):
+        raise ValueError(f"vector_weight must be between 0 and 1, not {w}")
+
+
+# --- the search -----------------------------------------------------------------------------
+async def check_model(qdrant, alias: str, embedder) -> str:
+    """The physical collection behind `alias`, after checking that its vectors
+    were made by the embedder's model; ModelMismatchError otherwise."""
+    configured = embedder.fingerprint
+    if configured is None:
+        raise RuntimeError("the embedder is not loaded: await embedder.load() first")
+    sink = QdrantSink(qdrant, alias)
+    collection = await sink.resolve()
+    if collection is None:
+        raise ConfigError(
+            f"there is no Qdrant collection {alias!r} to search: start the daemon (`outboxd run`) once, "
+            "or check OUTBOXD_COLLECTION and QDRANT_URL"
+        )
+    sink.collection = collection
+    recorded = await sink.recorded_fingerprint()
+    if recorded is None:
+        raise ConfigError(
+            f"Qdrant collection {alias!r} ({collection}) records no outboxd model fingerprint, so the "
+            "model that made its vectors is unknown and a query vector cannot be matched to them"
+        )
+    if recorded != configured:
+        raise ModelMismatchError(_mismatch_message(alias, collection, recorded, configured))
+    return collection
+
+
+def _mismatch_message(alias: str, collection: str, recorded, configured) -> str:
+    fixes = []
+    if recorded.name != configured.name:
+        fixes.append(f"OUTBOXD_MODEL={recorded.name} (--model)")
+    if recorded.max_seq_length != configured.max_seq_length and recorded.max_seq_length:
+        fixes.append(f"OUTBOXD_MAX_SEQ_LENGTH={recorded.max_seq_length} (--max-seq-length)")
+    if recorded.normalized != configured.normalized:
+        fixes.append(f"OUTBOXD_NORMALIZE={recorded.normalized} (--normalize)")
+    set_these = " and ".join(fixes) or "the model settings the collection records"
+    return (
+        f"cannot search Qdrant collection {alias!r} ({collection}): it holds vectors of {recorded}, "
+        f"but the query would be embedded with {configured}, and vectors of different models are not "
+        f"comparable. Set {set_these} to search this collection, or rebuild it for the configured "
+        "model with `outboxd reindex`."
+    )
+
+
+async def hybrid_search(
+    pool,
+    qdrant,
+    alias: str,
+    embedder,
+    query: str,
+    *,
+    limit: int = 10,
+    candidates: int = 50,
+    fusion: Fusion = "weighted",
+    vector_weight: float = 0.7,
+    filters: SearchFilters = SearchFilters(),
+) -> list[Hit]:
+    """The best `limit` chunks for `query`, fused from the `candidates` best
+    of each search (see the module documentation). Raises ModelMismatchError
+    when the embedder's model is not the collection's, ConfigError when there
+    is no collection, ValueError for an empty query or a bad argument."""
+    if not query or not query.strip():
+        raise ValueError("the search query is empty")
+    if limit < 1 or candidates < 1:
+        raise ValueError("limit and candidates must be at least 1")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSIONS)}")
+    _check_weight(vector_weight)
+    candidates = max(candidates, limit)
+
+    collection = await check_model(qdrant, alias, embedder)
+    vector, keyword = await asyncio.gather(
+        _vector_candidates(qdrant, collection, embedder, query, candidates, filters),
+        _keyword_candidates(pool, query, candidates, filters),
+    )
+    fused = fuse(vector, keyword, fusion=fusion, vector_weight=vector_weight)
+    current = await _current_chunks(pool, [f.id for f in fused], filters)
+    hits: list[Hit] = []
+    for f in fused:
+        row = current.get(f.id)
+        if row is None:  # deleted, emptied or no longer matching since it was indexed
+            continue
+        hits.append(Hit(**row, score=f.score, vector_rank=f.vector_rank, keyword_rank=f.keyword_rank))
+        if len(hits) == limit:
+            break
+    return hits
+
+
+async def _vector_candidates(qdrant, collection, embedder, query, candidates, filters) -> list[tuple[UUID, float]]:
+    vector = await embedder.embed_query(query)
+    response = await qdrant.query_points(
+        collection,
+        query=vector,
+        query_filter=filters.qdrant_filter(),
+        limit=candidates,
+        with_payload=False,
+        with_vectors=False,
+    )
+    out = []
+    for point in response.points:
+        try:
+            out.append((UUID(str(point.id)), float(point.score)))
+        except ValueError:  # not a chunk id: a point outboxd did not write
+            continue
+    return out
+
+
+async def _keyword_candidates(pool, query, candidates, filters) -> list[tuple[UUID, float]]:
+    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(queries.query("search_keyword"), {**filters.sql_params(), "query": query, "limit": candidates})
+        return [(r["chunk_id"], float(r["rank"])) for r in await cur.fetchall()]
+
+
+async def _current_chunks(pool, ids: list[UUID], filters) -> dict[UUID, dict[str, Any]]:
+    if not ids:
+        return {}
+    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(queries.query("search_hits"), {**filters.sql_params(), "chunk_ids": ids})
+        return {r["chunk_id"]: r for r in await cur.fetchall()}
