@@ -106,6 +106,8 @@ class Worker:
                 outage = min(outage * 2, 30.0)
                 continue
             await self.process(events)
+            if self.drain:  # let the other workers see at once whether anything is left
+                self.wakeup.fire()
 
     async def process(self, events: list[Event]) -> None:
         ids = [e.id for e in events]
