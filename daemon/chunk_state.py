@@ -47,7 +47,8 @@ class ChunkState:
             raise InvalidChunkError(
                 f"chunk {self.chunk_id}: metadata is a JSON {type(metadata).__name__}, but the Qdrant "
                 "payload needs an object so readers can filter on metadata.<key>; store an object "
-                "(e.g. {\"items\": [...]}) and retry the dead letter (outboxd dead-letters retry)"
+                "(e.g. {\"items\": [...]}); the fix itself re-applies the chunk, or run "
+                "`outboxd dead-letters retry --error metadata`"
             )
         return {
             "document_id": str(self.document_id),
