@@ -12,13 +12,53 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def _default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class _SecretFileError(str):
+    """A *_FILE problem, carried to the field validator so that it surfaces as an
+    ordinary invalid setting (exit 78) naming the variable and path, never content."""
+
+
+class SecretFileSource(PydanticBaseSettingsSource):
+    """Every secret setting is also read from the file named by <ENV>_FILE
+    (DATABASE_URL_FILE, QDRANT_API_KEY_FILE, OUTBOXD_DATABASE_URL_FILE, ...): the
+    Kubernetes secret-file convention, surrounding whitespace stripped. Setting
+    a secret both directly and as a file is an error, not a silent choice."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, object]:
+        values: dict[str, object] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            if field.annotation != SecretStr | None or field.validation_alias is None:
+                continue
+            direct = [a for a in field.validation_alias.choices if isinstance(a, str) and a.isupper()]
+            files = [f"{a}_FILE" for a in direct if os.environ.get(f"{a}_FILE")]
+            given = [a for a in direct if os.environ.get(a)]
+            if not files:
+                continue
+            key = direct[0]  # the key the init and env sources use for this field
+            if len(files) + len(given) > 1:
+                both = "both" if len(files) + len(given) == 2 else "all"
+                values[key] = _SecretFileError(f"{' and '.join(given + files)} are {both} set; set only one")
+                continue
+            path = os.environ[files[0]]
+            try:
+                secret = Path(path).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                values[key] = _SecretFileError(f"cannot read {files[0]}={path}: {why}")
+                continue
+            values[key] = secret or _SecretFileError(f"{files[0]}={path} is an empty file")
+        return values
 
 
 class Settings(BaseSettings):
@@ -113,6 +153,19 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="auto: text on a terminal, JSON lines otherwise."
     )
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # Flags first (they win), then *_FILE before the environment, so that a
+        # conflict between a variable and its *_FILE is reported, not resolved.
+        return init_settings, SecretFileSource(settings_cls), env_settings, dotenv_settings, file_secret_settings
+
+    @field_validator("database_url", "qdrant_api_key", mode="before")
+    @classmethod
+    def _secret_file_problem(cls, v: object) -> object:
+        if isinstance(v, _SecretFileError):
+            raise ValueError(str(v))
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
