@@ -1,0 +1,3 @@
+from tests.benchmarks.harness import main
+
+main()
