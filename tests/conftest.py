@@ -44,12 +44,20 @@ def drop_database(base_dsn: str, name: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_server() -> str:
-    """DSN of a server the tests may create databases on."""
+    """DSN of a server the tests may create databases on: DATABASE_URL, else a
+    throwaway pgserver PostgreSQL, else (no pgserver wheel) testcontainers."""
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
-    import pgserver
+    try:
+        import pgserver
+    except ImportError:  # pgserver has no wheel for this platform: a container, where Docker runs
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16") as pg:
+            yield pg.get_connection_url(driver=None)
+        return
 
     # Not under pytest's tmp_path: a concurrent pytest run prunes old numbered
     # folders there, which would pull the data directory from under the server.
