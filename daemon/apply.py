@@ -41,18 +41,20 @@ class ApplyResult:
     deleted: int = 0
     unchanged: int = 0
     embedded: int = 0
+    reused: int = 0  # vectors of identical text found in Qdrant instead of encoded
 
     def merge(self, other: "ApplyResult") -> None:
         self.written.update(other.written)
         self.failed.update(other.failed)
-        for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded"):
+        for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded", "reused"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class Applier:
-    def __init__(self, embedder: Embedder, sink: QdrantSink) -> None:
+    def __init__(self, embedder: Embedder, sink: QdrantSink, *, reuse_vectors: bool = False) -> None:
         self.embedder = embedder
         self.sink = sink
+        self.reuse_vectors = reuse_vectors
 
     @property
     def model_id(self) -> str:
@@ -95,7 +97,13 @@ class Applier:
         upserts: list[models.PointStruct] = []
         if to_embed:
             texts = {state.content_hash: state.text for state, _ in to_embed.values()}
-            vectors, result.embedded = await self.embedder.embed(texts)
+            reused = {}
+            if self.reuse_vectors:
+                unknown = [h for h in texts if not self.embedder.cached(h)]
+                reused = await self.sink.vectors_by_hash(unknown, self.model_id)
+            vectors, result.embedded = await self.embedder.embed({h: t for h, t in texts.items() if h not in reused})
+            vectors.update(reused)
+            result.reused = len(reused)
             for chunk_id, (state, payload) in to_embed.items():
                 emb = vectors[state.content_hash]
                 upserts.append(

@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         10_000, ge=0, description="Embeddings kept in memory by content hash (identical text is encoded once)."
     )
 
+    reuse_vectors: bool | None = Field(
+        None,
+        description="Before encoding, look up vectors of identical text already in Qdrant (by content_hash), "
+        "so identical text is encoded once per model across restarts too (default: on with a Qdrant server; "
+        "off in local mode, where each lookup scans every point).",
+    )
+
     # --- the outbox loop -------------------------------------------------------
     batch_size: int = Field(64, ge=1, le=10_000, description="Events claimed per batch.")
     concurrency: int = Field(
@@ -185,6 +192,10 @@ class Settings(BaseSettings):
     @property
     def application_name(self) -> str:
         return f"outboxd:{self.worker_name}"[:63]  # PostgreSQL keeps 63 bytes; the name is ASCII
+
+    @property
+    def reuse_stored_vectors(self) -> bool:
+        return self.reuse_vectors if self.reuse_vectors is not None else self.qdrant_url is not None
 
     @property
     def local_qdrant_path(self) -> str:

@@ -160,6 +160,9 @@ class Embedder:
         (emb,) = await loop.run_in_executor(self._executor, self._encode_now, [text])
         return emb.vector
 
+    def cached(self, content_hash: str) -> bool:
+        return content_hash in self._cache
+
     def _remember(self, h: str, emb: Embedding) -> None:
         size = self._settings.embed_cache_size
         if size <= 0:

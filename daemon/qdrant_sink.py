@@ -13,7 +13,7 @@ from uuid import UUID
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon.config import Settings
-from daemon.embedder import ModelFingerprint
+from daemon.embedder import Embedding, ModelFingerprint
 from daemon.errors import ConfigError, ModelMismatchError
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,29 @@ class QdrantSink:
             self.collection, [str(i) for i in ids], with_payload=True, with_vectors=False
         )
         return {str(r.id): (r.payload or {}) for r in records}
+
+    async def vectors_by_hash(self, hashes: list[str], model_id: str) -> dict[str, Embedding]:
+        """Vectors this model already made for these texts (any point with the same
+        content_hash), so identical text is not encoded again."""
+        if not hashes:
+            return {}
+        points, _ = await self.client.scroll(
+            self.collection,
+            scroll_filter=models.Filter(
+                must=[
+                    models.FieldCondition(key="content_hash", match=models.MatchAny(any=hashes)),
+                    models.FieldCondition(key="embedding_model", match=models.MatchValue(value=model_id)),
+                ]
+            ),
+            limit=len(hashes) * 4,  # a hash may stand on several points; missing ones are just encoded
+            with_payload=["content_hash", "truncated"],
+            with_vectors=True,
+        )
+        return {
+            p.payload["content_hash"]: Embedding(list(p.vector), bool(p.payload.get("truncated")))
+            for p in points
+            if p.payload and p.vector is not None
+        }
 
     async def write(
         self,

@@ -64,7 +64,7 @@ class Daemon:
         self.embedder = embedder or Embedder(settings)
         self.qdrant = qdrant or make_client(settings)
         self.sink = QdrantSink(self.qdrant, settings.collection)
-        self.applier = Applier(self.embedder, self.sink)
+        self.applier = Applier(self.embedder, self.sink, reuse_vectors=settings.reuse_stored_vectors)
         self.outbox: Outbox | None = None
         self._workers: list[asyncio.Task] = []
 

@@ -42,10 +42,11 @@ class Stats:
     deleted: int = 0
     unchanged: int = 0
     embedded: int = 0
+    reused: int = 0
     transient_retries: int = 0
 
     def add(self, result: ApplyResult) -> None:
-        for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded"):
+        for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded", "reused"):
             setattr(self, name, getattr(self, name) + getattr(result, name))
 
 

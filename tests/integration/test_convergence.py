@@ -63,3 +63,25 @@ async def test_empty_and_whitespace_text_have_no_point(conn, dsn, qdrant, collec
     await drain(settings, dsn, embedder, qdrant)
     assert set(await all_points(qdrant, collection)) == {str(ids[1])}
     await assert_converged(dsn, qdrant, collection, embedder)
+
+
+async def test_identical_text_after_restart_reuses_the_stored_vector(conn, dsn, qdrant, collection, embedder, make_settings):
+    """Invariant 7 across restarts: with reuse_vectors, a text whose vector this model
+    already stored under another chunk is not encoded again (cache empty, new daemon)."""
+    settings = make_settings(reuse_vectors=True)
+    text = "A sentence that a second document repeats word for word."
+    add_document(conn, [text])
+    await drain(settings, dsn, embedder, qdrant)
+
+    embedder._cache.clear()  # what a restart does to the in-memory cache
+    add_document(conn, [text, "and one new sentence"])
+    second = await drain(settings, dsn, embedder, qdrant)
+    assert (second.stats.embedded, second.stats.reused, second.stats.upserted) == (1, 1, 2)
+    await assert_converged(dsn, qdrant, collection, embedder)
+
+
+def test_reuse_vectors_defaults_to_on_with_a_server_only(make_settings):
+    """Local mode would scan every point per lookup, so reuse is on only with QDRANT_URL."""
+    assert make_settings().reuse_stored_vectors is False
+    assert make_settings(qdrant_url="http://qdrant:6333").reuse_stored_vectors is True
+    assert make_settings(reuse_vectors=True).reuse_stored_vectors is True
