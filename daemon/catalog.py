@@ -12,7 +12,7 @@ from datetime import datetime
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.embedder import ModelFingerprint
-from db.queries import query
+from db.queries import fetch, query
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +51,7 @@ class Catalog:
         self.pool = pool
 
     async def _rows(self, query_name: str, /, **params) -> list[dict]:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(query(query_name), params)
-            return await cur.fetchall() if cur.description else []
+        return await fetch(self.pool, query_name, **params)
 
     async def live(self, alias: str) -> CollectionRecord | None:
         rows = await self._rows("live_collection", alias=alias)

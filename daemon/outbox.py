@@ -12,7 +12,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from daemon.chunk_state import ChunkState
 from daemon.errors import CollectionRetiredError
-from db.queries import query
+from db.queries import fetch
+
+
+async def read_chunk_states(pool: AsyncConnectionPool, chunk_ids: list[UUID]) -> dict[UUID, ChunkState]:
+    """The current state of each chunk that exists, by id."""
+    return {r["chunk_id"]: ChunkState.from_row(r) for r in await fetch(pool, "chunk_states", chunk_ids=chunk_ids)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +46,7 @@ class Outbox:
         self.collection = collection
 
     async def _fetch(self, name: str, /, **params) -> list[dict]:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(query(name), params)
-            return await cur.fetchall() if cur.description else []
+        return await fetch(self.pool, name, **params)
 
     async def claim(self, batch_size: int) -> list[Event]:
         rows = await self._fetch(
@@ -55,8 +58,7 @@ class Outbox:
         await self._fetch("renew_lease", worker=self.worker, event_ids=event_ids, lease_seconds=self.lease_seconds)
 
     async def chunk_states(self, chunk_ids: list[UUID]) -> dict[UUID, ChunkState]:
-        rows = await self._fetch("chunk_states", chunk_ids=chunk_ids)
-        return {r["chunk_id"]: ChunkState.from_row(r) for r in rows}
+        return await read_chunk_states(self.pool, chunk_ids)
 
     async def ack_verified(self, event_ids: list[int], written: dict[UUID, str | None]) -> tuple[int, int]:
         """(acknowledged, released): events of chunks whose state changed since it

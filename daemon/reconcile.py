@@ -27,7 +27,8 @@ from qdrant_client import AsyncQdrantClient, models
 
 from daemon.chunk_state import ChunkState
 from daemon.errors import InvalidChunkError
-from db.queries import query
+from daemon.outbox import read_chunk_states
+from db.queries import fetch
 
 KINDS = ("missing", "orphaned", "stale", "wrong_model")
 # Points per scroll request. A Qdrant server pages through an index; qdrant-client's
@@ -182,11 +183,7 @@ class Reconciler:
     async def _chunks(self) -> AsyncIterator[ChunkState]:
         after = None
         while True:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(
-                    query("reconcile_chunks"), {"after": after, "limit": self.page_size, **self.scope.sql()}
-                )
-                rows = await cur.fetchall()
+            rows = await fetch(self.pool, "reconcile_chunks", after=after, limit=self.page_size, **self.scope.sql())
             for row in rows:
                 yield ChunkState.from_row(row)
             if len(rows) < self.page_size:
@@ -233,12 +230,9 @@ class Reconciler:
 
     async def _still_drifted(self, candidates: dict[UUID, str]) -> tuple[dict[UUID, str], set[UUID]]:
         ids = list(candidates)
-        async with self.pool.connection() as conn:
-            rows = await (await conn.execute(query("chunk_states"), {"chunk_ids": ids})).fetchall()
+        states = await read_chunk_states(self.pool, ids)
         records = await self.qdrant.retrieve(self.collection, [str(i) for i in ids], with_payload=True)
-        async with self.pool.connection() as conn:
-            pending = {r["chunk_id"] for r in await (await conn.execute(query("pending_chunks"), {"chunk_ids": ids})).fetchall()}
-        states = {r["chunk_id"]: ChunkState.from_row(r) for r in rows}
+        pending = {r["chunk_id"] for r in await fetch(self.pool, "pending_chunks", chunk_ids=ids)}
         payloads = {UUID(str(r.id)): r.payload or {} for r in records}
         drift: dict[UUID, str] = {}
         in_flight: set[UUID] = set()
@@ -255,8 +249,7 @@ class Reconciler:
 
 async def count_chunks(pool: AsyncConnectionPool, scope: Scope = Scope()) -> int:
     """For progress bars: how many chunks a scan of this scope will pass."""
-    async with pool.connection() as conn:
-        return (await (await conn.execute(query("count_chunks"), scope.sql())).fetchone())["n"]
+    return (await fetch(pool, "count_chunks", **scope.sql()))[0]["n"]
 
 
 def enqueue_repair(pool: AsyncConnectionPool) -> Repair:
@@ -264,8 +257,6 @@ def enqueue_repair(pool: AsyncConnectionPool) -> Repair:
     the daemon applies (re-embedding, re-payloading or deleting as needed)."""
 
     async def repair(drift: dict[UUID, str]) -> int:
-        async with pool.connection() as conn:
-            rows = await (await conn.execute(query("enqueue_chunks"), {"chunk_ids": list(drift)})).fetchall()
-        return len(rows)
+        return len(await fetch(pool, "enqueue_chunks", chunk_ids=list(drift)))
 
     return repair

@@ -31,9 +31,10 @@ from daemon.catalog import Catalog
 from daemon.chunk_state import ChunkState
 from daemon.embedder import Embedder
 from daemon.errors import ConfigError
+from daemon.outbox import read_chunk_states
 from daemon.qdrant_sink import QdrantSink, physical_name
 from daemon.reconcile import SERVER_QDRANT_PAGE, Reconciler, Repair
-from db.queries import query
+from db.queries import fetch
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,7 @@ class Reindexer:
 
     async def _build(self, applier: Applier, job: str) -> int:
         """Apply every chunk to the new collection, resuming from the checkpoint."""
-        async with self.pool.connection() as conn:
-            progress = await (await conn.execute(query("scan_progress"), {"job": job})).fetchone()
+        progress = next(iter(await fetch(self.pool, "scan_progress", job=job)), None)
         if progress and progress["completed_at"]:
             return 0
         after = progress["last_chunk_id"] if progress else None
@@ -135,26 +135,20 @@ class Reindexer:
             self.progress(progress["done"])
         built = 0
         while True:
-            async with self.pool.connection() as conn:
-                rows = await (
-                    await conn.execute(
-                        query("reconcile_chunks"),
-                        {"after": after, "limit": self.page_size, "source_id": None, "document_id": None},
-                    )
-                ).fetchall()
+            rows = await fetch(
+                self.pool, "reconcile_chunks", after=after, limit=self.page_size, source_id=None, document_id=None
+            )
             if rows:
                 states = {r["chunk_id"]: ChunkState.from_row(r) for r in rows}
                 applied = await applier.apply(states)
                 if applied.failed:
                     log.warning("reindex: chunks the daemon cannot write either", extra={"failed": len(applied.failed)})
                 after = rows[-1]["chunk_id"]
-                async with self.pool.connection() as conn:
-                    await conn.execute(query("scan_progress_save"), {"job": job, "last_chunk_id": after, "done": len(rows)})
+                await fetch(self.pool, "scan_progress_save", job=job, last_chunk_id=after, done=len(rows))
                 built += len(rows)
                 self.progress(len(rows))
             if len(rows) < self.page_size:
-                async with self.pool.connection() as conn:
-                    await conn.execute(query("scan_progress_complete"), {"job": job})
+                await fetch(self.pool, "scan_progress_complete", job=job)
                 return built
 
     async def _catch_up_rounds(self, applier: Applier, result: ReindexResult, *, trust_pending: bool) -> bool:
@@ -180,9 +174,7 @@ class Reindexer:
 
     def _apply_repair(self, applier: Applier) -> Repair:
         async def repair(drift: dict[UUID, str]) -> int:
-            async with self.pool.connection() as conn:
-                rows = await (await conn.execute(query("chunk_states"), {"chunk_ids": list(drift)})).fetchall()
-            states = {r["chunk_id"]: ChunkState.from_row(r) for r in rows}
+            states = await read_chunk_states(self.pool, list(drift))
             await applier.apply({cid: states.get(cid) for cid in drift})
             return len(drift)
 

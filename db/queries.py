@@ -25,6 +25,14 @@ def _all() -> dict[str, str]:
     return parse(QUERIES_FILE.read_text(encoding="utf-8"))
 
 
+async def fetch(pool, name: str, /, **params) -> list[dict]:
+    """Run a named query on a connection from an async pool (its own short
+    autocommit transaction) and return its rows, if it returns any."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query(name), params)
+        return await cur.fetchall() if cur.description else []
+
+
 def query(name: str) -> str:
     try:
         return _all()[name]
