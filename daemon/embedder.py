@@ -90,6 +90,7 @@ class Embedder:
         self._model = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outboxd-encode")
         self._cache: OrderedDict[str, Embedding] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future] = {}
         self.fingerprint: ModelFingerprint | None = None
         # counters the supervisor reports
         self.encoded = 0
@@ -133,24 +134,49 @@ class Embedder:
 
     async def embed(self, texts: dict[str, str]) -> tuple[dict[str, Embedding], int]:
         """Embeddings for {content_hash: text}, from the cache where possible,
-        and how many texts had to be encoded."""
+        and how many texts had to be encoded. A text another batch is encoding
+        right now is awaited, not encoded twice (concurrent batches can split
+        identical texts between them)."""
         out: dict[str, Embedding] = {}
         missing: dict[str, str] = {}
+        waiting: dict[str, asyncio.Future] = {}
         for h, text in texts.items():
             hit = self._cache.get(h)
             if hit is not None:
                 self._cache.move_to_end(h)
                 out[h] = hit
                 self.cache_hits += 1
+            elif h in self._inflight:
+                waiting[h] = self._inflight[h]
             else:
                 missing[h] = text
         if missing:
             loop = asyncio.get_running_loop()
-            fresh = await loop.run_in_executor(self._executor, self._encode, list(missing.values()))
+            futures = {h: loop.create_future() for h in missing}
+            self._inflight.update(futures)
+            try:
+                fresh = await loop.run_in_executor(self._executor, self._encode, list(missing.values()))
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    # The encoding batch was cancelled (shutdown); waiters retry theirs.
+                    exc_for_waiters: BaseException = TimeoutError("the encode this text waited for was cancelled")
+                else:
+                    exc_for_waiters = exc
+                for f in futures.values():
+                    f.set_exception(exc_for_waiters)
+                    f.exception()  # retrieved: the waiters (if any) re-raise it themselves
+                raise
+            finally:
+                for h in missing:
+                    self._inflight.pop(h, None)
             self.encoded += len(missing)
             for h, emb in zip(missing, fresh):
                 out[h] = emb
+                futures[h].set_result(emb)
                 self._remember(h, emb)
+        for h, future in waiting.items():
+            out[h] = await asyncio.shield(future)
+            self.cache_hits += 1
         return out, len(missing)
 
     async def embed_query(self, text: str) -> list[float]:
