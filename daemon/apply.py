@@ -61,7 +61,8 @@ class Applier:
         assert self.embedder.fingerprint is not None, "load the model before applying"
         return self.embedder.fingerprint.id
 
-    async def apply(self, targets: dict[UUID, ChunkState | None]) -> ApplyResult:
+    async def apply(self, targets: dict[UUID, ChunkState | None], events: object = None) -> ApplyResult:
+        """events (the outbox events behind the targets) is the BatchSink signature; not needed here."""
         result = ApplyResult()
         deletes: list[str] = []
         live: dict[UUID, tuple[ChunkState, dict[str, Any]]] = {}

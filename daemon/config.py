@@ -152,6 +152,52 @@ class Settings(BaseSettings):
         description="Name of this worker in leases and pg_stat_activity (default: host-pid); printable ASCII.",
     )
 
+    # --- Kafka transport (outboxd relay / consume / tail) ------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "KAFKA_BOOTSTRAP_SERVERS", "OUTBOXD_KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"
+        ),
+        description="Kafka brokers, host:port[,host:port]; needed by relay, consume and tail.",
+    )
+    kafka_topic: str = Field(
+        "outboxd.chunks", min_length=1, description="Topic the relay publishes chunk events to (compacted)."
+    )
+    kafka_dead_letter_topic: str | None = Field(
+        None, description="Topic for messages a consumer cannot apply (default: <topic>.dlq)."
+    )
+    kafka_group: str = Field("outboxd-qdrant", min_length=1, description="Consumer group of `outboxd consume`.")
+    kafka_client_id: str | None = Field(None, description="Kafka client id (default: outboxd-<worker name>).")
+    kafka_create_topics: bool = Field(
+        True, description="Create missing topics at start; false: a missing topic is an error."
+    )
+    kafka_partitions: int = Field(6, ge=1, description="Partitions of a topic outboxd creates.")
+    kafka_replication_factor: int = Field(1, ge=1, description="Replication factor of a topic outboxd creates.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How to reach the brokers."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (with SASL_PLAINTEXT or SASL_SSL)."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("KAFKA_SASL_PASSWORD", "OUTBOXD_KAFKA_SASL_PASSWORD", "kafka_sasl_password"),
+        description="SASL password.",
+    )
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle that signs the brokers' certificates.")
+    kafka_ssl_certfile: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client certificate's private key (mutual TLS).")
+
+    # --- health and telemetry --------------------------------------------------------
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /healthz, /readyz and /metrics on this port (unset: off)."
+    )
+    health_host: str = Field("0.0.0.0", description="Address the health endpoint listens on.")
+    heartbeat_timeout: float = Field(
+        120.0, gt=0, description="/healthz fails when the main loop has not beaten for this many seconds."
+    )
+
     # --- process ----------------------------------------------------------------
     data_dir: Path = Field(
         Path(".outboxd"), description="Where the embedded PostgreSQL and Qdrant keep their data."
@@ -167,7 +213,7 @@ class Settings(BaseSettings):
         # conflict between a variable and its *_FILE is reported, not resolved.
         return init_settings, SecretFileSource(settings_cls), env_settings, dotenv_settings, file_secret_settings
 
-    @field_validator("database_url", "qdrant_api_key", mode="before")
+    @field_validator("database_url", "qdrant_api_key", "kafka_sasl_password", mode="before")
     @classmethod
     def _secret_file_problem(cls, v: object) -> object:
         if isinstance(v, _SecretFileError):
@@ -196,6 +242,14 @@ class Settings(BaseSettings):
     @property
     def reuse_stored_vectors(self) -> bool:
         return self.reuse_vectors if self.reuse_vectors is not None else self.qdrant_url is not None
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.kafka_dead_letter_topic or f"{self.kafka_topic}.dlq"
+
+    @property
+    def kafka_client(self) -> str:
+        return self.kafka_client_id or f"outboxd-{self.worker_name}"[:200]
 
     @property
     def local_qdrant_path(self) -> str:

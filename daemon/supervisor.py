@@ -1,4 +1,4 @@
-"""The daemon's lifecycle: start the parts, run the workers, stop cleanly.
+"""The outbox loop's lifecycle: start the parts, run the workers, stop cleanly.
 
 One stop event ends everything. SIGTERM/SIGINT set it: workers stop claiming,
 finish the batch in flight within drain_timeout (or release it), and the
@@ -32,7 +32,7 @@ from daemon.errors import (
 from daemon.listener import Listener, Wakeup
 from daemon.outbox import Outbox
 from daemon.qdrant_sink import QdrantSink, describe_target, make_client
-from daemon.worker import Stats, Worker
+from daemon.worker import BatchSink, Stats, Worker
 from db import migrate
 from db.pool import make_pool
 
@@ -41,58 +41,52 @@ log = logging.getLogger(__name__)
 STATS_EVERY = 30.0
 
 
-class Daemon:
-    """Owns what it creates; an embedder or Qdrant client passed in (tests, an
-    embedding application) is used but left open for its owner."""
+class Supervisor:
+    """One process's outbox loop: the pool, the schema check, the LISTEN wake-up,
+    `concurrency` workers feeding a BatchSink, signals, drain and stats. The
+    notify daemon (Daemon) and the Kafka relay (daemon.relay.Relay) differ only in
+    the sink they start: start_sink() returns it with the Qdrant collection it
+    writes (None: acknowledgements skip the catalog check)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        dsn: str,
-        *,
-        embedder: Embedder | None = None,
-        qdrant: AsyncQdrantClient | None = None,
-    ) -> None:
+    role = "outboxd"
+
+    def __init__(self, settings: Settings, dsn: str) -> None:
         self.settings = settings
         self.dsn = dsn
         self.stop = asyncio.Event()
         self.wakeup = Wakeup()
         self.stats = Stats()
         self.pool: AsyncConnectionPool | None = None
-        self._owns_embedder = embedder is None
-        self._owns_qdrant = qdrant is None
-        self.embedder = embedder or Embedder(settings)
-        self.qdrant = qdrant or make_client(settings)
-        self.sink = QdrantSink(self.qdrant, settings.collection)
-        self.applier = Applier(self.embedder, self.sink, reuse_vectors=settings.reuse_stored_vectors)
+        self.sink: BatchSink | None = None
         self.outbox: Outbox | None = None
         self._workers: list[asyncio.Task] = []
 
+    # --- what differs between transports ---------------------------------------
+    async def start_sink(self) -> tuple[BatchSink, str | None]:
+        raise NotImplementedError
+
+    async def close_sink(self) -> None:
+        """Close what start_sink opened."""
+
+    def describe(self) -> dict:
+        """What the 'running' log line says about the sink."""
+        return {}
+
+    def stats_extra(self) -> dict:
+        return {}
+
     # --- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
-        """Connect, check the schema, load the model, check the collection.
-        Unreachable services are waited for up to startup_timeout."""
+        """Connect, check the schema, start the sink. Unreachable services are
+        waited for up to startup_timeout."""
         s = self.settings
         self.pool = make_pool(
             self.dsn, application_name=s.application_name, min_size=s.pool_min_size, max_size=s.pool_max_size
         )
         await self._until_reachable("PostgreSQL", self._open_pool)
         await self._check_schema()
-        fingerprint = self.embedder.fingerprint or await self.embedder.load()
-        catalog = Catalog(self.pool)
-        live = await catalog.live(s.collection)
-        await self._until_reachable(
-            f"Qdrant ({describe_target(s)})",
-            lambda: self.sink.ensure_collection(fingerprint, live.name if live else None),
-        )
-        if live is None:
-            live = await catalog.register_live(self.sink.collection, s.collection, fingerprint)
-        if live.name != self.sink.collection:  # another daemon registered another model first
-            raise CollectionRetiredError(
-                f"the live collection of {s.collection!r} is {live.name!r} ({live.fingerprint}), not "
-                f"{self.sink.collection!r}; start outboxd with OUTBOXD_MODEL={live.model_name}"
-            )
-        self.outbox = Outbox(self.pool, s.worker_name, s.lease_seconds, collection=self.sink.collection)
+        self.sink, collection = await self.start_sink()
+        self.outbox = Outbox(self.pool, s.worker_name, s.lease_seconds, collection=collection)
 
     async def _open_pool(self) -> None:
         await self.pool.open(wait=True, timeout=min(10.0, self.settings.startup_timeout))
@@ -132,14 +126,11 @@ class Daemon:
             )
 
     async def close(self) -> None:
-        if self._owns_qdrant:
-            with suppress(Exception):
-                await self.qdrant.close()
+        with suppress(Exception):
+            await self.close_sink()
         if self.pool is not None:
             with suppress(Exception):
                 await self.pool.close()
-        if self._owns_embedder:
-            self.embedder.close()
 
     # --- running ----------------------------------------------------------------
     def install_signals(self) -> None:
@@ -175,7 +166,7 @@ class Daemon:
         workers = [
             asyncio.create_task(
                 Worker(
-                    f"{s.worker_name}/{i}", s, self.outbox, self.applier, self.wakeup, self.stop, self.stats, drain=drain
+                    f"{s.worker_name}/{i}", s, self.outbox, self.sink, self.wakeup, self.stop, self.stats, drain=drain
                 ).run(),
                 name=f"worker-{i}",
             )
@@ -183,12 +174,10 @@ class Daemon:
         ]
         self._workers = workers
         log.info(
-            "outboxd running",
+            f"{self.role} running",
             extra={
                 "mode": "drain" if drain else "daemon",
-                "collection": s.collection,
-                "qdrant": describe_target(s),
-                "model": str(self.embedder.fingerprint),
+                **self.describe(),
                 "concurrency": s.concurrency,
                 "batch_size": s.batch_size,
             },
@@ -215,7 +204,7 @@ class Daemon:
             for t in side_tasks:
                 t.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
-            self._log_stats("outboxd stopped")
+            self._log_stats(f"{self.role} stopped")
         return exit_code
 
     def _outcome(self, task: asyncio.Task) -> int:
@@ -240,14 +229,67 @@ class Daemon:
                 last = now
 
     def _log_stats(self, message: str) -> None:
-        extra = asdict(self.stats)
-        extra["encode_seconds"] = round(self.embedder.encode_seconds, 3)
-        extra["cache_hits"] = self.embedder.cache_hits
-        log.info(message, extra=extra)
+        log.info(message, extra={**asdict(self.stats), **self.stats_extra()})
 
 
-async def run_daemon(settings: Settings, dsn: str, *, drain: bool = False, **parts) -> int:
-    daemon = Daemon(settings, dsn, **parts)
+class Daemon(Supervisor):
+    """The notify transport: embed and write to Qdrant in this process. Owns what
+    it creates; an embedder or Qdrant client passed in (tests, an embedding
+    application) is used but left open for its owner."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        *,
+        embedder: Embedder | None = None,
+        qdrant: AsyncQdrantClient | None = None,
+    ) -> None:
+        super().__init__(settings, dsn)
+        self._owns_embedder = embedder is None
+        self._owns_qdrant = qdrant is None
+        self.embedder = embedder or Embedder(settings)
+        self.qdrant = qdrant or make_client(settings)
+        self.qdrant_sink = QdrantSink(self.qdrant, settings.collection)
+        self.applier = Applier(self.embedder, self.qdrant_sink, reuse_vectors=settings.reuse_stored_vectors)
+
+    async def start_sink(self) -> tuple[BatchSink, str | None]:
+        """Load the model and check that the live collection is this model's."""
+        s = self.settings
+        fingerprint = self.embedder.fingerprint or await self.embedder.load()
+        catalog = Catalog(self.pool)
+        live = await catalog.live(s.collection)
+        await self._until_reachable(
+            f"Qdrant ({describe_target(s)})",
+            lambda: self.qdrant_sink.ensure_collection(fingerprint, live.name if live else None),
+        )
+        if live is None:
+            live = await catalog.register_live(self.qdrant_sink.collection, s.collection, fingerprint)
+        if live.name != self.qdrant_sink.collection:  # another daemon registered another model first
+            raise CollectionRetiredError(
+                f"the live collection of {s.collection!r} is {live.name!r} ({live.fingerprint}), not "
+                f"{self.qdrant_sink.collection!r}; start outboxd with OUTBOXD_MODEL={live.model_name}"
+            )
+        return self.applier, self.qdrant_sink.collection
+
+    async def close_sink(self) -> None:
+        if self._owns_qdrant:
+            with suppress(Exception):
+                await self.qdrant.close()
+        if self._owns_embedder:
+            self.embedder.close()
+
+    def describe(self) -> dict:
+        s = self.settings
+        return {"collection": s.collection, "qdrant": describe_target(s), "model": str(self.embedder.fingerprint)}
+
+    def stats_extra(self) -> dict:
+        return {"encode_seconds": round(self.embedder.encode_seconds, 3), "cache_hits": self.embedder.cache_hits}
+
+
+async def run_daemon(settings: Settings, dsn: str, *, drain: bool = False, service=None, **parts) -> int:
+    """Run a Supervisor (the notify Daemon unless `service` builds another) to the end."""
+    daemon = (service or Daemon)(settings, dsn, **parts)
     daemon.install_signals()
     started = time.perf_counter()
     try:

@@ -16,11 +16,12 @@ import time
 from collections import defaultdict
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Protocol
 from uuid import UUID
 
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from daemon.apply import Applier, ApplyResult
+from daemon.apply import ApplyResult
 from daemon.chunk_state import ChunkState
 from daemon.config import Settings
 from daemon.errors import describe, is_transient
@@ -59,13 +60,24 @@ async def wait_for_any(events: list[asyncio.Event], timeout: float | None) -> No
             w.cancel()
 
 
+class BatchSink(Protocol):
+    """Where a worker's batches go: the Applier (Qdrant) or the relay's Publisher
+    (Kafka). Given the current state of each chunk (None: gone) and the claimed
+    events behind it, make the destination reflect those states; report which
+    state hash each chunk now has there, and which chunks failed by their own fault."""
+
+    async def apply(
+        self, targets: dict[UUID, ChunkState | None], events: dict[UUID, list[Event]] | None = None
+    ) -> ApplyResult: ...
+
+
 class Worker:
     def __init__(
         self,
         name: str,
         settings: Settings,
         outbox: Outbox,
-        applier: Applier,
+        applier: BatchSink,
         wakeup: Wakeup,
         stop: asyncio.Event,
         stats: Stats,
@@ -169,19 +181,20 @@ class Worker:
 
     async def _process_once(self, events: list[Event]) -> None:
         started = time.perf_counter()
-        chunk_ids = list(dict.fromkeys(e.chunk_id for e in events))
+        events_of: dict[UUID, list[Event]] = defaultdict(list)
+        for e in events:
+            events_of[e.chunk_id].append(e)
+        chunk_ids = list(events_of)
         states = await self.outbox.chunk_states(chunk_ids)
         targets = {cid: states.get(cid) for cid in chunk_ids}
         try:
-            result = await self.applier.apply(targets)
+            result = await self.applier.apply(targets, events_of)
         except Exception as exc:
             if is_transient(exc):
                 raise
-            result = await self._isolate(targets, exc)
+            result = await self._isolate(targets, events_of, exc)
 
-        by_chunk: dict[UUID, list[int]] = defaultdict(list)
-        for e in events:
-            by_chunk[e.chunk_id].append(e.id)
+        by_chunk = {cid: [e.id for e in evs] for cid, evs in events_of.items()}
         if result.written:
             written_ids = [i for cid in result.written for i in by_chunk[cid]]
             acked, released = await self.outbox.ack_verified(written_ids, result.written)
@@ -210,7 +223,9 @@ class Worker:
             },
         )
 
-    async def _isolate(self, targets: dict[UUID, ChunkState | None], exc: Exception) -> ApplyResult:
+    async def _isolate(
+        self, targets: dict[UUID, ChunkState | None], events_of: dict[UUID, list[Event]], exc: Exception
+    ) -> ApplyResult:
         """A batch failed for a reason that is not an outage: apply chunk by chunk
         so that only the chunk at fault is held back."""
         if len(targets) == 1:
@@ -219,7 +234,7 @@ class Worker:
         combined = ApplyResult()
         for cid, state in targets.items():
             try:
-                combined.merge(await self.applier.apply({cid: state}))
+                combined.merge(await self.applier.apply({cid: state}, {cid: events_of[cid]}))
             except Exception as one:
                 if is_transient(one):
                     raise

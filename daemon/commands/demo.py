@@ -312,7 +312,7 @@ class Demo:
             self.say(f"   model {daemon.embedder.fingerprint} loaded  {_secs(time.perf_counter() - t)}")
             self.say(
                 f"   Qdrant local mode in {_shown(Path(qdrant_path))}: "
-                f"alias {self.settings.collection!r} → collection {daemon.sink.collection!r}"
+                f"alias {self.settings.collection!r} → collection {daemon.qdrant_sink.collection!r}"
             )
             await self.converge(daemon, client)
 

@@ -256,7 +256,7 @@ async def freshness_run(dsn: str, embedder: Embedder, seconds: float, rate: floa
     writing_done = asyncio.Event()
     try:
         await daemon.start()
-        collection = daemon.sink.collection
+        collection = daemon.qdrant_sink.collection
         runner = asyncio.create_task(daemon.run())
         await asyncio.sleep(0.5)  # the listener connects
 
