@@ -177,3 +177,62 @@ def make_settings(dsn, collection, tmp_path):
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# --- Kafka -------------------------------------------------------------------------------
+
+
+def _docker_reachable() -> bool:
+    """A Docker engine answers (cheap: no socket and no DOCKER_HOST means no)."""
+    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
+        return False
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def _kafka():
+    """(bootstrap, KafkaBroker or None): KAFKA_BOOTSTRAP_SERVERS, else a
+    testcontainers Kafka where a Docker engine answers, else a real Apache Kafka
+    broker from ops/kafka/kafka.sh (Java 17+, jars from Maven Central). A broker
+    that cannot start fails the tests with kafka.sh's error text; nothing skips."""
+    url = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if url:
+        yield url, None
+        return
+    if _docker_reachable():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer() as kafka:
+            yield kafka.get_bootstrap_server(), None
+        return
+
+    from tests.kafka_broker import KafkaBroker
+
+    # Its data dir comes from tempfile.mkdtemp(), not pytest's tmp_path: a
+    # concurrent pytest run prunes old numbered folders there, which would pull
+    # the data from under the broker. Removed at the end (kept if it failed to start).
+    with KafkaBroker() as broker:
+        yield broker.bootstrap, broker
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(_kafka) -> str:
+    """host:port[,host:port] of a Kafka broker for the whole session."""
+    return _kafka[0]
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(_kafka):
+    """The session's tests.kafka_broker.KafkaBroker (restart()/stop()/start()),
+    or None when the broker is external (KAFKA_BOOTSTRAP_SERVERS) or a container:
+    a test that restarts the broker skips then."""
+    return _kafka[1]
