@@ -11,6 +11,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 VERSION_TABLE = "outboxd_alembic_version"
+# Two `outboxd migrate` at once (a Job retried, several hosts at deploy) would
+# race on CREATE: the second waits for this lock, then finds the schema at head.
+MIGRATE_LOCK = 0x6F7574626F7864  # "outboxd"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -31,6 +34,8 @@ def _run(dsn: str, fn, *args) -> None:
     engine = _engine(dsn)
     try:
         with engine.begin() as conn:
+            # session-level: held across Alembic's per-migration transactions, released with the connection
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATE_LOCK})")
             cfg = _config()
             cfg.attributes["connection"] = conn
             fn(cfg, *args)

@@ -203,3 +203,14 @@ def test_cli_migrate_upgrades_idempotently_and_downgrades(empty_dsn, second_empt
     assert migrate.current_revision(empty_dsn) is None
     assert catalog(empty_dsn) == pristine
     assert list(tmp_path.iterdir()) == []  # with DATABASE_URL set, nothing embedded is started here
+
+
+def test_concurrent_upgrades_wait_for_each_other(empty_dsn):
+    """Two `outboxd migrate` at once (a retried Job, several hosts): the advisory
+    lock serialises them; both succeed and the schema is built once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        for future in [pool.submit(migrate.upgrade, empty_dsn) for _ in range(3)]:
+            future.result()
+    assert migrate.current_revision(empty_dsn) == migrate.head_revision()
