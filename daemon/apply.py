@@ -26,8 +26,12 @@ from daemon.chunk_state import ChunkState
 from daemon.embedder import Embedder
 from daemon.errors import InvalidChunkError
 from daemon.qdrant_sink import QdrantSink
+from daemon.telemetry import span
 
 log = logging.getLogger(__name__)
+
+# payload key: the event version a point reflects, where a Kafka consumer wrote it
+VERSION_KEY = "version"
 
 
 @dataclass
@@ -42,11 +46,12 @@ class ApplyResult:
     unchanged: int = 0
     embedded: int = 0
     reused: int = 0  # vectors of identical text found in Qdrant instead of encoded
+    older: int = 0  # events older than the version their point already reflects (Kafka)
 
     def merge(self, other: "ApplyResult") -> None:
         self.written.update(other.written)
         self.failed.update(other.failed)
-        for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded", "reused"):
+        for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded", "reused", "older"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -61,9 +66,21 @@ class Applier:
         assert self.embedder.fingerprint is not None, "load the model before applying"
         return self.embedder.fingerprint.id
 
-    async def apply(self, targets: dict[UUID, ChunkState | None], events: object = None) -> ApplyResult:
-        """events (the outbox events behind the targets) is the BatchSink signature; not needed here."""
+    async def apply(
+        self,
+        targets: dict[UUID, ChunkState | None],
+        events: object = None,
+        *,
+        versions: dict[UUID, int] | None = None,
+    ) -> ApplyResult:
+        """events (the outbox events behind the targets) is the BatchSink signature;
+        not needed here. versions (Kafka consumers): the event version of each
+        target; a point that already reflects a higher version is left alone, and
+        written points record theirs in the payload."""
         result = ApplyResult()
+        existing = await self.sink.payloads(list(targets))
+        if versions is not None:
+            targets = self._drop_older(targets, versions, existing, result)
         deletes: list[str] = []
         live: dict[UUID, tuple[ChunkState, dict[str, Any]]] = {}
         for chunk_id, state in targets.items():
@@ -72,11 +89,14 @@ class Applier:
                 result.written[chunk_id] = state.state_hash if state else None
                 continue
             try:
-                live[chunk_id] = (state, state.payload(self.model_id))
+                payload = state.payload(self.model_id)
             except InvalidChunkError as exc:
                 result.failed[chunk_id] = str(exc)
+                continue
+            if versions is not None:
+                payload[VERSION_KEY] = versions[chunk_id]
+            live[chunk_id] = (state, payload)
 
-        existing = await self.sink.payloads(list(live))
         to_embed: dict[UUID, tuple[ChunkState, dict[str, Any]]] = {}
         payload_updates: list[tuple[str, dict[str, Any]]] = []
         for chunk_id, (state, payload) in live.items():
@@ -102,7 +122,8 @@ class Applier:
             if self.reuse_vectors:
                 unknown = [h for h in texts if not self.embedder.cached(h)]
                 reused = await self.sink.vectors_by_hash(unknown, self.model_id)
-            vectors, result.embedded = await self.embedder.embed({h: t for h, t in texts.items() if h not in reused})
+            with span("embed", texts=len(texts) - len(reused)):
+                vectors, result.embedded = await self.embedder.embed({h: t for h, t in texts.items() if h not in reused})
             vectors.update(reused)
             result.reused = len(reused)
             for chunk_id, (state, payload) in to_embed.items():
@@ -115,3 +136,21 @@ class Applier:
         await self.sink.write(upserts, payload_updates, deletes)
         result.deleted = len(deletes)
         return result
+
+    @staticmethod
+    def _drop_older(
+        targets: dict[UUID, ChunkState | None],
+        versions: dict[UUID, int],
+        existing: dict[str, dict[str, Any]],
+        result: ApplyResult,
+    ) -> dict[UUID, ChunkState | None]:
+        """Leave out targets older than what their point already reflects: events
+        replayed after a newer one (a relay that lost its lease, a rewound group)."""
+        kept = {}
+        for chunk_id, state in targets.items():
+            applied = existing.get(str(chunk_id), {}).get(VERSION_KEY)
+            if isinstance(applied, int) and applied > versions[chunk_id]:
+                result.older += 1
+            else:
+                kept[chunk_id] = state
+        return kept

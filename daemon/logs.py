@@ -1,6 +1,7 @@
 """Structured logs: readable text on a terminal, JSON lines everywhere else.
 
-Fields passed as `extra=` become JSON keys. Nothing here ever receives a DSN or
+Fields passed as `extra=` become JSON keys; a line logged inside a span (a batch)
+carries its trace_id and span_id, to find the trace of a log line. Nothing here ever receives a DSN or
 an API key: settings hold them as SecretStr, and errors are logged by type and
 message only.
 """
@@ -11,6 +12,8 @@ import sys
 from datetime import datetime, timezone
 
 import orjson
+
+from daemon.telemetry import current_ids
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
@@ -28,6 +31,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             **_extras(record),
         }
+        ids = current_ids()
+        if ids is not None:
+            doc["trace_id"], doc["span_id"] = ids
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(doc, default=str).decode()

@@ -15,6 +15,7 @@ from qdrant_client import AsyncQdrantClient, models
 from daemon.config import Settings
 from daemon.embedder import Embedding, ModelFingerprint
 from daemon.errors import ConfigError, ModelMismatchError
+from daemon.telemetry import span
 
 log = logging.getLogger(__name__)
 
@@ -187,4 +188,5 @@ class QdrantSink:
         if deletes:
             ops.append(models.DeleteOperation(delete=models.PointIdsList(points=deletes)))
         if ops:
-            await self.client.batch_update_points(self.collection, ops, wait=True)
+            with span("qdrant.write", histogram="qdrant_seconds", operations=len(ops)):
+                await self.client.batch_update_points(self.collection, ops, wait=True)

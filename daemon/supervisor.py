@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import asdict
 
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential_jitter
 
-from daemon.apply import Applier
+from daemon.apply import Applier, ApplyResult
 from daemon.config import Settings
 from daemon.embedder import Embedder
 from daemon.catalog import Catalog
@@ -29,16 +30,52 @@ from daemon.errors import (
     describe,
     is_transient,
 )
+from daemon.health import Heartbeat
+from daemon.lifecycle import READINESS_TIMEOUT, run_service
 from daemon.listener import Listener, Wakeup
 from daemon.outbox import Outbox
 from daemon.qdrant_sink import QdrantSink, describe_target, make_client
+from daemon.systemd import SystemdNotifier
+from daemon.telemetry import get_metrics, setup_telemetry
 from daemon.worker import BatchSink, Stats, Worker
 from db import migrate
 from db.pool import make_pool
+from db.queries import fetch
 
 log = logging.getLogger(__name__)
 
 STATS_EVERY = 30.0
+BACKLOG_EVERY = 5.0  # seconds between backlog reads (metrics, systemd STATUS, heartbeat)
+
+
+async def until_reachable(what: str, fn, *, timeout: float, stop: asyncio.Event) -> None:
+    """Run fn until it stops failing with an outage, for up to `timeout` seconds
+    (OUTBOXD_STARTUP_TIMEOUT) or until stop is set; then ServiceUnavailableError."""
+
+    def log_retry(state) -> None:
+        get_metrics().retries.add(1, {"stage": "startup"})
+        log.warning(
+            f"{what} not reachable yet; retrying",
+            extra={"error": describe(state.outcome.exception()), "retry_in": round(state.upcoming_sleep, 2)},
+        )
+
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
+            stop=stop_any(stop_after_delay(timeout), lambda _: stop.is_set()),
+            before_sleep=log_retry,
+            reraise=True,
+        ):
+            with attempt:
+                await fn()
+    except Exception as exc:
+        if is_transient(exc):  # PoolTimeout is an OperationalError too
+            raise ServiceUnavailableError(
+                f"{what} stayed unreachable for {timeout:.0f}s: {describe(exc)}. "
+                "Check the address and credentials, or raise OUTBOXD_STARTUP_TIMEOUT."
+            ) from exc
+        raise
 
 
 class Supervisor:
@@ -49,6 +86,10 @@ class Supervisor:
     writes (None: acknowledgements skip the catalog check)."""
 
     role = "outboxd"
+    service_name = "outboxd"  # the OpenTelemetry service.name unless OTEL_SERVICE_NAME says otherwise
+    # the op label of every event the workers finish (the relay: "published");
+    # None: by what the sink did to the chunk (upsert, payload, delete, unchanged)
+    events_op: str | None = None
 
     def __init__(self, settings: Settings, dsn: str) -> None:
         self.settings = settings
@@ -60,6 +101,11 @@ class Supervisor:
         self.sink: BatchSink | None = None
         self.outbox: Outbox | None = None
         self._workers: list[asyncio.Task] = []
+        self._worker_loops: list[Worker] = []
+        self.telemetry = setup_telemetry(self.service_name)
+        self.metrics = self.telemetry.metrics
+        self.heartbeat = Heartbeat()
+        self.notifier = SystemdNotifier()
 
     # --- what differs between transports ---------------------------------------
     async def start_sink(self) -> tuple[BatchSink, str | None]:
@@ -74,6 +120,46 @@ class Supervisor:
 
     def stats_extra(self) -> dict:
         return {}
+
+    def observe_batch(self, result: ApplyResult) -> None:
+        """Called after each applied batch, for the sink's own metrics."""
+
+    def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """/readyz: each check raises when this process cannot do its work. A
+        subclass adds its sink's (super().readiness_checks() | {...})."""
+        return {
+            "postgresql": self._ready_postgresql,
+            "migrations": self._ready_migrations,
+            "running": self._ready_running,
+        }
+
+    async def _ready_postgresql(self) -> None:
+        if self.pool is None:
+            raise ServiceUnavailableError("not connected yet")
+        async with self.pool.connection(timeout=READINESS_TIMEOUT) as conn:
+            await conn.execute("SELECT 1")
+
+    async def _ready_migrations(self) -> None:
+        current = await asyncio.to_thread(migrate.current_revision, self.dsn)
+        head = migrate.head_revision()
+        if current != head:
+            raise SchemaNotReadyError(f"schema at revision {current or 'none'}, this outboxd needs {head}")
+
+    async def _ready_running(self) -> None:
+        if self.stop.is_set():
+            raise ServiceUnavailableError("stopping")
+        if self.outbox is None:
+            raise ServiceUnavailableError("starting")
+
+    def secrets(self) -> list[str]:
+        """Values no health response may contain, whatever an error message says."""
+        found = []
+        with suppress(Exception):
+            found.append(conninfo_to_dict(self.dsn).get("password"))
+        for secret in (self.settings.database_url, self.settings.qdrant_api_key, self.settings.kafka_sasl_password):
+            if secret is not None:
+                found.append(secret.get_secret_value())
+        return [s for s in found if s]
 
     # --- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -92,29 +178,7 @@ class Supervisor:
         await self.pool.open(wait=True, timeout=min(10.0, self.settings.startup_timeout))
 
     async def _until_reachable(self, what: str, fn) -> None:
-        def log_retry(state) -> None:
-            log.warning(
-                f"{what} not reachable yet; retrying",
-                extra={"error": describe(state.outcome.exception()), "retry_in": round(state.upcoming_sleep, 2)},
-            )
-
-        try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(is_transient),
-                wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
-                stop=stop_any(stop_after_delay(self.settings.startup_timeout), lambda _: self.stop.is_set()),
-                before_sleep=log_retry,
-                reraise=True,
-            ):
-                with attempt:
-                    await fn()
-        except Exception as exc:
-            if is_transient(exc):  # PoolTimeout is an OperationalError too
-                raise ServiceUnavailableError(
-                    f"{what} stayed unreachable for {self.settings.startup_timeout:.0f}s: {describe(exc)}. "
-                    "Check the address and credentials, or raise OUTBOXD_STARTUP_TIMEOUT."
-                ) from exc
-            raise
+        await until_reachable(what, fn, timeout=self.settings.startup_timeout, stop=self.stop)
 
     async def _check_schema(self) -> None:
         current = await asyncio.to_thread(migrate.current_revision, self.dsn)
@@ -162,16 +226,27 @@ class Supervisor:
         side_tasks = [
             asyncio.create_task(listener.run(), name="listener"),
             asyncio.create_task(self._report_stats(), name="stats"),
+            asyncio.create_task(self._watch_backlog(), name="backlog"),
+            asyncio.create_task(self._announce_stop(), name="stopping"),
         ]
-        workers = [
-            asyncio.create_task(
-                Worker(
-                    f"{s.worker_name}/{i}", s, self.outbox, self.sink, self.wakeup, self.stop, self.stats, drain=drain
-                ).run(),
-                name=f"worker-{i}",
+        self._worker_loops = [
+            Worker(
+                f"{s.worker_name}/{i}",
+                s,
+                self.outbox,
+                self.sink,
+                self.wakeup,
+                self.stop,
+                self.stats,
+                drain=drain,
+                metrics=self.metrics,
+                heartbeat=self.heartbeat,
+                events_op=self.events_op,
+                on_batch=self.observe_batch,
             )
             for i in range(s.concurrency)
         ]
+        workers = [asyncio.create_task(w.run(), name=f"worker-{i}") for i, w in enumerate(self._worker_loops)]
         self._workers = workers
         log.info(
             f"{self.role} running",
@@ -219,6 +294,38 @@ class Supervisor:
         log.error("worker crashed; stopping", extra={"error": describe(exc)}, exc_info=exc)
         return 1
 
+    async def _announce_stop(self) -> None:
+        """STOPPING=1 as soon as the stop event is set (the drain begins)."""
+        await self.stop.wait()
+        self.notifier.stopping()
+        self.notifier.status("stopping: finishing the batches in flight")
+
+    def stuck_workers(self) -> list[str]:
+        """Workers whose batch has made no progress for heartbeat_timeout."""
+        return self.heartbeat.stuck(self.settings.heartbeat_timeout)
+
+    async def _watch_backlog(self) -> None:
+        """Every BACKLOG_EVERY seconds: the backlog into the gauges and systemd's
+        STATUS=, and a heartbeat, so an idle daemon stays healthy (a wedged event
+        loop does not, and a stuck batch ages the heartbeat by itself)."""
+        while True:
+            self.heartbeat.beat()
+            stuck = self.stuck_workers()
+            try:
+                row = (await asyncio.wait_for(fetch(self.pool, "backlog"), 2 * BACKLOG_EVERY))[0]
+            except Exception as exc:  # noqa: BLE001 - an outage shows in the workers' logs and /readyz
+                log.debug("cannot read the backlog", extra={"error": describe(exc)})
+                status = f"backlog unknown: {describe(exc)}"
+            else:
+                pending, age = row["pending"], row["oldest_age_seconds"]
+                self.metrics.set_backlog(pending, age)
+                status = f"backlog {pending}, lag {age or 0:.1f}s"
+            if stuck:
+                status += f"; stuck: {', '.join(stuck)}"
+            if not self.stop.is_set():
+                self.notifier.status(status)
+            await asyncio.sleep(BACKLOG_EVERY)
+
     async def _report_stats(self) -> None:
         last = None
         while True:
@@ -252,6 +359,7 @@ class Daemon(Supervisor):
         self.qdrant = qdrant or make_client(settings)
         self.qdrant_sink = QdrantSink(self.qdrant, settings.collection)
         self.applier = Applier(self.embedder, self.qdrant_sink, reuse_vectors=settings.reuse_stored_vectors)
+        self._encode_seen = self.embedder.encode_seconds
 
     async def start_sink(self) -> tuple[BatchSink, str | None]:
         """Load the model and check that the live collection is this model's."""
@@ -286,19 +394,25 @@ class Daemon(Supervisor):
     def stats_extra(self) -> dict:
         return {"encode_seconds": round(self.embedder.encode_seconds, 3), "cache_hits": self.embedder.cache_hits}
 
+    def observe_batch(self, result: ApplyResult) -> None:
+        # the model's time since the last batch ended (one encode thread serves every worker)
+        total = self.embedder.encode_seconds
+        if total > self._encode_seen:
+            self.metrics.encode_seconds.record(total - self._encode_seen)
+        self._encode_seen = total
+
+    def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        return super().readiness_checks() | {"qdrant": self._ready_qdrant, "model": self._ready_model}
+
+    async def _ready_qdrant(self) -> None:
+        await self.qdrant.get_collections()
+
+    async def _ready_model(self) -> None:
+        if self.embedder.fingerprint is None:
+            raise ServiceUnavailableError("the embedding model is not loaded yet")
+
 
 async def run_daemon(settings: Settings, dsn: str, *, drain: bool = False, service=None, **parts) -> int:
-    """Run a Supervisor (the notify Daemon unless `service` builds another) to the end."""
-    daemon = (service or Daemon)(settings, dsn, **parts)
-    daemon.install_signals()
-    started = time.perf_counter()
-    try:
-        await daemon.start()
-        log.debug("started", extra={"seconds": round(time.perf_counter() - started, 3)})
-        if daemon.stop.is_set():
-            log.info("stopped during start-up; nothing was claimed")
-            return 0
-        return await daemon.run(drain=drain)
-    finally:
-        daemon.remove_signals()
-        await daemon.close()
+    """Run a Supervisor (the notify Daemon unless `service` builds another) to the
+    end, with the health endpoint and systemd notifications (daemon.lifecycle)."""
+    return await run_service((service or Daemon)(settings, dsn, **parts), drain=drain)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,8 +26,10 @@ from daemon.apply import ApplyResult
 from daemon.chunk_state import ChunkState
 from daemon.config import Settings
 from daemon.errors import describe, is_transient
+from daemon.health import Heartbeat
 from daemon.listener import Wakeup
 from daemon.outbox import Event, Outbox
+from daemon.telemetry import Metrics, get_metrics, record_span, span
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,20 @@ class Stats:
     def add(self, result: ApplyResult) -> None:
         for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded", "reused"):
             setattr(self, name, getattr(self, name) + getattr(result, name))
+
+
+def apportion(total: int, weights: dict[str, int]) -> dict[str, int]:
+    """Split total in proportion to weights (largest remainder; exact where one
+    weight holds everything)."""
+    weights = {k: w for k, w in weights.items() if w > 0}
+    whole = sum(weights.values())
+    if total <= 0 or not whole:
+        return {}
+    shares = {k: total * w // whole for k, w in weights.items()}
+    by_remainder = sorted(weights, key=lambda k: (total * weights[k]) % whole, reverse=True)
+    for k in by_remainder[: total - sum(shares.values())]:
+        shares[k] += 1
+    return {k: n for k, n in shares.items() if n}
 
 
 async def wait_for_any(events: list[asyncio.Event], timeout: float | None) -> None:
@@ -83,6 +100,10 @@ class Worker:
         stats: Stats,
         *,
         drain: bool = False,
+        metrics: Metrics | None = None,
+        heartbeat: Heartbeat | None = None,
+        events_op: str | None = None,
+        on_batch: Callable[[ApplyResult], None] | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -92,13 +113,21 @@ class Worker:
         self.stop = stop
         self.stats = stats
         self.drain = drain
+        self.metrics = metrics or get_metrics()
+        self.heartbeat = heartbeat or Heartbeat()
+        # the op every finished event is counted under (the relay: "published");
+        # None: by what the sink did to its chunk (upsert, payload, delete, unchanged)
+        self.events_op = events_op
+        self.on_batch = on_batch
 
     async def run(self) -> None:
         """Until stop is set; in drain mode, also until nothing is pending."""
         outage = 0.5
         while not self.stop.is_set():
+            self.heartbeat.beat()
             ticket = self.wakeup.ticket()
             try:
+                claim_started = time.time_ns()
                 events = await self.outbox.claim(self.settings.batch_size)
                 if not events:
                     timeout = self.settings.poll_interval
@@ -114,15 +143,38 @@ class Worker:
                 if not is_transient(exc):
                     raise
                 self.stats.transient_retries += 1
+                self.metrics.retries.add(1, {"stage": "claim"})
                 log.warning("cannot claim; retrying", extra={"error": describe(exc), "retry_in": outage})
                 await wait_for_any([self.stop], outage)
                 outage = min(outage * 2, 30.0)
                 continue
-            await self.process(events)
+            await self.process(events, claimed=(claim_started, time.time_ns()))
             if self.drain:  # let the other workers see at once whether anything is left
                 self.wakeup.fire()
 
-    async def process(self, events: list[Event]) -> None:
+    async def process(self, events: list[Event], claimed: tuple[int, int] | None = None) -> None:
+        """Apply and acknowledge one claimed batch, in one trace (claimed: when
+        its claim started and ended, in time.time_ns())."""
+        started = time.perf_counter()
+        self.heartbeat.busy(self.name)
+        self.metrics.batch_size.record(len(events))
+        with span(
+            "outboxd.batch",
+            start_time=claimed[0] if claimed else None,
+            events=len(events),
+            chunks=len({e.chunk_id for e in events}),
+            worker=self.name,
+        ):
+            if claimed:
+                record_span("claim", *claimed, events=len(events))
+            try:
+                await self._process_claimed(events)
+            finally:
+                self.heartbeat.idle(self.name)
+                claim_seconds = (claimed[1] - claimed[0]) / 1e9 if claimed else 0.0
+                self.metrics.batch_seconds.record(claim_seconds + time.perf_counter() - started)
+
+    async def _process_claimed(self, events: list[Event]) -> None:
         ids = [e.id for e in events]
         renewer = asyncio.create_task(self._renew(ids))
         try:
@@ -157,6 +209,8 @@ class Worker:
 
     def _log_retry(self, retry_state) -> None:
         self.stats.transient_retries += 1
+        self.metrics.retries.add(1, {"stage": "batch"})
+        self.heartbeat.busy(self.name)  # waiting out an outage is progress, not a stuck worker
         log.warning(
             "PostgreSQL or Qdrant unavailable; retrying the batch",
             extra={
@@ -185,27 +239,41 @@ class Worker:
         for e in events:
             events_of[e.chunk_id].append(e)
         chunk_ids = list(events_of)
-        states = await self.outbox.chunk_states(chunk_ids)
+        with span("read_states", chunks=len(chunk_ids)):
+            states = await self.outbox.chunk_states(chunk_ids)
         targets = {cid: states.get(cid) for cid in chunk_ids}
-        try:
-            result = await self.applier.apply(targets, events_of)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            result = await self._isolate(targets, events_of, exc)
+        with span("apply", chunks=len(targets)) as applying:
+            try:
+                result = await self.applier.apply(targets, events_of)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                result = await self._isolate(targets, events_of, exc)
+            applying.set_attributes(
+                {
+                    "upserted": result.upserted,
+                    "payload_only": result.payload_only,
+                    "deleted": result.deleted,
+                    "embedded": result.embedded,
+                    "failed": len(result.failed),
+                }
+            )
 
         by_chunk = {cid: [e.id for e in evs] for cid, evs in events_of.items()}
-        if result.written:
-            written_ids = [i for cid in result.written for i in by_chunk[cid]]
-            acked, released = await self.outbox.ack_verified(written_ids, result.written)
-            self.stats.events_acked += acked
-            self.stats.events_released += released
-        else:
-            acked = released = 0
-        if result.failed:
-            await self._fail(result.failed, by_chunk)
+        with span("ack", chunks=len(result.written), failed=len(result.failed)) as acking:
+            if result.written:
+                written_ids = [i for cid in result.written for i in by_chunk[cid]]
+                acked, released = await self.outbox.ack_verified(written_ids, result.written)
+                self.stats.events_acked += acked
+                self.stats.events_released += released
+            else:
+                acked = released = 0
+            acking.set_attributes({"acked": acked, "released": released})
+            if result.failed:
+                await self._fail(result.failed, by_chunk, targets)
         self.stats.batches += 1
         self.stats.add(result)
+        self._record(result, acked, released)
         log.debug(
             "batch applied",
             extra={
@@ -241,7 +309,46 @@ class Worker:
                 combined.failed[cid] = describe(one)
         return combined
 
-    async def _fail(self, failed: dict[UUID, str], by_chunk: dict[UUID, list[int]]) -> None:
+    def _record(self, result: ApplyResult, acked: int, released: int) -> None:
+        """Metrics of one applied batch. The acknowledgement counts events per
+        batch, not per chunk: they are split over the ops in proportion to the
+        chunks of each op (exact when one op holds the batch, the common case)."""
+        if self.events_op is not None:
+            weights = {self.events_op: 1}
+        else:
+            weights = {
+                "upsert": result.upserted,
+                "payload": result.payload_only,
+                "delete": result.deleted,
+                "unchanged": result.unchanged,
+            }
+            weights["published"] = len(result.written) - sum(weights.values())  # a sink that only forwards
+        for outcome, total in (("ok", acked), ("released", released)):
+            for op, n in apportion(total, weights).items():
+                self.metrics.events_applied.add(n, {"op": op, "result": outcome})
+        if self.events_op is None:
+            kinds = {
+                "computed": result.embedded,
+                "reused": result.reused,
+                "cache_hit": max(0, result.upserted - result.embedded - result.reused),
+                "payload_only": result.payload_only,
+                "unchanged": result.unchanged,
+            }
+            for kind, n in kinds.items():
+                if n:
+                    self.metrics.embeddings.add(n, {"kind": kind})
+        if self.on_batch is not None:
+            try:
+                self.on_batch(result)
+            except Exception as exc:  # noqa: BLE001 - metrics never fail a batch
+                log.debug("batch observer failed", extra={"error": describe(exc)})
+
+    async def _fail(
+        self,
+        failed: dict[UUID, str],
+        by_chunk: dict[UUID, list[int]],
+        targets: dict[UUID, ChunkState | None] | None = None,
+    ) -> None:
         s = self.settings
         for cid, error in failed.items():
             rows = await self.outbox.fail(
@@ -254,6 +361,14 @@ class Worker:
             dead = [r for r in rows if r["status"] == "dead"]
             self.stats.events_failed += len(rows)
             self.stats.dead_letters += len(dead)
+            state = targets.get(cid) if targets else None
+            gone = targets is not None and (state is None or not state.has_text)
+            op = self.events_op or ("delete" if gone else "upsert")
+            if len(rows) > len(dead):
+                self.metrics.events_applied.add(len(rows) - len(dead), {"op": op, "result": "failed"})
+            if dead:
+                self.metrics.events_applied.add(len(dead), {"op": op, "result": "dead"})
+                self.metrics.dead_letters.add(len(dead))
             level = logging.ERROR if dead else logging.WARNING
             log.log(
                 level,

@@ -349,3 +349,17 @@ WHERE c.id = ANY(%(chunk_ids)s::uuid[])
   AND (%(document_id)s::uuid IS NULL OR c.document_id = %(document_id)s::uuid)
   AND (%(document_type)s::text IS NULL OR d.document_type = %(document_type)s::text)
   AND (%(metadata)s::jsonb IS NULL OR c.metadata @> %(metadata)s::jsonb);
+
+-- relay_versions --
+-- One version per chunk the relay is about to publish, drawn after its state
+-- was read: a later read always gets a higher version (see 0004).
+SELECT c.chunk_id, nextval('outboxd.event_version') AS version
+FROM unnest(%(chunk_ids)s::uuid[]) AS c(chunk_id);
+
+-- backlog --
+-- What the daemon reports every few seconds (metrics, systemd STATUS=): pending
+-- events (dead letters aside) and the age of the oldest, by the database clock.
+SELECT count(*) AS pending,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds
+FROM outboxd.outbox
+WHERE status = 'pending';
