@@ -11,12 +11,26 @@ import sys
 
 from pydantic import ValidationError
 
-from daemon.commands import backfill, dead_letters, demo, migrate, reconcile, reindex, roles, run, search, status
+from daemon.commands import (
+    backfill,
+    consume,
+    dead_letters,
+    demo,
+    migrate,
+    reconcile,
+    reindex,
+    relay,
+    roles,
+    run,
+    search,
+    status,
+    tail,
+)
 from daemon.config import Settings
 from daemon.errors import EXIT_CONFIG, EXIT_FAILURE, OutboxdError
 from daemon.logs import setup_logging
 
-COMMANDS = [demo, run, migrate, status, reconcile, backfill, dead_letters, reindex, search, roles]
+COMMANDS = [demo, run, relay, consume, tail, migrate, status, reconcile, backfill, dead_letters, reindex, search, roles]
 
 log = logging.getLogger("outboxd")
 

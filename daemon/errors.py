@@ -57,6 +57,8 @@ def is_transient(exc: BaseException) -> bool:
         return True  # qdrant-client wraps transport errors in this
     if isinstance(exc, UnexpectedResponse):
         return exc.status_code is None or exc.status_code >= 500 or exc.status_code == 429
+    if _is_transient_kafka(exc):
+        return True
     try:
         import grpc  # qdrant-client's gRPC transport, when prefer_grpc is used
 
@@ -69,6 +71,19 @@ def is_transient(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         pass
     return False
+
+
+def _is_transient_kafka(exc: BaseException) -> bool:
+    try:
+        from aiokafka import errors as kafka
+    except ImportError:  # the kafka extra is not installed: nothing of it can fail
+        return False
+    if not isinstance(exc, kafka.KafkaError):
+        return False
+    # the broker's own verdict, plus the client-side timeouts and outages it leaves unflagged
+    return bool(getattr(exc, "retriable", False)) or isinstance(
+        exc, (kafka.KafkaTimeoutError, kafka.KafkaUnavailableError, kafka.BrokerNotAvailableError)
+    )
 
 
 def describe(exc: BaseException) -> str:

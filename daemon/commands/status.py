@@ -21,8 +21,6 @@ from daemon.errors import EXIT_FAILURE, EXIT_OK, SchemaNotReadyError, ServiceUna
 from daemon.qdrant_sink import QdrantSink, describe_target, make_client
 from db.queries import query
 
-# The Kafka transport (and its relay) does not exist yet: nothing to measure.
-RELAY = {"lag_seconds": None, "note": "notify transport"}
 
 
 def _limit(kind):
@@ -160,11 +158,24 @@ def collect(settings, args) -> dict[str, Any]:
         "db_now": db_now,
         "outbox": outbox,
         "leases": db["leases"],
-        "relay": RELAY,
+        "kafka": read_kafka(settings),
         "catalog": db["catalog"],
         "qdrant": asyncio.run(read_qdrant(settings, live)),
         "thresholds": thresholds(args, outbox),
     }
+
+
+def read_kafka(settings) -> dict[str, Any] | None:
+    """The consumer group's lag, where KAFKA_BOOTSTRAP_SERVERS is set (the
+    relay's own lag is the outbox's: it claims from it)."""
+    if not settings.kafka_bootstrap_servers:
+        return None
+    from consumers.kafka import group_lag
+
+    try:
+        return asyncio.run(asyncio.wait_for(group_lag(settings), 20))
+    except Exception as exc:  # status reports what it can reach
+        return {"topic": settings.kafka_topic, "group": settings.kafka_group, "error": describe(exc)}
 
 
 def _seconds(value: float | None) -> str:
@@ -173,7 +184,6 @@ def _seconds(value: float | None) -> str:
 
 def render(report: dict[str, Any]) -> None:
     o = report["outbox"]
-    relay = report["relay"]
     print_table(
         [
             {"": "backlog (pending)", "value": o["backlog"]},
@@ -184,11 +194,19 @@ def render(report: dict[str, Any]) -> None:
             {"": "failed before, retrying", "value": o["failed_before"]},
             {"": "expired leases", "value": o["expired_leases"]},
             {"": "dead letters", "value": o["dead_letters"]},
-            {"": "relay lag", "value": f"{_seconds(relay['lag_seconds'])} ({relay['note']})"},
         ],
         ["", "value"],
         title="Outbox",
     )
+    kafka = report["kafka"]
+    if kafka is not None:
+        value = kafka.get("error") or f"{kafka['consumer_lag']} messages behind"
+        print_table(
+            [{"": f"group {kafka['group']!r} on {kafka['topic']!r}", "value": value}]
+            + [{"": f"  partition {p}", "value": lag} for p, lag in (kafka.get("partitions") or {}).items() if lag],
+            ["", "value"],
+            title="Kafka consumers",
+        )
     if report["leases"]:
         print_table(
             [{**r, "next lease ends in": _seconds(r["expires_in_seconds"]),

@@ -1,0 +1,343 @@
+"""A small base for consumers of the chunk event stream: poll a batch per
+partition, process it, commit its offsets only after it succeeded, park what
+cannot be processed in the dead-letter topic, and stop gracefully.
+
+Subclass it and implement `handle`; `outboxd consume` (Qdrant) and
+`outboxd tail` (print the stream) are the two built here, and another team's
+consumer (a search index, an audit log) is a third file like them:
+
+    class AuditLog(StreamConsumer):
+        async def handle(self, records):
+            for r in records:
+                event = contract.decode(r.value)  # BadMessage -> dead letter
+                ...
+            return []  # records to dead-letter, with the reason
+
+Delivery is at least once: a batch that fails with an outage (a transient
+error) is retried with backoff and never skipped; a crash re-delivers from
+the last commit. So handlers must be idempotent (outboxd's are: versions).
+
+Rebalances are safe: a partition is revoked only after the batch in flight
+for it finished and committed, so two members never interleave writes for one
+key.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections import Counter
+from contextlib import suppress
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from consumers.kafka import client_options, describe_brokers, ensure_topics, kafka_ready
+from daemon.config import Settings
+from daemon.errors import ServiceUnavailableError, describe, is_transient
+from daemon.health import Heartbeat
+from daemon.lifecycle import run_service
+from daemon.supervisor import until_reachable
+from daemon.systemd import SystemdNotifier
+from daemon.telemetry import extract_context, setup_telemetry, tracer
+
+log = logging.getLogger(__name__)
+
+STATS_EVERY = 30.0
+# headers a dead letter carries besides the original ones
+H_ERROR = "outboxd-error"
+H_SOURCE = "outboxd-source"  # topic/partition/offset the message came from
+H_GROUP = "outboxd-group"
+
+
+class StreamConsumer:
+    """One consumer process. group=None reads without a group: every partition,
+    nothing committed (an operator's tail)."""
+
+    role = "outboxd consumer"
+    service_name = "outboxd-consumer"  # OpenTelemetry service.name unless OTEL_SERVICE_NAME says otherwise
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        group: str | None,
+        topics: list[str] | None = None,
+        from_beginning: bool = True,
+        dead_letters: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.group = group
+        self.topics = topics or [settings.kafka_topic]
+        self.from_beginning = from_beginning
+        self.dead_letters = dead_letters
+        self.stop = asyncio.Event()
+        self.counts: Counter[str] = Counter()
+        self.consumer = None
+        self.producer = None  # for dead letters
+        self._busy = asyncio.Lock()  # held while a batch is processed; revocation waits for it
+        self.telemetry = setup_telemetry(self.service_name)
+        self.metrics = self.telemetry.metrics
+        self.heartbeat = Heartbeat()
+        self.notifier = SystemdNotifier()
+        self._in_flight = "batch"  # the heartbeat's name for the batch being processed
+
+    # --- the part a subclass writes --------------------------------------------
+    async def handle(self, records: list[Any]) -> list[tuple[Any, str]]:
+        """Process the records of one partition, in offset order. Return the
+        records that cannot be processed, each with the reason (they go to the
+        dead-letter topic); raise a transient error to have the batch retried."""
+        raise NotImplementedError
+
+    async def open(self) -> None:
+        """Start what handle needs (called once, before the first poll)."""
+
+    async def shutdown(self) -> None:
+        """Close what open started."""
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.counts)
+
+    def readiness_checks(self) -> dict:
+        """/readyz: a subclass adds what handle needs (super().readiness_checks() | {...})."""
+        return {"kafka": self._ready_kafka, "running": self._ready_running}
+
+    async def _ready_kafka(self) -> None:
+        await kafka_ready(self.consumer)
+
+    async def _ready_running(self) -> None:
+        if self.consumer is None:
+            raise ServiceUnavailableError("starting")
+        if self.stop.is_set():
+            raise ServiceUnavailableError("stopping")
+
+    def secrets(self) -> list[str]:
+        return [v.get_secret_value() for v in (self.settings.kafka_sasl_password, self.settings.qdrant_api_key) if v]
+
+    def stuck_workers(self) -> list[str]:
+        return self.heartbeat.stuck(self.settings.heartbeat_timeout)
+
+    # --- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        topics = list(self.topics) + ([s.dead_letter_topic] if self.dead_letters else [])
+        await until_reachable(
+            describe_brokers(s), lambda: ensure_topics(s, topics), timeout=s.startup_timeout, stop=self.stop
+        )
+        await self.open()
+        await until_reachable(describe_brokers(s), self._start_clients, timeout=s.startup_timeout, stop=self.stop)
+
+    async def _start_clients(self) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+        s = self.settings
+        consumer = AIOKafkaConsumer(
+            **client_options(s, suffix="-consumer"),
+            group_id=self.group,
+            enable_auto_commit=False,  # offsets move only after a batch succeeded
+            auto_offset_reset="earliest" if self.from_beginning else "latest",
+            max_poll_records=s.batch_size,
+        )
+        producer = None
+        try:
+            if self.dead_letters:
+                producer = AIOKafkaProducer(**client_options(s, suffix="-dlq"), acks="all", enable_idempotence=True)
+                await producer.start()
+            consumer.subscribe(self.topics, listener=_WaitForBatch(self))
+            await consumer.start()
+        except BaseException:
+            with suppress(Exception):
+                await consumer.stop()
+            if producer is not None:
+                with suppress(Exception):
+                    await producer.stop()
+            raise
+        self.consumer, self.producer = consumer, producer
+
+    async def close(self) -> None:
+        # leaving the group now hands the partitions over at once, not after a session timeout
+        if self.consumer is not None:
+            with suppress(Exception):
+                await self.consumer.stop()
+        if self.producer is not None:
+            with suppress(Exception):
+                await self.producer.stop()
+        with suppress(Exception):
+            await self.shutdown()
+
+    async def run(self) -> int:
+        log.info(
+            f"{self.role} running",
+            extra={"group": self.group, "topics": self.topics, "kafka": self.settings.kafka_bootstrap_servers},
+        )
+        reporter = asyncio.create_task(self._report())
+        try:
+            while not self.stop.is_set():
+                self.heartbeat.beat()
+                batches = await self._poll()
+                for tp, records in batches.items():
+                    if self.stop.is_set():
+                        break  # fetched but not started: uncommitted, delivered again
+                    async with self._busy:
+                        if self.group is not None and tp not in self.consumer.assignment():
+                            continue  # revoked while we waited: its new owner reads it from the last commit
+                        self._in_flight = f"partition-{tp.partition}"
+                        self.heartbeat.busy(self._in_flight)
+                        try:
+                            await self._process(tp, records)
+                        finally:
+                            self.heartbeat.idle(self._in_flight)
+                if batches:
+                    await self._observe_lag()
+        finally:
+            self.notifier.stopping()
+            reporter.cancel()
+            log.info(f"{self.role} stopped", extra=self.stats())
+        return 0
+
+    async def _poll(self) -> dict:
+        try:
+            return await self.consumer.getmany(timeout_ms=500, max_records=self.settings.batch_size)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("cannot fetch from Kafka; retrying", extra={"error": describe(exc)})
+            await _wait(self.stop, 1.0)
+            return {}
+
+    async def _observe_lag(self) -> None:
+        """Per assigned partition: messages after our position (the broker's high
+        watermark as of the last fetch)."""
+        lag = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                with suppress(Exception):  # a partition revoked meanwhile
+                    lag[tp.partition] = max(0, high - await self.consumer.position(tp))
+        self.metrics.set_consumer_lag(lag)
+
+    async def _process(self, tp, records: list[Any]) -> None:
+        # one span per batch, continuing the trace the relay started for its first message
+        with tracer.start_as_current_span(
+            "outboxd.consume",
+            context=extract_context(records[0].headers),
+            attributes={"partition": tp.partition, "records": len(records), "offset": records[0].offset},
+        ):
+            await self._process_with_retry(tp, records)
+        self.metrics.consumer_applied.add(len(records))
+
+    async def _process_with_retry(self, tp, records: list[Any]) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_exponential_jitter(multiplier=0.5, max=30.0),
+            stop=lambda _state: self.stop.is_set(),
+            sleep=lambda seconds: _wait(self.stop, seconds),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    rejected = await self.handle(records)
+                    for record, reason in rejected:
+                        await self.dead_letter(record, reason)
+                    await self._commit(tp, records[-1].offset + 1)
+        except Exception as exc:
+            if not (is_transient(exc) and self.stop.is_set()):
+                raise
+            # stopping during an outage: nothing committed, the next owner applies it
+            log.warning("stopped during an outage; batch left uncommitted", extra={"partition": tp.partition})
+            return
+        self.counts["records"] += len(records)
+
+    async def _commit(self, tp, offset: int) -> None:
+        if self.group is None:
+            return
+        from aiokafka.errors import CommitFailedError
+
+        try:
+            await self.consumer.commit({tp: offset})
+        except CommitFailedError as exc:
+            # the group moved on (we were too slow, or fenced): the partition's new
+            # owner re-applies from the last commit, harmlessly
+            log.warning("offset commit refused after a rebalance", extra={"error": describe(exc)})
+
+    def _log_retry(self, state) -> None:
+        self.counts["transient_retries"] += 1
+        self.metrics.retries.add(1, {"stage": "batch"})
+        self.heartbeat.busy(self._in_flight)  # an outage retry is progress, not a hang
+        log.warning(
+            "batch failed on an outage; retrying",
+            extra={"error": describe(state.outcome.exception()), "retry_in": round(state.upcoming_sleep, 2)},
+        )
+
+    async def dead_letter(self, record: Any, reason: str) -> None:
+        """Park one message, with why, in the dead-letter topic; the partition moves on."""
+        self.counts["dead_letters"] += 1
+        self.metrics.dead_letters.add(1)
+        log.error(
+            "message parked in the dead-letter topic",
+            extra={"partition": record.partition, "offset": record.offset, "error": reason},
+        )
+        if self.producer is None:
+            return
+        headers = list(record.headers or []) + [
+            (H_ERROR, reason.encode("utf-8", "replace")[:4000]),
+            (H_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+            (H_GROUP, (self.group or "").encode()),
+        ]
+        await self.producer.send_and_wait(self.settings.dead_letter_topic, record.value, record.key, headers=headers)
+
+    async def _report(self) -> None:
+        last = None
+        while True:
+            await asyncio.sleep(STATS_EVERY)
+            now = self.stats()
+            if now != last:
+                log.info("progress", extra=now)
+                last = now
+
+    # --- signals -------------------------------------------------------------------
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if not self.stop.is_set():
+                log.info("stopping: finishing the batch in flight", extra={"signal": signal.Signals(signum).name})
+                self.stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    def remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+class _WaitForBatch(ConsumerRebalanceListener):
+    """Rebalance listener: revocation waits until the batch in flight committed."""
+
+    def __init__(self, owner: StreamConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        async with self.owner._busy:
+            pass
+        if revoked:
+            log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def run_consumer(consumer: StreamConsumer) -> int:
+    """Start, run until SIGTERM/SIGINT, stop cleanly; with the health endpoint and
+    systemd notifications around it (daemon.lifecycle)."""
+    return await run_service(consumer)

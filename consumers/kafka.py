@@ -1,0 +1,145 @@
+"""Kafka clients from the one settings model: connection and security options,
+and the topics outboxd needs, created when missing (or a clear error)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from daemon.config import Settings
+from daemon.errors import ConfigError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
+
+
+def require_bootstrap(settings: Settings) -> str:
+    if not settings.kafka_bootstrap_servers:
+        raise ConfigError(
+            "KAFKA_BOOTSTRAP_SERVERS is not set: the Kafka transport needs the brokers' host:port "
+            "(for a local broker: `bash ops/kafka/kafka.sh start`)"
+        )
+    return settings.kafka_bootstrap_servers
+
+
+def client_options(settings: Settings, *, suffix: str = "") -> dict[str, Any]:
+    """Options every aiokafka client (producer, consumer, admin) takes."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": require_bootstrap(settings).split(","),
+        "client_id": settings.kafka_client + suffix,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        options["ssl_context"] = create_ssl_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+            certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+            keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+        )
+    if settings.kafka_security_protocol.startswith("SASL"):
+        if not (settings.kafka_sasl_mechanism and settings.kafka_sasl_username and settings.kafka_sasl_password):
+            raise ConfigError(
+                f"OUTBOXD_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} needs "
+                "OUTBOXD_KAFKA_SASL_MECHANISM, OUTBOXD_KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD "
+                "(or KAFKA_SASL_PASSWORD_FILE)"
+            )
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return options
+
+
+def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
+    """The topics outboxd uses and the configs it creates them with. The chunk
+    topic is compacted: the newest event per chunk (or its tombstone) is kept,
+    so the topic is a replayable snapshot of the index."""
+    return {
+        settings.kafka_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        settings.dead_letter_topic: {"cleanup.policy": "delete", "retention.ms": str(14 * 24 * 3600 * 1000)},
+    }
+
+
+async def kafka_ready(client) -> None:
+    """/readyz: the producer or consumer was started and a broker answers a
+    metadata request now (aiokafka has no public ping; _client is its connection
+    manager: .client on a producer, ._client on a consumer)."""
+    if client is None:
+        raise ServiceUnavailableError("not connected to Kafka yet")
+    connection = getattr(client, "client", None) or client._client
+    metadata = await connection.fetch_all_metadata()
+    if not metadata.brokers():
+        raise ServiceUnavailableError("no Kafka broker is reachable")
+
+
+def describe_brokers(settings: Settings) -> str:
+    return f"Kafka ({settings.kafka_bootstrap_servers})"
+
+
+async def ensure_topics(settings: Settings, names: list[str] | None = None) -> None:
+    """Create the missing topics (OUTBOXD_KAFKA_CREATE_TOPICS), or say which are missing."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    specs = topic_specs(settings)
+    wanted = names or list(specs)
+    admin = AIOKafkaAdminClient(**client_options(settings, suffix="-admin"))
+    try:  # an unreachable broker raises a transient error: callers wait with until_reachable
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        if not missing:
+            return
+        if not settings.kafka_create_topics:
+            raise ConfigError(
+                f"Kafka topic(s) {', '.join(missing)} do not exist and OUTBOXD_KAFKA_CREATE_TOPICS is false; "
+                f"create them (the chunk topic with cleanup.policy=compact) or allow outboxd to"
+            )
+        response = await admin.create_topics(
+            [
+                NewTopic(t, settings.kafka_partitions, settings.kafka_replication_factor, topic_configs=specs.get(t, {}))
+                for t in missing
+            ]
+        )
+        for name, code, *message in response.topic_errors:
+            if code not in (0, TOPIC_ALREADY_EXISTS):  # a racing replica may have created it
+                raise ConfigError(f"cannot create Kafka topic {name!r}: error {code} {message[0] if message else ''}")
+        log.info(
+            "kafka topics created",
+            extra={
+                "topics": missing,
+                "partitions": settings.kafka_partitions,
+                "replication_factor": settings.kafka_replication_factor,
+            },
+        )
+    finally:
+        await admin.close()
+
+
+async def group_lag(settings: Settings) -> dict[str, Any]:
+    """How far the consumer group is behind the topic: per partition, the
+    messages after its committed offset (all of them where it committed none)."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.structs import TopicPartition
+
+    topic, group = settings.kafka_topic, settings.kafka_group
+    admin = AIOKafkaAdminClient(**client_options(settings, suffix="-status"))
+    reader = AIOKafkaConsumer(**client_options(settings, suffix="-status"), group_id=None)
+    await admin.start()
+    try:
+        await reader.start()
+        described = (await admin.describe_topics([topic]))[0]
+        if described["error_code"]:
+            return {"topic": topic, "group": group, "error": f"topic {topic!r} not found (error {described['error_code']})"}
+        partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+        ends = await reader.end_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+        lag: dict[str, int] = {}  # JSON object keys: partition numbers as text
+        for tp in partitions:
+            meta = committed.get(tp)
+            done = meta.offset if meta is not None and meta.offset >= 0 else 0
+            lag[str(tp.partition)] = max(0, ends[tp] - done)
+        return {"topic": topic, "group": group, "consumer_lag": sum(lag.values()), "partitions": lag}
+    finally:
+        await reader.stop()
+        await admin.close()

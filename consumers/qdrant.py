@@ -1,0 +1,158 @@
+"""`outboxd consume`: the consumer group that converges Qdrant from the topic.
+
+Each batch (one partition's records) is coalesced per chunk, newest version
+winning, and handed to the same apply core as the notify daemon
+(daemon.apply.Applier): embed only changed text, set_payload for payload-only
+changes, delete on delete or tombstone, one confirmed Qdrant request, and
+leave alone a point that already reflects a newer version. The base commits
+the offsets only after that returned.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+from uuid import UUID
+
+from consumers import contract
+from consumers.base import StreamConsumer
+from daemon.apply import Applier, ApplyResult
+from daemon.chunk_state import ChunkState
+from daemon.config import Settings
+from daemon.embedder import Embedder
+from daemon.errors import ServiceUnavailableError, describe, is_transient
+from daemon.qdrant_sink import QdrantSink, describe_target, make_client
+from daemon.supervisor import until_reachable
+
+log = logging.getLogger(__name__)
+
+# a tombstone from a producer that sets no version header deletes unconditionally
+UNVERSIONED = sys.maxsize
+
+
+class QdrantConsumer(StreamConsumer):
+    role = "outboxd consume"
+
+    def __init__(self, settings: Settings, *, embedder: Embedder | None = None, qdrant=None) -> None:
+        super().__init__(settings, group=settings.kafka_group, from_beginning=True)
+        self._owns_embedder = embedder is None
+        self._owns_qdrant = qdrant is None
+        self.embedder = embedder or Embedder(settings)
+        self.qdrant = qdrant or make_client(settings)
+        self.sink = QdrantSink(self.qdrant, settings.collection)
+        self.applier = Applier(self.embedder, self.sink, reuse_vectors=settings.reuse_stored_vectors)
+        self.totals = ApplyResult()
+
+    async def open(self) -> None:
+        fingerprint = self.embedder.fingerprint or await self.embedder.load()
+        await until_reachable(
+            f"Qdrant ({describe_target(self.settings)})",
+            lambda: self.sink.ensure_collection(fingerprint),
+            timeout=self.settings.startup_timeout,
+            stop=self.stop,
+        )
+
+    def readiness_checks(self) -> dict:
+        return super().readiness_checks() | {"qdrant": self._ready_qdrant, "model": self._ready_model}
+
+    async def _ready_qdrant(self) -> None:
+        await self.qdrant.get_collections()
+
+    async def _ready_model(self) -> None:
+        if self.embedder.fingerprint is None:
+            raise ServiceUnavailableError("the embedding model is not loaded yet")
+
+    async def shutdown(self) -> None:
+        if self._owns_qdrant:
+            await self.qdrant.close()
+        if self._owns_embedder:
+            self.embedder.close()
+
+    def stats(self) -> dict[str, Any]:
+        t = self.totals
+        return {
+            **self.counts,
+            "upserted": t.upserted,
+            "payload_only": t.payload_only,
+            "deleted": t.deleted,
+            "unchanged": t.unchanged,
+            "older": t.older,
+            "embedded": t.embedded,
+            "encode_seconds": round(self.embedder.encode_seconds, 3),
+        }
+
+    async def handle(self, records: list[Any]) -> list[tuple[Any, str]]:
+        rejected: list[tuple[Any, str]] = []
+        newest: dict[UUID, tuple[int, ChunkState | None]] = {}
+        records_of: dict[UUID, list[Any]] = {}
+        for record in records:
+            try:
+                chunk_id, version, state = parse(record)
+            except contract.BadMessage as exc:
+                rejected.append((record, str(exc)))
+                continue
+            records_of.setdefault(chunk_id, []).append(record)
+            if chunk_id not in newest or version >= newest[chunk_id][0]:
+                newest[chunk_id] = (version, state)
+        if not newest:
+            return rejected
+        targets = {cid: state for cid, (_, state) in newest.items()}
+        versions = {cid: version for cid, (version, _) in newest.items()}
+        try:
+            result = await self.applier.apply(targets, versions=versions)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            result = await self._isolate(targets, versions, exc)
+        for chunk_id, reason in result.failed.items():
+            rejected.extend((r, reason) for r in records_of[chunk_id])
+        self.totals.merge(result)
+        self.counts["applied"] += len(result.written)
+        self._observe(result)
+        return rejected
+
+    def _observe(self, r: ApplyResult) -> None:
+        m = self.metrics
+        for op, n in (("upsert", r.upserted), ("payload", r.payload_only), ("delete", r.deleted),
+                      ("unchanged", r.unchanged), ("older", r.older)):
+            if n:
+                m.events_applied.add(n, {"op": op, "result": "ok"})
+        for kind, n in (("computed", r.embedded), ("reused", r.reused), ("payload_only", r.payload_only),
+                        ("unchanged", r.unchanged), ("cache_hit", max(0, r.upserted - r.embedded - r.reused))):
+            if n:
+                m.embeddings.add(n, {"kind": kind})
+        if r.failed:
+            m.events_applied.add(len(r.failed), {"op": "upsert", "result": "dead"})
+
+    async def _isolate(self, targets, versions, exc: Exception) -> ApplyResult:
+        """A batch failed, not on an outage: apply chunk by chunk so only the
+        chunk at fault goes to the dead-letter topic."""
+        if len(targets) == 1:
+            return ApplyResult(failed={next(iter(targets)): describe(exc)})
+        log.warning("batch failed; applying its chunks one by one", extra={"error": describe(exc)})
+        combined = ApplyResult()
+        for chunk_id, state in targets.items():
+            try:
+                combined.merge(await self.applier.apply({chunk_id: state}, versions={chunk_id: versions[chunk_id]}))
+            except Exception as one:
+                if is_transient(one):
+                    raise
+                combined.failed[chunk_id] = describe(one)
+        return combined
+
+
+def parse(record: Any) -> tuple[UUID, int, ChunkState | None]:
+    """(chunk id, version, state or None for a delete) of one record; BadMessage
+    says what is wrong with it."""
+    if record.value is None:
+        chunk_id, version = contract.tombstone_version(record.key, record.headers)
+        return chunk_id, UNVERSIONED if version is None else version, None
+    event = contract.decode(record.value)
+    if record.key is not None and record.key != str(event.chunk_id).encode():
+        raise contract.BadMessage(
+            f"message key {record.key!r} is not the event's chunk id {event.chunk_id}: the producer must key "
+            "every event by its chunk id so one chunk's changes stay in order"
+        )
+    if isinstance(event, contract.ChunkUpserted):
+        return event.chunk_id, event.version, contract.state_from_event(event)
+    return event.chunk_id, event.version, None

@@ -1,0 +1,133 @@
+"""`outboxd relay`: the outbox, published to Kafka.
+
+The relay is the notify daemon's claim loop (daemon.supervisor: LISTEN
+wake-up with polling, SKIP LOCKED claims, leases, verified acks, drain) with a
+Publisher for a sink: for each claimed chunk it publishes the chunk's current
+state, keyed by chunk id, with an idempotent acks=all producer, and the events
+are acknowledged only after the broker confirmed every message.
+
+Why several relays cannot leave a consumer on an old state: each message
+carries a version drawn after its state was read, and the acknowledgement is
+verified (ack_verified): if the chunk changed after it was read, the events
+are released or re-queued, so a newer read (with a higher version) follows.
+Consumers keep the highest version per point.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from uuid import UUID
+
+from consumers import contract
+from consumers.kafka import client_options, describe_brokers, ensure_topics, kafka_ready
+from daemon.apply import ApplyResult
+from daemon.chunk_state import ChunkState
+from daemon.errors import describe, is_transient
+from daemon.outbox import Event
+from daemon.supervisor import Supervisor
+from daemon.telemetry import inject_headers
+from daemon.worker import BatchSink
+from db.queries import fetch
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """A BatchSink that writes chunk events to the topic."""
+
+    def __init__(self, producer, pool, topic: str, metrics) -> None:
+        self.producer = producer
+        self.pool = pool
+        self.topic = topic
+        self.metrics = metrics
+
+    async def apply(
+        self, targets: dict[UUID, ChunkState | None], events: dict[UUID, list[Event]] | None = None
+    ) -> ApplyResult:
+        result = ApplyResult()
+        if not targets:
+            return result
+        rows = await fetch(self.pool, "relay_versions", chunk_ids=list(targets))
+        versions = {r["chunk_id"]: r["version"] for r in rows}
+        relayed_at = datetime.now(UTC)
+        trace_headers = inject_headers()
+        pending: list[tuple[UUID, asyncio.Future]] = []
+        for chunk_id, state in targets.items():
+            behind = (events or {}).get(chunk_id) or []
+            common = {
+                "event_id": max((e.id for e in behind), default=0),
+                "version": versions[chunk_id],
+                "chunk_id": chunk_id,
+                "changed_at": max((e.created_at for e in behind), default=relayed_at),
+                "relayed_at": relayed_at,
+            }
+            if state is None:
+                event = contract.ChunkDeleted(**common)
+            else:
+                event = contract.ChunkUpserted(**common, chunk=contract.chunk_from_state(state))
+            key = str(chunk_id).encode()
+            headers = contract.headers(event) + trace_headers  # the consumer's span continues this batch's trace
+            pending.append((chunk_id, await self.producer.send(self.topic, contract.encode(event), key, headers=headers)))
+            if state is None:  # the tombstone lets compaction forget the chunk
+                pending.append((chunk_id, await self.producer.send(self.topic, None, key, headers=headers)))
+            result.written[chunk_id] = state.state_hash if state else None
+            if state is None:
+                result.deleted += 1
+            else:
+                result.upserted += 1
+        outcomes = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        for (chunk_id, _), outcome in zip(pending, outcomes):
+            if isinstance(outcome, BaseException):
+                if is_transient(outcome) or not isinstance(outcome, Exception):
+                    raise outcome  # the batch is retried whole; duplicates are harmless
+                result.written.pop(chunk_id, None)
+                result.failed[chunk_id] = describe(outcome)  # e.g. larger than the broker accepts
+        self.metrics.relay_published.add(len(result.written))
+        return result
+
+
+class Relay(Supervisor):
+    role = "outboxd relay"
+    service_name = "outboxd-relay"
+    events_op = "published"
+
+    def __init__(self, settings, dsn) -> None:
+        super().__init__(settings, dsn)
+        self.producer = None
+
+    async def start_sink(self) -> tuple[BatchSink, str | None]:
+        s = self.settings
+        await self._until_reachable(describe_brokers(s), lambda: ensure_topics(s))
+        await self._until_reachable(describe_brokers(s), self._start_producer)
+        return Publisher(self.producer, self.pool, s.kafka_topic, self.metrics), None
+
+    async def _start_producer(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(
+            **client_options(self.settings, suffix="-relay"),
+            enable_idempotence=True,  # broker-side dedupe of retries, in order per partition
+            acks="all",
+            linger_ms=5,
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self.producer = producer
+
+    async def close_sink(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+
+    def describe(self) -> dict:
+        s = self.settings
+        return {"kafka": s.kafka_bootstrap_servers, "topic": s.kafka_topic}
+
+    def readiness_checks(self):
+        return super().readiness_checks() | {"kafka": self._ready_kafka}
+
+    async def _ready_kafka(self) -> None:
+        await kafka_ready(self.producer)
