@@ -20,7 +20,7 @@ def test_quick_run_writes_every_figure(tmp_path, monkeypatch):
     assert set(figures) == set(harness.FIGURES)
     for key, value in figures.items():
         assert isinstance(value, (int, float)) or (isinstance(value, str) and value.startswith("not measured: ")), (key, value)
-    assert figures["5_transport_events_per_s_kafka"] == harness.KAFKA_MISSING
+    assert figures["5_transport_events_per_s_kafka"] > 0 and figures["5_relay_events_per_s"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| figure | value | target | met? |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
