@@ -78,7 +78,8 @@ class Applier:
         target; a point that already reflects a higher version is left alone, and
         written points record theirs in the payload."""
         result = ApplyResult()
-        existing = await self.sink.payloads(list(targets))
+        # not the text: equal content hashes mean equal text, and it is the payload's bulk
+        existing = await self.sink.payloads(list(targets), without=["text"])
         if versions is not None:
             targets = self._drop_older(targets, versions, existing, result)
         deletes: list[str] = []
@@ -107,9 +108,10 @@ class Applier:
                 or current.get("embedding_model") != self.model_id
             ):
                 to_embed[chunk_id] = (state, payload)
-            elif any(current.get(k) != v for k, v in payload.items()):
-                # set, not overwrite: "truncated" belongs to the vector and stays
-                payload_updates.append((str(chunk_id), payload))
+            elif changed := {k: v for k, v in payload.items() if k != "text" and current.get(k) != v}:
+                # set only what changed, not overwrite: "truncated" belongs to the vector and
+                # stays, and one title or metadata change is then the same update for every chunk
+                payload_updates.append((str(chunk_id), changed))
                 result.payload_only += 1
             else:
                 result.unchanged += 1

@@ -10,6 +10,7 @@ import warnings
 from typing import Any
 from uuid import UUID
 
+import orjson
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon.config import Settings
@@ -141,12 +142,13 @@ class QdrantSink:
         meta = (info.config.metadata or {}).get(FINGERPRINT_KEY)
         return ModelFingerprint.from_dict(meta) if meta else None
 
-    async def payloads(self, ids: list[UUID]) -> dict[str, dict[str, Any]]:
-        """Current payload of each existing point, by point id."""
+    async def payloads(self, ids: list[UUID], *, without: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Current payload of each existing point, by point id (less the keys in `without`)."""
         if not ids:
             return {}
+        selector = models.PayloadSelectorExclude(exclude=without) if without else True
         records = await self.client.retrieve(
-            self.collection, [str(i) for i in ids], with_payload=True, with_vectors=False
+            self.collection, [str(i) for i in ids], with_payload=selector, with_vectors=False
         )
         return {str(r.id): (r.payload or {}) for r in records}
 
@@ -183,8 +185,12 @@ class QdrantSink:
         ops: list[Any] = []
         if upserts:
             ops.append(models.UpsertOperation(upsert=models.PointsList(points=upserts)))
+        # identical changes (a document's new title on all its chunks) become one operation
+        same: dict[bytes, tuple[dict[str, Any], list[str]]] = {}
         for point_id, payload in payload_updates:
-            ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=[point_id])))
+            same.setdefault(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS), (payload, []))[1].append(point_id)
+        for payload, point_ids in same.values():
+            ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=point_ids)))
         if deletes:
             ops.append(models.DeleteOperation(delete=models.PointIdsList(points=deletes)))
         if ops:
