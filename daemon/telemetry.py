@@ -49,8 +49,9 @@ INSTRUMENTS: dict[str, tuple[str, str, str]] = {
     "events_applied": (
         "counter", "{event}",
         "Outbox events a batch finished, by what was done to their chunk (op: upsert, payload, delete, "
-        "unchanged, published) and what became of the event (result: ok = acknowledged, released = handed "
-        "back because the chunk changed meanwhile, failed = will be retried, dead = parked as a dead letter).",
+        "unchanged, published; older = a Kafka event older than its point, skipped) and what became of the "
+        "event (result: ok = acknowledged, released = handed back because the chunk changed meanwhile, "
+        "failed = will be retried, dead = parked as a dead letter).",
     ),
     "embeddings": (
         "counter", "{chunk}",

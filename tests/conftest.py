@@ -236,3 +236,31 @@ def kafka_broker(_kafka):
     or None when the broker is external (KAFKA_BOOTSTRAP_SERVERS) or a container:
     a test that restarts the broker skips then."""
     return _kafka[1]
+
+
+# --- outboxd as a child process ---------------------------------------------------------
+@pytest.fixture
+def spawn(tmp_path):
+    """Start outboxd processes (cwd = tmp_path unless given); all are killed at teardown."""
+    from tests.processes import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def start(*args: str, env: dict[str, str], cwd: Path | None = None, name: str | None = None) -> DaemonProcess:
+        proc = DaemonProcess(list(args), env, cwd or tmp_path, name or f"outboxd-{len(started)}")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+@pytest.fixture
+def notify():
+    """A NOTIFY_SOCKET the test reads, as systemd would (tests.processes.NotifyListener)."""
+    from tests.processes import NotifyListener
+
+    listener = NotifyListener()
+    yield listener
+    listener.close()

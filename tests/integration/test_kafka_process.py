@@ -13,8 +13,7 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from consumers.qdrant import QdrantConsumer
-from tests.integration.test_process import MODEL_LOAD_S, base_env, insert_backlog, long_texts, spawn  # noqa: F401
-from tests.integration.test_telemetry import health_port, notify, sample  # noqa: F401 - notify is a fixture
+from tests.processes import MODEL_LOAD_S, base_env, health_port, insert_backlog, long_texts, sample
 from tests.kafka_support import kafka_names, read_topic, relay_drain, running, wait_until_matches
 from tests.support import add_document, assert_converged, outbox_rows
 

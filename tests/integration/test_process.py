@@ -8,16 +8,10 @@ starting the next one.
 """
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -27,161 +21,24 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from qdrant_client import AsyncQdrantClient
 
 from daemon.qdrant_sink import FINGERPRINT_KEY
+from tests.processes import (
+    MODEL_LOAD_S,
+    DaemonProcess,
+    base_env,
+    daemon_env,
+    insert_backlog,
+    long_texts,
+    outbox_counts,
+    run_drain,
+)
 from tests.support import add_document, all_points, assert_converged, outbox_rows
 
 pytestmark = [pytest.mark.slow]
 
-MODEL_LOAD_S = 90  # generous: importing torch and loading MiniLM on a busy 2-core machine
 EXIT_CONFIG = 78
 EXIT_UNAVAILABLE = 69
 PASSWORD = "S3cretPassw0rd"
 API_KEY = "Sup3rSecretKey"
-
-VOCAB = (
-    "postgres qdrant vector outbox chunk document source embedding model daemon worker lease batch claim "
-    "commit transaction trigger notify listen payload point collection cosine distance search index query "
-    "replica primary failover backup restore schema migration version upgrade rollback snapshot segment "
-    "shard cluster node memory disk network latency throughput backlog retry backoff jitter deadline signal "
-    "process thread loop future task queue stream partition offset consumer producer topic record event "
-    "state hash text token window sentence paragraph title author summary metadata label category river "
-    "mountain forest harbor lantern violin copper marble saffron thunder meadow glacier orchard compass"
-).split()
-
-
-def long_texts(n: int, words: int = 60, seed: int = 0) -> list[str]:
-    """n distinct texts of about `words` words each (embedding them takes real time)."""
-    rng = random.Random(seed)
-    return [f"Record {seed}-{i}. " + " ".join(rng.choice(VOCAB) for _ in range(words)) for i in range(n)]
-
-
-def insert_backlog(conn: psycopg.Connection, texts: list[str], per_document: int = 50) -> None:
-    for start in range(0, len(texts), per_document):
-        add_document(conn, texts[start : start + per_document], title=f"Document {start // per_document}")
-
-
-def outbox_counts(dsn: str) -> tuple[int, int]:
-    """(rows in the outbox, rows currently claimed by some worker)."""
-    with psycopg.connect(dsn, autocommit=True) as c:
-        total, claimed = c.execute("SELECT count(*), count(locked_by) FROM outboxd.outbox").fetchone()
-    return total, claimed
-
-
-def base_env(**settings: Any) -> dict[str, str]:
-    """The test runner's environment without any outboxd, PostgreSQL or Qdrant
-    setting, plus the given ones."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("OUTBOXD_") and k not in ("DATABASE_URL", "QDRANT_URL", "QDRANT_API_KEY")
-    }
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OUTBOXD_LOG_FORMAT="json")
-    env.update({k: str(v) for k, v in settings.items()})
-    return env
-
-
-def daemon_env(dsn: str, qdrant_path: Path, collection: str, **settings: Any) -> dict[str, str]:
-    values = dict(
-        DATABASE_URL=dsn,
-        OUTBOXD_QDRANT_PATH=str(qdrant_path),
-        OUTBOXD_COLLECTION=collection,
-        OUTBOXD_LEASE_SECONDS=3,
-        OUTBOXD_POLL_INTERVAL=0.5,
-        OUTBOXD_STARTUP_TIMEOUT=20,
-    )
-    values.update(settings)
-    return base_env(**values)
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
-
-
-class DaemonProcess:
-    """One `python -m daemon.cli ...` child; stdout and stderr go to files."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, name: str) -> None:
-        self.stdout_path = cwd / f"{name}.stdout"
-        self.stderr_path = cwd / f"{name}.stderr"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", *args], env=env, cwd=cwd, stdout=out, stderr=err
-            )
-        self.pid = self.popen.pid
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def logs(self) -> list[dict[str, Any]]:
-        return json_lines(self.stderr)
-
-    def log(self, msg: str) -> dict[str, Any] | None:
-        return next((d for d in self.logs() if d.get("msg") == msg), None)
-
-    def describe(self) -> str:
-        return f"exit={self.popen.poll()}\n--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-6000:]}"
-
-    def wait_for(self, predicate, what: str, timeout: float, interval: float = 0.05):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            if self.popen.poll() is not None:
-                value = predicate()  # one last look: it may have been written just before exiting
-                if value:
-                    return value
-                pytest.fail(f"outboxd exited before {what}\n{self.describe()}")
-            time.sleep(interval)
-        pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.describe()}")
-
-    def wait_running(self, timeout: float = MODEL_LOAD_S) -> dict[str, Any]:
-        return self.wait_for(lambda: self.log("outboxd running"), "'outboxd running'", timeout, 0.1)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"outboxd did not exit within {timeout}s\n{self.describe()}")
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-
-
-@pytest.fixture
-def spawn(tmp_path):
-    """Start outboxd processes (cwd = tmp_path unless given); all are killed at teardown."""
-    started: list[DaemonProcess] = []
-
-    def start(*args: str, env: dict[str, str], cwd: Path | None = None, name: str | None = None) -> DaemonProcess:
-        proc = DaemonProcess(list(args), env, cwd or tmp_path, name or f"outboxd-{len(started)}")
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
-
-
-def run_drain(spawn, env: dict[str, str], timeout: float = MODEL_LOAD_S + 120, **kw) -> DaemonProcess:
-    proc = spawn("run", "--drain", env=env, **kw)
-    proc.wait(timeout)
-    return proc
 
 
 # --- 1. SIGKILL mid-batch ------------------------------------------------------------

@@ -6,92 +6,32 @@ pieces of daemon.telemetry."""
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from qdrant_client import AsyncQdrantClient
 
+from daemon.errors import EXIT_UNAVAILABLE
 from daemon.telemetry import Metrics, extract_context, inject_headers, setup_telemetry, span, tracer
 from daemon.worker import apportion
-from tests.integration.test_process import (  # noqa: F401 - spawn is a fixture
-    EXIT_UNAVAILABLE,
+from tests.processes import (
     MODEL_LOAD_S,
     base_env,
     daemon_env,
+    health_port,
     insert_backlog,
     long_texts,
     outbox_counts,
-    spawn,
+    sample,
 )
 from tests.support import assert_converged
 
 PASSWORD = "Telemetry5ecretPw"
 API_KEY = "Telemetry5ecretKey"
-
-
-class NotifyListener:
-    """A bound AF_UNIX datagram socket, read continuously by a thread (so a chatty
-    watchdog never fills its queue), at a path short enough for sun_path."""
-
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="sd-"))
-        self.path = str(self.folder / "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages: list[str] = []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._done.is_set():
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-    def seen(self, predicate) -> str | None:
-        return next((m for m in list(self.messages) if predicate(m)), None)
-
-    def index(self, message: str) -> int:
-        return self.messages.index(message)
-
-    def close(self) -> None:
-        self._done.set()
-        self._thread.join(5)
-        self.sock.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-@pytest.fixture
-def notify():
-    listener = NotifyListener()
-    yield listener
-    listener.close()
-
-
-def health_port(proc) -> int:
-    line = proc.wait_for(lambda: proc.log("health endpoint listening"), "the health endpoint", MODEL_LOAD_S, 0.05)
-    assert line["host"] == "127.0.0.1"
-    return int(line["port"])
-
-
-def sample(metrics_text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample of the Prometheus text, or None."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
-    found = re.search(pattern, metrics_text, re.M)
-    return float(found.group(1)) if found else None
 
 
 # --- the daemon under systemd and Prometheus ---------------------------------------------------------
