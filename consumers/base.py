@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections import Counter
 from contextlib import suppress
 from typing import Any
@@ -37,7 +36,7 @@ from consumers.kafka import client_options, describe_brokers, ensure_topics, kaf
 from daemon.config import Settings
 from daemon.errors import ServiceUnavailableError, describe, is_transient
 from daemon.health import Heartbeat
-from daemon.lifecycle import run_service
+from daemon.lifecycle import install_stop_signals, remove_stop_signals, run_service
 from daemon.supervisor import until_reachable
 from daemon.systemd import SystemdNotifier
 from daemon.telemetry import extract_context, setup_telemetry, tracer
@@ -300,20 +299,10 @@ class StreamConsumer:
 
     # --- signals -------------------------------------------------------------------
     def install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_signal(signum: int) -> None:
-            if not self.stop.is_set():
-                log.info("stopping: finishing the batch in flight", extra={"signal": signal.Signals(signum).name})
-                self.stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
+        install_stop_signals(self.stop, "finishing the batch in flight")
 
     def remove_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        remove_stop_signals()
 
 
 class _WaitForBatch(ConsumerRebalanceListener):

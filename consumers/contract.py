@@ -132,35 +132,9 @@ def tombstone_version(key: bytes | None, headers: list[tuple[str, bytes]] | None
 
 
 def chunk_from_state(state: ChunkState) -> Chunk:
-    return Chunk(
-        document_id=state.document_id,
-        source_id=state.source_id,
-        chunk_index=state.chunk_index,
-        text=state.text,
-        token_count=state.token_count,
-        content_hash=state.content_hash,
-        metadata=state.metadata,
-        title=state.title,
-        url=state.url,
-        document_type=state.document_type,
-        state_hash=state.state_hash,
-    )
+    return Chunk(**{name: getattr(state, name) for name in Chunk.model_fields})
 
 
 def state_from_event(event: ChunkUpserted) -> ChunkState:
     """The ChunkState the apply core takes, from an event (no database read)."""
-    c = event.chunk
-    return ChunkState(
-        chunk_id=event.chunk_id,
-        document_id=c.document_id,
-        source_id=c.source_id,
-        chunk_index=c.chunk_index,
-        text=c.text,
-        token_count=c.token_count,
-        content_hash=c.content_hash,
-        metadata=c.metadata,
-        title=c.title,
-        url=c.url,
-        document_type=c.document_type,
-        state_hash=c.state_hash,
-    )
+    return ChunkState(chunk_id=event.chunk_id, **event.chunk.model_dump())

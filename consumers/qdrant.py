@@ -16,12 +16,12 @@ from uuid import UUID
 
 from consumers import contract
 from consumers.base import StreamConsumer
-from daemon.apply import Applier, ApplyResult
+from daemon.apply import Applier, ApplyResult, isolate
 from daemon.chunk_state import ChunkState
 from daemon.config import Settings
 from daemon.embedder import Embedder
-from daemon.errors import ServiceUnavailableError, describe, is_transient
-from daemon.qdrant_sink import QdrantSink, describe_target, make_client
+from daemon.errors import is_transient
+from daemon.qdrant_sink import QdrantSink, describe_target, embedding_checks, make_client
 from daemon.supervisor import until_reachable
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,7 @@ class QdrantConsumer(StreamConsumer):
         )
 
     def readiness_checks(self) -> dict:
-        return super().readiness_checks() | {"qdrant": self._ready_qdrant, "model": self._ready_model}
-
-    async def _ready_qdrant(self) -> None:
-        await self.qdrant.get_collections()
-
-    async def _ready_model(self) -> None:
-        if self.embedder.fingerprint is None:
-            raise ServiceUnavailableError("the embedding model is not loaded yet")
+        return super().readiness_checks() | embedding_checks(self.qdrant, self.embedder)
 
     async def shutdown(self) -> None:
         if self._owns_qdrant:
@@ -103,7 +96,9 @@ class QdrantConsumer(StreamConsumer):
         except Exception as exc:
             if is_transient(exc):
                 raise
-            result = await self._isolate(targets, versions, exc)
+            result = await isolate(
+                lambda cid: self.applier.apply({cid: targets[cid]}, versions={cid: versions[cid]}), list(targets), exc
+            )
         for chunk_id, reason in result.failed.items():
             rejected.extend((r, reason) for r in records_of[chunk_id])
         self.totals.merge(result)
@@ -117,28 +112,11 @@ class QdrantConsumer(StreamConsumer):
                       ("unchanged", r.unchanged), ("older", r.older)):
             if n:
                 m.events_applied.add(n, {"op": op, "result": "ok"})
-        for kind, n in (("computed", r.embedded), ("reused", r.reused), ("payload_only", r.payload_only),
-                        ("unchanged", r.unchanged), ("cache_hit", max(0, r.upserted - r.embedded - r.reused))):
+        for kind, n in r.embedding_kinds().items():
             if n:
                 m.embeddings.add(n, {"kind": kind})
         if r.failed:
             m.events_applied.add(len(r.failed), {"op": "upsert", "result": "dead"})
-
-    async def _isolate(self, targets, versions, exc: Exception) -> ApplyResult:
-        """A batch failed, not on an outage: apply chunk by chunk so only the
-        chunk at fault goes to the dead-letter topic."""
-        if len(targets) == 1:
-            return ApplyResult(failed={next(iter(targets)): describe(exc)})
-        log.warning("batch failed; applying its chunks one by one", extra={"error": describe(exc)})
-        combined = ApplyResult()
-        for chunk_id, state in targets.items():
-            try:
-                combined.merge(await self.applier.apply({chunk_id: state}, versions={chunk_id: versions[chunk_id]}))
-            except Exception as one:
-                if is_transient(one):
-                    raise
-                combined.failed[chunk_id] = describe(one)
-        return combined
 
 
 def parse(record: Any) -> tuple[UUID, int, ChunkState | None]:

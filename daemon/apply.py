@@ -16,6 +16,7 @@ and sends all of it to Qdrant as one confirmed batch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -24,7 +25,7 @@ from qdrant_client import models
 
 from daemon.chunk_state import ChunkState
 from daemon.embedder import Embedder
-from daemon.errors import InvalidChunkError
+from daemon.errors import InvalidChunkError, describe, is_transient
 from daemon.qdrant_sink import QdrantSink
 from daemon.telemetry import span
 
@@ -48,11 +49,41 @@ class ApplyResult:
     reused: int = 0  # vectors of identical text found in Qdrant instead of encoded
     older: int = 0  # events older than the version their point already reflects (Kafka)
 
+    def embedding_kinds(self) -> dict[str, int]:
+        """How each written chunk's vector was obtained (the embeddings metric)."""
+        return {
+            "computed": self.embedded,
+            "reused": self.reused,
+            "cache_hit": max(0, self.upserted - self.embedded - self.reused),  # cache, or the same text in the batch
+            "payload_only": self.payload_only,
+            "unchanged": self.unchanged,
+        }
+
     def merge(self, other: "ApplyResult") -> None:
         self.written.update(other.written)
         self.failed.update(other.failed)
         for name in ("upserted", "payload_only", "deleted", "unchanged", "embedded", "reused", "older"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+async def isolate(
+    apply_one: Callable[[UUID], Awaitable[ApplyResult]], chunk_ids: list[UUID], exc: Exception
+) -> ApplyResult:
+    """A batch failed for a reason that is not an outage: apply chunk by chunk so
+    that only the chunk at fault is held back (invariant 6). An outage on the
+    way is raised, to retry the whole batch."""
+    if len(chunk_ids) == 1:
+        return ApplyResult(failed={chunk_ids[0]: describe(exc)})
+    log.warning("batch failed; applying its chunks one by one", extra={"error": describe(exc)})
+    combined = ApplyResult()
+    for chunk_id in chunk_ids:
+        try:
+            combined.merge(await apply_one(chunk_id))
+        except Exception as one:
+            if is_transient(one):
+                raise
+            combined.failed[chunk_id] = describe(one)
+    return combined
 
 
 class Applier:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -40,6 +41,31 @@ class Service(Protocol):
     async def start(self) -> None: ...
     async def run(self, **kwargs: Any) -> int: ...
     async def close(self) -> None: ...
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def install_stop_signals(stop: asyncio.Event, what: str, on_again: Callable[[], None] | None = None) -> None:
+    """SIGTERM/SIGINT set `stop` (logging `what` the process now finishes); a
+    second one calls on_again (e.g. cancel the work in flight) where given."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            log.info(f"stopping: {what}", extra={"signal": signal.Signals(signum).name})
+            stop.set()
+        elif on_again is not None:
+            on_again()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+def remove_stop_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
 
 
 async def run_service(service: Service, **run_kwargs: Any) -> int:

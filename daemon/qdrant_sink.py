@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
@@ -15,7 +16,7 @@ from qdrant_client import AsyncQdrantClient, models
 
 from daemon.config import Settings
 from daemon.embedder import Embedding, ModelFingerprint
-from daemon.errors import ConfigError, ModelMismatchError
+from daemon.errors import ConfigError, ModelMismatchError, ServiceUnavailableError
 from daemon.telemetry import span
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,19 @@ def make_client(settings: Settings) -> AsyncQdrantClient:
     if settings.local_qdrant_path == ":memory:":
         return AsyncQdrantClient(location=":memory:")
     return AsyncQdrantClient(path=settings.local_qdrant_path)
+
+
+def embedding_checks(client: AsyncQdrantClient, embedder) -> dict[str, Callable[[], Awaitable[None]]]:
+    """/readyz checks of a process that embeds and writes: Qdrant answers, the model is loaded."""
+
+    async def qdrant() -> None:
+        await client.get_collections()
+
+    async def model() -> None:
+        if embedder.fingerprint is None:
+            raise ServiceUnavailableError("the embedding model is not loaded yet")
+
+    return {"qdrant": qdrant, "model": model}
 
 
 def describe_target(settings: Settings) -> str:

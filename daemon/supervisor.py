@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import asdict
@@ -31,10 +30,10 @@ from daemon.errors import (
     is_transient,
 )
 from daemon.health import Heartbeat
-from daemon.lifecycle import READINESS_TIMEOUT, run_service
+from daemon.lifecycle import READINESS_TIMEOUT, install_stop_signals, remove_stop_signals, run_service
 from daemon.listener import Listener, Wakeup
 from daemon.outbox import Outbox
-from daemon.qdrant_sink import QdrantSink, describe_target, make_client
+from daemon.qdrant_sink import QdrantSink, describe_target, embedding_checks, make_client
 from daemon.systemd import SystemdNotifier
 from daemon.telemetry import get_metrics, setup_telemetry
 from daemon.worker import BatchSink, Stats, Worker
@@ -200,24 +199,16 @@ class Supervisor:
     def install_signals(self) -> None:
         """SIGTERM/SIGINT set the stop event (also during start-up, which then
         ends as soon as it can); a second one cancels the workers at once."""
-        loop = asyncio.get_running_loop()
 
-        def on_signal(signum: int) -> None:
-            if not self.stop.is_set():
-                log.info("stopping: finishing the batches in flight", extra={"signal": signal.Signals(signum).name})
-                self.stop.set()
-            else:
-                log.warning("second signal: stopping now, claims released")
-                for t in self._workers:
-                    t.cancel()
+        def now() -> None:
+            log.warning("second signal: stopping now, claims released")
+            for t in self._workers:
+                t.cancel()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
+        install_stop_signals(self.stop, "finishing the batches in flight", now)
 
     def remove_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        remove_stop_signals()
 
     async def run(self, *, drain: bool = False) -> int:
         """Run the workers until stopped (or, with drain, until nothing is pending)."""
@@ -402,14 +393,7 @@ class Daemon(Supervisor):
         self._encode_seen = total
 
     def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        return super().readiness_checks() | {"qdrant": self._ready_qdrant, "model": self._ready_model}
-
-    async def _ready_qdrant(self) -> None:
-        await self.qdrant.get_collections()
-
-    async def _ready_model(self) -> None:
-        if self.embedder.fingerprint is None:
-            raise ServiceUnavailableError("the embedding model is not loaded yet")
+        return super().readiness_checks() | embedding_checks(self.qdrant, self.embedder)
 
 
 async def run_daemon(settings: Settings, dsn: str, *, drain: bool = False, service=None, **parts) -> int:

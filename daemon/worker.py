@@ -22,7 +22,7 @@ from uuid import UUID
 
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from daemon.apply import ApplyResult
+from daemon.apply import ApplyResult, isolate
 from daemon.chunk_state import ChunkState
 from daemon.config import Settings
 from daemon.errors import describe, is_transient
@@ -248,7 +248,9 @@ class Worker:
             except Exception as exc:
                 if is_transient(exc):
                     raise
-                result = await self._isolate(targets, events_of, exc)
+                result = await isolate(
+                lambda cid: self.applier.apply({cid: targets[cid]}, {cid: events_of[cid]}), list(targets), exc
+            )
             applying.set_attributes(
                 {
                     "upserted": result.upserted,
@@ -291,24 +293,6 @@ class Worker:
             },
         )
 
-    async def _isolate(
-        self, targets: dict[UUID, ChunkState | None], events_of: dict[UUID, list[Event]], exc: Exception
-    ) -> ApplyResult:
-        """A batch failed for a reason that is not an outage: apply chunk by chunk
-        so that only the chunk at fault is held back."""
-        if len(targets) == 1:
-            return ApplyResult(failed={next(iter(targets)): describe(exc)})
-        log.warning("batch failed; applying its chunks one by one", extra={"error": describe(exc)})
-        combined = ApplyResult()
-        for cid, state in targets.items():
-            try:
-                combined.merge(await self.applier.apply({cid: state}, {cid: events_of[cid]}))
-            except Exception as one:
-                if is_transient(one):
-                    raise
-                combined.failed[cid] = describe(one)
-        return combined
-
     def _record(self, result: ApplyResult, acked: int, released: int) -> None:
         """Metrics of one applied batch. The acknowledgement counts events per
         batch, not per chunk: they are split over the ops in proportion to the
@@ -327,14 +311,7 @@ class Worker:
             for op, n in apportion(total, weights).items():
                 self.metrics.events_applied.add(n, {"op": op, "result": outcome})
         if self.events_op is None:
-            kinds = {
-                "computed": result.embedded,
-                "reused": result.reused,
-                "cache_hit": max(0, result.upserted - result.embedded - result.reused),
-                "payload_only": result.payload_only,
-                "unchanged": result.unchanged,
-            }
-            for kind, n in kinds.items():
+            for kind, n in result.embedding_kinds().items():
                 if n:
                     self.metrics.embeddings.add(n, {"kind": kind})
         if self.on_batch is not None:

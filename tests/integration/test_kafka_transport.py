@@ -20,12 +20,12 @@ from tests.support import add_document, all_points, assert_converged, outbox_row
 pytestmark = [pytest.mark.integration]
 
 
-async def wait_for(condition, timeout: float = 60) -> None:
+async def wait_for(condition, timeout: float = 60, what: str = "condition") -> None:
     for _ in range(int(timeout / 0.1)):
         if condition():
             return
         await asyncio.sleep(0.1)
-    raise AssertionError("condition not reached in time")
+    raise AssertionError(f"{what} not reached in {timeout}s")
 
 TEXTS = [
     "PostgreSQL is the system of record for every chunk.",
@@ -40,9 +40,9 @@ def kafka_settings(make_settings, kafka_bootstrap):
     names = kafka_names()
 
     def make(**overrides):
-        return make_settings(
-            kafka_bootstrap_servers=kafka_bootstrap, kafka_partitions=6, batch_size=16, **{**names, **overrides}
-        )
+        return make_settings(**{
+            "kafka_bootstrap_servers": kafka_bootstrap, "kafka_partitions": 6, "batch_size": 16, **names, **overrides
+        })
 
     return make
 
@@ -268,3 +268,69 @@ def test_status_reports_the_consumer_groups_lag(conn, dsn, kafka_settings, capsy
     kafka = orjson.loads(capsys.readouterr().out)["kafka"]
     assert kafka["consumer_lag"] == 3 and sum(kafka["partitions"].values()) == 3  # nothing consumed yet
     assert kafka["topic"] == settings.kafka_topic and kafka["group"] == settings.kafka_group
+
+
+async def test_two_relays_under_concurrent_writes_converge(conn, dsn, qdrant, collection, embedder, kafka_settings):
+    """Several relay replicas (and two workers each) claim one outbox while the
+    same chunks keep changing: whatever order their messages land in, the
+    versions and the verified acknowledgement leave Qdrant on the final state."""
+    settings = kafka_settings(batch_size=4, concurrency=2)
+    _, ids = add_document(conn, [f"Chunk {i}, first version." for i in range(12)])
+    consumer = QdrantConsumer(settings, embedder=embedder, qdrant=qdrant)
+    a = settings.model_copy(update={"worker_name": "relay-a"})
+    b = settings.model_copy(update={"worker_name": "relay-b"})
+    async with running(consumer), running_relay(a, dsn), running_relay(b, dsn):
+        for round_ in range(5):
+            for i, cid in enumerate(ids):
+                conn.execute("UPDATE chunks SET text = %s WHERE id = %s", (f"Chunk {i}, version {round_}.", cid))
+            conn.execute("UPDATE documents SET title = %s", (f"Title {round_}",))
+            await asyncio.sleep(0.05)
+        conn.execute("DELETE FROM chunks WHERE id = ANY(%s)", (ids[:3],))
+        await wait_until_matches(dsn, qdrant, collection)
+    assert outbox_rows(conn) == []
+    assert await assert_converged(dsn, qdrant, collection, embedder) == 9
+
+
+async def test_a_missing_topic_is_an_error_when_creation_is_off(dsn, kafka_settings):
+    from daemon.errors import ConfigError
+    from daemon.relay import Relay
+
+    settings = kafka_settings(kafka_create_topics=False)
+    relay = Relay(settings, dsn)
+    try:
+        with pytest.raises(ConfigError, match=r"do not exist and OUTBOXD_KAFKA_CREATE_TOPICS is false") as err:
+            await relay.start()
+        assert settings.kafka_topic in str(err.value)
+    finally:
+        await relay.close()
+
+
+async def test_tail_prints_the_stream_filtered_by_document(conn, dsn, kafka_settings):
+    import io
+
+    from consumers.tail import TailConsumer
+
+    settings = kafka_settings()
+    doc_a, ids_a = add_document(conn, ["Alpha one.", "Alpha two."], title="Alpha")
+    doc_b, ids_b = add_document(conn, ["Beta one."], title="Beta")
+    await relay_drain(settings, dsn)  # published before the deletes: the tail learns whose chunks they are
+    conn.execute("DELETE FROM chunks WHERE id = %s", (ids_a[0],))
+    conn.execute("DELETE FROM chunks WHERE id = %s", (ids_b[0],))
+    await relay_drain(settings, dsn)
+
+    out = io.StringIO()  # doc A: two upserts, then the delete event and its tombstone
+    tail = TailConsumer(settings, from_beginning=True, documents={doc_a}, limit=4, out=out)
+    async with running(tail):
+        await wait_for(lambda: tail.stop.is_set(), 30, "the 4th line of document A")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4, lines
+    assert sum(" upsert " in line and f"doc={doc_a}" in line for line in lines) == 2
+    assert any(" delete " in line and f"chunk={ids_a[0]}" in line for line in lines)
+    assert any("tombstone" in line and f"chunk={ids_a[0]}" in line for line in lines)
+    assert not any(str(ids_b[0]) in line for line in lines)
+
+    out = io.StringIO()
+    tail = TailConsumer(settings, from_beginning=True, as_json=True, limit=1, out=out)
+    async with running(tail):
+        await wait_for(lambda: tail.stop.is_set(), 30)
+    assert contract.decode(out.getvalue().strip().encode()).chunk_id in {*ids_a, *ids_b}
