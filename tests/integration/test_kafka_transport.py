@@ -334,3 +334,31 @@ async def test_tail_prints_the_stream_filtered_by_document(conn, dsn, kafka_sett
     async with running(tail):
         await wait_for(lambda: tail.stop.is_set(), 30)
     assert contract.decode(out.getvalue().strip().encode()).chunk_id in {*ids_a, *ids_b}
+
+
+async def test_a_consumers_span_continues_the_relays_trace(conn, dsn, qdrant, collection, embedder, kafka_settings):
+    """W3C trace context travels in the message headers: each outboxd.consume
+    span belongs to the trace of the relay batch that published its messages."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from daemon.telemetry import setup_telemetry
+
+    setup_telemetry("outboxd")  # the process's provider (idempotent): record what it makes from now on
+    exporter = InMemorySpanExporter()
+    trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        settings = kafka_settings()
+        add_document(conn, TEXTS)
+        await relay_drain(settings, dsn)
+        async with running(QdrantConsumer(settings, embedder=embedder, qdrant=qdrant)):
+            await wait_until_matches(dsn, qdrant, collection)
+        spans = exporter.get_finished_spans()
+    finally:
+        exporter.shutdown()  # the processor stays on the process's provider; it keeps nothing more
+    relay_traces = {s.context.trace_id for s in spans if s.name == "outboxd.batch"}
+    consumed = [s for s in spans if s.name == "outboxd.consume"]
+    assert relay_traces and consumed
+    for s in consumed:
+        assert s.context.trace_id in relay_traces and s.parent is not None, "a consumer span began a trace of its own"
