@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import OrderedDict
 from typing import Any
 from uuid import UUID
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # a tombstone from a producer that sets no version header deletes unconditionally
 UNVERSIONED = sys.maxsize
+DELETED_VERSIONS_KEPT = 100_000  # about 10 MB
 
 
 class QdrantConsumer(StreamConsumer):
@@ -42,6 +44,11 @@ class QdrantConsumer(StreamConsumer):
         self.sink = QdrantSink(self.qdrant, settings.collection)
         self.applier = Applier(self.embedder, self.sink, reuse_vectors=settings.reuse_stored_vectors)
         self.totals = ApplyResult()
+        # A deleted point keeps no payload, so no version: the versions of recent
+        # deletes are kept here, so a stale upsert published late by another relay
+        # does not bring the point back (after a restart, the relay's verified ack
+        # still corrects one that does).
+        self.deleted = RecentVersions(DELETED_VERSIONS_KEPT)
 
     async def open(self) -> None:
         fingerprint = self.embedder.fingerprint or await self.embedder.load()
@@ -87,6 +94,9 @@ class QdrantConsumer(StreamConsumer):
             records_of.setdefault(chunk_id, []).append(record)
             if chunk_id not in newest or version >= newest[chunk_id][0]:
                 newest[chunk_id] = (version, state)
+        for chunk_id in [cid for cid, (version, _) in newest.items() if version < self.deleted.get(cid, -1)]:
+            del newest[chunk_id]  # an upsert older than a delete this process applied: the point stays gone
+            self.totals.older += 1
         if not newest:
             return rejected
         targets = {cid: state for cid, (_, state) in newest.items()}
@@ -101,6 +111,9 @@ class QdrantConsumer(StreamConsumer):
             )
         for chunk_id, reason in result.failed.items():
             rejected.extend((r, reason) for r in records_of[chunk_id])
+        for chunk_id, state in targets.items():
+            if state is None and chunk_id in result.written and versions[chunk_id] != UNVERSIONED:
+                self.deleted.remember(chunk_id, versions[chunk_id])
         self.totals.merge(result)
         self.counts["applied"] += len(result.written)
         self._observe(result)
@@ -117,6 +130,20 @@ class QdrantConsumer(StreamConsumer):
                 m.embeddings.add(n, {"kind": kind})
         if r.failed:
             m.events_applied.add(len(r.failed), {"op": "upsert", "result": "dead"})
+
+
+class RecentVersions(OrderedDict):
+    """chunk id -> version, the most recent `size` kept."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def remember(self, chunk_id: UUID, version: int) -> None:
+        self[chunk_id] = max(version, self.get(chunk_id, version))
+        self.move_to_end(chunk_id)
+        while len(self) > self.size:
+            self.popitem(last=False)
 
 
 def parse(record: Any) -> tuple[UUID, int, ChunkState | None]:

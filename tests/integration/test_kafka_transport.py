@@ -362,3 +362,34 @@ async def test_a_consumers_span_continues_the_relays_trace(conn, dsn, qdrant, co
     assert relay_traces and consumed
     for s in consumed:
         assert s.context.trace_id in relay_traces and s.parent is not None, "a consumer span began a trace of its own"
+
+
+async def test_a_stale_upsert_after_a_delete_does_not_bring_the_point_back(
+    conn, dsn, qdrant, collection, embedder, kafka_settings, kafka_bootstrap
+):
+    """A deleted point keeps no version in Qdrant: the consumer remembers the
+    versions of recent deletes, so a late upsert from another relay stays dropped."""
+    from aiokafka import AIOKafkaProducer
+
+    settings = kafka_settings()
+    _, [cid] = add_document(conn, ["Soon deleted."])
+    await relay_drain(settings, dsn)
+    [published] = await read_topic(kafka_bootstrap, settings.kafka_topic)
+    upsert = contract.decode(published.value)
+    delete = contract.ChunkDeleted(**{**upsert.model_dump(exclude={"op", "chunk"}), "version": upsert.version + 10})
+    stale = upsert.model_copy(update={"version": upsert.version + 5})
+    consumer = QdrantConsumer(settings, embedder=embedder, qdrant=qdrant)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        async with running(consumer):
+            for seen, event in enumerate((delete, stale), start=2):
+                await wait_for(lambda: consumer.counts["records"] >= seen - 1, what=f"record {seen - 1} applied")
+                await producer.send_and_wait(
+                    settings.kafka_topic, contract.encode(event), str(cid).encode(), headers=contract.headers(event)
+                )
+            await wait_for(lambda: consumer.counts["records"] >= 3, what="the stale upsert consumed")
+    finally:
+        await producer.stop()
+    assert await all_points(qdrant, collection) == {}
+    assert consumer.totals.older == 1 and consumer.totals.deleted == 1

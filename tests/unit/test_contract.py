@@ -114,3 +114,15 @@ def test_kafka_outages_are_transient_and_oversized_messages_are_not():
     assert is_transient(errors.KafkaTimeoutError())
     assert is_transient(errors.NotLeaderForPartitionError())
     assert not is_transient(errors.MessageSizeTooLargeError())
+
+
+def test_recent_delete_versions_keep_the_newest_and_a_bounded_number():
+    from consumers.qdrant import RecentVersions
+
+    recent = RecentVersions(2)
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    recent.remember(a, 5)
+    recent.remember(a, 3)  # an older delete never lowers it
+    recent.remember(b, 7)
+    recent.remember(c, 9)  # a is the least recent: forgotten
+    assert dict(recent) == {b: 7, c: 9}
