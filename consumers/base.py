@@ -36,8 +36,7 @@ from consumers.kafka import client_options, describe_brokers, ensure_topics, kaf
 from daemon.config import Settings
 from daemon.errors import ServiceUnavailableError, describe, is_transient
 from daemon.health import Heartbeat
-from daemon.lifecycle import install_stop_signals, remove_stop_signals, run_service
-from daemon.supervisor import until_reachable
+from daemon.lifecycle import install_stop_signals, remove_stop_signals, run_service, until_reachable
 from daemon.systemd import SystemdNotifier
 from daemon.telemetry import extract_context, setup_telemetry, tracer
 

@@ -22,8 +22,8 @@ from daemon.chunk_state import ChunkState
 from daemon.config import Settings
 from daemon.embedder import Embedder
 from daemon.errors import is_transient
+from daemon.lifecycle import until_reachable
 from daemon.qdrant_sink import QdrantSink, describe_target, embedding_checks, make_client
-from daemon.supervisor import until_reachable
 
 log = logging.getLogger(__name__)
 

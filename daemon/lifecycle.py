@@ -17,9 +17,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from daemon.config import Settings
-from daemon.errors import ConfigError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential_jitter
+
+from daemon.errors import ConfigError, ServiceUnavailableError, describe, is_transient
 from daemon.health import Heartbeat, HealthServer
 from daemon.systemd import SystemdNotifier
+from daemon.telemetry import get_metrics
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,36 @@ def remove_stop_signals() -> None:
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.remove_signal_handler(sig)
+
+
+async def until_reachable(what: str, fn, *, timeout: float, stop: asyncio.Event) -> None:
+    """Run fn until it stops failing with an outage, for up to `timeout` seconds
+    (OUTBOXD_STARTUP_TIMEOUT) or until stop is set; then ServiceUnavailableError."""
+
+    def log_retry(state) -> None:
+        get_metrics().retries.add(1, {"stage": "startup"})
+        log.warning(
+            f"{what} not reachable yet; retrying",
+            extra={"error": describe(state.outcome.exception()), "retry_in": round(state.upcoming_sleep, 2)},
+        )
+
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
+            stop=stop_any(stop_after_delay(timeout), lambda _: stop.is_set()),
+            before_sleep=log_retry,
+            reraise=True,
+        ):
+            with attempt:
+                await fn()
+    except Exception as exc:
+        if is_transient(exc):  # PoolTimeout is an OperationalError too
+            raise ServiceUnavailableError(
+                f"{what} stayed unreachable for {timeout:.0f}s: {describe(exc)}. "
+                "Check the address and credentials, or raise OUTBOXD_STARTUP_TIMEOUT."
+            ) from exc
+        raise
 
 
 async def run_service(service: Service, **run_kwargs: Any) -> int:

@@ -14,28 +14,21 @@ from dataclasses import asdict
 
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
-from qdrant_client import AsyncQdrantClient
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential_jitter
 
-from daemon.apply import Applier, ApplyResult
+from daemon.apply import ApplyResult
 from daemon.config import Settings
-from daemon.embedder import Embedder
-from daemon.catalog import Catalog
 from daemon.errors import (
-    CollectionRetiredError,
     OutboxdError,
     SchemaNotReadyError,
     ServiceUnavailableError,
     describe,
-    is_transient,
 )
 from daemon.health import Heartbeat
-from daemon.lifecycle import READINESS_TIMEOUT, install_stop_signals, remove_stop_signals, run_service
+from daemon.lifecycle import READINESS_TIMEOUT, install_stop_signals, remove_stop_signals, until_reachable
 from daemon.listener import Listener, Wakeup
 from daemon.outbox import Outbox
-from daemon.qdrant_sink import QdrantSink, describe_target, embedding_checks, make_client
 from daemon.systemd import SystemdNotifier
-from daemon.telemetry import get_metrics, setup_telemetry
+from daemon.telemetry import setup_telemetry
 from daemon.worker import BatchSink, Stats, Worker
 from db import migrate
 from db.pool import make_pool
@@ -47,40 +40,10 @@ STATS_EVERY = 30.0
 BACKLOG_EVERY = 5.0  # seconds between backlog reads (metrics, systemd STATUS, heartbeat)
 
 
-async def until_reachable(what: str, fn, *, timeout: float, stop: asyncio.Event) -> None:
-    """Run fn until it stops failing with an outage, for up to `timeout` seconds
-    (OUTBOXD_STARTUP_TIMEOUT) or until stop is set; then ServiceUnavailableError."""
-
-    def log_retry(state) -> None:
-        get_metrics().retries.add(1, {"stage": "startup"})
-        log.warning(
-            f"{what} not reachable yet; retrying",
-            extra={"error": describe(state.outcome.exception()), "retry_in": round(state.upcoming_sleep, 2)},
-        )
-
-    try:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
-            stop=stop_any(stop_after_delay(timeout), lambda _: stop.is_set()),
-            before_sleep=log_retry,
-            reraise=True,
-        ):
-            with attempt:
-                await fn()
-    except Exception as exc:
-        if is_transient(exc):  # PoolTimeout is an OperationalError too
-            raise ServiceUnavailableError(
-                f"{what} stayed unreachable for {timeout:.0f}s: {describe(exc)}. "
-                "Check the address and credentials, or raise OUTBOXD_STARTUP_TIMEOUT."
-            ) from exc
-        raise
-
-
 class Supervisor:
     """One process's outbox loop: the pool, the schema check, the LISTEN wake-up,
     `concurrency` workers feeding a BatchSink, signals, drain and stats. The
-    notify daemon (Daemon) and the Kafka relay (daemon.relay.Relay) differ only in
+    notify daemon (daemon.notify.Daemon) and the Kafka relay (daemon.relay.Relay) differ only in
     the sink they start: start_sink() returns it with the Qdrant collection it
     writes (None: acknowledgements skip the catalog check)."""
 
@@ -328,75 +291,3 @@ class Supervisor:
 
     def _log_stats(self, message: str) -> None:
         log.info(message, extra={**asdict(self.stats), **self.stats_extra()})
-
-
-class Daemon(Supervisor):
-    """The notify transport: embed and write to Qdrant in this process. Owns what
-    it creates; an embedder or Qdrant client passed in (tests, an embedding
-    application) is used but left open for its owner."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        dsn: str,
-        *,
-        embedder: Embedder | None = None,
-        qdrant: AsyncQdrantClient | None = None,
-    ) -> None:
-        super().__init__(settings, dsn)
-        self._owns_embedder = embedder is None
-        self._owns_qdrant = qdrant is None
-        self.embedder = embedder or Embedder(settings)
-        self.qdrant = qdrant or make_client(settings)
-        self.qdrant_sink = QdrantSink(self.qdrant, settings.collection)
-        self.applier = Applier(self.embedder, self.qdrant_sink, reuse_vectors=settings.reuse_stored_vectors)
-        self._encode_seen = self.embedder.encode_seconds
-
-    async def start_sink(self) -> tuple[BatchSink, str | None]:
-        """Load the model and check that the live collection is this model's."""
-        s = self.settings
-        fingerprint = self.embedder.fingerprint or await self.embedder.load()
-        catalog = Catalog(self.pool)
-        live = await catalog.live(s.collection)
-        await self._until_reachable(
-            f"Qdrant ({describe_target(s)})",
-            lambda: self.qdrant_sink.ensure_collection(fingerprint, live.name if live else None),
-        )
-        if live is None:
-            live = await catalog.register_live(self.qdrant_sink.collection, s.collection, fingerprint)
-        if live.name != self.qdrant_sink.collection:  # another daemon registered another model first
-            raise CollectionRetiredError(
-                f"the live collection of {s.collection!r} is {live.name!r} ({live.fingerprint}), not "
-                f"{self.qdrant_sink.collection!r}; start outboxd with OUTBOXD_MODEL={live.model_name}"
-            )
-        return self.applier, self.qdrant_sink.collection
-
-    async def close_sink(self) -> None:
-        if self._owns_qdrant:
-            with suppress(Exception):
-                await self.qdrant.close()
-        if self._owns_embedder:
-            self.embedder.close()
-
-    def describe(self) -> dict:
-        s = self.settings
-        return {"collection": s.collection, "qdrant": describe_target(s), "model": str(self.embedder.fingerprint)}
-
-    def stats_extra(self) -> dict:
-        return {"encode_seconds": round(self.embedder.encode_seconds, 3), "cache_hits": self.embedder.cache_hits}
-
-    def observe_batch(self, result: ApplyResult) -> None:
-        # the model's time since the last batch ended (one encode thread serves every worker)
-        total = self.embedder.encode_seconds
-        if total > self._encode_seen:
-            self.metrics.encode_seconds.record(total - self._encode_seen)
-        self._encode_seen = total
-
-    def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        return super().readiness_checks() | embedding_checks(self.qdrant, self.embedder)
-
-
-async def run_daemon(settings: Settings, dsn: str, *, drain: bool = False, service=None, **parts) -> int:
-    """Run a Supervisor (the notify Daemon unless `service` builds another) to the
-    end, with the health endpoint and systemd notifications (daemon.lifecycle)."""
-    return await run_service((service or Daemon)(settings, dsn, **parts), drain=drain)

@@ -15,7 +15,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon.chunk_state import ChunkState
 from daemon.embedder import Embedder
-from daemon.supervisor import Daemon
+from daemon.notify import Daemon
 
 
 def add_source(conn: psycopg.Connection, source_type: str = "api") -> uuid.UUID:

@@ -286,7 +286,7 @@ class Demo:
     async def pipeline(self) -> int:
         from qdrant_client import AsyncQdrantClient
 
-        from daemon.supervisor import Daemon
+        from daemon.notify import Daemon
 
         # Ctrl-C (asyncio.run's own handler) and SIGTERM cancel this task: the
         # daemon then finishes its batches in flight and everything is closed.

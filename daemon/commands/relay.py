@@ -23,8 +23,8 @@ def register(sub, parents) -> None:
 def execute(args, settings) -> int:
     from consumers.kafka import require_bootstrap
     from daemon.relay import Relay
-    from daemon.supervisor import run_daemon
+    from daemon.lifecycle import run_service
 
     require_bootstrap(settings)
     dsn = resolve_dsn(settings, announce_to=sys.stdout)
-    return asyncio.run(run_daemon(settings, dsn, drain=args.drain, service=Relay))
+    return asyncio.run(run_service(Relay(settings, dsn), drain=args.drain))

@@ -19,7 +19,8 @@ def register(sub, parents) -> None:
 
 
 def execute(args, settings) -> int:
-    from daemon.supervisor import run_daemon
+    from daemon.lifecycle import run_service
+    from daemon.notify import Daemon
 
     dsn = resolve_dsn(settings, announce_to=sys.stdout)
-    return asyncio.run(run_daemon(settings, dsn, drain=args.drain))
+    return asyncio.run(run_service(Daemon(settings, dsn), drain=args.drain))

@@ -25,7 +25,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
 from daemon.embedder import Embedder
-from daemon.supervisor import Daemon
+from daemon.notify import Daemon
 from db import migrate
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ra", "to", "vi", "su", "de", "pa", "ri", "mo", "ta", "shi", "en", "or"]

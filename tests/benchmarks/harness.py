@@ -31,7 +31,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
 from daemon.embedder import Embedder
-from daemon.supervisor import Daemon
+from daemon.notify import Daemon
 from db import migrate
 from tests.benchmarks import e2e_throughput, kafka_transport, reconcile_scale
 

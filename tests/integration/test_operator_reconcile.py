@@ -13,7 +13,7 @@ from qdrant_client import AsyncQdrantClient, models
 
 from daemon import cli
 from daemon.reconcile import Reconciler, Scope, enqueue_repair
-from daemon.supervisor import Daemon
+from daemon.notify import Daemon
 from db import migrate
 from tests.conftest import create_database, drop_database
 from tests.support import add_document, assert_converged, drain, outbox_rows

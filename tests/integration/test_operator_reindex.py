@@ -18,7 +18,7 @@ from daemon.errors import EXIT_CONFIG
 from daemon.qdrant_sink import physical_name
 from daemon.reconcile import Reconciler
 from daemon.reindex import Reindexer, retired_collection
-from daemon.supervisor import Daemon
+from daemon.notify import Daemon
 from tests.support import add_document, assert_converged, drain, outbox_rows
 
 LONG = " ".join(f"token{i}" for i in range(200))  # past 128 tokens: the two settings embed it differently

@@ -22,7 +22,7 @@ from daemon import cli
 from daemon.apply import Applier
 from daemon.outbox import Outbox
 from daemon.qdrant_sink import QdrantSink
-from daemon.supervisor import Daemon
+from daemon.notify import Daemon
 from db.pool import make_pool
 from tests.support import add_document, all_points, assert_converged, drain, outbox_rows
 

@@ -303,7 +303,7 @@ def test_runs_without_opentelemetry_installed():
     script = (
         "import sys, logging\n"
         "sys.modules['opentelemetry'] = None  # as if not installed\n"
-        "import daemon.supervisor\n"
+        "import daemon.notify\n"
         "from daemon.logs import JsonFormatter\n"
         "from daemon.telemetry import setup_telemetry, span, inject_headers, extract_context\n"
         "t = setup_telemetry('outboxd')\n"
