@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from daemon.embedding.settings import EmbeddingSettings, SentenceTransformersSettings
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -66,6 +68,7 @@ class Settings(BaseSettings):
         env_prefix="OUTBOXD_",
         env_file=".env",
         env_file_encoding="utf-8",
+        env_nested_delimiter="__",
         extra="ignore",
         populate_by_name=True,
         validate_default=True,
@@ -114,6 +117,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Texts per forward pass (default: 8 on CPU, where padding a batch to its longest "
         "text costs more than batching saves; 64 on a GPU).",
+    )
+    embedding: EmbeddingSettings = Field(
+        default_factory=SentenceTransformersSettings,
+        description="The embedding backend and its own settings (OUTBOXD_EMBEDDING__BACKEND: "
+        "sentence-transformers, onnx or http).",
+    )
+    embedding_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("EMBEDDING_API_KEY", "OUTBOXD_EMBEDDING_API_KEY", "embedding_api_key"),
+        description="Bearer token for the http embedding backend.",
     )
     embed_cache_size: int = Field(
         10_000, ge=0, description="Embeddings kept in memory by content hash (identical text is encoded once)."
@@ -213,7 +226,7 @@ class Settings(BaseSettings):
         # conflict between a variable and its *_FILE is reported, not resolved.
         return init_settings, SecretFileSource(settings_cls), env_settings, dotenv_settings, file_secret_settings
 
-    @field_validator("database_url", "qdrant_api_key", "kafka_sasl_password", mode="before")
+    @field_validator("database_url", "qdrant_api_key", "kafka_sasl_password", "embedding_api_key", mode="before")
     @classmethod
     def _secret_file_problem(cls, v: object) -> object:
         if isinstance(v, _SecretFileError):
