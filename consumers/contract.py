@@ -20,7 +20,7 @@ from uuid import UUID
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from daemon.chunk_state import ChunkState
+from daemon.core.chunk_state import ChunkState
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = b"application/json"

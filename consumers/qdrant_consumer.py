@@ -2,7 +2,7 @@
 
 Each batch (one partition's records) is coalesced per chunk, newest version
 winning, and handed to the same apply core as the notify daemon
-(daemon.apply.Applier): embed only changed text, set_payload for payload-only
+(daemon.core.apply.Applier): embed only changed text, set_payload for payload-only
 changes, delete on delete or tombstone, one confirmed Qdrant request, and
 leave alone a point that already reflects a newer version. The base commits
 the offsets only after that returned.
@@ -16,14 +16,14 @@ from typing import Any
 from uuid import UUID
 
 from consumers import contract
-from consumers.base import StreamConsumer
-from daemon.apply import Applier, ApplyResult, isolate
-from daemon.chunk_state import ChunkState
+from consumers.stream_consumer import StreamConsumer
+from daemon.core.apply import Applier, ApplyResult, isolate
+from daemon.core.chunk_state import ChunkState
 from daemon.config import Settings
-from daemon.embedder import Embedder
+from daemon.embedding.embedder import Embedder
 from daemon.errors import is_transient
-from daemon.lifecycle import until_reachable
-from daemon.qdrant_sink import QdrantSink, describe_target, embedding_checks, make_client
+from daemon.runtime.service import until_reachable
+from daemon.core.qdrant_store import QdrantSink, describe_target, embedding_checks, make_client
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`outboxd relay`: the outbox, published to Kafka.
 
-The relay is the notify daemon's claim loop (daemon.supervisor: LISTEN
+The relay is the notify daemon's claim loop (daemon.outbox.service: LISTEN
 wake-up with polling, SKIP LOCKED claims, leases, verified acks, drain) with a
 Publisher for a sink: for each claimed chunk it publishes the chunk's current
 state, keyed by chunk id, with an idempotent acks=all producer, and the events
@@ -20,14 +20,14 @@ from datetime import UTC, datetime
 from uuid import UUID
 
 from consumers import contract
-from consumers.kafka import client_options, describe_brokers, ensure_topics, kafka_ready
-from daemon.apply import ApplyResult
-from daemon.chunk_state import ChunkState
+from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
+from daemon.core.apply import ApplyResult
+from daemon.core.chunk_state import ChunkState
 from daemon.errors import describe, is_transient
-from daemon.outbox import Event
-from daemon.supervisor import Supervisor
+from daemon.outbox.queue import Event
+from daemon.outbox.service import Supervisor
 from daemon.telemetry import inject_headers
-from daemon.worker import BatchSink
+from daemon.outbox.claim_loop import BatchSink
 from db.queries import fetch
 
 log = logging.getLogger(__name__)

@@ -32,12 +32,12 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from consumers.kafka import client_options, describe_brokers, ensure_topics, kafka_ready
+from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
 from daemon.config import Settings
 from daemon.errors import ServiceUnavailableError, describe, is_transient
-from daemon.health import Heartbeat
-from daemon.lifecycle import install_stop_signals, remove_stop_signals, run_service, until_reachable
-from daemon.systemd import SystemdNotifier
+from daemon.runtime.health import Heartbeat
+from daemon.runtime.service import install_stop_signals, remove_stop_signals, run_service, until_reachable
+from daemon.runtime.systemd import SystemdNotifier
 from daemon.telemetry import extract_context, setup_telemetry, tracer
 
 log = logging.getLogger(__name__)
@@ -327,5 +327,5 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 async def run_consumer(consumer: StreamConsumer) -> int:
     """Start, run until SIGTERM/SIGINT, stop cleanly; with the health endpoint and
-    systemd notifications around it (daemon.lifecycle)."""
+    systemd notifications around it (daemon.runtime.service)."""
     return await run_service(consumer)

@@ -14,7 +14,7 @@ from uuid import UUID
 import orjson
 
 from consumers import contract
-from consumers.base import StreamConsumer
+from consumers.stream_consumer import StreamConsumer
 from daemon.config import Settings
 
 

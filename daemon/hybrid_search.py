@@ -2,7 +2,7 @@
 keyword (PostgreSQL full text) candidates, fused into one ranking, answered
 with PostgreSQL's current text.
 
-    from daemon.search import SearchFilters, hybrid_search
+    from daemon.hybrid_search import SearchFilters, hybrid_search
 
     hits = await hybrid_search(pool, qdrant, "chunks", embedder, "how do I retry a deadlock",
                                limit=5, filters=SearchFilters(document_type="guide"))
@@ -11,7 +11,7 @@ with PostgreSQL's current text.
 
 `pool` is a psycopg_pool.AsyncConnectionPool on the content database,
 `qdrant` an AsyncQdrantClient, "chunks" the collection alias
-(OUTBOXD_COLLECTION) and `embedder` a loaded daemon.embedder.Embedder
+(OUTBOXD_COLLECTION) and `embedder` a loaded daemon.embedding.embedder.Embedder
 configured like the daemon that writes the collection.
 
 1. The query is embedded with the collection's own model: the embedder's
@@ -44,7 +44,7 @@ from psycopg.types.json import Jsonb
 from qdrant_client import models
 
 from daemon.errors import ConfigError, ModelMismatchError
-from daemon.qdrant_sink import QdrantSink
+from daemon.core.qdrant_store import QdrantSink
 from db import queries
 
 RRF_K = 60

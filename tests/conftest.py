@@ -14,7 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
-from daemon.embedder import Embedder
+from daemon.embedding.embedder import Embedder
 from db import migrate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,7 +100,7 @@ def conn(dsn):
 @pytest.fixture
 async def make_outbox(dsn):
     """Outbox(worker, lease) on its own pool, as a separate daemon would have."""
-    from daemon.outbox import Outbox
+    from daemon.outbox.queue import Outbox
     from db.pool import make_pool
 
     pools = []

@@ -13,9 +13,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from qdrant_client import AsyncQdrantClient
 
-from daemon.chunk_state import ChunkState
-from daemon.embedder import Embedder
-from daemon.notify import Daemon
+from daemon.core.chunk_state import ChunkState
+from daemon.embedding.embedder import Embedder
+from daemon.outbox.notify_daemon import Daemon
 
 
 def add_source(conn: psycopg.Connection, source_type: str = "api") -> uuid.UUID:

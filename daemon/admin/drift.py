@@ -25,9 +25,9 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient, models
 
-from daemon.chunk_state import ChunkState
+from daemon.core.chunk_state import ChunkState
 from daemon.errors import InvalidChunkError
-from daemon.outbox import read_chunk_states
+from daemon.outbox.queue import read_chunk_states
 from db.queries import fetch
 
 KINDS = ("missing", "orphaned", "stale", "wrong_model")

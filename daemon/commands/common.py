@@ -15,7 +15,7 @@ from daemon.config import Settings
 from daemon.errors import ConfigError
 
 if TYPE_CHECKING:
-    from daemon.embedder import ModelFingerprint
+    from daemon.embedding.embedder import ModelFingerprint
 
 
 def resolve_dsn(settings: Settings, announce_to=None) -> str:
@@ -61,7 +61,7 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: s
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, *, qdrant: bool = True):
     """A small pool and (optionally) a Qdrant client for an operator command."""
-    from daemon.qdrant_sink import make_client
+    from daemon.core.qdrant_store import make_client
     from db.pool import make_pool
 
     pool = make_pool(resolve_dsn(settings), application_name="outboxd:cli", min_size=1, max_size=2)
@@ -78,8 +78,8 @@ async def open_services(settings: Settings, *, qdrant: bool = True):
 async def live_collection(settings: Settings, pool, client) -> tuple[str, "ModelFingerprint"]:
     """The physical collection behind OUTBOXD_COLLECTION (the catalog's live one,
     else where the alias points) and the model fingerprint it records."""
-    from daemon.catalog import Catalog
-    from daemon.qdrant_sink import QdrantSink
+    from daemon.core.catalog import Catalog
+    from daemon.core.qdrant_store import QdrantSink
 
     sink = QdrantSink(client, settings.collection)
     live = await Catalog(pool).live(settings.collection)

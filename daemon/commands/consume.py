@@ -18,9 +18,9 @@ def register(sub, parents) -> None:
 
 
 def execute(args, settings) -> int:
-    from consumers.base import run_consumer
-    from consumers.kafka import require_bootstrap
-    from consumers.qdrant import QdrantConsumer
+    from consumers.stream_consumer import run_consumer
+    from consumers.kafka_clients import require_bootstrap
+    from consumers.qdrant_consumer import QdrantConsumer
 
     require_bootstrap(settings)
     return asyncio.run(run_consumer(QdrantConsumer(settings)))

@@ -286,7 +286,7 @@ class Demo:
     async def pipeline(self) -> int:
         from qdrant_client import AsyncQdrantClient
 
-        from daemon.notify import Daemon
+        from daemon.outbox.notify_daemon import Daemon
 
         # Ctrl-C (asyncio.run's own handler) and SIGTERM cancel this task: the
         # daemon then finishes its batches in flight and everything is closed.
@@ -309,10 +309,10 @@ class Demo:
             self.step(3, "The daemon: claim, embed, upsert, acknowledge")
             t = time.perf_counter()
             await daemon.start()
-            self.say(f"   model {daemon.embedder.fingerprint} loaded  {_secs(time.perf_counter() - t)}")
+            self.say(f"   model {daemon.embedding.embedder.fingerprint} loaded  {_secs(time.perf_counter() - t)}")
             self.say(
                 f"   Qdrant local mode in {_shown(Path(qdrant_path))}: "
-                f"alias {self.settings.collection!r} → collection {daemon.qdrant_sink.collection!r}"
+                f"alias {self.settings.collection!r} → collection {daemon.core.qdrant_store.collection!r}"
             )
             await self.converge(daemon, client)
 
@@ -403,10 +403,10 @@ class Demo:
     async def search(self, daemon, client, query: str, *, limit: int = 3, mark=None) -> list:
         from rich.text import Text
 
-        from daemon.search import hybrid_search
+        from daemon.hybrid_search import hybrid_search
 
         t = time.perf_counter()
-        hits = await hybrid_search(daemon.pool, client, self.settings.collection, daemon.embedder, query, limit=limit)
+        hits = await hybrid_search(daemon.pool, client, self.settings.collection, daemon.embedding.embedder, query, limit=limit)
         ms = (time.perf_counter() - t) * 1000
         self.say()
         self.say(f'   "{query}"  {ms:.0f} ms')

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from daemon.commands.common import live_collection, open_services, print_json, print_table, progress_bar
 from daemon.errors import EXIT_FAILURE, EXIT_OK
-from daemon.reconcile import (
+from daemon.admin.drift import (
     KINDS,
     LOCAL_QDRANT_PAGE,
     SERVER_QDRANT_PAGE,

@@ -6,10 +6,10 @@ import asyncio
 import sys
 
 from daemon.commands.common import open_services, print_json, progress_bar
-from daemon.embedder import Embedder
+from daemon.embedding.embedder import Embedder
 from daemon.errors import EXIT_OK, EXIT_USAGE, ConfigError
-from daemon.reconcile import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
-from daemon.reindex import Reindexer, retired_collection
+from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
+from daemon.admin.model_switch import Reindexer, retired_collection
 
 
 def register(sub, parents) -> None:
@@ -82,7 +82,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
 
 
 async def _drop_retired(settings, yes: bool) -> int:
-    from daemon.catalog import Catalog
+    from daemon.core.catalog import Catalog
 
     async with open_services(settings) as (pool, client):
         catalog = Catalog(pool)

@@ -21,9 +21,9 @@ def register(sub, parents) -> None:
 
 
 def execute(args, settings) -> int:
-    from consumers.kafka import require_bootstrap
-    from daemon.relay import Relay
-    from daemon.lifecycle import run_service
+    from consumers.kafka_clients import require_bootstrap
+    from consumers.relay import Relay
+    from daemon.runtime.service import run_service
 
     require_bootstrap(settings)
     dsn = resolve_dsn(settings, announce_to=sys.stdout)

@@ -19,8 +19,8 @@ def register(sub, parents) -> None:
 
 
 def execute(args, settings) -> int:
-    from daemon.lifecycle import run_service
-    from daemon.notify import Daemon
+    from daemon.runtime.service import run_service
+    from daemon.outbox.notify_daemon import Daemon
 
     dsn = resolve_dsn(settings, announce_to=sys.stdout)
     return asyncio.run(run_service(Daemon(settings, dsn), drain=args.drain))

@@ -1,5 +1,5 @@
 """`outboxd search QUERY`: hybrid retrieval (Qdrant + PostgreSQL full text)
-from the command line, through daemon.search.hybrid_search."""
+from the command line, through daemon.hybrid_search.hybrid_search."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from uuid import UUID
 
 from daemon.commands.common import open_services, print_json, print_table
 from daemon.errors import EXIT_OK, EXIT_USAGE
-from daemon.search import FUSIONS, Hit, SearchFilters, hybrid_search
+from daemon.hybrid_search import FUSIONS, Hit, SearchFilters, hybrid_search
 
 EXCERPT_CHARS = 100
 
@@ -117,7 +117,7 @@ def execute(args, settings) -> int:
 
 
 async def _search(args, settings, filters: SearchFilters) -> list[Hit]:
-    from daemon.embedder import Embedder
+    from daemon.embedding.embedder import Embedder
 
     embedder = Embedder(settings)
     try:

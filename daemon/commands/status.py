@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 
 from daemon.commands.common import connect, print_json, print_table
-from daemon.embedder import ModelFingerprint
+from daemon.embedding.embedder import ModelFingerprint
 from daemon.errors import EXIT_FAILURE, EXIT_OK, SchemaNotReadyError, ServiceUnavailableError, describe
-from daemon.qdrant_sink import QdrantSink, describe_target, make_client
+from daemon.core.qdrant_store import QdrantSink, describe_target, make_client
 from db.queries import query
 
 
@@ -170,7 +170,7 @@ def read_kafka(settings) -> dict[str, Any] | None:
     relay's own lag is the outbox's: it claims from it)."""
     if not settings.kafka_bootstrap_servers:
         return None
-    from consumers.kafka import group_lag
+    from consumers.kafka_clients import group_lag
 
     try:
         return asyncio.run(asyncio.wait_for(group_lag(settings), 20))

@@ -30,8 +30,8 @@ def register(sub, parents) -> None:
 
 
 def execute(args, settings) -> int:
-    from consumers.base import run_consumer
-    from consumers.kafka import require_bootstrap
+    from consumers.stream_consumer import run_consumer
+    from consumers.kafka_clients import require_bootstrap
     from consumers.tail import TailConsumer
 
     require_bootstrap(settings)

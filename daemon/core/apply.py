@@ -23,10 +23,10 @@ from uuid import UUID
 
 from qdrant_client import models
 
-from daemon.chunk_state import ChunkState
-from daemon.embedder import Embedder
+from daemon.core.chunk_state import ChunkState
+from daemon.embedding.embedder import Embedder
 from daemon.errors import InvalidChunkError, describe, is_transient
-from daemon.qdrant_sink import QdrantSink
+from daemon.core.qdrant_store import QdrantSink
 from daemon.telemetry import span
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from psycopg_pool import AsyncConnectionPool
 
-from daemon.embedder import ModelFingerprint
+from daemon.embedding.embedder import ModelFingerprint
 from db.queries import fetch, query
 
 

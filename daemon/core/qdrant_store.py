@@ -15,7 +15,7 @@ import orjson
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon.config import Settings
-from daemon.embedder import Embedding, ModelFingerprint
+from daemon.embedding.embedder import Embedding, ModelFingerprint
 from daemon.errors import ConfigError, ModelMismatchError, ServiceUnavailableError
 from daemon.telemetry import span
 

@@ -22,13 +22,13 @@ from uuid import UUID
 
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from daemon.apply import ApplyResult, isolate
-from daemon.chunk_state import ChunkState
+from daemon.core.apply import ApplyResult, isolate
+from daemon.core.chunk_state import ChunkState
 from daemon.config import Settings
 from daemon.errors import describe, is_transient
-from daemon.health import Heartbeat
-from daemon.listener import Wakeup
-from daemon.outbox import Event, Outbox
+from daemon.runtime.health import Heartbeat
+from daemon.outbox.listener import Wakeup
+from daemon.outbox.queue import Event, Outbox
 from daemon.telemetry import Metrics, get_metrics, record_span, span
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The notify transport's service (`outboxd run`): the outbox loop
-(daemon.supervisor) with the apply core as its sink, so events are embedded
+(daemon.outbox.service) with the apply core as its sink, so events are embedded
 and written to Qdrant in this process. The Kafka transport's counterpart is
-daemon.relay."""
+consumers.relay."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
@@ -9,14 +9,14 @@ from contextlib import suppress
 
 from qdrant_client import AsyncQdrantClient
 
-from daemon.apply import Applier, ApplyResult
-from daemon.catalog import Catalog
+from daemon.core.apply import Applier, ApplyResult
+from daemon.core.catalog import Catalog
 from daemon.config import Settings
-from daemon.embedder import Embedder
+from daemon.embedding.embedder import Embedder
 from daemon.errors import CollectionRetiredError
-from daemon.qdrant_sink import QdrantSink, describe_target, embedding_checks, make_client
-from daemon.supervisor import Supervisor
-from daemon.worker import BatchSink
+from daemon.core.qdrant_store import QdrantSink, describe_target, embedding_checks, make_client
+from daemon.outbox.service import Supervisor
+from daemon.outbox.claim_loop import BatchSink
 
 
 class Daemon(Supervisor):

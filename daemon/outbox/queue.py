@@ -10,7 +10,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from daemon.chunk_state import ChunkState
+from daemon.core.chunk_state import ChunkState
 from daemon.errors import CollectionRetiredError
 from db.queries import fetch
 

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from daemon.apply import ApplyResult
+from daemon.core.apply import ApplyResult
 from daemon.config import Settings
 from daemon.errors import (
     OutboxdError,
@@ -23,13 +23,13 @@ from daemon.errors import (
     ServiceUnavailableError,
     describe,
 )
-from daemon.health import Heartbeat
-from daemon.lifecycle import READINESS_TIMEOUT, install_stop_signals, remove_stop_signals, until_reachable
-from daemon.listener import Listener, Wakeup
-from daemon.outbox import Outbox
-from daemon.systemd import SystemdNotifier
+from daemon.runtime.health import Heartbeat
+from daemon.runtime.service import READINESS_TIMEOUT, install_stop_signals, remove_stop_signals, until_reachable
+from daemon.outbox.listener import Listener, Wakeup
+from daemon.outbox.queue import Outbox
+from daemon.runtime.systemd import SystemdNotifier
 from daemon.telemetry import setup_telemetry
-from daemon.worker import BatchSink, Stats, Worker
+from daemon.outbox.claim_loop import BatchSink, Stats, Worker
 from db import migrate
 from db.pool import make_pool
 from db.queries import fetch
@@ -43,7 +43,7 @@ BACKLOG_EVERY = 5.0  # seconds between backlog reads (metrics, systemd STATUS, h
 class Supervisor:
     """One process's outbox loop: the pool, the schema check, the LISTEN wake-up,
     `concurrency` workers feeding a BatchSink, signals, drain and stats. The
-    notify daemon (daemon.notify.Daemon) and the Kafka relay (daemon.relay.Relay) differ only in
+    notify daemon (daemon.outbox.notify_daemon.Daemon) and the Kafka relay (consumers.relay.Relay) differ only in
     the sink they start: start_sink() returns it with the Qdrant collection it
     writes (None: acknowledgements skip the catalog check)."""
 

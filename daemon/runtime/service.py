@@ -20,8 +20,8 @@ from daemon.config import Settings
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential_jitter
 
 from daemon.errors import ConfigError, ServiceUnavailableError, describe, is_transient
-from daemon.health import Heartbeat, HealthServer
-from daemon.systemd import SystemdNotifier
+from daemon.runtime.health import Heartbeat, HealthServer
+from daemon.runtime.systemd import SystemdNotifier
 from daemon.telemetry import get_metrics
 
 log = logging.getLogger(__name__)

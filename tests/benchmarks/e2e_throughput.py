@@ -24,8 +24,8 @@ import psycopg
 from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
-from daemon.embedder import Embedder
-from daemon.notify import Daemon
+from daemon.embedding.embedder import Embedder
+from daemon.outbox.notify_daemon import Daemon
 from db import migrate
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ra", "to", "vi", "su", "de", "pa", "ri", "mo", "ta", "shi", "en", "or"]

@@ -30,8 +30,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
-from daemon.embedder import Embedder
-from daemon.notify import Daemon
+from daemon.embedding.embedder import Embedder
+from daemon.outbox.notify_daemon import Daemon
 from db import migrate
 from tests.benchmarks import e2e_throughput, kafka_transport, reconcile_scale
 
@@ -258,7 +258,7 @@ async def freshness_run(dsn: str, embedder: Embedder, seconds: float, rate: floa
     writing_done = asyncio.Event()
     try:
         await daemon.start()
-        collection = daemon.qdrant_sink.collection
+        collection = daemon.core.qdrant_store.collection
         runner = asyncio.create_task(daemon.run())
         await asyncio.sleep(0.5)  # the listener connects
 

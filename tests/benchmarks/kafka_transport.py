@@ -21,9 +21,9 @@ from contextlib import contextmanager
 
 from qdrant_client import AsyncQdrantClient
 
-from consumers.qdrant import QdrantConsumer
-from daemon.embedder import Embedder
-from daemon.relay import Relay
+from consumers.qdrant_consumer import QdrantConsumer
+from daemon.embedding.embedder import Embedder
+from consumers.relay import Relay
 
 
 @contextmanager

@@ -23,10 +23,10 @@ import orjson
 import psycopg
 from qdrant_client import AsyncQdrantClient, models
 
-from daemon.chunk_state import ChunkState
-from daemon.embedder import ModelFingerprint
-from daemon.qdrant_sink import QdrantSink
-from daemon.reconcile import LOCAL_QDRANT_PAGE, Reconciler
+from daemon.core.chunk_state import ChunkState
+from daemon.embedding.embedder import ModelFingerprint
+from daemon.core.qdrant_store import QdrantSink
+from daemon.admin.drift import LOCAL_QDRANT_PAGE, Reconciler
 from db import migrate
 from db.pool import make_pool
 

@@ -12,8 +12,8 @@ import pytest
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon import cli
-from daemon.reconcile import Reconciler, Scope, enqueue_repair
-from daemon.notify import Daemon
+from daemon.admin.drift import Reconciler, Scope, enqueue_repair
+from daemon.outbox.notify_daemon import Daemon
 from db import migrate
 from tests.conftest import create_database, drop_database
 from tests.support import add_document, assert_converged, drain, outbox_rows

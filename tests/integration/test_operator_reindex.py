@@ -11,14 +11,14 @@ import random
 import pytest
 
 from daemon import cli
-from daemon.catalog import Catalog
+from daemon.core.catalog import Catalog
 from daemon.config import Settings
-from daemon.embedder import Embedder
+from daemon.embedding.embedder import Embedder
 from daemon.errors import EXIT_CONFIG
-from daemon.qdrant_sink import physical_name
-from daemon.reconcile import Reconciler
-from daemon.reindex import Reindexer, retired_collection
-from daemon.notify import Daemon
+from daemon.core.qdrant_store import physical_name
+from daemon.admin.drift import Reconciler
+from daemon.admin.model_switch import Reindexer, retired_collection
+from daemon.outbox.notify_daemon import Daemon
 from tests.support import add_document, assert_converged, drain, outbox_rows
 
 LONG = " ".join(f"token{i}" for i in range(200))  # past 128 tokens: the two settings embed it differently

@@ -10,7 +10,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from daemon.config import Settings
-from daemon.outbox import PendingSummary
+from daemon.outbox.queue import PendingSummary
 from db.queries import query
 from tests.support import add_document, outbox_rows
 

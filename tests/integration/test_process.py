@@ -20,7 +20,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from qdrant_client import AsyncQdrantClient
 
-from daemon.qdrant_sink import FINGERPRINT_KEY
+from daemon.core.qdrant_store import FINGERPRINT_KEY
 from tests.processes import (
     MODEL_LOAD_S,
     DaemonProcess,

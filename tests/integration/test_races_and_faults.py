@@ -19,10 +19,10 @@ from psycopg.types.json import Jsonb
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from daemon import cli
-from daemon.apply import Applier
-from daemon.outbox import Outbox
-from daemon.qdrant_sink import QdrantSink
-from daemon.notify import Daemon
+from daemon.core.apply import Applier
+from daemon.outbox.queue import Outbox
+from daemon.core.qdrant_store import QdrantSink
+from daemon.outbox.notify_daemon import Daemon
 from db.pool import make_pool
 from tests.support import add_document, all_points, assert_converged, drain, outbox_rows
 

@@ -13,9 +13,9 @@ from qdrant_client import AsyncQdrantClient
 from daemon import cli
 from daemon.config import Settings
 from daemon.corpus import corpus_documents, load_corpus
-from daemon.embedder import Embedder
+from daemon.embedding.embedder import Embedder
 from daemon.errors import ModelMismatchError
-from daemon.search import SearchFilters, hybrid_search
+from daemon.hybrid_search import SearchFilters, hybrid_search
 from tests.support import add_document, drain
 
 # (query, document slug, paragraph index of the right chunk, which searches can find it)
@@ -169,7 +169,7 @@ async def test_document_type_and_metadata_filters(corpus, pool, qdrant, collecti
 async def test_stale_guard_deleted_changed_and_refiltered_chunks(corpus, conn, pool, qdrant, collection, embedder):
     """Before the daemon catches up: a deleted chunk is not returned although its point is still in
     Qdrant; a changed chunk shows its new text; a document whose type changed leaves the type filter."""
-    from daemon.qdrant_sink import QdrantSink
+    from daemon.core.qdrant_store import QdrantSink
 
     sink = QdrantSink(qdrant, collection)
     sink.collection = await sink.resolve()

@@ -17,7 +17,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon.errors import EXIT_UNAVAILABLE
 from daemon.telemetry import Metrics, extract_context, inject_headers, setup_telemetry, span, tracer
-from daemon.worker import apportion
+from daemon.outbox.claim_loop import apportion
 from tests.processes import (
     MODEL_LOAD_S,
     base_env,
@@ -303,7 +303,7 @@ def test_runs_without_opentelemetry_installed():
     script = (
         "import sys, logging\n"
         "sys.modules['opentelemetry'] = None  # as if not installed\n"
-        "import daemon.notify\n"
+        "import daemon.outbox.notify_daemon\n"
         "from daemon.logs import JsonFormatter\n"
         "from daemon.telemetry import setup_telemetry, span, inject_headers, extract_context\n"
         "t = setup_telemetry('outboxd')\n"

@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from consumers import contract
-from consumers.kafka import client_options, topic_specs
-from consumers.qdrant import UNVERSIONED, parse
-from daemon.chunk_state import ChunkState
+from consumers.kafka_clients import client_options, topic_specs
+from consumers.qdrant_consumer import UNVERSIONED, parse
+from daemon.core.chunk_state import ChunkState
 from daemon.config import Settings
 from daemon.errors import ConfigError, is_transient
 
@@ -117,7 +117,7 @@ def test_kafka_outages_are_transient_and_oversized_messages_are_not():
 
 
 def test_recent_delete_versions_keep_the_newest_and_a_bounded_number():
-    from consumers.qdrant import RecentVersions
+    from consumers.qdrant_consumer import RecentVersions
 
     recent = RecentVersions(2)
     a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()

@@ -14,9 +14,9 @@ import psycopg
 import pytest
 from qdrant_client.http.exceptions import UnexpectedResponse
 
-from daemon.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState
+from daemon.core.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState
 from daemon.errors import InvalidChunkError, describe, is_transient
-from daemon.listener import Wakeup
+from daemon.outbox.listener import Wakeup
 from daemon.logs import JsonFormatter
 
 PAYLOAD_KEYS = {

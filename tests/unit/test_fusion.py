@@ -8,7 +8,7 @@ import pytest
 from qdrant_client import models
 
 from daemon.commands.search import _metadata, excerpt
-from daemon.search import RRF_K, SearchFilters, fuse, normalise, rrf_fusion, weighted_fusion
+from daemon.hybrid_search import RRF_K, SearchFilters, fuse, normalise, rrf_fusion, weighted_fusion
 
 
 def test_normalise_min_max():

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from daemon.health import HealthServer, Heartbeat
+from daemon.runtime.health import HealthServer, Heartbeat
 from daemon.telemetry import setup_telemetry
 
 SECRET = "Hunter2Secret"

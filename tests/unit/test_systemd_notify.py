@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.systemd import SystemdNotifier
+from daemon.runtime.systemd import SystemdNotifier
 
 
 @pytest.fixture
@@ -108,11 +108,11 @@ def test_watchdog_interval_is_half_of_watchdog_usec(env, interval, notify_socket
 def test_a_send_that_fails_never_raises(tmp_path, caplog):
     """A socket that is gone (systemd restarted, a stale variable) is logged at debug, never raised."""
     notifier = SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "missing"), "WATCHDOG_USEC": "1000000"})
-    with caplog.at_level("DEBUG", logger="daemon.systemd"):
+    with caplog.at_level("DEBUG", logger="daemon.runtime.systemd"):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
     assert any("not sent" in r.getMessage() for r in caplog.records)
-    assert all(r.levelname == "DEBUG" for r in caplog.records if r.name == "daemon.systemd")
+    assert all(r.levelname == "DEBUG" for r in caplog.records if r.name == "daemon.runtime.systemd")
     # a relative name is neither a path nor abstract: ignored
     assert not SystemdNotifier({"NOTIFY_SOCKET": "relative/name"}).enabled
 
@@ -124,8 +124,8 @@ async def test_watchdog_pings_only_while_the_heartbeat_is_fresh(notify_socket):
     import time
     from types import SimpleNamespace
 
-    from daemon.health import Heartbeat
-    from daemon.lifecycle import _watchdog
+    from daemon.runtime.health import Heartbeat
+    from daemon.runtime.service import _watchdog
 
     sock, path = notify_socket
     sock.setblocking(False)
