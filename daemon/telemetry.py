@@ -74,6 +74,16 @@ INSTRUMENTS: dict[str, tuple[str, str, str]] = {
     "consumer_lag": (
         "gauge", "{message}", "Messages the consumer group has yet to read, by partition (high watermark - position).",
     ),
+    "ready": ("gauge", "1", "1 while this process's readiness checks pass (/readyz), else 0."),
+    "dependency_up": (
+        "gauge", "1",
+        "1 while the dependency answered its last check, 0 while it is unreachable "
+        "(dependency: postgresql, qdrant, kafka, embedding).",
+    ),
+    "dependency_wait_seconds": (
+        "counter", "s",
+        "Seconds spent waiting for an unreachable dependency (label dependency), during start-up and while running.",
+    ),
 }
 PREFIX = "outboxd_"
 
@@ -89,13 +99,16 @@ class _NoopInstrument:
 class Metrics:
     """The process's named instruments. Counters and histograms are recorded
     directly (metrics.events_applied.add(n, {"op": ..., "result": ...})); the
-    gauges report what set_backlog / set_consumer_lag last stored."""
+    gauges report what set_backlog / set_consumer_lag / set_ready / set_dependency_up
+    last stored."""
 
     def __init__(self, meter: Any = None, registry: Any = None, *, note: str | None = None) -> None:
         self._registry = registry
         self._note = note  # why /metrics is empty, when it is
         self._backlog: tuple[int, float] | None = None
         self._consumer_lag: dict[int, int] = {}
+        self._ready: bool | None = None
+        self._dependency_up: dict[str, bool] = {}
         for name, (kind, unit, description) in INSTRUMENTS.items():
             setattr(self, name, self._make(meter, name, kind, unit, description))
         self.dead_letters.add(0)  # a series from the start, so increase() sees the first one
@@ -115,6 +128,8 @@ class Metrics:
             "events_pending": self._observe_pending,
             "lag_seconds": self._observe_lag,
             "consumer_lag": self._observe_consumer_lag,
+            "ready": self._observe_ready,
+            "dependency_up": self._observe_dependency_up,
         }[name]
         return meter.create_observable_gauge(full, callbacks=[callback], unit=unit, description=description)
 
@@ -125,6 +140,12 @@ class Metrics:
     def set_consumer_lag(self, lag: dict[int, int]) -> None:
         self._consumer_lag = {int(p): int(n) for p, n in lag.items()}
 
+    def set_ready(self, ready: bool) -> None:
+        self._ready = bool(ready)
+
+    def set_dependency_up(self, name: str, up: bool) -> None:
+        self._dependency_up[str(name)] = bool(up)
+
     def _observe_pending(self, _options) -> list:
         return [] if self._backlog is None else [Observation(self._backlog[0])]
 
@@ -133,6 +154,12 @@ class Metrics:
 
     def _observe_consumer_lag(self, _options) -> list:
         return [Observation(n, {"partition": str(p)}) for p, n in sorted(self._consumer_lag.items())]
+
+    def _observe_ready(self, _options) -> list:
+        return [] if self._ready is None else [Observation(int(self._ready))]
+
+    def _observe_dependency_up(self, _options) -> list:
+        return [Observation(int(up), {"dependency": name}) for name, up in sorted(self._dependency_up.items())]
 
     # --- Prometheus ----------------------------------------------------------------------------
     def render_prometheus(self) -> tuple[bytes, str]:
