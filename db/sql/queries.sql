@@ -3,7 +3,10 @@
 
 -- claim_batch --
 -- Take up to batch_size pending events nobody holds (or whose lease ran out),
--- oldest first, and lease them to this worker in one short statement.
+-- oldest first, lease them to this worker, and read the current state of their
+-- chunks, in one short statement (one round trip per batch). The state is read
+-- after the events committed (same snapshot), and the acknowledgement verifies
+-- it again, so a change made meanwhile is never lost. No state: the chunk is gone.
 WITH picked AS (
     SELECT id
     FROM outboxd.outbox
@@ -13,13 +16,20 @@ WITH picked AS (
     ORDER BY id
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE outboxd.outbox o
+    SET locked_by = %(worker)s,
+        locked_until = now() + make_interval(secs => %(lease_seconds)s)
+    FROM picked
+    WHERE o.id = picked.id
+    RETURNING o.id, o.chunk_id, o.op, o.attempts, o.created_at
 )
-UPDATE outboxd.outbox o
-SET locked_by = %(worker)s,
-    locked_until = now() + make_interval(secs => %(lease_seconds)s)
-FROM picked
-WHERE o.id = picked.id
-RETURNING o.id, o.chunk_id, o.op, o.attempts, o.created_at;
+SELECT c.id, c.chunk_id, c.op, c.attempts, c.created_at,
+       s.document_id, s.source_id, s.chunk_index, s.text, s.token_count, s.content_hash,
+       s.metadata, s.title, s.url, s.document_type, s.state_hash
+FROM claimed c
+LEFT JOIN outboxd.chunk_state s ON s.chunk_id = c.chunk_id;
 
 -- renew_lease --
 -- Keeps a long batch (slow embedding) from being re-claimed by another worker.
@@ -189,6 +199,19 @@ FROM outboxd.outbox
 WHERE status = 'pending' AND locked_until > now()
 GROUP BY locked_by
 ORDER BY locked_by;
+
+-- status_processes --
+-- outboxd processes connected to this database now, by worker name: each names
+-- its connections outboxd:<worker name> (its LISTEN connection adds :listen; the
+-- CLI's are outboxd:cli). application_name is visible to every role.
+SELECT substr(application_name, 9) AS worker, count(*) AS connections
+FROM pg_stat_activity
+WHERE datname = current_database()
+  AND application_name LIKE 'outboxd:%%'
+  AND application_name NOT LIKE '%%:listen'
+  AND application_name NOT IN ('outboxd:cli', 'outboxd:demo')
+GROUP BY 1
+ORDER BY 1;
 
 -- live_collection --
 SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at
@@ -363,3 +386,19 @@ SELECT count(*) AS pending,
        extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds
 FROM outboxd.outbox
 WHERE status = 'pending';
+
+-- capture_mode --
+-- Which sessions chunk changes are captured in (see db/capture.py): origin,
+-- always, mixed or disabled, and the outboxd triggers behind that word, one row
+-- each: its level, its state now and its state in each mode (any role may read this).
+SELECT outboxd.capture_mode() AS mode,
+       coalesce(jsonb_agg(jsonb_build_object('table', t.table_name, 'trigger', t.trigger_name, 'level', t.level,
+                                             'enabled', t.enabled, 'origin', t.origin, 'always', t.always)
+                          ORDER BY t.table_name, t.trigger_name), '[]'::jsonb) AS triggers
+FROM outboxd.capture_triggers() t;
+
+-- set_capture_mode --
+-- Every outboxd trigger to its state in mode 'always' or 'origin'; returns the
+-- resulting mode. Needs EXECUTE on outboxd.set_capture_mode, which only its
+-- owner (the migrating role) has unless granted: not the worker.
+SELECT outboxd.set_capture_mode(%(mode)s) AS mode;

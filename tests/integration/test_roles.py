@@ -13,7 +13,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from daemon import cli
 from daemon.commands import roles
-from db.queries import _all as all_queries
+from db import capture
+from db.queries import QUERIES_FILE, parse
 from tests.support import add_document, assert_converged, drain, outbox_rows
 
 DENIED = psycopg.errors.InsufficientPrivilege
@@ -63,11 +64,12 @@ def connect_as(dsn: str) -> psycopg.Connection:
     return psycopg.connect(dsn, autocommit=True)
 
 
-def test_apply_creates_nologin_groups_and_is_idempotent(dsn, conn, granted, capsys):
+def test_apply_creates_nologin_groups_and_is_idempotent(dsn, conn, granted, capsys, monkeypatch):
     """Applying again through the CLI succeeds, and both roles are NOLOGIN groups."""
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    monkeypatch.setenv("OUTBOXD_LOG_FORMAT", "text")
     for _ in range(2):
-        code = cli.main(["roles", "--apply", "--writer", granted.writer, "--worker", granted.worker,
-                         "--database-url", dsn, "--log-format", "text"])
+        code = cli.main(["roles", "--apply", "--writer", granted.writer, "--worker", granted.worker])
         assert code == 0
     out = capsys.readouterr().out
     assert f'GRANT "{granted.writer}" TO app_login' in out
@@ -77,9 +79,10 @@ def test_apply_creates_nologin_groups_and_is_idempotent(dsn, conn, granted, caps
     assert sorted(rows) == sorted([(granted.writer, False), (granted.worker, False)])
 
 
-def test_print_is_the_default_and_quotes_the_names(capsys):
+def test_print_is_the_default_and_quotes_the_names(capsys, monkeypatch):
     """Without --apply the command prints the SQL with the chosen names, touching no database."""
-    assert cli.main(["roles", "--writer", "app_w", "--worker", "app_k", "--database-url", "host=/nonexistent"]) == 0
+    monkeypatch.setenv("DATABASE_URL", "host=/nonexistent")
+    assert cli.main(["roles", "--writer", "app_w", "--worker", "app_k"]) == 0
     out = capsys.readouterr().out
     assert 'CREATE ROLE "app_w" NOLOGIN' in out and 'CREATE ROLE "app_k" NOLOGIN' in out
     assert "{" not in out and "GRANT \"app_k\" TO outboxd_login" in out
@@ -139,18 +142,35 @@ PARAMS = dict(
     error_pattern="boom", alias="a", name="n", model_name="m", dimension=3, normalized=True,
     max_seq_length=None, fingerprint_id="f", status="building", after=None, source_id=None,
     document_id=None, limit=10, job="j", last_chunk_id=None, done=1, query="chunk", document_type=None,
-    metadata=None,
+    metadata=None, mode="origin",
 )
+# Named queries for the operator (the migrating role), which the worker must NOT be able to run.
+OPERATOR_ONLY = {"set_capture_mode"}
 
 
-@pytest.mark.parametrize("name", sorted(all_queries()))
+def all_queries() -> dict[str, str]:
+    """The daemon's and the operator commands' named queries (not db/sql/demo.sql: the demo
+    writes its corpus as an application would, on its own embedded database)."""
+    return parse(QUERIES_FILE.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", sorted(set(all_queries()) - OPERATOR_ONLY))
 def test_worker_may_run_every_named_query(conn, granted, name):
-    """Every statement in db/sql/queries.sql is allowed to the worker."""
+    """Every statement in db/sql/queries.sql but the operator's is allowed to the worker."""
     add_document(conn, ["a chunk the queries can see"])
     text = all_queries()[name]
     params = {p: PARAMS[p] for p in set(re.findall(r"%\((\w+)\)s", text))}
     with connect_as(granted.worker_dsn) as k, k.transaction(force_rollback=True):
         k.execute(text, params)
+
+
+def test_worker_may_not_switch_the_capture_mode(conn, granted):
+    """Switching the capture triggers is the operator's: the worker is refused, and nothing changes."""
+    with connect_as(granted.worker_dsn) as k:
+        assert capture.capture_mode(k) == "origin"
+        with pytest.raises(DENIED):
+            capture.set_capture_mode(k, "always")
+    assert capture.capture_mode(conn) == "origin"
 
 
 async def test_worker_runs_the_daemon_to_convergence(conn, granted, qdrant, collection, embedder, make_settings):
