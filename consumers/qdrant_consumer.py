@@ -17,13 +17,13 @@ from uuid import UUID
 
 from consumers import contract
 from consumers.stream_consumer import StreamConsumer
-from daemon.core.apply import Applier, ApplyResult, isolate
-from daemon.core.chunk_state import ChunkState
 from daemon.config import Settings
+from daemon.core.apply import Applier, ApplyResult
+from daemon.core.batch import Target
+from daemon.core.chunk_state import ChunkState
+from daemon.core.qdrant_connect import describe_target, embedding_checks, make_client
+from daemon.core.qdrant_store import QdrantStore
 from daemon.embedding.embedder import Embedder
-from daemon.errors import is_transient
-from daemon.runtime.service import until_reachable
-from daemon.core.qdrant_store import QdrantSink, describe_target, embedding_checks, make_client
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,8 @@ class QdrantConsumer(StreamConsumer):
         self._owns_qdrant = qdrant is None
         self.embedder = embedder or Embedder(settings)
         self.qdrant = qdrant or make_client(settings)
-        self.sink = QdrantSink(self.qdrant, settings.collection)
-        self.applier = Applier(self.embedder, self.sink, reuse_vectors=settings.reuse_stored_vectors)
-        self.totals = ApplyResult()
+        self.store = QdrantStore(self.qdrant, settings.collection)
+        self.applier = Applier(self.embedder, self.store, reuse_vectors=settings.reuse_stored_vectors)
         # A deleted point keeps no payload, so no version: the versions of recent
         # deletes are kept here, so a stale upsert published late by another relay
         # does not bring the point back (after a restart, the relay's verified ack
@@ -51,12 +50,11 @@ class QdrantConsumer(StreamConsumer):
         self.deleted = RecentVersions(DELETED_VERSIONS_KEPT)
 
     async def open(self) -> None:
-        fingerprint = self.embedder.fingerprint or await self.embedder.load()
-        await until_reachable(
-            f"Qdrant ({describe_target(self.settings)})",
-            lambda: self.sink.ensure_collection(fingerprint),
-            timeout=self.settings.startup_timeout,
-            stop=self.stop,
+        if self.embedder.fingerprint is None:  # an embedding endpoint may not be up yet
+            await self.until_reachable("the embedding model", self.embedder.load)
+        fingerprint = self.embedder.fingerprint
+        await self.until_reachable(
+            f"Qdrant ({describe_target(self.settings)})", lambda: self.store.ensure_collection(fingerprint)
         )
 
     def readiness_checks(self) -> dict:
@@ -66,24 +64,14 @@ class QdrantConsumer(StreamConsumer):
         if self._owns_qdrant:
             await self.qdrant.close()
         if self._owns_embedder:
-            self.embedder.close()
+            await self.embedder.close()
 
-    def stats(self) -> dict[str, Any]:
-        t = self.totals
-        return {
-            **self.counts,
-            "upserted": t.upserted,
-            "payload_only": t.payload_only,
-            "deleted": t.deleted,
-            "unchanged": t.unchanged,
-            "older": t.older,
-            "embedded": t.embedded,
-            "encode_seconds": round(self.embedder.encode_seconds, 3),
-        }
+    def stats_extra(self) -> dict[str, Any]:
+        return {"encode_seconds": round(self.embedder.encode_seconds, 3), "cache_hits": self.embedder.cache_hits}
 
     async def handle(self, records: list[Any]) -> list[tuple[Any, str]]:
         rejected: list[tuple[Any, str]] = []
-        newest: dict[UUID, tuple[int, ChunkState | None]] = {}
+        targets: dict[UUID, Target] = {}
         records_of: dict[UUID, list[Any]] = {}
         for record in records:
             try:
@@ -92,44 +80,22 @@ class QdrantConsumer(StreamConsumer):
                 rejected.append((record, str(exc)))
                 continue
             records_of.setdefault(chunk_id, []).append(record)
-            if chunk_id not in newest or version >= newest[chunk_id][0]:
-                newest[chunk_id] = (version, state)
-        for chunk_id in [cid for cid, (version, _) in newest.items() if version < self.deleted.get(cid, -1)]:
-            del newest[chunk_id]  # an upsert older than a delete this process applied: the point stays gone
-            self.totals.older += 1
-        if not newest:
-            return rejected
-        targets = {cid: state for cid, (_, state) in newest.items()}
-        versions = {cid: version for cid, (version, _) in newest.items()}
-        try:
-            result = await self.applier.apply(targets, versions=versions)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            result = await isolate(
-                lambda cid: self.applier.apply({cid: targets[cid]}, versions={cid: versions[cid]}), list(targets), exc
-            )
+            if chunk_id not in targets or version >= targets[chunk_id].version:
+                targets[chunk_id] = Target(state, version)
+        older = [cid for cid, t in targets.items() if t.version < self.deleted.get(cid, -1)]
+        for chunk_id in older:  # an upsert older than a delete this process applied: the point stays gone
+            del targets[chunk_id]
+        result = ApplyResult(older=len(older))
+        if targets:
+            result.merge(await self.policy.deliver(self.applier.apply, targets, ApplyResult))
         for chunk_id, reason in result.failed.items():
             rejected.extend((r, reason) for r in records_of[chunk_id])
-        for chunk_id, state in targets.items():
-            if state is None and chunk_id in result.written and versions[chunk_id] != UNVERSIONED:
-                self.deleted.remember(chunk_id, versions[chunk_id])
-        self.totals.merge(result)
-        self.counts["applied"] += len(result.written)
-        self._observe(result)
+        for chunk_id, target in targets.items():
+            if target.state is None and chunk_id in result.written and target.version != UNVERSIONED:
+                self.deleted.remember(chunk_id, target.version)
+        applied = sum(len(records_of[cid]) for cid in result.written) + sum(len(records_of[c]) for c in older)
+        self.policy.record(result, acked=applied)
         return rejected
-
-    def _observe(self, r: ApplyResult) -> None:
-        m = self.metrics
-        for op, n in (("upsert", r.upserted), ("payload", r.payload_only), ("delete", r.deleted),
-                      ("unchanged", r.unchanged), ("older", r.older)):
-            if n:
-                m.events_applied.add(n, {"op": op, "result": "ok"})
-        for kind, n in r.embedding_kinds().items():
-            if n:
-                m.embeddings.add(n, {"kind": kind})
-        if r.failed:
-            m.events_applied.add(len(r.failed), {"op": "upsert", "result": "dead"})
 
 
 class RecentVersions(OrderedDict):

@@ -1,10 +1,11 @@
-"""`outboxd relay`: the outbox, published to Kafka.
+"""`outboxd relay`: the outbox, published to Kafka (the producer side of the
+Kafka transport).
 
-The relay is the notify daemon's claim loop (daemon.outbox.service: LISTEN
-wake-up with polling, SKIP LOCKED claims, leases, verified acks, drain) with a
-Publisher for a sink: for each claimed chunk it publishes the chunk's current
-state, keyed by chunk id, with an idempotent acks=all producer, and the events
-are acknowledged only after the broker confirmed every message.
+The relay is an outbox service (daemon.outbox.service: LISTEN wake-up with
+polling, SKIP LOCKED claims, leases, verified acks, drain) whose batches go to
+a Publisher: for each claimed chunk it publishes the chunk's current state,
+keyed by chunk id, with an idempotent acks=all producer, and the events are
+acknowledged only after the broker confirmed every message.
 
 Why several relays cannot leave a consumer on an old state: each message
 carries a version drawn after its state was read, and the acknowledgement is
@@ -16,25 +17,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
 
+import orjson
+
 from consumers import contract
 from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
-from daemon.core.apply import ApplyResult
-from daemon.core.chunk_state import ChunkState
+from daemon.core.batch import Outcome, Target, Targets
+from daemon.core.chunk_state import MAX_METADATA_DEPTH
 from daemon.errors import describe, is_transient
 from daemon.outbox.queue import Event
-from daemon.outbox.service import Supervisor
+from daemon.outbox.service import OutboxService
 from daemon.telemetry import inject_headers
-from daemon.outbox.claim_loop import BatchSink
 from db.queries import fetch
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class PublishResult(Outcome):
+    published: int = 0  # chunk events the brokers confirmed (a delete's tombstone not counted apart)
+
+    def ops(self) -> dict[str, int]:
+        return {"published": self.published}
+
+    @classmethod
+    def op_for(cls, target: Target) -> str:
+        return "published"
+
+
 class Publisher:
-    """A BatchSink that writes chunk events to the topic."""
+    """Writes chunk events to the topic."""
 
     def __init__(self, producer, pool, topic: str, metrics) -> None:
         self.producer = producer
@@ -42,10 +57,8 @@ class Publisher:
         self.topic = topic
         self.metrics = metrics
 
-    async def apply(
-        self, targets: dict[UUID, ChunkState | None], events: dict[UUID, list[Event]] | None = None
-    ) -> ApplyResult:
-        result = ApplyResult()
+    async def publish(self, targets: Targets, events: dict[UUID, list[Event]]) -> PublishResult:
+        result = PublishResult()
         if not targets:
             return result
         rows = await fetch(self.pool, "relay_versions", chunk_ids=list(targets))
@@ -53,8 +66,9 @@ class Publisher:
         relayed_at = datetime.now(UTC)
         trace_headers = inject_headers()
         pending: list[tuple[UUID, asyncio.Future]] = []
-        for chunk_id, state in targets.items():
-            behind = (events or {}).get(chunk_id) or []
+        for chunk_id, target in targets.items():
+            state = target.state
+            behind = events.get(chunk_id) or []
             common = {
                 "event_id": max((e.id for e in behind), default=0),
                 "version": versions[chunk_id],
@@ -66,16 +80,20 @@ class Publisher:
                 event = contract.ChunkDeleted(**common)
             else:
                 event = contract.ChunkUpserted(**common, chunk=contract.chunk_from_state(state))
+            try:
+                value = contract.encode(event)
+            except orjson.JSONEncodeError as exc:  # e.g. metadata nested deeper than JSON encoders go
+                result.failed[chunk_id] = (
+                    f"chunk {chunk_id}: cannot be encoded as an event ({exc}); check its metadata "
+                    f"(nested deeper than {MAX_METADATA_DEPTH} levels is refused for points too)"
+                )
+                continue
             key = str(chunk_id).encode()
             headers = contract.headers(event) + trace_headers  # the consumer's span continues this batch's trace
-            pending.append((chunk_id, await self.producer.send(self.topic, contract.encode(event), key, headers=headers)))
+            pending.append((chunk_id, await self.producer.send(self.topic, value, key, headers=headers)))
             if state is None:  # the tombstone lets compaction forget the chunk
                 pending.append((chunk_id, await self.producer.send(self.topic, None, key, headers=headers)))
-            result.written[chunk_id] = state.state_hash if state else None
-            if state is None:
-                result.deleted += 1
-            else:
-                result.upserted += 1
+            result.written[chunk_id] = target.state_hash
         outcomes = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
         for (chunk_id, _), outcome in zip(pending, outcomes):
             if isinstance(outcome, BaseException):
@@ -83,24 +101,30 @@ class Publisher:
                     raise outcome  # the batch is retried whole; duplicates are harmless
                 result.written.pop(chunk_id, None)
                 result.failed[chunk_id] = describe(outcome)  # e.g. larger than the broker accepts
-        self.metrics.relay_published.add(len(result.written))
+        result.published = len(result.written)
+        self.metrics.relay_published.add(result.published)
         return result
 
 
-class Relay(Supervisor):
+class Relay(OutboxService):
     role = "outboxd relay"
     service_name = "outboxd-relay"
-    events_op = "published"
+    result_type = PublishResult
 
     def __init__(self, settings, dsn) -> None:
         super().__init__(settings, dsn)
         self.producer = None
+        self.publisher: Publisher | None = None
 
-    async def start_sink(self) -> tuple[BatchSink, str | None]:
+    async def start_sink(self) -> str | None:
         s = self.settings
-        await self._until_reachable(describe_brokers(s), lambda: ensure_topics(s))
-        await self._until_reachable(describe_brokers(s), self._start_producer)
-        return Publisher(self.producer, self.pool, s.kafka_topic, self.metrics), None
+        await self.until_reachable(describe_brokers(s), lambda: ensure_topics(s))
+        await self.until_reachable(describe_brokers(s), self._start_producer)
+        self.publisher = Publisher(self.producer, self.pool, s.kafka_topic, self.metrics)
+        return None
+
+    async def deliver(self, targets: Targets, events: dict[UUID, list[Event]]) -> PublishResult:
+        return await self.publisher.publish(targets, events)
 
     async def _start_producer(self) -> None:
         from aiokafka import AIOKafkaProducer

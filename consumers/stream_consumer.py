@@ -25,36 +25,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from contextlib import suppress
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
 from daemon.config import Settings
 from daemon.errors import ServiceUnavailableError, describe, is_transient
-from daemon.runtime.health import Heartbeat
-from daemon.runtime.service import install_stop_signals, remove_stop_signals, run_service, until_reachable
-from daemon.runtime.systemd import SystemdNotifier
-from daemon.telemetry import extract_context, setup_telemetry, tracer
+from daemon.runtime.batch_policy import wait_for_any
+from daemon.runtime.service import Service
+from daemon.telemetry import extract_context, tracer
 
 log = logging.getLogger(__name__)
 
-STATS_EVERY = 30.0
 # headers a dead letter carries besides the original ones
 H_ERROR = "outboxd-error"
 H_SOURCE = "outboxd-source"  # topic/partition/offset the message came from
 H_GROUP = "outboxd-group"
 
 
-class StreamConsumer:
+class StreamConsumer(Service):
     """One consumer process. group=None reads without a group: every partition,
     nothing committed (an operator's tail)."""
 
     role = "outboxd consumer"
-    service_name = "outboxd-consumer"  # OpenTelemetry service.name unless OTEL_SERVICE_NAME says otherwise
+    service_name = "outboxd-consumer"
 
     def __init__(
         self,
@@ -65,20 +61,14 @@ class StreamConsumer:
         from_beginning: bool = True,
         dead_letters: bool = True,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.group = group
         self.topics = topics or [settings.kafka_topic]
         self.from_beginning = from_beginning
         self.dead_letters = dead_letters
-        self.stop = asyncio.Event()
-        self.counts: Counter[str] = Counter()
         self.consumer = None
         self.producer = None  # for dead letters
         self._busy = asyncio.Lock()  # held while a batch is processed; revocation waits for it
-        self.telemetry = setup_telemetry(self.service_name)
-        self.metrics = self.telemetry.metrics
-        self.heartbeat = Heartbeat()
-        self.notifier = SystemdNotifier()
         self._in_flight = "batch"  # the heartbeat's name for the batch being processed
 
     # --- the part a subclass writes --------------------------------------------
@@ -94,37 +84,23 @@ class StreamConsumer:
     async def shutdown(self) -> None:
         """Close what open started."""
 
-    def stats(self) -> dict[str, Any]:
-        return dict(self.counts)
-
     def readiness_checks(self) -> dict:
         """/readyz: a subclass adds what handle needs (super().readiness_checks() | {...})."""
-        return {"kafka": self._ready_kafka, "running": self._ready_running}
+        return {"kafka": self._ready_kafka} | super().readiness_checks()
 
     async def _ready_kafka(self) -> None:
-        await kafka_ready(self.consumer)
-
-    async def _ready_running(self) -> None:
         if self.consumer is None:
-            raise ServiceUnavailableError("starting")
-        if self.stop.is_set():
-            raise ServiceUnavailableError("stopping")
-
-    def secrets(self) -> list[str]:
-        return [v.get_secret_value() for v in (self.settings.kafka_sasl_password, self.settings.qdrant_api_key) if v]
-
-    def stuck_workers(self) -> list[str]:
-        return self.heartbeat.stuck(self.settings.heartbeat_timeout)
+            raise ServiceUnavailableError("not connected to Kafka yet")
+        await kafka_ready(self.consumer)
 
     # --- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
         topics = list(self.topics) + ([s.dead_letter_topic] if self.dead_letters else [])
-        await until_reachable(
-            describe_brokers(s), lambda: ensure_topics(s, topics), timeout=s.startup_timeout, stop=self.stop
-        )
+        await self.until_reachable(describe_brokers(s), lambda: ensure_topics(s, topics))
         await self.open()
-        await until_reachable(describe_brokers(s), self._start_clients, timeout=s.startup_timeout, stop=self.stop)
+        await self.until_reachable(describe_brokers(s), self._start_clients)
+        self.started = True
 
     async def _start_clients(self) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -169,7 +145,7 @@ class StreamConsumer:
             f"{self.role} running",
             extra={"group": self.group, "topics": self.topics, "kafka": self.settings.kafka_bootstrap_servers},
         )
-        reporter = asyncio.create_task(self._report())
+        reporter = asyncio.create_task(self.report_stats())
         try:
             while not self.stop.is_set():
                 self.heartbeat.beat()
@@ -191,7 +167,7 @@ class StreamConsumer:
         finally:
             self.notifier.stopping()
             reporter.cancel()
-            log.info(f"{self.role} stopped", extra=self.stats())
+            self.log_stats(f"{self.role} stopped")
         return 0
 
     async def _poll(self) -> dict:
@@ -200,8 +176,9 @@ class StreamConsumer:
         except Exception as exc:
             if not is_transient(exc):
                 raise
+            self.policy.note_outage("poll", exc, 1.0)
             log.warning("cannot fetch from Kafka; retrying", extra={"error": describe(exc)})
-            await _wait(self.stop, 1.0)
+            await wait_for_any([self.stop], 1.0)
             return {}
 
     async def _observe_lag(self) -> None:
@@ -222,32 +199,21 @@ class StreamConsumer:
             context=extract_context(records[0].headers),
             attributes={"partition": tp.partition, "records": len(records), "offset": records[0].offset},
         ):
-            await self._process_with_retry(tp, records)
+            try:
+                async for attempt in self.policy.retrying(self._in_flight):
+                    with attempt:
+                        rejected = await self.handle(records)
+                        for record, reason in rejected:
+                            await self.dead_letter(record, reason)
+                        await self._commit(tp, records[-1].offset + 1)
+            except Exception as exc:
+                if not (is_transient(exc) and self.stop.is_set()):
+                    raise
+                # stopping during an outage: nothing committed, the next owner applies it
+                log.warning("stopped during an outage; batch left uncommitted", extra={"partition": tp.partition})
+                return
+        self.stats.records += len(records)
         self.metrics.consumer_applied.add(len(records))
-
-    async def _process_with_retry(self, tp, records: list[Any]) -> None:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait_exponential_jitter(multiplier=0.5, max=30.0),
-            stop=lambda _state: self.stop.is_set(),
-            sleep=lambda seconds: _wait(self.stop, seconds),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    rejected = await self.handle(records)
-                    for record, reason in rejected:
-                        await self.dead_letter(record, reason)
-                    await self._commit(tp, records[-1].offset + 1)
-        except Exception as exc:
-            if not (is_transient(exc) and self.stop.is_set()):
-                raise
-            # stopping during an outage: nothing committed, the next owner applies it
-            log.warning("stopped during an outage; batch left uncommitted", extra={"partition": tp.partition})
-            return
-        self.counts["records"] += len(records)
 
     async def _commit(self, tp, offset: int) -> None:
         if self.group is None:
@@ -261,19 +227,9 @@ class StreamConsumer:
             # owner re-applies from the last commit, harmlessly
             log.warning("offset commit refused after a rebalance", extra={"error": describe(exc)})
 
-    def _log_retry(self, state) -> None:
-        self.counts["transient_retries"] += 1
-        self.metrics.retries.add(1, {"stage": "batch"})
-        self.heartbeat.busy(self._in_flight)  # an outage retry is progress, not a hang
-        log.warning(
-            "batch failed on an outage; retrying",
-            extra={"error": describe(state.outcome.exception()), "retry_in": round(state.upcoming_sleep, 2)},
-        )
-
     async def dead_letter(self, record: Any, reason: str) -> None:
         """Park one message, with why, in the dead-letter topic; the partition moves on."""
-        self.counts["dead_letters"] += 1
-        self.metrics.dead_letters.add(1)
+        self.policy.record_failure("delete" if record.value is None else "upsert", failed=0, dead=1)
         log.error(
             "message parked in the dead-letter topic",
             extra={"partition": record.partition, "offset": record.offset, "error": reason},
@@ -286,22 +242,6 @@ class StreamConsumer:
             (H_GROUP, (self.group or "").encode()),
         ]
         await self.producer.send_and_wait(self.settings.dead_letter_topic, record.value, record.key, headers=headers)
-
-    async def _report(self) -> None:
-        last = None
-        while True:
-            await asyncio.sleep(STATS_EVERY)
-            now = self.stats()
-            if now != last:
-                log.info("progress", extra=now)
-                last = now
-
-    # --- signals -------------------------------------------------------------------
-    def install_signals(self) -> None:
-        install_stop_signals(self.stop, "finishing the batch in flight")
-
-    def remove_signals(self) -> None:
-        remove_stop_signals()
 
 
 class _WaitForBatch(ConsumerRebalanceListener):
@@ -318,14 +258,3 @@ class _WaitForBatch(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned) -> None:
         log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-
-
-async def run_consumer(consumer: StreamConsumer) -> int:
-    """Start, run until SIGTERM/SIGINT, stop cleanly; with the health endpoint and
-    systemd notifications around it (daemon.runtime.service)."""
-    return await run_service(consumer)

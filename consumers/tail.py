@@ -7,6 +7,7 @@ or source apply to deletes too once the chunk's upsert was seen in this run
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, TextIO
 from uuid import UUID
@@ -46,12 +47,27 @@ class TailConsumer(StreamConsumer):
             line = self.render(record)
             if line is None:
                 continue
-            print(line, file=self.out, flush=True)
+            try:
+                print(line, file=self.out, flush=True)
+            except BrokenPipeError:
+                # the reader went away (`outboxd tail | head`): end quietly, like a Unix filter
+                self._silence_output()
+                self.stop.set()
+                break
             self.printed += 1
             if self.limit is not None and self.printed >= self.limit:
                 self.stop.set()
                 break
         return []  # an operator's view: a bad message is shown, never parked
+
+    def _silence_output(self) -> None:
+        """Point the closed stream at /dev/null, so the interpreter's last flush
+        at exit does not complain about the broken pipe either."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.out.fileno())
+        except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO)
+            pass
 
     def matches(self, chunk_id: UUID) -> bool:
         if not (self.documents or self.sources):

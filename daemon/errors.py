@@ -1,7 +1,17 @@
 """What can go wrong, and which of it is worth retrying.
 
-Exit codes follow sysexits(3) so supervisors can tell a bad configuration
-(do not restart) from an unreachable service (restart later).
+Exit codes, one contract for every command (README: "Exit codes"):
+
+  0   done; a check found nothing wrong
+  1   a bug: an unexpected error, logged with its traceback (restart me)
+  2   usage: an unknown command or option, a bad option value
+  3   a check found a problem: `reconcile --check` found drift, `status --max-*` passed a limit
+  69  a service (PostgreSQL, Qdrant, Kafka, the embedding endpoint) stayed unreachable (EX_UNAVAILABLE)
+  78  the configuration cannot work; restarting will not help (EX_CONFIG)
+  130 interrupted (SIGINT before the command could stop cleanly)
+
+They follow sysexits(3) where it has a code, so supervisors can tell a bad
+configuration (do not restart) from an unreachable service (restart later).
 """
 from __future__ import annotations
 
@@ -12,6 +22,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_CHECK_FAILED = 3  # no failure shares it: a probe tells drift from an outage from a crash
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a service stayed unreachable through startup
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration cannot work; restarting will not help
 
@@ -42,6 +53,17 @@ class ServiceUnavailableError(OutboxdError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class DependencyDown(OutboxdError):
+    """A dependency failed in a way worth retrying (an outage, a rate limit);
+    `dependency` names it for the logs and the metrics."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+    def __init__(self, message: str, dependency: str) -> None:
+        super().__init__(message)
+        self.dependency = dependency
+
+
 class InvalidChunkError(OutboxdError):
     """One chunk cannot be projected to a point; retrying it unchanged will not help."""
 
@@ -49,6 +71,8 @@ class InvalidChunkError(OutboxdError):
 def is_transient(exc: BaseException) -> bool:
     """True for failures of the infrastructure (network, restarts, overload) rather
     than of the event: those are retried without counting against the event."""
+    if isinstance(exc, DependencyDown):
+        return True
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return True
     if isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError)):
@@ -84,6 +108,23 @@ def _is_transient_kafka(exc: BaseException) -> bool:
     return bool(getattr(exc, "retriable", False)) or isinstance(
         exc, (kafka.KafkaTimeoutError, kafka.KafkaUnavailableError, kafka.BrokerNotAvailableError)
     )
+
+
+def dependency_of(exc: BaseException) -> str:
+    """Which service an error came from, for logs and the per-dependency metrics:
+    postgresql, qdrant, kafka, embedding (the http backend), or other."""
+    if isinstance(exc, DependencyDown):
+        return exc.dependency
+    if isinstance(exc, psycopg.Error) or type(exc).__module__.startswith("psycopg_pool"):
+        return "postgresql"
+    if isinstance(exc, (ResponseHandlingException, UnexpectedResponse, httpx.HTTPError)):
+        return "qdrant"  # qdrant-client's REST transport; the http embedding backend raises DependencyDown
+    module = type(exc).__module__
+    if module.startswith("aiokafka") or module.startswith("kafka"):
+        return "kafka"
+    if module.startswith("grpc"):
+        return "qdrant"  # qdrant-client's gRPC transport
+    return "other"
 
 
 def describe(exc: BaseException) -> str:

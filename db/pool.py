@@ -10,12 +10,16 @@ from psycopg_pool import AsyncConnectionPool
 set_json_loads(orjson.loads)
 
 
-def make_pool(dsn: str, *, application_name: str, min_size: int, max_size: int) -> AsyncConnectionPool:
+def make_pool(
+    dsn: str, *, application_name: str, min_size: int, max_size: int, timeout: float = 30.0
+) -> AsyncConnectionPool:
     """A closed pool: the caller opens it (and closes it) explicitly.
 
     Connections are autocommit, so each statement is its own short transaction:
     nothing the daemon does holds a transaction open across embedding or Qdrant.
-    application_name makes each worker visible in pg_stat_activity.
+    application_name makes each worker visible in pg_stat_activity. timeout:
+    seconds a caller waits for a connection before PoolTimeout (an outage,
+    retried and counted as one).
     """
     return AsyncConnectionPool(
         dsn,
@@ -23,6 +27,7 @@ def make_pool(dsn: str, *, application_name: str, min_size: int, max_size: int) 
         max_size=max_size,
         kwargs={"application_name": application_name, "autocommit": True, "row_factory": dict_row},
         open=False,
+        timeout=timeout,
         name=application_name,
         # Detect connections the server dropped (restart, failover) before handing them out.
         check=AsyncConnectionPool.check_connection,

@@ -1,28 +1,31 @@
-"""The notify transport's service (`outboxd run`): the outbox loop
-(daemon.outbox.service) with the apply core as its sink, so events are embedded
-and written to Qdrant in this process. The Kafka transport's counterpart is
-consumers.relay."""
+"""`outboxd run`, the notify transport: an outbox service whose batches go
+through the apply core, so events are embedded and written to Qdrant in this
+process. Its Kafka counterpart, which publishes instead, is consumers.relay."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from uuid import UUID
 
 from qdrant_client import AsyncQdrantClient
 
-from daemon.core.apply import Applier, ApplyResult
-from daemon.core.catalog import Catalog
 from daemon.config import Settings
+from daemon.core.apply import Applier, ApplyResult
+from daemon.core.batch import Targets
+from daemon.core.catalog import Catalog
+from daemon.core.qdrant_connect import describe_target, embedding_checks, make_client
+from daemon.core.qdrant_store import QdrantStore
 from daemon.embedding.embedder import Embedder
 from daemon.errors import CollectionRetiredError
-from daemon.core.qdrant_store import QdrantSink, describe_target, embedding_checks, make_client
-from daemon.outbox.service import Supervisor
-from daemon.outbox.claim_loop import BatchSink
+from daemon.outbox.queue import Event
+from daemon.outbox.service import OutboxService
 
 
-class Daemon(Supervisor):
-    """The notify transport: embed and write to Qdrant in this process. Owns what
-    it creates; an embedder or Qdrant client passed in (tests, an embedding
-    application) is used but left open for its owner."""
+class NotifyDaemon(OutboxService):
+    """Owns what it creates; an embedder or Qdrant client passed in (tests, an
+    embedding application) is used but left open for its owner."""
+
+    result_type = ApplyResult
 
     def __init__(
         self,
@@ -37,35 +40,46 @@ class Daemon(Supervisor):
         self._owns_qdrant = qdrant is None
         self.embedder = embedder or Embedder(settings)
         self.qdrant = qdrant or make_client(settings)
-        self.qdrant_sink = QdrantSink(self.qdrant, settings.collection)
-        self.applier = Applier(self.embedder, self.qdrant_sink, reuse_vectors=settings.reuse_stored_vectors)
+        self.store = QdrantStore(self.qdrant, settings.collection)
+        self.applier = Applier(self.embedder, self.store, reuse_vectors=settings.reuse_stored_vectors)
         self._encode_seen = self.embedder.encode_seconds
 
-    async def start_sink(self) -> tuple[BatchSink, str | None]:
+    async def start_sink(self) -> str | None:
         """Load the model and check that the live collection is this model's."""
         s = self.settings
-        fingerprint = self.embedder.fingerprint or await self.embedder.load()
+        if self.embedder.fingerprint is None:  # an embedding endpoint may not be up yet
+            await self.until_reachable("the embedding model", self.embedder.load)
+        fingerprint = self.embedder.fingerprint
         catalog = Catalog(self.pool)
         live = await catalog.live(s.collection)
-        await self._until_reachable(
+        await self.until_reachable(
             f"Qdrant ({describe_target(s)})",
-            lambda: self.qdrant_sink.ensure_collection(fingerprint, live.name if live else None),
+            lambda: self.store.ensure_collection(fingerprint, live.name if live else None),
         )
         if live is None:
-            live = await catalog.register_live(self.qdrant_sink.collection, s.collection, fingerprint)
-        if live.name != self.qdrant_sink.collection:  # another daemon registered another model first
+            live = await catalog.register_live(self.store.collection, s.collection, fingerprint)
+        if live.name != self.store.collection:  # another daemon registered another model first
             raise CollectionRetiredError(
                 f"the live collection of {s.collection!r} is {live.name!r} ({live.fingerprint}), not "
-                f"{self.qdrant_sink.collection!r}; start outboxd with OUTBOXD_MODEL={live.model_name}"
+                f"{self.store.collection!r}; start outboxd with OUTBOXD_MODEL={live.model_name}"
             )
-        return self.applier, self.qdrant_sink.collection
+        return self.store.collection
+
+    async def deliver(self, targets: Targets, events: dict[UUID, list[Event]]) -> ApplyResult:
+        result = await self.applier.apply(targets)
+        # the model's time since the last batch ended (one encode stage serves every worker)
+        total = self.embedder.encode_seconds
+        if total > self._encode_seen:
+            self.metrics.encode_seconds.record(total - self._encode_seen)
+        self._encode_seen = total
+        return result
 
     async def close_sink(self) -> None:
         if self._owns_qdrant:
             with suppress(Exception):
                 await self.qdrant.close()
         if self._owns_embedder:
-            self.embedder.close()
+            await self.embedder.close()
 
     def describe(self) -> dict:
         s = self.settings
@@ -74,12 +88,8 @@ class Daemon(Supervisor):
     def stats_extra(self) -> dict:
         return {"encode_seconds": round(self.embedder.encode_seconds, 3), "cache_hits": self.embedder.cache_hits}
 
-    def observe_batch(self, result: ApplyResult) -> None:
-        # the model's time since the last batch ended (one encode thread serves every worker)
-        total = self.embedder.encode_seconds
-        if total > self._encode_seen:
-            self.metrics.encode_seconds.record(total - self._encode_seen)
-        self._encode_seen = total
-
     def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
         return super().readiness_checks() | embedding_checks(self.qdrant, self.embedder)
+
+
+Daemon = NotifyDaemon  # the name tests and embedding applications have used

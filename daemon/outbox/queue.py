@@ -1,4 +1,4 @@
-"""The outbox as the daemon sees it: claim, renew, read state, acknowledge, fail.
+"""The outbox as its workers see it: claim, renew, read state, acknowledge, fail.
 
 Each method is one named query in one short autocommit transaction.
 """
@@ -29,6 +29,18 @@ class Event:
     created_at: datetime
 
 
+STATE_FIELDS = tuple(f for f in ChunkState.__slots__)
+
+
+class Claim(list):
+    """The events one claim took (oldest first), and the current state of their
+    chunks, read in the same statement (a chunk without a state is gone)."""
+
+    def __init__(self, events: list[Event], states: dict[UUID, ChunkState]) -> None:
+        super().__init__(events)
+        self.states = states
+
+
 @dataclass(frozen=True, slots=True)
 class PendingSummary:
     pending: int
@@ -48,11 +60,17 @@ class Outbox:
     async def _fetch(self, name: str, /, **params) -> list[dict]:
         return await fetch(self.pool, name, **params)
 
-    async def claim(self, batch_size: int) -> list[Event]:
+    async def claim(self, batch_size: int) -> Claim:
         rows = await self._fetch(
             "claim_batch", worker=self.worker, batch_size=batch_size, lease_seconds=self.lease_seconds
         )
-        return sorted((Event(**r) for r in rows), key=lambda e: e.id)
+        events, states = [], {}
+        for r in rows:
+            events.append(Event(r["id"], r["chunk_id"], r["op"], r["attempts"], r["created_at"]))
+            if r["state_hash"] is not None and r["chunk_id"] not in states:
+                states[r["chunk_id"]] = ChunkState(**{f: r[f] for f in STATE_FIELDS})
+        events.sort(key=lambda e: e.id)
+        return Claim(events, states)
 
     async def renew(self, event_ids: list[int]) -> None:
         await self._fetch("renew_lease", worker=self.worker, event_ids=event_ids, lease_seconds=self.lease_seconds)

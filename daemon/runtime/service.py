@@ -1,137 +1,250 @@
-"""How a long-running outboxd process lives under a supervisor (systemd,
-Kubernetes): the health endpoint, systemd notifications and telemetry around
-start() and run(). Shared by the outbox loops (`run`, `relay`) and the Kafka
-consumers (`consume`).
+"""The shell every long-running outboxd process runs in (`run`, `relay`,
+`consume`, `tail`): one stop event and the signals that set it, start-up
+waiting, the batch policy, stats, secrets, health, systemd and telemetry.
+
+A transport subclasses Service and supplies start(), run() and close();
+run_service() does the rest:
 
 READY=1 once started, WATCHDOG=1 while the heartbeat is fresh, STATUS= from
-the service, STOPPING=1 when the drain begins; /healthz answers from the first
-moment (the model may take a while to load), /readyz once started.
+the service, STOPPING=1 when the drain begins; /healthz answers from the
+first moment (the model may take a while to load), /readyz once started; the
+`outboxd_ready` and `outboxd_dependency_up` gauges follow the readiness checks
+every few seconds, so an outage shows on a graph even while no batch runs.
+
+SIGTERM/SIGINT set the stop event: the work in flight gets drain_timeout to
+finish, and the process is gone a few seconds later whatever is still running
+(a forward pass, a pool, an exporter): a shutdown deadline ends it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from contextlib import suppress
+from typing import Any
 
-from daemon.config import Settings
+from pydantic import SecretStr
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential_jitter
 
+from daemon.config import Settings
 from daemon.errors import ConfigError, ServiceUnavailableError, describe, is_transient
-from daemon.runtime.health import Heartbeat, HealthServer
+from daemon.runtime.batch_policy import BatchPolicy, Stats
+from daemon.runtime.health import HealthServer, Heartbeat
 from daemon.runtime.systemd import SystemdNotifier
-from daemon.telemetry import get_metrics
+from daemon.telemetry import setup_telemetry
 
 log = logging.getLogger(__name__)
 
 READINESS_TIMEOUT = 5.0  # seconds each /readyz check may take
-
-
-class Service(Protocol):
-    settings: Settings
-    stop: asyncio.Event
-    heartbeat: Heartbeat
-    notifier: SystemdNotifier
-    telemetry: Any
-
-    def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]: ...
-    def secrets(self) -> list[str]: ...
-    def stuck_workers(self) -> list[str]: ...
-    def install_signals(self) -> None: ...
-    def remove_signals(self) -> None: ...
-    async def start(self) -> None: ...
-    async def run(self, **kwargs: Any) -> int: ...
-    async def close(self) -> None: ...
-
-
+READINESS_EVERY = 5.0  # seconds between readiness evaluations for the gauges
+STATS_EVERY = 30.0  # seconds between `progress` log lines (when something changed)
+SHUTDOWN_GRACE = 5.0  # seconds after drain_timeout before the process is ended regardless
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# readiness check -> the dependency its gauge reports
+DEPENDENCY_OF_CHECK = {"postgresql": "postgresql", "qdrant": "qdrant", "kafka": "kafka", "model": "embedding"}
+
+Check = Callable[[], Awaitable[None]]
 
 
-def install_stop_signals(stop: asyncio.Event, what: str, on_again: Callable[[], None] | None = None) -> None:
-    """SIGTERM/SIGINT set `stop` (logging `what` the process now finishes); a
-    second one calls on_again (e.g. cancel the work in flight) where given."""
-    loop = asyncio.get_running_loop()
+class Service:
+    role = "outboxd"
+    service_name = "outboxd"  # OpenTelemetry service.name unless OTEL_SERVICE_NAME says otherwise
 
-    def on_signal(signum: int) -> None:
-        if not stop.is_set():
-            log.info(f"stopping: {what}", extra={"signal": signal.Signals(signum).name})
-            stop.set()
-        elif on_again is not None:
-            on_again()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.telemetry = setup_telemetry(self.service_name)
+        self.metrics = self.telemetry.metrics
+        self.heartbeat = Heartbeat()
+        self.notifier = SystemdNotifier()
+        self.stats = Stats()
+        self.policy = BatchPolicy(self.stop, self.metrics, self.stats, self.heartbeat)
+        self.started = False  # set by start() once it has done its work (readiness: "running")
+        self.exit_code = 0  # what the process exits with if the shutdown deadline has to end it
+        self.exit_deadline = False  # run_service(exit_deadline=True): the CLI's processes
+        self._deadline: threading.Timer | None = None
 
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, on_signal, sig)
+    # --- what a transport supplies --------------------------------------------------
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def run(self, **kwargs: Any) -> int:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close what start() opened; must not raise."""
+
+    def readiness_checks(self) -> dict[str, Check]:
+        """/readyz: each check raises when this process cannot do its work. A
+        subclass adds its own (super().readiness_checks() | {...})."""
+        return {"running": self._ready_running}
+
+    def stats_extra(self) -> dict[str, Any]:
+        return {}
+
+    def on_second_signal(self) -> None:
+        """A second SIGTERM/SIGINT: stop now (the transport cancels its work in flight)."""
+
+    # --- provided ------------------------------------------------------------------------
+    async def _ready_running(self) -> None:
+        if self.stop.is_set():
+            raise ServiceUnavailableError("stopping")
+        if not self.started:
+            raise ServiceUnavailableError("starting")
+
+    def secret_values(self) -> list[str]:
+        """Values no log line or health response may contain: every secret setting,
+        plus what a subclass adds (a password inside a DSN)."""
+        values = []
+        for name in type(self.settings).model_fields:
+            value = getattr(self.settings, name)
+            if isinstance(value, SecretStr):
+                values.append(value.get_secret_value())
+        return [v for v in values + self.extra_secrets() if v]
+
+    def extra_secrets(self) -> list[str]:
+        return []
+
+    def stuck_workers(self) -> list[str]:
+        return self.heartbeat.stuck(self.settings.heartbeat_timeout)
+
+    async def until_reachable(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run fn until it stops failing with an outage, for up to startup_timeout
+        seconds or until stop is set; then ServiceUnavailableError (exit 69)."""
+
+        def log_retry(state) -> None:
+            exc = state.outcome.exception()
+            self.policy.note_outage("startup", exc, state.upcoming_sleep)
+            log.warning(
+                f"{what} not reachable yet; retrying",
+                extra={"error": describe(exc), "retry_in": round(state.upcoming_sleep, 2)},
+            )
+
+        timeout = self.settings.startup_timeout
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(is_transient),
+                wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
+                stop=stop_any(stop_after_delay(timeout), lambda _: self.stop.is_set()),
+                before_sleep=log_retry,
+                reraise=True,
+            ):
+                with attempt:
+                    await fn()
+        except Exception as exc:
+            if is_transient(exc):
+                raise ServiceUnavailableError(
+                    f"{what} stayed unreachable for {timeout:.0f}s: {describe(exc)}. "
+                    "Check the address and credentials, or raise OUTBOXD_STARTUP_TIMEOUT."
+                ) from exc
+            raise
+
+    def log_stats(self, message: str) -> None:
+        log.info(message, extra={**self.stats.as_dict(), **self.stats_extra()})
+
+    async def report_stats(self) -> None:
+        """A `progress` line every STATS_EVERY seconds while something changes."""
+        last = None
+        while True:
+            await asyncio.sleep(STATS_EVERY)
+            now = (self.stats.as_dict(), self.stats_extra())
+            if now != last:
+                self.log_stats("progress")
+                last = now
+
+    def arm_exit_deadline(self) -> None:
+        """Once stopping, the process has drain_timeout + SHUTDOWN_GRACE seconds
+        to exit; then a thread ends it, needing neither the event loop nor the
+        work in flight to cooperate (a forward pass, an exporter's retries, a
+        hung close, interpreter exit waiting on a thread). Only where
+        run_service(exit_deadline=True) asked for it: never in a test process."""
+        if not self.exit_deadline or self._deadline is not None:
+            return
+        limit = self.settings.drain_timeout + SHUTDOWN_GRACE
+
+        def end() -> None:
+            alive = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
+            log.error("shutdown took longer than the drain timeout allows; exiting now",
+                      extra={"seconds": limit, "threads": alive})
+            with suppress(Exception):
+                logging.shutdown()
+                sys.stderr.flush()
+            os._exit(self.exit_code)
+
+        self._deadline = threading.Timer(limit, end)
+        self._deadline.daemon = True
+        self._deadline.name = "outboxd-shutdown-deadline"
+        self._deadline.start()
+
+    # --- signals -------------------------------------------------------------------
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if not self.stop.is_set():
+                log.info("stopping: finishing the work in flight", extra={"signal": signal.Signals(signum).name})
+                self.stop.set()
+                self.arm_exit_deadline()
+            else:
+                log.warning("second signal: stopping now")
+                self.on_second_signal()
+
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    def remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
-def remove_stop_signals() -> None:
-    loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
-        loop.remove_signal_handler(sig)
-
-
-async def until_reachable(what: str, fn, *, timeout: float, stop: asyncio.Event) -> None:
-    """Run fn until it stops failing with an outage, for up to `timeout` seconds
-    (OUTBOXD_STARTUP_TIMEOUT) or until stop is set; then ServiceUnavailableError."""
-
-    def log_retry(state) -> None:
-        get_metrics().retries.add(1, {"stage": "startup"})
-        log.warning(
-            f"{what} not reachable yet; retrying",
-            extra={"error": describe(state.outcome.exception()), "retry_in": round(state.upcoming_sleep, 2)},
-        )
-
-    try:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
-            stop=stop_any(stop_after_delay(timeout), lambda _: stop.is_set()),
-            before_sleep=log_retry,
-            reraise=True,
-        ):
-            with attempt:
-                await fn()
-    except Exception as exc:
-        if is_transient(exc):  # PoolTimeout is an OperationalError too
-            raise ServiceUnavailableError(
-                f"{what} stayed unreachable for {timeout:.0f}s: {describe(exc)}. "
-                "Check the address and credentials, or raise OUTBOXD_STARTUP_TIMEOUT."
-            ) from exc
-        raise
-
-
-async def run_service(service: Service, **run_kwargs: Any) -> int:
-    """Start, run until stopped, close; with the health endpoint and systemd around it."""
+# --- the lifecycle -------------------------------------------------------------------
+async def run_service(service: Service, *, exit_deadline: bool = False, **run_kwargs: Any) -> int:
+    """Start, run until stopped, close; with health, systemd and the gauges
+    around it. exit_deadline (the CLI's processes, not an embedding
+    application or a test): once stopping, end the process after
+    drain_timeout + SHUTDOWN_GRACE whatever is still running, interpreter exit
+    included."""
     service.install_signals()
     started = time.perf_counter()
-    starting = asyncio.create_task(_beat(service.heartbeat), name="heartbeat")
-    lifecycle = [starting]
+    beating = asyncio.create_task(_beat(service.heartbeat), name="heartbeat")
+    side: list[asyncio.Task] = []
+    service.exit_deadline = exit_deadline
+    service.metrics.set_ready(False)
     if service.notifier.watchdog_interval:
-        lifecycle.append(asyncio.create_task(_watchdog(service), name="watchdog"))
+        side.append(asyncio.create_task(_watchdog(service), name="watchdog"))
     health = None
     try:
         service.notifier.status("starting")
         health = await start_health(service)
         await service.start()
-        starting.cancel()
+        beating.cancel()
+        side.append(asyncio.create_task(_readiness_gauges(service), name="readiness"))
         log.debug("started", extra={"seconds": round(time.perf_counter() - started, 3)})
         if service.stop.is_set():
             log.info("stopped during start-up; nothing was claimed")
             return 0
         service.notifier.ready()
-        return await service.run(**run_kwargs)
+        service.exit_code = await service.run(**run_kwargs)
+        return service.exit_code
     finally:
+        service.stop.set()
+        service.arm_exit_deadline()  # on every way out: a crash, an error at start
         service.notifier.stopping()
-        for t in lifecycle:
+        for t in [beating, *side]:
             t.cancel()
-        await asyncio.gather(*lifecycle, return_exceptions=True)
+        await asyncio.gather(beating, *side, return_exceptions=True)
         service.remove_signals()
         if health is not None:
             await health.close()
         await service.close()
         service.notifier.close()
-        service.telemetry.flush()
+        service.telemetry.flush(timeout_seconds=2.0)
 
 
 async def _beat(heartbeat: Heartbeat, every: float = 1.0) -> None:
@@ -141,38 +254,60 @@ async def _beat(heartbeat: Heartbeat, every: float = 1.0) -> None:
         await asyncio.sleep(every)
 
 
-async def _watchdog(daemon: Service) -> None:
+async def _readiness_gauges(service: Service) -> None:
+    """outboxd_ready and outboxd_dependency_up{dependency}, from the readiness
+    checks every READINESS_EVERY seconds."""
+    checks = service.readiness_checks()
+    while True:
+        results = await asyncio.gather(*(_passes(check) for check in checks.values()))
+        outcome = dict(zip(checks, results))
+        service.metrics.set_ready(all(results))
+        for name, ok in outcome.items():
+            if name in DEPENDENCY_OF_CHECK:
+                service.metrics.set_dependency_up(DEPENDENCY_OF_CHECK[name], ok)
+        await asyncio.sleep(READINESS_EVERY)
+
+
+async def _passes(check: Check) -> bool:
+    try:
+        await asyncio.wait_for(check(), READINESS_TIMEOUT)
+        return True
+    except Exception:  # noqa: BLE001 - a failed check is a 0 on the gauge
+        return False
+
+
+async def _watchdog(service: Service) -> None:
     """WATCHDOG=1 every watchdog_interval while the heartbeat is fresh: a wedged
     loop or a stuck worker stops the pings, and systemd restarts the service."""
-    interval, timeout = daemon.notifier.watchdog_interval, daemon.settings.heartbeat_timeout
+    interval, timeout = service.notifier.watchdog_interval, service.settings.heartbeat_timeout
     withheld = False
     while True:
-        if daemon.heartbeat.fresh(timeout):
-            daemon.notifier.watchdog()
+        if service.heartbeat.fresh(timeout):
+            service.notifier.watchdog()
             withheld = False
         elif not withheld:
             log.error(
                 "heartbeat stale: withholding the systemd watchdog ping",
-                extra={"heartbeat_age": round(daemon.heartbeat.age, 1), "stuck": daemon.stuck_workers()},
+                extra={"heartbeat_age": round(service.heartbeat.age, 1), "stuck": service.stuck_workers()},
             )
             withheld = True
         await asyncio.sleep(interval)
 
 
-async def start_health(daemon: Service) -> HealthServer | None:
+async def start_health(service: Service) -> HealthServer | None:
     """/healthz, /readyz and /metrics on health_host:health_port (None: off)."""
-    s = daemon.settings
+    s = service.settings
     if s.health_port is None:
         return None
     server = HealthServer(
         s.health_host,
         s.health_port,
-        daemon.heartbeat,
+        service.heartbeat,
         s.heartbeat_timeout,
-        daemon.readiness_checks(),
-        daemon.telemetry.render_prometheus,
+        service.readiness_checks(),
+        service.telemetry.render_prometheus,
         readiness_timeout=READINESS_TIMEOUT,
-        secrets=daemon.secrets(),
+        secrets=service.secret_values(),
     )
     try:
         await server.start()

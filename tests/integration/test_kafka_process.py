@@ -141,5 +141,5 @@ async def test_relay_killed_mid_batch_loses_nothing(
     settings = make_settings(kafka_bootstrap_servers=kafka_bootstrap, batch_size=500, **names)
     async with running(QdrantConsumer(settings, embedder=embedder, qdrant=qdrant)) as consumer:
         await wait_until_matches(dsn, qdrant, collection, timeout=180)
-    assert consumer.totals.embedded <= 40  # duplicates and repeated texts cost no encode
+    assert consumer.stats.embedded <= 40  # duplicates and repeated texts cost no encode
     assert duplicates >= 0

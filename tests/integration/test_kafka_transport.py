@@ -51,7 +51,7 @@ async def test_relay_publishes_self_contained_events_keyed_by_chunk(conn, dsn, k
     settings = kafka_settings()
     doc_id, ids = add_document(conn, TEXTS[:3], title="Guide", url="https://example.org/g", document_type="html")
     relay = await relay_drain(settings, dsn)
-    assert relay.stats.upserted == 3 and outbox_rows(conn) == []
+    assert relay.stats.published == 3 and outbox_rows(conn) == []
 
     conn.execute("DELETE FROM chunks WHERE id = %s", (ids[0],))
     conn.execute("UPDATE chunks SET text = 'A new text.' WHERE id = %s", (ids[1],))
@@ -91,7 +91,7 @@ async def test_changes_converge_through_relay_and_consumer(conn, dsn, qdrant, co
             await check()  # /readyz: every check passes while both run
         assert {"kafka", "postgresql"} <= set(relay.readiness_checks()) and "qdrant" in consumer.readiness_checks()
         await wait_until_matches(dsn, qdrant, collection)
-        embedded_before = consumer.totals.embedded
+        embedded_before = consumer.stats.embedded
         assert embedded_before == 6
 
         conn.execute("UPDATE chunks SET text = %s WHERE id = %s", ("Rewritten text about vector search.", ids[0]))
@@ -101,8 +101,8 @@ async def test_changes_converge_through_relay_and_consumer(conn, dsn, qdrant, co
         conn.execute("DELETE FROM documents WHERE id = %s", (other_doc,))  # cascades to its chunks
         await wait_until_matches(dsn, qdrant, collection)
         # only the rewritten text was embedded; title and metadata changes were payload-only
-        assert consumer.totals.embedded - embedded_before == 1
-        assert consumer.totals.payload_only >= 2
+        assert consumer.stats.embedded - embedded_before == 1
+        assert consumer.stats.payload_only >= 2
     assert outbox_rows(conn) == []
     assert await assert_converged(dsn, qdrant, collection, embedder) == 3
 
@@ -120,7 +120,7 @@ async def test_two_consumers_in_one_group_share_partitions(conn, dsn, qdrant, co
         assigned_b = {tp.partition for tp in b.consumer.assignment()}
     assert assigned_a and assigned_b and not assigned_a & assigned_b
     assert assigned_a | assigned_b == set(range(6))
-    assert a.counts["records"] > 0 and b.counts["records"] > 0
+    assert a.stats.records > 0 and b.stats.records > 0
     await assert_converged(dsn, qdrant, collection, embedder)
 
 
@@ -176,7 +176,7 @@ async def test_bad_messages_go_to_the_dead_letter_topic(
 
     dead = await read_topic(kafka_bootstrap, settings.dead_letter_topic)
     errors = {contract.header(r.headers, H_ERROR) for r in dead}
-    assert len(dead) == 4 and consumer.counts["dead_letters"] == 4
+    assert len(dead) == 4 and consumer.stats.dead_letters == 4
     assert any("not JSON" in e for e in errors)
     assert any("schema 99" in e and "upgrade the consumer" in e for e in errors)
     assert any("chunk_id" in e for e in errors)
@@ -240,34 +240,48 @@ async def test_an_older_event_never_overwrites_a_newer_one(
         async with running(consumer):
             # one at a time, so each reaches the apply core (within a batch the newest wins anyway)
             for seen, event in enumerate((older, stale_delete), start=2):
-                await wait_for(lambda: consumer.counts["records"] >= seen - 1)
+                await wait_for(lambda: consumer.stats.records >= seen - 1)
                 await producer.send_and_wait(
                     settings.kafka_topic, contract.encode(event), str(cid).encode(), headers=contract.headers(event)
                 )
-            await wait_for(lambda: consumer.counts["records"] >= 3)
+            await wait_for(lambda: consumer.stats.records >= 3)
     finally:
         await producer.stop()
-    assert consumer.counts["records"] == 3
+    assert consumer.stats.records == 3
     [point] = (await all_points(qdrant, collection)).values()
     assert point.payload["text"] == "The current text." and point.payload["version"] == newest.version
-    assert consumer.totals.older == 2
+    assert consumer.stats.older == 2
 
 
-def test_status_reports_the_consumer_groups_lag(conn, dsn, kafka_settings, capsys):
+def test_status_reports_the_consumer_groups_lag(conn, dsn, kafka_settings, capsys, monkeypatch):
+    """`outboxd status` with the Kafka transport: the consumer group's lag under `kafka`, and the
+    relay's (the outbox backlog it has yet to publish) under `relay`."""
     from daemon import cli
 
     settings = kafka_settings()
     add_document(conn, TEXTS[:3])
     asyncio.run(relay_drain(settings, dsn))
-    flags = [
-        "--database-url", dsn, "--qdrant-path", str(settings.local_qdrant_path), "--collection", settings.collection,
-        "--kafka-bootstrap-servers", settings.kafka_bootstrap_servers, "--kafka-topic", settings.kafka_topic,
-        "--kafka-group", settings.kafka_group,
-    ]
-    assert cli.main(["status", "--json", *flags]) == 0
-    kafka = orjson.loads(capsys.readouterr().out)["kafka"]
+    for variable, value in {
+        "DATABASE_URL": dsn, "OUTBOXD_COLLECTION": settings.collection,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers, "OUTBOXD_KAFKA_TOPIC": settings.kafka_topic,
+        "OUTBOXD_KAFKA_GROUP": settings.kafka_group,
+    }.items():
+        monkeypatch.setenv(variable, value)
+    capsys.readouterr()
+    assert cli.main(["status", "--json", "--qdrant-path", str(settings.local_qdrant_path)]) == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    kafka = doc["kafka"]
+    assert "error" not in kafka, kafka
     assert kafka["consumer_lag"] == 3 and sum(kafka["partitions"].values()) == 3  # nothing consumed yet
     assert kafka["topic"] == settings.kafka_topic and kafka["group"] == settings.kafka_group
+    relay = doc["relay"]  # the relay published everything: nothing left for it, no leases held
+    assert (relay["transport"], relay["topic"], relay["backlog"], relay["lag_seconds"], relay["workers"]) == (
+        "kafka", settings.kafka_topic, 0, 0.0, [])
+
+    add_document(conn, ["A chunk the relay has not published yet."])
+    assert cli.main(["status", "--json", "--qdrant-path", str(settings.local_qdrant_path), "--max-lag", "0"]) == 3
+    doc = orjson.loads(capsys.readouterr().out)
+    assert doc["relay"]["backlog"] == 1 and doc["relay"]["lag_seconds"] > 0
 
 
 async def test_two_relays_under_concurrent_writes_converge(conn, dsn, qdrant, collection, embedder, kafka_settings):
@@ -384,12 +398,12 @@ async def test_a_stale_upsert_after_a_delete_does_not_bring_the_point_back(
     try:
         async with running(consumer):
             for seen, event in enumerate((delete, stale), start=2):
-                await wait_for(lambda: consumer.counts["records"] >= seen - 1, what=f"record {seen - 1} applied")
+                await wait_for(lambda: consumer.stats.records >= seen - 1, what=f"record {seen - 1} applied")
                 await producer.send_and_wait(
                     settings.kafka_topic, contract.encode(event), str(cid).encode(), headers=contract.headers(event)
                 )
-            await wait_for(lambda: consumer.counts["records"] >= 3, what="the stale upsert consumed")
+            await wait_for(lambda: consumer.stats.records >= 3, what="the stale upsert consumed")
     finally:
         await producer.stop()
     assert await all_points(qdrant, collection) == {}
-    assert consumer.totals.older == 1 and consumer.totals.deleted == 1
+    assert consumer.stats.older == 1 and consumer.stats.deleted == 1

@@ -21,7 +21,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from daemon import cli
 from daemon.core.apply import Applier
 from daemon.outbox.queue import Outbox
-from daemon.core.qdrant_store import QdrantSink
+from daemon.core.qdrant_store import QdrantStore
 from daemon.outbox.notify_daemon import Daemon
 from db.pool import make_pool
 from tests.support import add_document, all_points, assert_converged, drain, outbox_rows
@@ -32,7 +32,7 @@ from tests.support import add_document, all_points, assert_converged, drain, out
 async def two_workers(dsn, settings, embedder, qdrant):
     pool = make_pool(dsn, application_name="outboxd:test", min_size=1, max_size=4)
     await pool.open(wait=True)
-    sink = QdrantSink(qdrant, settings.collection)
+    sink = QdrantStore(qdrant, settings.collection)
     await sink.ensure_collection(embedder.fingerprint)
     try:
         yield Applier(embedder, sink), Outbox(pool, "worker-a", 30), Outbox(pool, "worker-b", 30)
@@ -160,8 +160,9 @@ class FlakyQdrant:
     async def batch_update_points(self, collection_name, update_operations, **kw):
         ids = []
         for op in update_operations:
-            if hasattr(op, "upsert"):
-                ids += [str(p.id) for p in op.upsert.points]
+            if hasattr(op, "upsert"):  # a PointsList, or a column-wise PointsBatch
+                upsert = op.upsert
+                ids += [str(i) for i in upsert.batch.ids] if hasattr(upsert, "batch") else [str(p.id) for p in upsert.points]
         self._check(ids)
         return await self._client.batch_update_points(collection_name, update_operations, **kw)
 
@@ -247,7 +248,10 @@ async def test_poison_chunk_becomes_a_dead_letter_and_others_converge(conn, dsn,
     assert set(await all_points(qdrant, collection)) == {str(i) for i in ids if i != ids[2]}
 
     capsys.readouterr()
-    assert cli.main(["dead-letters", "list", "--json", "--database-url", dsn, "--log-format", "json"]) == 0
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DATABASE_URL", dsn)
+        env.setenv("OUTBOXD_LOG_FORMAT", "json")
+        assert cli.main(["dead-letters", "list", "--json"]) == 0
     listed = orjson.loads(capsys.readouterr().out)
     assert {r["chunk_id"] for r in listed} == {str(ids[2])}
 
@@ -266,7 +270,9 @@ async def test_dead_letter_retry_puts_events_back(conn, dsn, qdrant, collection,
     await drain(settings, dsn, embedder, qdrant)
     assert [r["status"] for r in outbox_rows(conn)] == ["dead"]
 
-    assert cli.main(["dead-letters", "retry", "--all", "--database-url", dsn]) == 0
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DATABASE_URL", dsn)
+        assert cli.main(["dead-letters", "retry", "--all"]) == 0
     assert "1 dead letter(s) back to pending" in capsys.readouterr().out
     assert [(r["status"], r["attempts"]) for r in outbox_rows(conn)] == [("pending", 0)]
 
@@ -297,9 +303,9 @@ async def test_long_text_is_embedded_truncated_and_says_so(conn, dsn, qdrant, co
 
 
 @pytest.mark.parametrize("text", ["x" * 300, "naïve café 東京 " * 10])
-async def test_text_near_the_window_is_flagged_correctly(conn, dsn, qdrant, collection, embedder, make_settings, text):
+async def test_text_near_the_window_is_flagged_correctly(conn, dsn, qdrant, collection, embedder, reference, make_settings, text):
     _, (cid,) = add_document(conn, [text])
     await drain(make_settings(), dsn, embedder, qdrant)
     (point,) = await qdrant.retrieve(collection, [str(cid)], with_payload=True)
-    tokens = len(embedder._model.tokenizer(text)["input_ids"])
+    tokens = len(reference.tokenizer(text)["input_ids"])
     assert point.payload["truncated"] is (tokens > embedder.max_seq_length)

@@ -1,0 +1,58 @@
+"""What a transport hands the apply core for one batch, and what comes back.
+
+A Target is one chunk's wanted state: the current state (None: the chunk is
+gone) and, where the transport has one (Kafka), the version of the event it
+came from. An Outcome says which chunks now reflect which state (`written`:
+chunk id -> state hash, None for gone) and which failed by their own fault
+(`failed`: chunk id -> why); each stage has its own Outcome subclass with its
+counts (the apply core's ApplyResult, the relay's PublishResult).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from uuid import UUID
+
+from daemon.core.chunk_state import ChunkState
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    state: ChunkState | None
+    version: int | None = None  # Kafka: newer wins; a point that reflects a newer version is left alone
+
+    @property
+    def removes_point(self) -> bool:
+        """Gone, or no text worth embedding: the point must not exist."""
+        return self.state is None or not self.state.has_text
+
+    @property
+    def state_hash(self) -> str | None:
+        return self.state.state_hash if self.state is not None else None
+
+
+Targets = dict[UUID, Target]
+
+
+@dataclass
+class Outcome:
+    written: dict[UUID, str | None] = field(default_factory=dict)
+    failed: dict[UUID, str] = field(default_factory=dict)
+
+    def ops(self) -> dict[str, int]:
+        """Chunks per op label of the events_applied metric (upsert, payload, delete, ...)."""
+        raise NotImplementedError
+
+    @classmethod
+    def op_for(cls, target: Target) -> str:
+        """The op label a failed chunk is counted under."""
+        return "delete" if target.removes_point else "upsert"
+
+    def counts(self) -> dict[str, int]:
+        """The numeric fields, for stats."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.type in (int, "int")}
+
+    def merge(self, other: "Outcome") -> None:
+        self.written.update(other.written)
+        self.failed.update(other.failed)
+        for name, value in other.counts().items():
+            setattr(self, name, getattr(self, name) + value)

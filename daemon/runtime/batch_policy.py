@@ -1,0 +1,175 @@
+"""How every transport treats one batch, in one place:
+
+- retry: an outage (PostgreSQL, Qdrant, Kafka or the embedding endpoint
+  unreachable) is retried with exponential backoff and jitter until it passes
+  or the process stops, counted per dependency, never against the events;
+- isolate: a batch that fails for another reason is applied chunk by chunk, so
+  only the chunk at fault is held back (invariant 6);
+- record: what a finished batch did goes into the stats and the metrics.
+
+The notify daemon's claim loop, the Kafka relay and the Kafka consumer each
+supply only how they get work, apply it and acknowledge it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from daemon.core.batch import Outcome, Targets
+from daemon.errors import ConfigError, dependency_of, describe, is_transient
+from daemon.runtime.health import Heartbeat
+from daemon.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+O = TypeVar("O", bound=Outcome)
+Sink = Callable[[Targets], Awaitable[O]]
+
+
+@dataclass
+class Stats:
+    """A process's running totals, logged as `progress` and at exit."""
+
+    batches: int = 0
+    events_acked: int = 0
+    events_released: int = 0
+    events_failed: int = 0
+    dead_letters: int = 0
+    transient_retries: int = 0
+    upserted: int = 0
+    payload_only: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    older: int = 0
+    embedded: int = 0
+    reused: int = 0
+    published: int = 0
+    records: int = 0  # Kafka messages consumed: applied or parked in the dead-letter topic
+
+    def add(self, outcome: Outcome) -> None:
+        for name, value in outcome.counts().items():
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def apportion(total: int, weights: dict[str, int]) -> dict[str, int]:
+    """Split total in proportion to weights (largest remainder; exact where one
+    weight holds everything)."""
+    weights = {k: w for k, w in weights.items() if w > 0}
+    whole = sum(weights.values())
+    if total <= 0 or not whole:
+        return {}
+    shares = {k: total * w // whole for k, w in weights.items()}
+    by_remainder = sorted(weights, key=lambda k: (total * weights[k]) % whole, reverse=True)
+    for k in by_remainder[: total - sum(shares.values())]:
+        shares[k] += 1
+    return {k: n for k, n in shares.items() if n}
+
+
+async def wait_for_any(events: list[asyncio.Event], timeout: float | None) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+class BatchPolicy:
+    def __init__(self, stop: asyncio.Event, metrics: Metrics, stats: Stats, heartbeat: Heartbeat) -> None:
+        self.stop = stop
+        self.metrics = metrics
+        self.stats = stats
+        self.heartbeat = heartbeat
+
+    # --- retry -----------------------------------------------------------------------
+    def note_outage(self, stage: str, exc: BaseException, wait: float, busy: str | None = None) -> None:
+        """Count one retry after an outage (the metric, per dependency, and the stats)."""
+        dependency = dependency_of(exc)
+        self.stats.transient_retries += 1
+        self.metrics.retries.add(1, {"stage": stage, "dependency": dependency})
+        self.metrics.dependency_wait_seconds.add(wait, {"dependency": dependency})
+        if busy is not None:
+            self.heartbeat.busy(busy)  # waiting out an outage is progress, not a stuck batch
+
+    def retrying(self, busy: str, stage: str = "batch") -> AsyncRetrying:
+        """Retry transient failures with backoff and jitter until they pass or the
+        process stops (then the last error is raised for the caller to release its work)."""
+
+        def before_sleep(state) -> None:
+            exc = state.outcome.exception()
+            self.note_outage(stage, exc, state.upcoming_sleep, busy)
+            log.warning(
+                f"{dependency_of(exc)} unavailable; retrying the batch",
+                extra={"error": describe(exc), "attempt": state.attempt_number, "retry_in": round(state.upcoming_sleep, 2)},
+            )
+
+        return AsyncRetrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_exponential_jitter(multiplier=0.5, max=30.0),
+            stop=lambda _state: self.stop.is_set(),
+            sleep=lambda seconds: wait_for_any([self.stop], seconds),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    # --- isolate ---------------------------------------------------------------------
+    async def deliver(self, sink: Sink[O], targets: Targets, result_type: type[O]) -> O:
+        """sink(targets); where that fails for a reason that is not an outage,
+        sink per chunk, so only the chunks at fault fail. An outage on the way is
+        raised, to retry the whole batch; so is a configuration that cannot work
+        (a refused API key, a changed model), which no chunk is at fault for."""
+        try:
+            return await sink(targets)
+        except Exception as exc:
+            if is_transient(exc) or isinstance(exc, ConfigError):
+                raise
+            if len(targets) == 1:
+                return result_type(failed={next(iter(targets)): describe(exc)})
+            log.warning("batch failed; applying its chunks one by one", extra={"error": describe(exc)})
+        combined = result_type()
+        for chunk_id, target in targets.items():
+            try:
+                combined.merge(await sink({chunk_id: target}))
+            except Exception as one:
+                if is_transient(one) or isinstance(one, ConfigError):
+                    raise
+                combined.failed[chunk_id] = describe(one)
+        return combined
+
+    # --- record ----------------------------------------------------------------------
+    def record(self, outcome: Outcome, *, acked: int, released: int = 0) -> None:
+        """A finished batch: its stats and metrics. Events are counted per batch,
+        not per chunk, so they are split over the ops in proportion to the chunks
+        of each op (exact when one op holds the batch, the common case)."""
+        self.stats.batches += 1
+        self.stats.events_acked += acked
+        self.stats.events_released += released
+        self.stats.add(outcome)
+        weights = outcome.ops()
+        for result, total in (("ok", acked), ("released", released)):
+            for op, n in apportion(total, weights).items():
+                self.metrics.events_applied.add(n, {"op": op, "result": result})
+        for kind, n in getattr(outcome, "embedding_kinds", dict)().items():
+            if n:
+                self.metrics.embeddings.add(n, {"kind": kind})
+
+    def record_failure(self, op: str, *, failed: int, dead: int) -> None:
+        """Events of a chunk that failed by its own fault: `failed` will be retried
+        with backoff, `dead` are parked as dead letters."""
+        self.stats.events_failed += failed + dead
+        self.stats.dead_letters += dead
+        if failed:
+            self.metrics.events_applied.add(failed, {"op": op, "result": "failed"})
+        if dead:
+            self.metrics.events_applied.add(dead, {"op": op, "result": "dead"})
+            self.metrics.dead_letters.add(dead)
+

@@ -1,0 +1,106 @@
+"""Two things an operator sees of a real `outboxd run` process: how long SIGTERM
+takes with a slow encode in flight (the drain timeout plus a few seconds, not
+"stopped" and then half a minute more), and a PostgreSQL outage with a batch in
+flight showing on /metrics (retries per dependency, dependency and readiness
+gauges) instead of a quiet wait."""
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import httpx
+import psycopg
+import pytest
+
+from daemon.runtime.service import SHUTDOWN_GRACE
+from tests.processes import MODEL_LOAD_S, daemon_env, health_port, insert_backlog, long_texts, outbox_counts
+
+pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
+
+DRAIN_TIMEOUT = 3
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the samples of `name` whose labels include these (None: no such sample)."""
+    total = None
+    for line in text.splitlines():
+        m = re.match(rf"{re.escape(name)}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
+        if not m:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total = (total or 0.0) + float(m.group(2))
+    return total
+
+
+def test_sigterm_with_a_slow_encode_in_flight_exits_within_the_drain_timeout(spawn, conn, dsn, collection, tmp_path):
+    """One forward pass of 256 long texts takes far longer than the drain
+    timeout on this machine: SIGTERM must end the process within
+    drain_timeout + the shutdown grace, the claims released (not left to the lease)."""
+    insert_backlog(conn, long_texts(256, words=200, seed=5), per_document=64)
+    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=256, OUTBOXD_EMBED_BATCH_SIZE=256,
+                     OUTBOXD_CONCURRENCY=1, OUTBOXD_DRAIN_TIMEOUT=DRAIN_TIMEOUT, OUTBOXD_LEASE_SECONDS=60)
+    daemon = spawn("run", env=env, name="slow-encode")
+    daemon.wait_running()
+    daemon.wait_for(lambda: outbox_counts(dsn)[1] == 256, "the batch to be claimed", 30, 0.05)
+    time.sleep(1.0)  # the encode has started
+    daemon.popen.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    code = daemon.wait(DRAIN_TIMEOUT + SHUTDOWN_GRACE + 20)
+    took = time.monotonic() - signalled
+    assert code == 0, daemon.describe()
+    assert took <= DRAIN_TIMEOUT + SHUTDOWN_GRACE + 3, f"exited {took:.1f}s after SIGTERM\n{daemon.describe()}"
+    assert outbox_counts(dsn) == (256, 0), "the claims of the batch in flight were not released"
+
+
+async def test_a_postgresql_outage_shows_in_the_metrics(spawn, conn, dsn, collection, tmp_path):
+    """Connections refused for a while with a batch in flight: /metrics counts
+    retries for dependency="postgresql", outboxd_dependency_up and outboxd_ready
+    drop to 0; afterwards they are back at 1 and the backlog drains."""
+    insert_backlog(conn, long_texts(64, words=120, seed=9), per_document=16)
+    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_HEALTH_PORT=0, OUTBOXD_HEALTH_HOST="127.0.0.1",
+                     OUTBOXD_BATCH_SIZE=16, OUTBOXD_CONCURRENCY=1)
+    daemon = spawn("run", env=env, name="outage")
+    port = health_port(daemon)
+    daemon.wait_running()
+    dbname = conn.info.dbname
+    admin = psycopg.connect(dsn, autocommit=True, dbname="postgres")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+        async def metrics() -> str:
+            return (await http.get("/metrics")).text
+
+        try:
+            daemon.wait_for(lambda: outbox_counts(dsn)[1] > 0, "a batch in flight", 30, 0.05)
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (dbname,))
+            seen: dict[str, float | None] = {}
+            deadline = time.monotonic() + 45
+            while time.monotonic() < deadline:
+                text = await metrics()
+                seen = {
+                    "retries": metric(text, "outboxd_retries_total", dependency="postgresql"),
+                    "up": metric(text, "outboxd_dependency_up", dependency="postgresql"),
+                    "ready": metric(text, "outboxd_ready"),
+                    "waited": metric(text, "outboxd_dependency_wait_seconds_total", dependency="postgresql"),
+                }
+                if seen["retries"] and seen["up"] == 0 and seen["ready"] == 0 and seen["waited"]:
+                    break
+                time.sleep(0.5)
+            assert seen["retries"] and seen["retries"] > 0, seen
+            assert seen["up"] == 0 and seen["ready"] == 0 and seen["waited"] > 0, seen
+        finally:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+            admin.close()
+        daemon.wait_for(lambda: outbox_counts(dsn) == (0, 0), "the backlog to drain after the outage", 180, 0.2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            text = await metrics()
+            if metric(text, "outboxd_dependency_up", dependency="postgresql") == 1 and metric(text, "outboxd_ready") == 1:
+                break
+            time.sleep(0.5)
+        assert metric(text, "outboxd_dependency_up", dependency="postgresql") == 1
+        assert metric(text, "outboxd_ready") == 1
+    daemon.popen.send_signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
