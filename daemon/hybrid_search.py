@@ -44,7 +44,7 @@ from psycopg.types.json import Jsonb
 from qdrant_client import models
 
 from daemon.errors import ConfigError, ModelMismatchError
-from daemon.core.qdrant_store import QdrantSink
+from daemon.core.qdrant_store import QdrantStore
 from db import queries
 
 RRF_K = 60
@@ -239,7 +239,7 @@ async def check_model(qdrant, alias: str, embedder) -> str:
     configured = embedder.fingerprint
     if configured is None:
         raise RuntimeError("the embedder is not loaded: await embedder.load() first")
-    sink = QdrantSink(qdrant, alias)
+    sink = QdrantStore(qdrant, alias)
     collection = await sink.resolve()
     if collection is None:
         raise ConfigError(

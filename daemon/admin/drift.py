@@ -25,7 +25,7 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient, models
 
-from daemon.core.chunk_state import ChunkState
+from daemon.core.chunk_state import METADATA_HASH, ChunkState
 from daemon.errors import InvalidChunkError
 from daemon.outbox.queue import read_chunk_states
 from db.queries import fetch
@@ -114,7 +114,9 @@ def classify(state: ChunkState | None, payload: dict[str, Any] | None, model_id:
         expected = state.payload(model_id)
     except InvalidChunkError:
         return "stale"  # the daemon cannot write this chunk; its dead letter says why
-    return "stale" if any(payload.get(k) != v for k, v in expected.items()) else None
+    # field by field, so a payload edited behind outboxd's back is found too
+    # (metadata_hash is outboxd's bookkeeping, not part of the documented projection)
+    return "stale" if any(payload.get(k) != v for k, v in expected.items() if k != METADATA_HASH) else None
 
 
 class Reconciler:
@@ -226,6 +228,9 @@ class Reconciler:
         for cid, kind in drift.items():
             report.record(cid, kind)
         if drift and repair is not None:
+            stale = [str(cid) for cid, kind in drift.items() if kind == "stale"]
+            if stale:  # a hash that may no longer describe the payload: the repair rewrites it whole
+                await self.qdrant.delete_payload(self.collection, keys=[METADATA_HASH], points=stale, wait=True)
             report.repaired += await repair(drift)
 
     async def _still_drifted(self, candidates: dict[UUID, str]) -> tuple[dict[UUID, str], set[UUID]]:

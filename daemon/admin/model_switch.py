@@ -32,7 +32,7 @@ from daemon.core.chunk_state import ChunkState
 from daemon.embedding.embedder import Embedder
 from daemon.errors import ConfigError
 from daemon.outbox.queue import read_chunk_states
-from daemon.core.qdrant_store import QdrantSink, physical_name
+from daemon.core.qdrant_store import QdrantStore, physical_name
 from daemon.admin.drift import SERVER_QDRANT_PAGE, Reconciler, Repair
 from db.queries import fetch
 
@@ -96,10 +96,10 @@ class Reindexer:
             return result
 
         await self.catalog.upsert(target, self.alias, fp, "building")
-        sink = QdrantSink(self.qdrant, self.alias)
-        sink.collection = target
-        await sink.create_physical(fp)
-        applier = Applier(self.embedder, sink)
+        store = QdrantStore(self.qdrant, self.alias)
+        store.collection = target
+        await store.create_physical(fp)
+        applier = Applier(self.embedder, store)
         log.info("reindex: building", extra={"collection": target, "model": str(fp)})
 
         result.built = await self._build(applier, f"reindex:{target}")
@@ -120,7 +120,7 @@ class Reindexer:
         if verify.in_flight:
             result.notes.append(f"{verify.in_flight} chunk(s) have events pending for the new model's daemon")
 
-        await sink.point_alias()
+        await store.point_alias()
         log.info("reindex: readers switched", extra={"alias": self.alias, "collection": target})
         result.seconds = round(time.perf_counter() - started, 3)
         return result
@@ -161,7 +161,7 @@ class Reindexer:
             reconciler = Reconciler(
                 self.pool,
                 self.qdrant,
-                applier.sink.collection,
+                applier.store.collection,
                 applier.model_id,
                 trust_pending=trust_pending,
                 qdrant_page_size=self.qdrant_page_size,

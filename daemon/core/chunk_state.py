@@ -5,16 +5,55 @@ source_id, chunk_index, text (first 1000 characters), token_count,
 content_hash, metadata, title, url, document_type, plus embedding_model (the
 fingerprint id of the model that made the vector) and truncated (the text was
 longer than the model's window).
+
+One more key, metadata_hash, stands for the metadata (which may be large), so
+that telling what a payload-only change changed needs only the small keys of
+the point, never its bulk (metadata, text).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import orjson
+
 from daemon.errors import InvalidChunkError
 
 PAYLOAD_TEXT_CHARS = 1000
+# Deepest nesting of a chunk's metadata that outboxd accepts. Real metadata is a
+# few levels deep; far deeper JSON cannot be serialised everywhere it must go (a
+# Qdrant server parses JSON to a recursion limit of 128, Python's pickling in local
+# mode fails near 500, orjson at 255), so it is refused by name instead.
+MAX_METADATA_DEPTH = 64
+METADATA_HASH = "metadata_hash"  # payload key: outboxd's bookkeeping, not part of the documented projection
+
+
+def metadata_hash(metadata: Any) -> str:
+    return hashlib.blake2b(orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+
+
+def json_depth(value: Any, limit: int) -> tuple[int, str]:
+    """(depth, path of its deepest branch) of a JSON value, without recursion:
+    stops early once past limit. A scalar is 0 deep, {} and [] are 1."""
+    deepest, where = 0, ""
+    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, dict):
+            children = ((f"{path}.{k}", v) for k, v in item.items())
+        elif isinstance(item, list):
+            children = ((f"{path}[{i}]", v) for i, v in enumerate(item))
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest, where = depth, path
+        if deepest > limit:
+            break
+        stack.extend((child, depth, p) for p, child in children)
+    return deepest, where
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,16 +80,31 @@ class ChunkState:
         """Empty or whitespace-only text has no meaning to embed: no point."""
         return bool(self.text and self.text.strip())
 
-    def payload(self, model_id: str) -> dict[str, Any]:
-        metadata = self.metadata if self.metadata is not None else {}
-        if not isinstance(metadata, dict):
+    def check_limits(self) -> None:
+        """InvalidChunkError, naming the chunk, the field and the limit, for a
+        chunk no payload can be made of (both the upsert and the payload-only
+        path go through payload(), the Kafka relay through this)."""
+        metadata = self.metadata
+        if metadata is not None and not isinstance(metadata, dict):
             raise InvalidChunkError(
                 f"chunk {self.chunk_id}: metadata is a JSON {type(metadata).__name__}, but the Qdrant "
                 "payload needs an object so readers can filter on metadata.<key>; store an object "
                 "(e.g. {\"items\": [...]}); the fix itself re-applies the chunk, or run "
                 "`outboxd dead-letters retry --error metadata`"
             )
-        return {
+        depth, path = json_depth(metadata, MAX_METADATA_DEPTH)
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidChunkError(
+                f"chunk {self.chunk_id}: metadata is nested more than {MAX_METADATA_DEPTH} levels deep "
+                f"(at metadata{path[:200]}), deeper than outboxd accepts (the limit is {MAX_METADATA_DEPTH}); "
+                "flatten it (e.g. store deep structures as a JSON string); the fix itself re-applies the chunk, "
+                "or run `outboxd dead-letters retry --error nested`"
+            )
+
+    def payload(self, model_id: str) -> dict[str, Any]:
+        self.check_limits()
+        metadata = self.metadata if self.metadata is not None else {}
+        payload = {
             "document_id": str(self.document_id),
             "source_id": str(self.source_id),
             "chunk_index": self.chunk_index,
@@ -63,3 +117,5 @@ class ChunkState:
             "document_type": self.document_type,
             "embedding_model": model_id,
         }
+        payload[METADATA_HASH] = metadata_hash(metadata)
+        return payload

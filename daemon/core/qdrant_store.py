@@ -1,22 +1,26 @@
 """The Qdrant side: the collection, its model fingerprint, and batched writes.
 
 Point id = chunk id. Every write waits for Qdrant to confirm it (wait=True),
-because the outbox acknowledges an event only after that confirmation.
+because an event is acknowledged only after that confirmation.
+
+Several daemons and consumers may start at once against one server: creating
+the collection, its payload indexes and the alias is check-then-act, so an
+"already exists" from a concurrent starter counts as success, and the result
+is checked afterwards (the alias must end up on a collection of this model).
 """
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
 import orjson
 from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.http.exceptions import UnexpectedResponse
 
-from daemon.config import Settings
 from daemon.embedding.embedder import Embedding, ModelFingerprint
-from daemon.errors import ConfigError, ModelMismatchError, ServiceUnavailableError
+from daemon.errors import ConfigError, ModelMismatchError
 from daemon.telemetry import span
 
 log = logging.getLogger(__name__)
@@ -29,42 +33,53 @@ INDEXED_FIELDS = ("document_id", "source_id", "content_hash")
 warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local Qdrant")
 
 
-def make_client(settings: Settings) -> AsyncQdrantClient:
-    if settings.qdrant_url:
-        key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-        return AsyncQdrantClient(url=settings.qdrant_url, api_key=key, timeout=int(settings.qdrant_timeout))
-    if settings.local_qdrant_path == ":memory:":
-        return AsyncQdrantClient(location=":memory:")
-    return AsyncQdrantClient(path=settings.local_qdrant_path)
-
-
-def embedding_checks(client: AsyncQdrantClient, embedder) -> dict[str, Callable[[], Awaitable[None]]]:
-    """/readyz checks of a process that embeds and writes: Qdrant answers, the model is loaded."""
-
-    async def qdrant() -> None:
-        await client.get_collections()
-
-    async def model() -> None:
-        if embedder.fingerprint is None:
-            raise ServiceUnavailableError("the embedding model is not loaded yet")
-
-    return {"qdrant": qdrant, "model": model}
-
-
-def describe_target(settings: Settings) -> str:
-    return settings.qdrant_url or f"local mode at {settings.local_qdrant_path}"
-
-
 def physical_name(alias: str, fingerprint: ModelFingerprint) -> str:
     return f"{alias}__{fingerprint.id[:12]}"
 
 
-class QdrantSink:
+def already_exists(exc: BaseException) -> bool:
+    """A concurrent starter won the race: HTTP 409, gRPC ALREADY_EXISTS, or local mode's ValueError."""
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code == 409 or "already exists" in str(exc).lower()
+    if isinstance(exc, ValueError):
+        return "already exists" in str(exc)
+    try:
+        import grpc
+
+        return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.ALREADY_EXISTS
+    except ImportError:  # pragma: no cover
+        return False
+
+
+class Upserts:
+    """Points to upsert, column-wise: handed to Qdrant as one Batch, without a
+    model object per point."""
+
+    __slots__ = ("ids", "vectors", "payloads")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.vectors: list[list[float]] = []
+        self.payloads: list[dict[str, Any]] = []
+
+    def add(self, point_id: str, vector: list[float], payload: dict[str, Any]) -> None:
+        self.ids.append(point_id)
+        self.vectors.append(vector)
+        self.payloads.append(payload)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def operation(self) -> models.UpsertOperation:
+        batch = models.Batch.model_construct(ids=self.ids, vectors=self.vectors, payloads=self.payloads)
+        return models.UpsertOperation(upsert=models.PointsBatch.model_construct(batch=batch))
+
+
+class QdrantStore:
     """Readers use `alias` (OUTBOXD_COLLECTION), a Qdrant alias of the physical
-    collection built for one model. The daemon writes to the physical
-    collection whose fingerprint it checked, never through the alias, so a
-    later switch of the alias to another model's collection cannot receive
-    this model's vectors."""
+    collection built for one model. Writers write to the physical collection
+    whose fingerprint they checked, never through the alias, so a later switch
+    of the alias to another model's collection cannot receive this model's vectors."""
 
     def __init__(self, client: AsyncQdrantClient, alias: str) -> None:
         self.client = client
@@ -81,10 +96,9 @@ class QdrantSink:
 
     async def ensure_collection(self, fingerprint: ModelFingerprint, live: str | None = None) -> None:
         """Create the collection and alias for this model, or refuse a collection
-        that holds another model's vectors. `live` is the collection the catalog
-        says is live for the alias; it wins over where the alias points (during
-        a reindex the alias moves last)."""
-        target = live or await self.resolve()
+        that cannot hold its vectors. `live` is the collection the catalog says
+        is live for the alias; it wins over where the alias points (during a
+        reindex the alias moves last)."""
         if live is not None and not await self.client.collection_exists(live):
             log.warning(
                 "the live collection is missing in Qdrant; recreating it empty. Run `outboxd reconcile "
@@ -95,17 +109,29 @@ class QdrantSink:
             await self.create_physical(fingerprint)
             await self.point_alias()
             return
+        target = live or await self.resolve()
         if target is None:
             self.collection = physical_name(self.alias, fingerprint)
-            await self.create_physical(fingerprint)
-            await self.point_alias()
-            log.info(
-                "collection created",
-                extra={"alias": self.alias, "collection": self.collection, "model": str(fingerprint)},
-            )
-            return
+            created = await self.create_physical(fingerprint)
+            await self.create_alias()
+            target = await self.resolve()  # another starter may have won with another model: checked below
+            if created and target == self.collection:
+                log.info(
+                    "collection created",
+                    extra={"alias": self.alias, "collection": self.collection, "model": str(fingerprint)},
+                )
+                return
         self.collection = target
-        recorded = await self.recorded_fingerprint()
+        await self.check_adoptable(fingerprint)
+
+    async def check_adoptable(self, fingerprint: ModelFingerprint) -> None:
+        """The existing collection can hold this model's vectors (size, distance,
+        fingerprint), else ConfigError naming the fix; an empty collection without
+        a fingerprint (made by hand) is adopted."""
+        info = await self.client.get_collection(self.collection)
+        self._check_vectors(info, fingerprint)
+        meta = (info.config.metadata or {}).get(FINGERPRINT_KEY)
+        recorded = ModelFingerprint.from_dict(meta) if meta else None
         if recorded is None:
             count = (await self.client.count(self.collection, exact=True)).count
             if count:
@@ -126,41 +152,84 @@ class QdrantSink:
                 "or set OUTBOXD_COLLECTION to a new name to build a separate collection from PostgreSQL."
             )
 
+    def _check_vectors(self, info: Any, fingerprint: ModelFingerprint) -> None:
+        params = info.config.params.vectors
+        fix = (
+            "Delete that collection (outboxd rebuilds it from PostgreSQL) or set OUTBOXD_COLLECTION to a new "
+            "name; outboxd then creates a collection that fits the model."
+        )
+        if not isinstance(params, models.VectorParams):
+            raise ConfigError(
+                f"Qdrant collection {self.collection!r} (alias {self.alias!r}) uses named vectors "
+                f"({', '.join(sorted(params or {})) or 'none'}), but outboxd writes one unnamed vector per point. {fix}"
+            )
+        if params.size != fingerprint.dimension or params.distance != models.Distance.COSINE:
+            raise ConfigError(
+                f"Qdrant collection {self.collection!r} (alias {self.alias!r}) stores {params.size}-dimensional "
+                f"vectors compared by {params.distance.value}, but the model {fingerprint.name} makes "
+                f"{fingerprint.dimension}-dimensional vectors compared by Cosine, so every write would fail. {fix}"
+            )
+
+    async def create_alias(self) -> None:
+        """Point the alias at self.collection where it points nowhere yet; a
+        concurrent starter that created it first is no error (the caller checks
+        where it points)."""
+        try:
+            await self.client.update_collection_aliases(change_aliases_operations=[self._create_alias_op()])
+        except Exception as exc:
+            if not already_exists(exc):
+                raise
+
     async def point_alias(self) -> None:
-        """Point the alias at self.collection in one atomic Qdrant operation:
+        """Move the alias to self.collection in one atomic Qdrant operation:
         readers see the old collection or the new one, never neither."""
         ops: list[Any] = []
         aliases = {a.alias_name for a in (await self.client.get_aliases()).aliases}
         if self.alias in aliases:
             ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self.alias)))
-        ops.append(
-            models.CreateAliasOperation(
-                create_alias=models.CreateAlias(collection_name=self.collection, alias_name=self.alias)
-            )
-        )
+        ops.append(self._create_alias_op())
         await self.client.update_collection_aliases(change_aliases_operations=ops)
 
-    async def create_physical(self, fingerprint: ModelFingerprint) -> None:
-        if await self.client.collection_exists(self.collection):
-            return
-        await self.client.create_collection(
-            self.collection,
-            vectors_config=models.VectorParams(size=fingerprint.dimension, distance=models.Distance.COSINE),
-            metadata={FINGERPRINT_KEY: fingerprint.as_dict()},
+    def _create_alias_op(self) -> models.CreateAliasOperation:
+        return models.CreateAliasOperation(
+            create_alias=models.CreateAlias(collection_name=self.collection, alias_name=self.alias)
         )
-        for field in INDEXED_FIELDS:
-            await self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
+
+    async def create_physical(self, fingerprint: ModelFingerprint) -> bool:
+        """Create self.collection with its payload indexes; False where it already
+        existed (made earlier, or by a concurrent starter a moment ago)."""
+        created = True
+        if await self.client.collection_exists(self.collection):
+            created = False
+        else:
+            try:
+                await self.client.create_collection(
+                    self.collection,
+                    vectors_config=models.VectorParams(size=fingerprint.dimension, distance=models.Distance.COSINE),
+                    metadata={FINGERPRINT_KEY: fingerprint.as_dict()},
+                )
+            except Exception as exc:
+                if not already_exists(exc):
+                    raise
+                created = False
+        for field in INDEXED_FIELDS:  # idempotent on a server; repeated so a starter that lost the race still has them
+            try:
+                await self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
+            except Exception as exc:
+                if not already_exists(exc):
+                    raise
+        return created
 
     async def recorded_fingerprint(self) -> ModelFingerprint | None:
         info = await self.client.get_collection(self.collection)
         meta = (info.config.metadata or {}).get(FINGERPRINT_KEY)
         return ModelFingerprint.from_dict(meta) if meta else None
 
-    async def payloads(self, ids: list[UUID], *, without: list[str] | None = None) -> dict[str, dict[str, Any]]:
-        """Current payload of each existing point, by point id (less the keys in `without`)."""
+    async def payloads(self, ids: list[UUID], *, keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Current payload of each existing point, by point id (only `keys`, where given)."""
         if not ids:
             return {}
-        selector = models.PayloadSelectorExclude(exclude=without) if without else True
+        selector = keys if keys is not None else True
         records = await self.client.retrieve(
             self.collection, [str(i) for i in ids], with_payload=selector, with_vectors=False
         )
@@ -190,15 +259,12 @@ class QdrantSink:
         }
 
     async def write(
-        self,
-        upserts: list[models.PointStruct],
-        payload_updates: list[tuple[str, dict[str, Any]]],
-        deletes: list[str],
+        self, upserts: Upserts | None, payload_updates: list[tuple[str, dict[str, Any]]], deletes: list[str]
     ) -> None:
         """One batched request, confirmed before it returns."""
         ops: list[Any] = []
         if upserts:
-            ops.append(models.UpsertOperation(upsert=models.PointsList(points=upserts)))
+            ops.append(upserts.operation())
         # identical changes (a document's new title on all its chunks) become one operation
         same: dict[bytes, tuple[dict[str, Any], list[str]]] = {}
         for point_id, payload in payload_updates:

@@ -14,15 +14,14 @@ import psycopg
 import pytest
 from qdrant_client.http.exceptions import UnexpectedResponse
 
-from daemon.core.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState
+from daemon.core.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState, metadata_hash
 from daemon.errors import InvalidChunkError, describe, is_transient
 from daemon.outbox.listener import Wakeup
 from daemon.logs import JsonFormatter
 
 PAYLOAD_KEYS = {
     "document_id", "source_id", "chunk_index", "text", "token_count", "content_hash",
-    "metadata", "title", "url", "document_type", "embedding_model",
-}
+    "metadata", "title", "url", "document_type", "embedding_model", "metadata_hash"}
 
 
 def state(**overrides) -> ChunkState:
@@ -66,7 +65,18 @@ def test_payload_is_the_documented_projection():
         "url": "https://example.org/a",
         "document_type": "html",
         "embedding_model": "minilm-384-norm",
+        "metadata_hash": metadata_hash({"lang": "en"}),
     }
+
+
+def test_metadata_hash_follows_the_metadata_and_nothing_else():
+    """Equal metadata (key order aside), equal hash; any change, another hash: what
+    lets a payload-only change be judged without reading the point's metadata."""
+    base = state().payload("m")["metadata_hash"]
+    assert state(metadata={"lang": "en"}).payload("m")["metadata_hash"] == base
+    assert state(title="Another", chunk_index=9).payload("m")["metadata_hash"] == base
+    assert state(metadata={"lang": "fr"}).payload("m")["metadata_hash"] != base
+    assert state(metadata={"b": 1, "a": 2}).payload("m")["metadata_hash"] == state(metadata={"a": 2, "b": 1}).payload("m")["metadata_hash"]
 
 
 def test_payload_text_is_cut_at_1000_characters():
