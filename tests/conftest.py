@@ -147,11 +147,23 @@ async def qdrant(collection):
 
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:
-    """The real all-MiniLM-L6-v2, loaded once per session."""
+    """The real all-MiniLM-L6-v2 through the daemon's default backend (the torch
+    encode stage), loaded once per session."""
     emb = Embedder(Settings(database_url=None))
     asyncio.run(emb.load())
     yield emb
-    emb.close()
+    asyncio.run(emb.close())
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """sentence-transformers' own SentenceTransformer for the same model, loaded
+    once per session: the truth the daemon's vectors are checked against
+    (`reference.encode(texts, normalize_embeddings=True)`)."""
+    from daemon.config import DEFAULT_MODEL
+    from daemon.embedding.torch_backend import reference_model
+
+    return reference_model(DEFAULT_MODEL)
 
 
 @pytest.fixture
@@ -161,7 +173,6 @@ def make_settings(dsn, collection, tmp_path):
             database_url=dsn,
             collection=collection,
             data_dir=tmp_path / "data",
-            qdrant_path=tmp_path / "qdrant",
             poll_interval=0.5,
             lease_seconds=5,
             retry_backoff_base=0.05,
@@ -170,6 +181,8 @@ def make_settings(dsn, collection, tmp_path):
             startup_timeout=10,
             log_format="text",
         )
+        if not os.environ.get("QDRANT_URL") and "qdrant_url" not in overrides:
+            values["qdrant_path"] = tmp_path / "qdrant"  # local mode, unless the suite runs against a server
         values.update(overrides)
         return Settings(**values)
 

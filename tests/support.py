@@ -86,7 +86,13 @@ async def assert_converged(dsn: str, qdrant: AsyncQdrantClient, collection: str,
         return 0
     model_id = embedder.fingerprint.id
     texts = [s.text for s in expected.values()]
-    truth = embedder._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    # the truth is sentence-transformers' own encode() (loaded once per process from the
+    # same folder), not the daemon's encode stage
+    from daemon.embedding.torch_backend import reference_model
+
+    truth = reference_model(embedder.name, None, embedder.max_seq_length).encode(
+        texts, normalize_embeddings=True, convert_to_numpy=True
+    )
     for (pid, state), vec in zip(expected.items(), truth):
         point = points[pid]
         want = state.payload(model_id)

@@ -29,7 +29,7 @@ def short_window_embedder():
     emb = Embedder(Settings(max_seq_length=128))
     asyncio.run(emb.load())
     yield emb
-    emb.close()
+    asyncio.run(emb.close())
 
 
 async def alias_target(qdrant, alias) -> str:
@@ -113,14 +113,22 @@ async def test_reindex_to_the_live_model_does_nothing(conn, dsn, qdrant, collect
     assert result.status == "already live"
 
 
-def test_reindex_cli_without_a_collection_says_what_to_do(dsn, collection, tmp_path, capsys):
+def test_reindex_cli_without_a_collection_says_what_to_do(dsn, collection, tmp_path, capsys, monkeypatch):
     """Nothing to reindex before the daemon ever ran: exit 78 and the next step."""
-    code = cli.main(["reindex", "--database-url", dsn, "--qdrant-path", str(tmp_path / "q"), "--collection", collection])
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
+    code = cli.main(["reindex", "--qdrant-path", str(tmp_path / "q"), "--model", embedder_name()])
     assert code == EXIT_CONFIG
     assert "outboxd run" in capsys.readouterr().err
 
 
-def test_drop_retired_needs_yes_without_a_terminal(dsn, collection, tmp_path, capsys):
+def embedder_name() -> str:
+    from daemon.config import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def test_drop_retired_needs_yes_without_a_terminal(dsn, collection, tmp_path, capsys, monkeypatch):
     """--drop-retired refuses without --yes when nobody can answer."""
     import psycopg
 
@@ -130,7 +138,11 @@ def test_drop_retired_needs_yes_without_a_terminal(dsn, collection, tmp_path, ca
             "VALUES (%s, %s, 'm', 4, true, 'x', 'retired')",
             (f"{collection}__old", collection),
         )
-    base = ["reindex", "--drop-retired", "--database-url", dsn, "--qdrant-path", str(tmp_path / "q"), "--collection", collection]
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
+    base = ["reindex", "--drop-retired", "--qdrant-path", str(tmp_path / "q")]
+    assert cli.main(base + ["--rollback"]) == 2  # two different things
     assert cli.main(base) == 2
+    assert "--yes" in capsys.readouterr().err
     assert cli.main(base + ["--yes"]) == 0
     assert f"deleted {collection}__old" in capsys.readouterr().out

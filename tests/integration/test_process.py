@@ -264,7 +264,7 @@ def test_unmigrated_database_refuses_to_start(spawn, empty_dsn, collection, tmp_
 
 
 # --- 6. the embedded default ------------------------------------------------------------------------
-async def test_embedded_default_without_database_url(spawn, tmp_path, embedder):
+async def test_embedded_default_without_database_url(spawn, tmp_path, embedder, reference):
     """Without DATABASE_URL, `run` starts a real embedded PostgreSQL, prints its URL, and syncs to <cwd>/.outboxd/qdrant."""
     cwd = tmp_path / "app"
     cwd.mkdir()
@@ -316,7 +316,7 @@ async def test_embedded_default_without_database_url(spawn, tmp_path, embedder):
     assert points[0].payload["text"] == text
     assert points[0].payload["embedding_model"] == embedder.fingerprint.id
 
-    truth = embedder._model.encode([text], normalize_embeddings=True, convert_to_numpy=True)[0]
+    truth = reference.encode([text], normalize_embeddings=True, convert_to_numpy=True)[0]
     assert float(np.dot(np.asarray(points[0].vector), truth)) > 0.999
 
 

@@ -169,9 +169,9 @@ async def test_document_type_and_metadata_filters(corpus, pool, qdrant, collecti
 async def test_stale_guard_deleted_changed_and_refiltered_chunks(corpus, conn, pool, qdrant, collection, embedder):
     """Before the daemon catches up: a deleted chunk is not returned although its point is still in
     Qdrant; a changed chunk shows its new text; a document whose type changed leaves the type filter."""
-    from daemon.core.qdrant_store import QdrantSink
+    from daemon.core.qdrant_store import QdrantStore
 
-    sink = QdrantSink(qdrant, collection)
+    sink = QdrantStore(qdrant, collection)
     sink.collection = await sink.resolve()
 
     gone = chunk(corpus, *KEYWORD_ONLY[1:3])
@@ -218,7 +218,7 @@ async def test_a_different_model_is_refused_with_both_fingerprints(conn, dsn, po
         with pytest.raises(ModelMismatchError) as info:
             await hybrid_search(pool, qdrant, collection, other, "anything")
     finally:
-        other.close()
+        await other.close()
     message = str(info.value)
     assert str(embedder.fingerprint) in message and str(other.fingerprint) in message
     assert "OUTBOXD_MAX_SEQ_LENGTH=256" in message and "reindex" in message
@@ -233,7 +233,7 @@ async def test_bad_arguments_are_value_errors(corpus, pool, qdrant, collection, 
 
 
 def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embedder, make_settings, tmp_path,
-                                                    capsys):
+                                                    capsys, monkeypatch):
     """`outboxd search --json` is one document with the ranked hits; the table names the columns;
     --document-type/--metadata filter; another model exits 78."""
     path = tmp_path / "qdrant"  # local mode on disk, so the CLI can open it once the test closed it
@@ -245,7 +245,9 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
         await client.close()
 
     asyncio.run(converge())
-    base = ["search", "--database-url", dsn, "--qdrant-path", str(path), "--collection", collection]
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
+    base = ["search", "--qdrant-path", str(path)]
     capsys.readouterr()
 
     assert cli.main(base + ["--json", "--limit", "3", "PGX-4471"]) == 0
@@ -270,5 +272,10 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
         assert column in out
     assert "The transactional outbox pattern" in out and "removes the dual write" in out
 
-    assert cli.main(base + ["--max-seq-length", "128", "anything"]) == 78
+    assert cli.main(base + ["--fusion", "borda", "anything"]) == 2  # a usage error, before anything runs
+    assert cli.main(base + ["--document", "not-a-uuid", "anything"]) == 2
+    assert "is not a valid UUID" in capsys.readouterr().err
+
+    monkeypatch.setenv("OUTBOXD_MAX_SEQ_LENGTH", "128")
+    assert cli.main(base + ["anything"]) == 78
     assert "OUTBOXD_MAX_SEQ_LENGTH=256" in capsys.readouterr().err

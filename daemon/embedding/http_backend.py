@@ -1,0 +1,400 @@
+"""The http backend: an OpenAI-compatible /v1/embeddings endpoint
+(text-embeddings-inference, vLLM, Ollama, Infinity, OpenAI).
+
+    OUTBOXD_EMBEDDING__BACKEND=http
+    OUTBOXD_EMBEDDING__URL=http://tei:8080          (POSTs to http://tei:8080/v1/embeddings)
+    EMBEDDING_API_KEY=... or EMBEDDING_API_KEY_FILE=/run/secrets/embedding-key   (optional)
+
+The texts of one encode() call are sorted by length and packed into requests
+of at most max_batch_texts texts and max_batch_chars characters; at most
+max_concurrency requests are in flight for the whole backend; vectors come back
+in the caller's order, normalised here when OUTBOXD_NORMALIZE is on. What each
+answer becomes (a retry, the text's fault, a configuration problem):
+daemon.embedding.http_protocol.
+
+load() probes once with a short text: the dimension is what comes back
+(checked against OUTBOXD_EMBEDDING__DIMENSIONS). Unreachable or overloaded:
+EndpointUnavailableError (transient: start-up waits, then exits 69); refused or
+not an embeddings answer: ConfigError (78).
+
+`truncated` is False for every text: the endpoint does not say whether it cut
+one. Its numerics and window are not outboxd's to prove, so the vectors get
+their own fingerprint (variant "remote:<model>").
+
+encoded_seconds() is the time at least one request was in flight. The API key
+lives only in the client's headers (never logged); endpoint text that reaches
+an error message has it replaced by "<redacted>".
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import numpy as np
+import orjson
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from daemon.embedding.backend import Backend, BackendInfo, Encoded
+from daemon.embedding.loop_thread import LoopThread
+from daemon.embedding.http_protocol import (
+    EndpointUnavailableError,
+    Malformed,
+    NonFinite,
+    Rejected,
+    Retryable,
+    classify_failure,
+    rejected_texts,
+    endpoint_url,
+    most_telling,
+    parse_embeddings,
+    plan_batches,
+)
+from daemon.embedding.settings import HttpSettings
+from daemon.errors import ConfigError, InvalidChunkError
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_BUDGET = 60.0  # seconds of failures one request retries before the batch is handed back (transient)
+RETRY_AFTER_MAX = 30.0  # longest Retry-After honoured; a longer one waits this long, then asks again
+BACKOFF_INITIAL = 0.5  # first wait without a Retry-After; doubles per attempt, plus jitter
+BACKOFF_MAX = 10.0
+MESSAGE_CHARS = 300  # of the endpoint's error text, in our messages
+PROBE_TEXT = "outboxd endpoint probe"
+
+
+__all__ = ["EndpointUnavailableError", "HttpBackend", "endpoint_url", "plan_batches"]
+
+
+class HttpBackend(Backend):
+    kind = "http"
+
+    def __init__(
+        self,
+        settings: "Settings",
+        *,
+        retry_budget: float = RETRY_BUDGET,
+        retry_after_max: float = RETRY_AFTER_MAX,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_MAX,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        http = settings.embedding
+        if not isinstance(http, HttpSettings):
+            raise ConfigError(f"HttpBackend needs OUTBOXD_EMBEDDING__BACKEND=http, not {http.backend!r}")
+        self._http = http
+        self._normalize = settings.normalize
+        self._max_seq_length = settings.max_seq_length
+        self.model = http.model or settings.model
+        self.url = endpoint_url(str(http.url))
+        parsed = httpx.URL(self.url)
+        # for logs and errors: no user:password@ (the key never is in the URL, but a password may be)
+        self.display_url = str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else self.url
+        self._secret = settings.embedding_api_key  # a SecretStr: its repr and str are "**********"
+        self.retry_budget = retry_budget
+        self.retry_after_max = retry_after_max
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._transport = transport
+        self._dimension: int | None = None
+        # the requests run on an event loop of their own, in its own thread (daemon.embedding.loop_thread)
+        self._io = LoopThread("outboxd-http-embed")
+        self._client: httpx.AsyncClient | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._resume_at = 0.0  # I/O loop time before which no request is sent (a Retry-After)
+        self._in_flight = 0
+        self._busy_since = 0.0
+        self._busy_seconds = 0.0
+        self.requests = 0  # attempts sent, retries included
+        self.retries = 0
+
+    @property
+    def batch_size(self) -> int:
+        """Texts per request at most (Embedder.batch_size reports it)."""
+        return self._http.max_batch_texts
+
+    # --- the Backend interface ------------------------------------------------------
+    async def load(self) -> BackendInfo:
+        return await self._io.run(self._load())
+
+    async def encode(self, texts: list[str]) -> Encoded:
+        if not texts:
+            return Encoded(np.zeros((0, self._dimension or 0), dtype=np.float32), [])
+        return await self._io.run(self._encode(texts))
+
+    async def close(self) -> None:
+        await self._io.close(self._close_client)
+
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        self._semaphore = None
+        if client is not None:
+            await client.aclose()
+
+    def encoded_seconds(self) -> float:
+        if self._in_flight:
+            return self._busy_seconds + time.perf_counter() - self._busy_since
+        return self._busy_seconds
+
+    # --- on the I/O loop ------------------------------------------------------------------------
+    async def _load(self) -> BackendInfo:
+        if self._secret is not None and httpx.URL(self.url).scheme == "http" and not self._loopback():
+            log.warning(
+                "the embedding API key is sent in clear text: use an https:// OUTBOXD_EMBEDDING__URL",
+                extra={"url": self.display_url},
+            )
+        try:
+            vectors = await self._attempt([PROBE_TEXT], probe=True)
+        except Retryable as exc:
+            raise EndpointUnavailableError(
+                f"the embedding endpoint {self.display_url} is not available: {exc.what}"
+            ) from exc.__cause__
+        except Rejected as exc:
+            raise ConfigError(
+                f"the embedding endpoint {self.display_url} refused a one-line probe for model {self.model!r} "
+                f"(HTTP {exc.status}): {self._clip(exc.message)}. Check OUTBOXD_EMBEDDING__MODEL"
+                + (" and OUTBOXD_EMBEDDING__DIMENSIONS" if self._http.dimensions else "")
+            ) from None
+        except Malformed as exc:
+            raise ConfigError(
+                f"{self.display_url} does not answer like an OpenAI-compatible embeddings endpoint: {exc}. "
+                "Check OUTBOXD_EMBEDDING__URL (outboxd POSTs to <url>/v1/embeddings)"
+            ) from None
+        except NonFinite:
+            raise ConfigError(
+                f"the embedding endpoint {self.display_url} returned a vector with NaN or infinity for a "
+                f"one-line probe (model {self.model!r}): its model is broken"
+            ) from None
+        dimension = int(vectors.shape[1])
+        wanted = self._http.dimensions
+        if wanted is not None and dimension != wanted:
+            raise ConfigError(
+                f"the embedding endpoint {self.display_url} returned {dimension}-dimensional vectors for model "
+                f"{self.model!r}, but OUTBOXD_EMBEDDING__DIMENSIONS is {wanted}: serve a model of {wanted} "
+                f"dimensions (or one that honours the dimensions parameter), or set it to {dimension}"
+            )
+        self._dimension = dimension
+        info = BackendInfo(
+            dimension=dimension,
+            max_seq_length=self._max_seq_length,
+            variant=f"remote:{self.model}",
+            description=f"http {self.display_url} model {self.model}",
+        )
+        log.info(
+            "embedding endpoint reached",
+            extra={"url": self.display_url, "model": self.model, "dimension": dimension},
+        )
+        return info
+
+    async def _encode(self, texts: list[str]) -> Encoded:
+        batches = plan_batches(texts, self._http.max_batch_texts, self._http.max_batch_chars)
+        parts: list[np.ndarray | None] = [None] * len(batches)
+
+        async def run(n: int) -> None:
+            parts[n] = await self._encode_rows(texts, batches[n])
+
+        if len(batches) == 1:
+            await run(0)
+        else:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for n in range(len(batches)):
+                        group.create_task(run(n))
+            except BaseExceptionGroup as group_error:
+                raise most_telling(group_error) from None
+        dimension = {p.shape[1] for p in parts}
+        if len(dimension) != 1:  # two batches saw two models: the endpoint changed under us
+            raise self._dimension_changed(sorted(dimension)[-1], sorted(dimension)[0])
+        vectors = np.empty((len(texts), dimension.pop()), dtype=np.float32)
+        for rows, part in zip(batches, parts):
+            vectors[rows] = part
+        if self._normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            np.divide(vectors, norms, out=vectors, where=norms > 0)
+        return Encoded(vectors, [False] * len(texts))
+
+    # --- one batch: retried, and split when the endpoint rejects its texts -----------------
+    async def _encode_rows(self, texts: list[str], rows: list[int]) -> np.ndarray:
+        try:
+            return await self._request([texts[i] for i in rows])
+        except NonFinite as exc:
+            bad = [rows[r] for r in exc.rows]
+            raise rejected_texts(texts, bad, None, "the endpoint returned a vector with NaN or infinity") from None
+        except Rejected as exc:
+            if len(rows) == 1:
+                await self._probe_after_rejection(exc)
+                raise rejected_texts(texts, rows, exc.status, exc.message) from None
+            rejected = exc
+        # several texts, one request refused: find the text(s) at fault by halves
+        log.info(
+            "the embedding endpoint rejected a batch; splitting it to find the text at fault",
+            extra={"status": rejected.status, "texts": len(rows)},
+        )
+        half = len(rows) // 2
+        results = await asyncio.gather(
+            self._encode_rows(texts, rows[:half]), self._encode_rows(texts, rows[half:]), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if not failures:
+            # both halves passed alone: the request as a whole was too much (413 for its size)
+            return np.concatenate(results)  # type: ignore[arg-type]
+        for f in failures:  # an outage or a configuration problem outranks a bad text
+            if not isinstance(f, InvalidChunkError):
+                raise f
+        bad = sorted(i for f in failures for i in getattr(f, "indices", []))
+        if len(failures) == 1:
+            raise failures[0]
+        first: InvalidChunkError = failures[0]  # type: ignore[assignment]
+        message = getattr(first, "endpoint_message", str(first))
+        raise rejected_texts(texts, bad, getattr(first, "status", None), message)
+
+    async def _probe_after_rejection(self, rejection: Rejected) -> None:
+        """A text was rejected alone: is it the text, or does the endpoint now
+        refuse everything (a redeploy with other parameters)? The latter would
+        make every chunk a dead letter, so it is a ConfigError instead."""
+        try:
+            await self._request([PROBE_TEXT])
+        except Rejected as probe:
+            raise ConfigError(
+                f"the embedding endpoint {self.display_url} now rejects every text, even a one-line probe, "
+                f"for model {self.model!r} (HTTP {probe.status}: {self._clip(probe.message)}); it accepted "
+                "them at start. Check the endpoint's configuration"
+            ) from None
+
+    async def _request(self, texts: list[str]) -> np.ndarray:
+        """One request's vectors, retried through outages and rate limits for up
+        to retry_budget seconds from its first failure."""
+        first_failure: float | None = None
+
+        def stop(state: RetryCallState) -> bool:
+            nonlocal first_failure
+            now = time.monotonic()
+            if first_failure is None:
+                first_failure = now
+            return now - first_failure + state.upcoming_sleep > self.retry_budget
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Retryable),
+            wait=self._wait,
+            stop=stop,
+            before_sleep=lambda state: self._log_retry(state, len(texts)),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt(texts)
+        except Retryable as exc:
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise EndpointUnavailableError(
+                f"the embedding endpoint {self.display_url} still failed after {self.retry_budget:g}s of "
+                f"retries ({attempts} attempts; last: {exc.what}); the batch will be retried"
+            ) from exc.__cause__
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            wait = min(retry_after, self.retry_after_max)
+            # a little jitter after the endpoint's time, so that waiting clients do not return at once
+            return wait + random.uniform(0, min(1.0, 0.1 * wait + 0.05))
+        exp = self.backoff_initial * 2 ** (state.attempt_number - 1)
+        return min(self.backoff_max, exp + random.uniform(0, self.backoff_initial))
+
+    def _log_retry(self, state: RetryCallState, texts: int) -> None:
+        self.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        status = getattr(exc, "status", None)
+        wait = round(state.upcoming_sleep, 2)
+        log.warning(
+            f"embedding endpoint: {getattr(exc, 'what', exc)}; retrying in {wait}s",
+            extra={"status": status, "retry_in": wait, "attempt": state.attempt_number, "texts": texts},
+        )
+
+    async def _attempt(self, texts: list[str], *, probe: bool = False) -> np.ndarray:
+        """One POST: the vectors (not normalised), or Retryable, Rejected,
+        NonFinite, ConfigError; and Malformed for the probe of load() (a
+        garbled answer there means a wrong URL, not a passing fault)."""
+        body: dict[str, Any] = {"model": self.model, "input": texts, "encoding_format": "float"}
+        if self._http.dimensions is not None:
+            body["dimensions"] = self._http.dimensions
+        client, semaphore = self._session()
+        loop = asyncio.get_running_loop()
+        async with semaphore:
+            while (delay := self._resume_at - loop.time()) > 0:  # another request was told to wait
+                await asyncio.sleep(delay)
+            self._busy(+1)
+            try:
+                self.requests += 1
+                response = await client.post(self.url, content=orjson.dumps(body))
+            except httpx.TransportError as exc:
+                raise Retryable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+            finally:
+                self._busy(-1)
+        return self._vectors(response, len(texts), probe)
+
+    def _vectors(self, response: httpx.Response, n: int, probe: bool) -> np.ndarray:
+        status = response.status_code
+        if 200 <= status < 300:
+            return self._checked(parse_embeddings(response, n, probe), probe)
+        failure = classify_failure(response, self.display_url, self.model, self._secret is not None, self._clip)
+        if isinstance(failure, Retryable) and failure.retry_after is not None:
+            loop = asyncio.get_running_loop()  # holds back this backend's other requests too
+            self._resume_at = max(self._resume_at, loop.time() + min(failure.retry_after, self.retry_after_max))
+        raise failure
+
+    def _checked(self, vectors: np.ndarray, probe: bool) -> np.ndarray:
+        if not probe and self._dimension is not None and vectors.shape[1] != self._dimension:
+            raise self._dimension_changed(vectors.shape[1], self._dimension)
+        return vectors
+
+    # --- errors ---------------------------------------------------------------------------
+    def _dimension_changed(self, now: int, before: int) -> ConfigError:
+        return ConfigError(
+            f"the embedding endpoint {self.display_url} now returns {now}-dimensional vectors for model "
+            f"{self.model!r}; it returned {before} at start. The model behind it changed: serve the model "
+            "outboxd started with, or restart outboxd (a new model is a reindex)"
+        )
+
+    def _clip(self, text: str, limit: int = MESSAGE_CHARS) -> str:
+        if self._secret is not None:
+            text = text.replace(self._secret.get_secret_value(), "<redacted>")
+        text = " ".join(text.split())
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def _session(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        """The client and the semaphore, made on the I/O loop they belong to."""
+        if self._client is None or self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self._http.max_concurrency)
+            headers = {"Content-Type": "application/json", "Accept": "application/json"}
+            if self._secret is not None:
+                headers["Authorization"] = f"Bearer {self._secret.get_secret_value()}"
+            limit = self._http.max_concurrency
+            self._client = httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(self._http.timeout),
+                limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+                transport=self._transport,
+                follow_redirects=False,
+            )
+        return self._client, self._semaphore
+
+    def _busy(self, delta: int) -> None:
+        now = time.perf_counter()
+        if delta > 0 and self._in_flight == 0:
+            self._busy_since = now
+        self._in_flight += delta
+        if delta < 0 and self._in_flight == 0:
+            self._busy_seconds += now - self._busy_since
+
+    def _loopback(self) -> bool:
+        host = httpx.URL(self.url).host
+        return host in ("localhost", "::1") or host.startswith("127.")
