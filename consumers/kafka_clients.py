@@ -143,3 +143,34 @@ async def group_lag(settings: Settings) -> dict[str, Any]:
     finally:
         await reader.stop()
         await admin.close()
+
+
+STATUS_BUDGET = 20.0  # seconds `outboxd status` keeps asking a broker that answers "not yet"
+
+
+def consumer_group_status(settings: Settings) -> dict[str, Any]:
+    """`outboxd status`'s Kafka section: the consumer group's lag (the relay's own
+    lag is the outbox's: it claims from it), or the error that kept status from it."""
+    import asyncio
+
+    from aiokafka.errors import KafkaConnectionError
+
+    from daemon.errors import describe, is_transient
+
+    async def lag(budget: float = STATUS_BUDGET) -> dict[str, Any]:
+        # retried while a broker that answers says "not yet" (a fresh cluster's group
+        # coordinator, a leader election); brokers that do not answer are reported at once
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        while True:
+            try:
+                return await asyncio.wait_for(group_lag(settings), max(1.0, deadline - loop.time()))
+            except Exception as exc:
+                if isinstance(exc, KafkaConnectionError) or not is_transient(exc) or loop.time() + 1.0 > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    try:
+        return asyncio.run(lag())
+    except Exception as exc:  # status reports what it can reach
+        return {"topic": settings.kafka_topic, "group": settings.kafka_group, "error": describe(exc)}

@@ -1,111 +1,90 @@
 """`outboxd`: the one console script.
 
-Every setting of daemon.config.Settings is a flag of every command (and an
-environment variable); flags win over the environment.
+The CLI is the composition root: it finds each command by name in COMMANDS and
+imports its module only when that command runs or its --help is asked, so
+`outboxd --help` loads neither torch nor pydantic, and the Kafka wing
+(consumers/) plugs its commands in without the core importing it.
+
+Settings come from the environment, .env and an optional --config FILE; each
+command has its own options plus a few common ones (daemon.commands.options).
+Exit codes: daemon.errors (one contract for every command).
 """
 from __future__ import annotations
 
-import argparse
-import logging
+import importlib
 import sys
 
-from pydantic import ValidationError
+import click
 
-from daemon.commands import (
-    backfill,
-    consume,
-    dead_letters,
-    demo,
-    migrate,
-    reconcile,
-    reindex,
-    relay,
-    roles,
-    run,
-    search,
-    status,
-    tail,
+# name -> (module:attribute of the click command, one line for `outboxd --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("daemon.commands.demo:command", "the whole loop on the embedded defaults, with a sample corpus"),
+    "run": ("daemon.commands.run:command", "run the daemon (notify transport) until SIGTERM/SIGINT"),
+    "relay": ("consumers.commands:relay", "Kafka transport: publish outbox events to the topic"),
+    "consume": ("consumers.commands:consume", "Kafka transport: apply chunk events from the topic to Qdrant"),
+    "tail": ("consumers.commands:tail", "print chunk events from the Kafka topic as they arrive"),
+    "migrate": ("daemon.commands.migrate:command", "upgrade the database schema (idempotent); capture mode"),
+    "status": ("daemon.commands.status:command", "backlog, lag, leases, dead letters, catalog and the live collection"),
+    "reconcile": ("daemon.commands.reconcile:command", "compare every chunk with every point; report or repair drift"),
+    "backfill": ("daemon.commands.backfill:command", "enqueue existing chunks (resumable)"),
+    "dead-letters": ("daemon.commands.dead_letters:command", "list, retry or purge events that kept failing"),
+    "reindex": ("daemon.commands.reindex:command", "move the collection to another model without downtime"),
+    "search": ("daemon.commands.search:command", "hybrid search: Qdrant vectors + PostgreSQL full text"),
+    "roles": ("daemon.commands.roles:command", "create the least-privilege writer and worker roles"),
+    "completion": ("daemon.commands.completion:command", "print a shell completion script (bash, zsh, fish)"),
+}
+
+
+# what a command takes from the Kafka wing, by name (the core never imports consumers/)
+PLUGINS: dict[str, str] = {"kafka_status": "consumers.kafka_clients:consumer_group_status"}
+
+
+def plugin(name: str):
+    module, _, attribute = PLUGINS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, _, attribute = COMMANDS[name][0].partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_line) for name, (_, help_line) in COMMANDS.items()])
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Settings come from the environment (OUTBOXD_*, DATABASE_URL, QDRANT_URL, ...), a .env file and "
+    "`--config FILE` (TOML); secrets only from the environment or a *_FILE. Without DATABASE_URL, commands "
+    "start an embedded PostgreSQL under --data-dir; without QDRANT_URL, Qdrant's local mode. "
+    "`outboxd COMMAND --help` shows a command's options.",
 )
-from daemon.config import Settings
-from daemon.errors import EXIT_CONFIG, EXIT_FAILURE, OutboxdError
-from daemon.logs import setup_logging
-
-COMMANDS = [demo, run, relay, consume, tail, migrate, status, reconcile, backfill, dead_letters, reindex, search, roles]
-
-log = logging.getLogger("outboxd")
-
-
-# --- settings as flags ------------------------------------------------------------
-def env_name(name: str) -> str:
-    alias = Settings.model_fields[name].validation_alias
-    if alias is not None:
-        return alias.choices[0]
-    return f"OUTBOXD_{name.upper()}"
-
-
-def _settings_flags() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("settings (each also an environment variable)")
-    for name, field in Settings.model_fields.items():
-        default = "" if field.default_factory or field.default is None else f" (default: {field.default})"
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=f"setting__{name}",
-            default=argparse.SUPPRESS,
-            metavar=name.split("_")[-1].upper(),
-            help=f"{field.description}{default} [env: {env_name(name)}]",
-        )
-    return parent
-
-
-def describe_validation(exc: ValidationError) -> str:
-    """Name each bad setting the way the operator sets it: its environment variable."""
-    problems = []
-    for e in exc.errors():
-        field = e["loc"][0] if e["loc"] else None
-        where = f"{env_name(field)}: " if field in Settings.model_fields else ""
-        problems.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(problems)
-
-
-def load_settings(args: argparse.Namespace) -> Settings:
-    overrides = {k.removeprefix("setting__"): v for k, v in vars(args).items() if k.startswith("setting__")}
-    return Settings(**overrides)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    flags = _settings_flags()
-    parser = argparse.ArgumentParser(
-        prog="outboxd",
-        description="Keep a Qdrant collection of chunk embeddings converged with PostgreSQL.",
-        epilog="PostgreSQL comes from DATABASE_URL; without it, commands start an embedded PostgreSQL "
-        "under --data-dir. Qdrant comes from QDRANT_URL; without it, qdrant-client's local mode. "
-        "`outboxd COMMAND --help` lists every setting.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
-        module.register(sub, [flags])
-    return parser
+@click.version_option(package_name="outboxd", prog_name="outboxd")
+def cli() -> None:
+    """Keep a Qdrant collection of chunk embeddings converged with PostgreSQL."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command and return its exit code (daemon.errors: 0, 1, 2, 3, 69, 78, 130)."""
     try:
-        settings = load_settings(args)
-    except ValidationError as exc:
-        print(f"outboxd: invalid settings: {describe_validation(exc)}", file=sys.stderr)
-        return EXIT_CONFIG
-    setup_logging(settings.log_level, settings.log_format)
-    try:
-        return args.func(args, settings)
-    except OutboxdError as exc:
-        log.error(str(exc), extra={"exit_code": exc.exit_code})
+        code = cli.main(args=argv, prog_name="outboxd", standalone_mode=False)
+    except click.exceptions.Exit as done:  # --help, --version
+        return done.exit_code
+    except click.ClickException as exc:  # usage: an unknown command or option, a bad value
+        exc.show()
         return exc.exit_code
-    except KeyboardInterrupt:
+    except click.exceptions.Abort:  # Ctrl-C at a prompt
+        click.echo("", err=True)
         return 130
-    except Exception as exc:  # a bug: say so plainly, with the traceback
-        log.exception("unexpected error", extra={"error": type(exc).__name__})
-        return EXIT_FAILURE
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,66 +1,39 @@
-"""One settings model for the whole process: environment, .env and CLI flags.
+"""One settings model for the whole process.
 
 Every field is an environment variable (OUTBOXD_<NAME>, or the conventional
-name where one exists, e.g. DATABASE_URL) and a CLI flag (--<name>), so
-systemd units, Kubernetes manifests and a shell all say the same thing.
+name where one exists, e.g. DATABASE_URL) and a key of the optional TOML
+config file (`--config FILE`); a few common ones are also command-line flags.
+Precedence, highest first: a flag, a secret's *_FILE, the environment, .env,
+the config file, the default. Where the sources come from and how a mistyped
+name is caught: daemon.config_sources.
 """
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daemon.config_sources import ConfigFileSource, SecretFileSource, SecretFileError
 
 from daemon.embedding.settings import EmbeddingSettings, SentenceTransformersSettings
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def env_name(name: str) -> str:
+    """The environment variable an operator sets for the setting `name`."""
+    alias = Settings.model_fields[name].validation_alias
+    if alias is not None:
+        return alias.choices[0]
+    return f"OUTBOXD_{name.upper()}"
+
+
 def _default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-class _SecretFileError(str):
-    """A *_FILE problem, carried to the field validator so that it surfaces as an
-    ordinary invalid setting (exit 78) naming the variable and path, never content."""
-
-
-class SecretFileSource(PydanticBaseSettingsSource):
-    """Every secret setting is also read from the file named by <ENV>_FILE
-    (DATABASE_URL_FILE, QDRANT_API_KEY_FILE, OUTBOXD_DATABASE_URL_FILE, ...): the
-    Kubernetes secret-file convention, surrounding whitespace stripped. Setting
-    a secret both directly and as a file is an error, not a silent choice."""
-
-    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, object]:
-        values: dict[str, object] = {}
-        for name, field in self.settings_cls.model_fields.items():
-            if field.annotation != SecretStr | None or field.validation_alias is None:
-                continue
-            direct = [a for a in field.validation_alias.choices if isinstance(a, str) and a.isupper()]
-            files = [f"{a}_FILE" for a in direct if os.environ.get(f"{a}_FILE")]
-            given = [a for a in direct if os.environ.get(a)]
-            if not files:
-                continue
-            key = direct[0]  # the key the init and env sources use for this field
-            if len(files) + len(given) > 1:
-                both = "both" if len(files) + len(given) == 2 else "all"
-                values[key] = _SecretFileError(f"{' and '.join(given + files)} are {both} set; set only one")
-                continue
-            path = os.environ[files[0]]
-            try:
-                secret = Path(path).read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-                values[key] = _SecretFileError(f"cannot read {files[0]}={path}: {why}")
-                continue
-            values[key] = secret or _SecretFileError(f"{files[0]}={path} is an empty file")
-        return values
 
 
 class Settings(BaseSettings):
@@ -99,6 +72,10 @@ class Settings(BaseSettings):
         None, description="Local-mode storage folder (default: <data-dir>/qdrant); ':memory:' keeps nothing."
     )
     qdrant_timeout: float = Field(30.0, gt=0, description="Seconds one Qdrant request may take.")
+    qdrant_prefer_grpc: bool = Field(
+        False, description="Talk to the Qdrant server over gRPC (faster bulk writes) instead of REST."
+    )
+    qdrant_grpc_port: int = Field(6334, ge=1, le=65535, description="The Qdrant server's gRPC port.")
     collection: str = Field("chunks", min_length=1, description="Qdrant collection the points live in.")
 
     # --- embedding ------------------------------------------------------------
@@ -220,16 +197,26 @@ class Settings(BaseSettings):
         "auto", description="auto: text on a terminal, JSON lines otherwise."
     )
 
+    def __init__(self, **values: Any) -> None:
+        # An explicit choice of Qdrant (a flag, or a keyword here) beats the
+        # other one set in the environment; set in the same place, both are refused.
+        for given, other in (("qdrant_path", "qdrant_url"), ("qdrant_url", "qdrant_path")):
+            if values.get(given) is not None and other not in values:
+                values[other] = None
+        super().__init__(**values)
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         # Flags first (they win), then *_FILE before the environment, so that a
-        # conflict between a variable and its *_FILE is reported, not resolved.
-        return init_settings, SecretFileSource(settings_cls), env_settings, dotenv_settings, file_secret_settings
+        # conflict between a variable and its *_FILE is reported, not resolved;
+        # the config file below everything the environment says.
+        return (init_settings, SecretFileSource(settings_cls), env_settings, dotenv_settings,
+                ConfigFileSource(settings_cls), file_secret_settings)
 
     @field_validator("database_url", "qdrant_api_key", "kafka_sasl_password", "embedding_api_key", mode="before")
     @classmethod
     def _secret_file_problem(cls, v: object) -> object:
-        if isinstance(v, _SecretFileError):
+        if isinstance(v, SecretFileError):
             raise ValueError(str(v))
         return v
 
@@ -237,6 +224,16 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_qdrant(self) -> "Settings":
+        if self.qdrant_url and self.qdrant_path:
+            raise ValueError(
+                f"both QDRANT_URL ({self.qdrant_url}) and OUTBOXD_QDRANT_PATH ({self.qdrant_path}) are set, so "
+                "it is not clear which Qdrant to use; set only one (a --qdrant-url or --qdrant-path flag "
+                "overrides the other from the environment)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "Settings":

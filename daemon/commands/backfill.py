@@ -8,23 +8,40 @@ already right cost a payload comparison, not an embedding.
 """
 from __future__ import annotations
 
-import asyncio
-import sys
 from uuid import UUID
 
-from daemon.commands.common import open_services, print_json, progress_bar
-from daemon.errors import EXIT_OK
-from db.queries import query
+import click
+
+from daemon.commands.options import json_option, settings_options
 
 
-def register(sub, parents) -> None:
-    p = sub.add_parser("backfill", parents=parents, help="enqueue existing chunks (resumable)")
-    p.add_argument("--source", type=UUID, metavar="ID", help="only chunks of this source")
-    p.add_argument("--document", type=UUID, metavar="ID", help="only chunks of this document")
-    p.add_argument("--page-size", type=int, default=5000, metavar="N", help="chunks enqueued per statement")
-    p.add_argument("--restart", action="store_true", help="forget the checkpoint and start from the first chunk")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=execute)
+@click.command(help="Enqueue an outbox event for every chunk in scope that has none pending (resumable: a "
+               "checkpoint in outboxd.scan_progress moves with each page). For chunks written before "
+               "`outboxd migrate` installed the capture triggers.")
+@click.option("--source", type=click.UUID, metavar="ID", help="only chunks of this source")
+@click.option("--document", type=click.UUID, metavar="ID", help="only chunks of this document")
+@click.option("--page-size", type=click.IntRange(min=1), default=5000, show_default=True, metavar="N",
+              help="chunks enqueued per statement")
+@click.option("--restart", is_flag=True, help="forget the checkpoint and start from the first chunk")
+@json_option
+@settings_options()
+def command(settings, source: UUID | None, document: UUID | None, page_size: int, restart: bool, as_json: bool) -> int:
+    import asyncio
+
+    from daemon.commands.common import print_json
+
+    result = asyncio.run(backfill(settings, source, document, page_size, restart, as_json))
+    if as_json:
+        print_json(result)
+    elif result["already_complete"]:
+        print(f"{result['job']} was already complete; --restart runs it again")
+    else:
+        state = "resumed" if result["resumed"] else "started"
+        print(
+            f"{result['job']} {state}: scanned {result['scanned']} chunks, enqueued {result['enqueued']} "
+            f"(the rest already had a pending event); `outboxd run` applies them"
+        )
+    return 0
 
 
 def job_name(source: UUID | None, document: UUID | None) -> str:
@@ -35,23 +52,12 @@ def job_name(source: UUID | None, document: UUID | None) -> str:
     return "backfill:all"
 
 
-def execute(args, settings) -> int:
-    result = asyncio.run(backfill(settings, args.source, args.document, args.page_size, args.restart, args.json))
-    if args.json:
-        print_json(result)
-    else:
-        state = "resumed" if result["resumed"] else "started"
-        if result["already_complete"]:
-            print(f"{result['job']} was already complete; --restart runs it again")
-        else:
-            print(
-                f"{result['job']} {state}: scanned {result['scanned']} chunks, enqueued {result['enqueued']} "
-                f"(the rest already had a pending event); `outboxd run` applies them"
-            )
-    return EXIT_OK
-
-
 async def backfill(settings, source, document, page_size: int, restart: bool, quiet: bool = True) -> dict:
+    import sys
+
+    from daemon.commands.common import open_services, progress_bar
+    from db.queries import query
+
     job = job_name(source, document)
     result = {"job": job, "scanned": 0, "enqueued": 0, "resumed": False, "already_complete": False}
     async with open_services(settings, qdrant=False) as (pool, _):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from daemon.config import Settings
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, ServiceUnavailableError, describe
 
 if TYPE_CHECKING:
     from daemon.embedding.embedder import ModelFingerprint
@@ -37,10 +38,14 @@ def resolve_dsn(settings: Settings, announce_to=None) -> str:
 
 
 def connect(settings: Settings) -> psycopg.Connection:
-    """A short-lived autocommit connection for an operator command."""
-    return psycopg.connect(
-        resolve_dsn(settings), autocommit=True, row_factory=dict_row, application_name="outboxd:cli"
-    )
+    """A short-lived autocommit connection for an operator command; a server
+    that does not answer fails it after OUTBOXD_STARTUP_TIMEOUT (unless the
+    DSN sets its own connect_timeout)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    dsn = resolve_dsn(settings)
+    extra = {} if "connect_timeout" in conninfo_to_dict(dsn) else {"connect_timeout": max(2, round(settings.startup_timeout))}
+    return psycopg.connect(dsn, autocommit=True, row_factory=dict_row, application_name="outboxd:cli", **extra)
 
 
 def print_json(doc: Any) -> None:
@@ -61,11 +66,24 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: s
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, *, qdrant: bool = True):
     """A small pool and (optionally) a Qdrant client for an operator command."""
-    from daemon.core.qdrant_store import make_client
+    from daemon.core.qdrant_connect import make_client
     from db.pool import make_pool
 
-    pool = make_pool(resolve_dsn(settings), application_name="outboxd:cli", min_size=1, max_size=2)
-    await pool.open(wait=True, timeout=settings.startup_timeout)
+    dsn = resolve_dsn(settings)
+    pool = make_pool(dsn, application_name="outboxd:cli", min_size=1, max_size=2)
+    pool_log = logging.getLogger("psycopg.pool")
+    level = pool_log.level
+    pool_log.setLevel(logging.ERROR)  # a one-shot command says it once, below, not per connection attempt
+    try:
+        await pool.open(wait=True, timeout=settings.startup_timeout)
+    except psycopg.OperationalError as exc:  # psycopg_pool.PoolTimeout: no connection within the timeout
+        await pool.close(timeout=1.0)
+        raise ServiceUnavailableError(
+            f"PostgreSQL stayed unreachable for {settings.startup_timeout:g}s: {await _why_not(dsn, exc)}; "
+            "check DATABASE_URL, or raise OUTBOXD_STARTUP_TIMEOUT"
+        ) from exc
+    finally:
+        pool_log.setLevel(level)
     client = make_client(settings) if qdrant else None
     try:
         yield pool, client
@@ -75,13 +93,24 @@ async def open_services(settings: Settings, *, qdrant: bool = True):
         await pool.close()
 
 
+async def _why_not(dsn: str, timeout: Exception) -> str:
+    """Why the pool could not connect: the server's or the network's own words
+    (PoolTimeout only says that it timed out)."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=2, application_name="outboxd:cli")
+    except psycopg.Error as exc:
+        return describe(exc)
+    await conn.close()
+    return describe(timeout)
+
+
 async def live_collection(settings: Settings, pool, client) -> tuple[str, "ModelFingerprint"]:
     """The physical collection behind OUTBOXD_COLLECTION (the catalog's live one,
     else where the alias points) and the model fingerprint it records."""
     from daemon.core.catalog import Catalog
-    from daemon.core.qdrant_store import QdrantSink
+    from daemon.core.qdrant_store import QdrantStore
 
-    sink = QdrantSink(client, settings.collection)
+    sink = QdrantStore(client, settings.collection)
     live = await Catalog(pool).live(settings.collection)
     sink.collection = live.name if live else (await sink.resolve() or "")
     if not sink.collection or not await client.collection_exists(sink.collection):
@@ -93,6 +122,15 @@ async def live_collection(settings: Settings, pool, client) -> tuple[str, "Model
     if fingerprint is None:
         raise ConfigError(f"Qdrant collection {sink.collection!r} records no outboxd model fingerprint")
     return sink.collection, fingerprint
+
+
+async def close_embedder(embedder) -> None:
+    """Release the model, whether the embedder closes synchronously or not."""
+    import inspect
+
+    closing = embedder.close()
+    if inspect.isawaitable(closing):
+        await closing
 
 
 def progress_bar(total: int | None, description: str, enabled: bool):

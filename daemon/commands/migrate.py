@@ -1,30 +1,37 @@
-"""`outboxd migrate`: the schema, up (idempotent) or down."""
+"""`outboxd migrate`: the schema, up (idempotent) or down, and the capture mode."""
 from __future__ import annotations
 
 import logging
 
-from daemon.commands.common import resolve_dsn
-from daemon.errors import EXIT_OK
+import click
+
+from daemon.commands.options import settings_options
 
 log = logging.getLogger("outboxd")
 
 
-def register(sub, parents) -> None:
-    p = sub.add_parser("migrate", parents=parents, help="upgrade the database schema to head (idempotent)")
-    p.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION instead ('base' removes all)")
-    p.set_defaults(func=execute)
+@click.command(help="Upgrade the database schema to head (idempotent; concurrent runs wait for each other). "
+               "--capture-triggers always also captures writes made with session_replication_role = replica "
+               "(a logical-replication subscriber, bulk loads that set it); origin, the default, does not.")
+@click.option("--downgrade", metavar="REVISION", help="downgrade to REVISION instead ('base' removes all)")
+@click.option("--capture-triggers", type=click.Choice(["origin", "always"]),
+              help="after upgrading, set the capture mode (kept until changed; `outboxd status` shows it)")
+@settings_options()
+def command(settings, downgrade: str | None, capture_triggers: str | None) -> int:
+    import psycopg
 
+    from daemon.commands.common import resolve_dsn
+    from db import capture, migrate
 
-def execute(args, settings) -> int:
-    from db import migrate
-
-    if settings.database_url is None:
-        resolve_dsn(settings)  # the embedded database migrates as it starts
-        return EXIT_OK
-    dsn = settings.database_url.get_secret_value()
-    if args.downgrade:
-        migrate.downgrade(dsn, args.downgrade)
-    else:
-        migrate.upgrade(dsn)
-    log.info("schema migrated", extra={"revision": migrate.current_revision(dsn)})
-    return EXIT_OK
+    if downgrade and capture_triggers:
+        raise click.UsageError("--capture-triggers sets the mode after an upgrade; not with --downgrade")
+    dsn = resolve_dsn(settings)  # the embedded database migrates as it starts
+    if downgrade:
+        migrate.downgrade(dsn, downgrade)
+        log.info("schema downgraded", extra={"revision": migrate.current_revision(dsn)})
+        return 0
+    migrate.upgrade(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        mode = capture.set_capture_mode(conn, capture_triggers) if capture_triggers else capture.capture_mode(conn)
+    log.info("schema migrated", extra={"revision": migrate.current_revision(dsn), "capture_triggers": mode})
+    return 0

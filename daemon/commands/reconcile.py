@@ -1,50 +1,58 @@
-"""`outboxd reconcile`: prove the collection matches PostgreSQL, or repair it."""
+"""`outboxd reconcile`: prove the collection matches PostgreSQL, or repair it.
+
+It is also the safety net for writes the capture triggers never saw (made
+with them disabled, or under session_replication_role = replica in 'origin'
+mode): whatever the outbox missed shows up here as drift, and --repair
+enqueues it.
+"""
 from __future__ import annotations
 
-import asyncio
 import sys
+from typing import Any
 from uuid import UUID
 
-from daemon.commands.common import live_collection, open_services, print_json, print_table, progress_bar
-from daemon.errors import EXIT_FAILURE, EXIT_OK
-from daemon.admin.drift import (
-    KINDS,
-    LOCAL_QDRANT_PAGE,
-    SERVER_QDRANT_PAGE,
-    Reconciler,
-    ReconcileReport,
-    Scope,
-    enqueue_repair,
-)
+import click
+
+from daemon.commands.options import json_option, settings_options
+
+# qdrant-client's local mode keeps every point in memory; Qdrant recommends a
+# server above this many points
+LOCAL_MODE_POINTS = 20_000
+SAFETY_NET = "writes made with the capture triggers disabled are caught here"
 
 
-def register(sub, parents) -> None:
-    p = sub.add_parser(
-        "reconcile",
-        parents=parents,
-        help="compare every chunk with every point; report or repair drift",
-        description="Stream chunks (PostgreSQL) and points (Qdrant) in id order and classify each "
-        "difference: missing, orphaned, stale, wrong_model.",
-    )
-    p.add_argument("--check", action="store_true", help="exit 1 when any drift exists (for cron and CI)")
-    p.add_argument("--repair", action="store_true", help="enqueue an outbox event for each drifted chunk")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--source", type=UUID, metavar="ID", help="only chunks of this source")
-    p.add_argument("--document", type=UUID, metavar="ID", help="only chunks of this document")
-    p.add_argument("--page-size", type=int, default=2000, metavar="N", help="chunks per PostgreSQL page")
-    p.set_defaults(func=execute)
+@click.command(help="Stream chunks (PostgreSQL) and points (Qdrant) in id order and classify each difference: "
+               "missing, orphaned, stale, wrong_model. The safety net for writes made with the capture "
+               "triggers off: --repair enqueues an event per drifted chunk. --check exits 3 on drift.")
+@click.option("--check", is_flag=True, help="exit 3 when any drift exists, else 0 (for cron and CI)")
+@click.option("--repair", is_flag=True, help="enqueue an outbox event for each drifted chunk")
+@json_option
+@click.option("--source", type=click.UUID, metavar="ID", help="only chunks of this source")
+@click.option("--document", type=click.UUID, metavar="ID", help="only chunks of this document")
+@click.option("--page-size", type=click.IntRange(min=1), default=2000, show_default=True, metavar="N",
+              help="chunks per PostgreSQL page")
+@settings_options(qdrant=True)
+def command(settings, check: bool, repair: bool, as_json: bool, source: UUID | None, document: UUID | None,
+            page_size: int) -> int:
+    import asyncio
 
+    from daemon.commands.common import print_json
+    from daemon.errors import EXIT_CHECK_FAILED
 
-def execute(args, settings) -> int:
-    report = asyncio.run(_reconcile(args, settings))
-    if args.json:
-        print_json(report.as_dict())
+    report, extra = asyncio.run(_reconcile(settings, repair, as_json, source, document, page_size))
+    for warning in extra["warnings"]:
+        print(f"outboxd reconcile: warning: {warning}", file=sys.stderr)
+    if as_json:
+        print_json({**report.as_dict(), **extra})
     else:
-        _print(report, repaired=args.repair)
-    return EXIT_FAILURE if args.check and report.drift else EXIT_OK
+        _print(report, extra, repaired=repair)
+    return EXIT_CHECK_FAILED if check and report.drift else 0
 
 
-async def _reconcile(args, settings) -> ReconcileReport:
+async def _reconcile(settings, repair: bool, quiet: bool, source, document, page_size: int):
+    from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, Reconciler, Scope, enqueue_repair
+    from daemon.commands.common import live_collection, open_services, progress_bar
+
     async with open_services(settings) as (pool, client):
         collection, fingerprint = await live_collection(settings, pool, client)
         reconciler = Reconciler(
@@ -52,17 +60,46 @@ async def _reconcile(args, settings) -> ReconcileReport:
             client,
             collection,
             fingerprint.id,
-            scope=Scope(source_id=args.source, document_id=args.document),
-            page_size=args.page_size,
+            scope=Scope(source_id=source, document_id=document),
+            page_size=page_size,
             qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant_url else LOCAL_QDRANT_PAGE,
         )
-        tty = sys.stderr.isatty() and not args.json
+        tty = sys.stderr.isatty() and not quiet
         total = await reconciler.count_chunks() if tty else None
         with progress_bar(total, "reconciling", tty) as advance:
-            return await reconciler.run(enqueue_repair(pool) if args.repair else None, advance)
+            report = await reconciler.run(enqueue_repair(pool) if repair else None, advance)
+        mode = await read_capture_mode(pool)
+        extra: dict[str, Any] = {"capture_mode": mode, "safety_net": f"{SAFETY_NET}; capture mode: {mode or 'unknown'}",
+                                 "warnings": []}
+        if not settings.qdrant_url:
+            points = (await client.count(collection, exact=True)).count
+            extra["local_mode_points"] = points
+            if points > LOCAL_MODE_POINTS:
+                extra["warnings"].append(
+                    f"Qdrant local mode holds every point in memory ({points} points in {collection!r}); Qdrant "
+                    f"recommends a server above {LOCAL_MODE_POINTS:,} points: set QDRANT_URL"
+                )
+    return report, extra
 
 
-def _print(report: ReconcileReport, *, repaired: bool) -> None:
+async def read_capture_mode(pool) -> str | None:
+    """origin, always, mixed or disabled (db.capture); None on a schema without capture modes."""
+    import psycopg
+
+    from db.queries import query
+
+    try:
+        async with pool.connection() as conn:
+            row = await (await conn.execute(query("capture_mode"))).fetchone()
+    except psycopg.errors.UndefinedFunction:
+        return None
+    return row["mode"]
+
+
+def _print(report, extra: dict[str, Any], *, repaired: bool) -> None:
+    from daemon.admin.drift import KINDS
+    from daemon.commands.common import print_table
+
     rows = [
         {"class": kind, "count": report.counts[kind], "examples": ", ".join(report.examples[kind])}
         for kind in KINDS
@@ -72,5 +109,6 @@ def _print(report: ReconcileReport, *, repaired: bool) -> None:
         f"{report.drift} drifted, {report.in_flight} in flight ({report.seconds:.1f}s)"
     )
     print_table(rows, ["class", "count", "examples"])
+    print(extra["safety_net"])
     if repaired:
         print(f"repair: {report.repaired} event(s) enqueued; `outboxd run` applies them")

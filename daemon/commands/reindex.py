@@ -2,39 +2,35 @@
 model settings) without read downtime; roll back; drop retired collections."""
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from daemon.commands.common import open_services, print_json, progress_bar
-from daemon.embedding.embedder import Embedder
-from daemon.errors import EXIT_OK, EXIT_USAGE, ConfigError
-from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
-from daemon.admin.model_switch import Reindexer, retired_collection
+import click
+
+from daemon.commands.options import json_option, settings_options
 
 
-def register(sub, parents) -> None:
-    p = sub.add_parser(
-        "reindex",
-        parents=parents,
-        help="build a collection for --model (or other model settings) and switch the alias to it",
-        description="Builds the collection for the configured model (--model, --max-seq-length, --normalize) "
-        "from PostgreSQL while the daemon keeps the live one current, catches up, verifies, then switches "
-        "writers and the alias readers use. Restart the daemons with the new model afterwards.",
-    )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--rollback", action="store_true", help="switch back to the most recently retired collection")
-    mode.add_argument("--drop-retired", action="store_true", help="delete retired collections (no rollback after)")
-    p.add_argument("--yes", action="store_true", help="do not ask before --drop-retired")
-    p.add_argument("--page-size", type=int, default=256, metavar="N", help="chunks embedded per build step")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=execute)
+@click.command(help="Build the collection for the configured model (--model, --max-seq-length, --normalize, or "
+               "their OUTBOXD_ variables) from PostgreSQL while the daemons keep the live one current, catch "
+               "up, verify, then switch writers and the alias readers use. Restart the daemons with the new "
+               "model afterwards.")
+@click.option("--rollback", is_flag=True, help="switch back to the most recently retired collection")
+@click.option("--drop-retired", is_flag=True, help="delete retired collections (no rollback after)")
+@click.option("--yes", "-y", is_flag=True, help="do not ask before --drop-retired")
+@click.option("--page-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
+              help="chunks embedded per build step")
+@json_option
+@settings_options(qdrant=True, model=True)
+def command(settings, rollback: bool, drop_retired: bool, yes: bool, page_size: int, as_json: bool) -> int:
+    import asyncio
 
+    from daemon.commands.common import print_json
 
-def execute(args, settings) -> int:
-    if args.drop_retired:
-        return asyncio.run(_drop_retired(settings, args.yes))
-    result = asyncio.run(_reindex(settings, args.rollback, args.page_size, args.json))
-    if args.json:
+    if rollback and drop_retired:
+        raise click.UsageError("--rollback and --drop-retired are two different things: choose one")
+    if drop_retired:
+        return asyncio.run(_drop_retired(settings, yes))
+    result = asyncio.run(_reindex(settings, rollback, page_size, as_json))
+    if as_json:
         print_json(result.as_dict())
     elif result.status == "already live":
         print(f"{result.collection} ({result.model}) is already the live collection of {result.alias}")
@@ -47,10 +43,16 @@ def execute(args, settings) -> int:
         )
         for note in result.notes:
             print(note)
-    return EXIT_OK
+    return 0
 
 
 async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
+    from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
+    from daemon.admin.model_switch import Reindexer, retired_collection
+    from daemon.commands.common import close_embedder, open_services, progress_bar
+    from daemon.embedding.embedder import Embedder
+    from daemon.errors import ConfigError
+
     async with open_services(settings) as (pool, client):
         if rollback:
             target = await retired_collection(pool, settings.collection)
@@ -78,10 +80,11 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
                     progress=advance,
                 ).run()
         finally:
-            embedder.close()
+            await close_embedder(embedder)
 
 
 async def _drop_retired(settings, yes: bool) -> int:
+    from daemon.commands.common import open_services
     from daemon.core.catalog import Catalog
 
     async with open_services(settings) as (pool, client):
@@ -89,17 +92,16 @@ async def _drop_retired(settings, yes: bool) -> int:
         retired = [r for r in await catalog.records(settings.collection) if r.status == "retired"]
         if not retired:
             print("no retired collections")
-            return EXIT_OK
+            return 0
         names = ", ".join(r.name for r in retired)
         if not yes:
             if not sys.stdin.isatty():
-                print(f"refusing to delete {names} without --yes", file=sys.stderr)
-                return EXIT_USAGE
+                raise click.UsageError(f"refusing to delete {names} without --yes (no terminal to ask on)")
             if input(f"Delete {names}? Rollback will no longer be possible. [y/N] ").strip().lower() != "y":
-                return EXIT_OK
+                return 0
         for r in retired:
             if await client.collection_exists(r.name):
                 await client.delete_collection(r.name)
             await catalog.forget(r.name)
         print(f"deleted {names}")
-        return EXIT_OK
+        return 0

@@ -1,26 +1,22 @@
-"""`outboxd run`: the daemon."""
+"""`outboxd run`: the daemon (notify transport)."""
 from __future__ import annotations
 
-import asyncio
-import sys
+import click
 
-from daemon.commands.common import resolve_dsn
-
-
-def register(sub, parents) -> None:
-    p = sub.add_parser(
-        "run",
-        parents=parents,
-        help="run the daemon until SIGTERM/SIGINT",
-        description="Run the daemon. Without DATABASE_URL it starts an embedded PostgreSQL and prints its URL.",
-    )
-    p.add_argument("--drain", action="store_true", help="exit 0 once no event is pending (dead letters aside)")
-    p.set_defaults(func=execute)
+from daemon.commands.options import settings_options
 
 
-def execute(args, settings) -> int:
+@click.command(help="Run the daemon until SIGTERM/SIGINT: claim outbox events, embed, write Qdrant, acknowledge. "
+               "Without DATABASE_URL it starts an embedded PostgreSQL and prints its URL.")
+@click.option("--drain", is_flag=True, help="exit 0 once no event is pending (dead letters aside)")
+@settings_options(qdrant=True)
+def command(settings, drain: bool) -> int:
+    import asyncio
+    import sys
+
+    from daemon.commands.common import resolve_dsn
+    from daemon.outbox.notify_daemon import NotifyDaemon
     from daemon.runtime.service import run_service
-    from daemon.outbox.notify_daemon import Daemon
 
     dsn = resolve_dsn(settings, announce_to=sys.stdout)
-    return asyncio.run(run_service(Daemon(settings, dsn), drain=args.drain))
+    return asyncio.run(run_service(NotifyDaemon(settings, dsn), exit_deadline=True, drain=drain))

@@ -2,37 +2,15 @@
 from the command line, through daemon.hybrid_search.hybrid_search."""
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
-import sys
 from uuid import UUID
 
-from daemon.commands.common import open_services, print_json, print_table
-from daemon.errors import EXIT_OK, EXIT_USAGE
-from daemon.hybrid_search import FUSIONS, Hit, SearchFilters, hybrid_search
+import click
+
+from daemon.commands.options import json_option, settings_options
 
 EXCERPT_CHARS = 100
-
-
-def _weight(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
-    return value
-
-
-_weight.__name__ = "float"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
-    return value
-
-
-_positive.__name__ = "int"
+FUSIONS = ("weighted", "rrf")  # daemon.hybrid_search.FUSIONS (not imported here: --help stays light)
 
 
 def _metadata_value(text: str):
@@ -44,99 +22,87 @@ def _metadata_value(text: str):
     return value if isinstance(value, (str, int, float, bool)) else text
 
 
-def _metadata(text: str) -> tuple[str, object]:
+def parse_metadata(text: str) -> tuple[str, object]:
+    """One --metadata KEY=VALUE."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+        raise click.BadParameter(f"expected KEY=VALUE, not {text!r}")
     return key, _metadata_value(value)
 
 
-_metadata.__name__ = "KEY=VALUE"
+def _metadata(ctx, param, values: tuple[str, ...]) -> dict[str, object]:
+    return dict(parse_metadata(text) for text in values)
 
 
-def register(sub, parents) -> None:
-    p = sub.add_parser(
-        "search",
-        parents=parents,
-        help="hybrid search: semantic (Qdrant) and keyword (PostgreSQL) results, fused",
-        description="Embed QUERY with the collection's model, take the best candidates from Qdrant and "
-        "from PostgreSQL full-text search (websearch syntax: \"quoted phrase\", or, -word), fuse the two "
-        "rankings and print the best chunks with their current text from PostgreSQL.",
-    )
-    p.add_argument("query", metavar="QUERY", help="what to look for")
-    p.add_argument("--limit", type=_positive, default=10, metavar="N", help="results to show (default: 10)")
-    p.add_argument("--candidates", type=_positive, default=50, metavar="N",
-                   help="candidates taken from each search before fusing (default: 50)")
-    p.add_argument("--fusion", choices=FUSIONS, default="weighted",
-                   help="weighted: normalised scores, weighted (default); rrf: reciprocal rank fusion")
-    p.add_argument("--vector-weight", type=_weight, default=0.7, metavar="W",
-                   help="weight of the semantic score in weighted fusion; keyword gets 1 - W (default: 0.7)")
-    p.add_argument("--source", type=UUID, metavar="ID", help="only chunks of this source")
-    p.add_argument("--document", type=UUID, metavar="ID", help="only chunks of this document")
-    p.add_argument("--document-type", metavar="T", help="only chunks of documents of this document_type")
-    p.add_argument("--metadata", type=_metadata, action="append", default=[], metavar="KEY=VALUE",
-                   help="only chunks whose metadata KEY equals VALUE (a JSON number, boolean or quoted "
-                   "string, else text; a dotted KEY names a nested field); repeatable, all must match")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(func=execute)
+@click.command(help="Embed QUERY with the collection's model, take the best candidates from Qdrant and from "
+               "PostgreSQL full-text search (websearch syntax: \"quoted phrase\", or, -word), fuse the two "
+               "rankings and print the best chunks with their current text from PostgreSQL.")
+@click.argument("query")
+@click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
+              help="results to show")
+@click.option("--candidates", type=click.IntRange(min=1), default=50, show_default=True, metavar="N",
+              help="candidates taken from each search before fusing")
+@click.option("--fusion", type=click.Choice(FUSIONS), default="weighted", show_default=True,
+              help="weighted: normalised scores, weighted; rrf: reciprocal rank fusion")
+@click.option("--vector-weight", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True, metavar="W",
+              help="weight of the semantic score in weighted fusion; keyword gets 1 - W")
+@click.option("--source", type=click.UUID, metavar="ID", help="only chunks of this source")
+@click.option("--document", type=click.UUID, metavar="ID", help="only chunks of this document")
+@click.option("--document-type", metavar="T", help="only chunks of documents of this document_type")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", callback=_metadata,
+              help="only chunks whose metadata KEY equals VALUE (a JSON number, boolean or quoted string, else "
+              "text; a dotted KEY names a nested field); repeatable, all must match")
+@json_option
+@settings_options(qdrant=True)
+def command(settings, query: str, limit: int, candidates: int, fusion: str, vector_weight: float,
+            source: UUID | None, document: UUID | None, document_type: str | None, metadata: dict,
+            as_json: bool) -> int:
+    import asyncio
 
+    from daemon.commands.common import print_json
+    from daemon.hybrid_search import SearchFilters
 
-def execute(args, settings) -> int:
-    if not args.query.strip():
-        print("outboxd search: the query is empty", file=sys.stderr)
-        return EXIT_USAGE
+    if not query.strip():
+        raise click.UsageError("the query is empty")
     try:
-        filters = SearchFilters(
-            source_id=args.source,
-            document_id=args.document,
-            document_type=args.document_type,
-            metadata=dict(args.metadata),
-        )
+        filters = SearchFilters(source_id=source, document_id=document, document_type=document_type,
+                                metadata=metadata)
     except ValueError as exc:
-        print(f"outboxd search: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    hits = asyncio.run(_search(args, settings, filters))
-    if args.json:
+        raise click.UsageError(str(exc)) from None
+    options = {"limit": limit, "candidates": candidates, "fusion": fusion, "vector_weight": vector_weight}
+    hits = asyncio.run(_search(settings, query, filters, options))
+    if as_json:
         print_json(
             {
-                "query": args.query,
-                "fusion": args.fusion,
-                "vector_weight": args.vector_weight if args.fusion == "weighted" else None,
+                "query": query,
+                "fusion": fusion,
+                "vector_weight": vector_weight if fusion == "weighted" else None,
                 "filters": {
-                    "source_id": args.source,
-                    "document_id": args.document,
-                    "document_type": args.document_type,
+                    "source_id": source,
+                    "document_id": document,
+                    "document_type": document_type,
                     "metadata": filters.metadata,
                 },
                 "hits": [h.as_dict() for h in hits],
             }
         )
     else:
-        _print(args, hits)
-    return EXIT_OK
+        _print(query, fusion, vector_weight, hits)
+    return 0
 
 
-async def _search(args, settings, filters: SearchFilters) -> list[Hit]:
+async def _search(settings, query: str, filters, options: dict) -> list:
+    from daemon.commands.common import close_embedder, open_services
     from daemon.embedding.embedder import Embedder
+    from daemon.hybrid_search import hybrid_search
 
     embedder = Embedder(settings)
     try:
         async with open_services(settings) as (pool, client):
             await embedder.load()
-            return await hybrid_search(
-                pool,
-                client,
-                settings.collection,
-                embedder,
-                args.query,
-                limit=args.limit,
-                candidates=args.candidates,
-                fusion=args.fusion,
-                vector_weight=args.vector_weight,
-                filters=filters,
-            )
+            return await hybrid_search(pool, client, settings.collection, embedder, query, filters=filters, **options)
     finally:
-        embedder.close()
+        await close_embedder(embedder)
 
 
 def excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:
@@ -144,8 +110,10 @@ def excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:
     return flat if len(flat) <= chars else flat[: chars - 1].rstrip() + "…"
 
 
-def _print(args, hits: list[Hit]) -> None:
-    how = "reciprocal rank fusion" if args.fusion == "rrf" else f"weighted, vector {args.vector_weight:g}"
+def _print(query: str, fusion: str, vector_weight: float, hits: list) -> None:
+    from daemon.commands.common import print_table
+
+    how = "reciprocal rank fusion" if fusion == "rrf" else f"weighted, vector {vector_weight:g}"
     rows = [
         {
             "rank": i,
@@ -157,5 +125,5 @@ def _print(args, hits: list[Hit]) -> None:
         }
         for i, h in enumerate(hits, start=1)
     ]
-    title = f"{len(hits)} result{'s' if len(hits) != 1 else ''} for {args.query!r} ({how})"
+    title = f"{len(hits)} result{'s' if len(hits) != 1 else ''} for {query!r} ({how})"
     print_table(rows, ["rank", "score", "vector rank", "keyword rank", "title", "excerpt"], title=title)

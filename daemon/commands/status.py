@@ -1,57 +1,71 @@
 """`outboxd status`: what an operator (or a probe) needs at a glance: the
-backlog and its lag, leases by worker, retries and dead letters, the catalog of
-collections, and the live Qdrant collection with its point count and model.
+backlog and its lag, the relay's share of it, leases by worker, retries and
+dead letters, the capture-trigger mode, the catalog of collections, and the
+live Qdrant collection with its point count and model.
 
-With --max-lag / --max-pending / --max-dead-letters it exits 1 when a limit is
-passed (and says which on stderr), so cron or a monitoring probe can alert.
+With --max-lag / --max-pending / --max-dead-letters it exits 3 (a check found
+a problem) when a limit is passed, and says which on stderr, so cron or a
+monitoring probe can alert; an unreachable PostgreSQL is 69, not 3.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
-from pathlib import Path
 from typing import Any
 
-import psycopg
+import click
 
-from daemon.commands.common import connect, print_json, print_table
-from daemon.embedding.embedder import ModelFingerprint
-from daemon.errors import EXIT_FAILURE, EXIT_OK, SchemaNotReadyError, ServiceUnavailableError, describe
-from daemon.core.qdrant_store import QdrantSink, describe_target, make_client
-from db.queries import query
+from daemon.commands.options import json_option, settings_options
 
 
-
-def _limit(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error message
-    return parse
+CAPTURE_NOTES = {
+    "mixed": "the capture triggers match neither mode: some changes are missed or captured twice. "
+    "Repair with `outboxd migrate --capture-triggers origin` (or always), then `outboxd reconcile --repair`",
+    "disabled": "ordinary writes are NOT being captured (a capture trigger is missing or disabled): the "
+    "collection stops following the table. Repair with `outboxd migrate --capture-triggers origin` "
+    "(or always), then `outboxd reconcile --repair` catches up what was missed",
+}
 
 
-def register(sub, parents) -> None:
-    p = sub.add_parser(
-        "status",
-        parents=parents,
-        help="backlog, lag, leases, dead letters, catalog and the live Qdrant collection",
-        description="Show the outbox backlog and lag, leases by worker, retries, dead letters, the "
-        "collection catalog and the live Qdrant collection. With a --max-* limit, exit 1 when it is passed.",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    p.add_argument("--max-lag", type=_limit(float), metavar="SECONDS",
-                   help="exit 1 if the oldest pending event is older than this")
-    p.add_argument("--max-pending", type=_limit(int), metavar="N", help="exit 1 if more than N events are pending")
-    p.add_argument("--max-dead-letters", type=_limit(int), metavar="N", help="exit 1 if there are more than N dead letters")
-    p.set_defaults(func=execute)
+@click.command(help="Show the outbox backlog and lag, the relay (Kafka transport), leases by worker, retries, "
+               "dead letters, the capture-trigger mode, the collection catalog and the live Qdrant collection. "
+               "With a --max-* limit, exit 3 when it is passed.")
+@json_option
+@click.option("--max-lag", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="exit 3 if the oldest pending event is older than this")
+@click.option("--max-pending", type=click.IntRange(min=0), metavar="N", help="exit 3 if more than N events are pending")
+@click.option("--max-dead-letters", type=click.IntRange(min=0), metavar="N",
+              help="exit 3 if there are more than N dead letters")
+@settings_options(qdrant=True)
+def command(settings, as_json: bool, max_lag: float | None, max_pending: int | None,
+            max_dead_letters: int | None) -> int:
+    from daemon.commands.common import print_json
+    from daemon.errors import EXIT_CHECK_FAILED
+
+    limits = {"max_lag": max_lag, "max_pending": max_pending, "max_dead_letters": max_dead_letters}
+    report = collect(settings, limits)
+    if as_json:
+        print_json(report)
+    else:
+        render(report)
+    note = report["capture"]["note"]
+    if note and as_json:  # the tables say it on stdout
+        print(f"outboxd status: capture mode {report['capture']['mode']}: {note}", file=sys.stderr)
+    exceeded = [t["message"] for t in report["thresholds"].values() if t["exceeded"]]
+    for message in exceeded:
+        print(f"outboxd status: {message}", file=sys.stderr)
+    return EXIT_CHECK_FAILED if exceeded else 0
 
 
 # --- PostgreSQL ------------------------------------------------------------------------
 def read_database(settings) -> dict[str, Any]:
+    import psycopg
+    from psycopg.rows import tuple_row
+
+    from daemon.commands.common import connect
+    from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe
+    from db import capture
+    from db.queries import query
+
     try:
         conn = connect(settings)
     except psycopg.OperationalError as exc:
@@ -65,7 +79,38 @@ def read_database(settings) -> dict[str, Any]:
             raise SchemaNotReadyError(
                 f"the outboxd schema is missing or out of date ({describe(exc)}); run `outboxd migrate`"
             ) from exc
-    return {"outbox": outbox, "leases": leases, "catalog": catalog}
+        processes = conn.execute(query("status_processes"), {}).fetchall()
+        conn.row_factory = tuple_row  # db.capture reads plain rows
+        try:
+            mode = capture.capture_mode(conn)
+        except psycopg.errors.UndefinedFunction:  # a schema from before capture modes (0005)
+            mode = None
+    return {"outbox": outbox, "leases": leases, "catalog": catalog, "processes": processes, "capture": mode}
+
+
+def capture_section(mode: str | None) -> dict[str, Any]:
+    if mode is None:
+        return {"mode": None, "note": "this schema predates capture modes; run `outboxd migrate`"}
+    return {"mode": mode, "note": CAPTURE_NOTES.get(mode)}
+
+
+def relay_section(settings, outbox: dict[str, Any], leases: list[dict], processes: list[dict]) -> dict[str, Any]:
+    """The relay's work is the outbox's backlog: it claims events like `outboxd run`
+    and publishes them. With KAFKA_BOOTSTRAP_SERVERS set the processes holding
+    leases are relays; each is `connected` when a session named after its worker
+    (application_name outboxd:<worker name>) is open, so a lease of a relay that
+    died shows as not connected until it expires."""
+    if not settings.kafka_bootstrap_servers:
+        return {"transport": "notify", "backlog": None, "lag_seconds": None, "workers": [], "connected": [],
+                "note": "no relay: `outboxd run` applies the outbox itself (KAFKA_BOOTSTRAP_SERVERS is unset)"}
+    connected = sorted(p["worker"] for p in processes)
+    workers = [
+        {"worker": lease["worker"], "events": lease["events"],
+         "connected": f"outboxd:{lease['worker']}"[:63][len("outboxd:"):] in connected}
+        for lease in leases
+    ]
+    return {"transport": "kafka", "topic": settings.kafka_topic, "backlog": outbox["backlog"],
+            "lag_seconds": outbox["lag_seconds"], "workers": workers, "connected": connected, "note": None}
 
 
 # --- Qdrant ----------------------------------------------------------------------------
@@ -77,6 +122,12 @@ async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str
     """The live collection of settings.collection as Qdrant has it. Never raises:
     a Qdrant that cannot be opened (a server down, or the local-mode folder that
     a running daemon holds: local mode allows one process) is reported as such."""
+    import asyncio
+    from pathlib import Path
+
+    from daemon.core.qdrant_connect import describe_target, make_client
+    from daemon.errors import describe
+
     section: dict[str, Any] = {"target": describe_target(settings), "alias": settings.collection}
     if not settings.qdrant_url:
         path = settings.local_qdrant_path
@@ -97,7 +148,9 @@ async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str
 
 
 async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
-    sink = QdrantSink(client, settings.collection)
+    from daemon.core.qdrant_store import QdrantStore
+
+    sink = QdrantStore(client, settings.collection)
     alias_target = await sink.resolve()
     live_name = catalog_live["name"] if catalog_live else None
     physical = live_name or alias_target
@@ -134,22 +187,35 @@ async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
     return section
 
 
+# --- Kafka -------------------------------------------------------------------------------
+def read_kafka(settings) -> dict[str, Any] | None:
+    """The consumer group's lag, where KAFKA_BOOTSTRAP_SERVERS is set: the Kafka
+    wing's report, found by name (the core never imports consumers/)."""
+    if not settings.kafka_bootstrap_servers:
+        return None
+    from daemon.cli import plugin
+
+    return plugin("kafka_status")(settings)
+
+
 # --- the report ------------------------------------------------------------------------
-def thresholds(args, outbox: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def thresholds(limits: dict[str, Any], outbox: dict[str, Any]) -> dict[str, dict[str, Any]]:
     checks = {
-        "max_lag": (args.max_lag, outbox["lag_seconds"], "oldest pending event is {value:.1f} s old"),
-        "max_pending": (args.max_pending, outbox["backlog"], "{value} events pending"),
-        "max_dead_letters": (args.max_dead_letters, outbox["dead_letters"], "{value} dead letters"),
+        "max_lag": (outbox["lag_seconds"], "oldest pending event is {value:.1f} s old"),
+        "max_pending": (outbox["backlog"], "{value} events pending"),
+        "max_dead_letters": (outbox["dead_letters"], "{value} dead letters"),
     }
     return {
-        name: {"limit": limit, "value": value, "exceeded": value > limit,
-               "message": template.format(value=value) + f", over --{name.replace('_', '-')} {limit}"}
-        for name, (limit, value, template) in checks.items()
-        if limit is not None
+        name: {"limit": limits[name], "value": value, "exceeded": value > limits[name],
+               "message": template.format(value=value) + f", over --{name.replace('_', '-')} {limits[name]}"}
+        for name, (value, template) in checks.items()
+        if limits.get(name) is not None
     }
 
 
-def collect(settings, args) -> dict[str, Any]:
+def collect(settings, limits: dict[str, Any]) -> dict[str, Any]:
+    import asyncio
+
     db = read_database(settings)
     outbox = dict(db["outbox"])
     db_now = outbox.pop("db_now")
@@ -157,32 +223,32 @@ def collect(settings, args) -> dict[str, Any]:
     return {
         "db_now": db_now,
         "outbox": outbox,
+        "relay": relay_section(settings, outbox, db["leases"], db["processes"]),
+        "capture": capture_section(db["capture"]),
         "leases": db["leases"],
         "kafka": read_kafka(settings),
         "catalog": db["catalog"],
         "qdrant": asyncio.run(read_qdrant(settings, live)),
-        "thresholds": thresholds(args, outbox),
+        "thresholds": thresholds(limits, outbox),
     }
-
-
-def read_kafka(settings) -> dict[str, Any] | None:
-    """The consumer group's lag, where KAFKA_BOOTSTRAP_SERVERS is set (the
-    relay's own lag is the outbox's: it claims from it)."""
-    if not settings.kafka_bootstrap_servers:
-        return None
-    from consumers.kafka_clients import group_lag
-
-    try:
-        return asyncio.run(asyncio.wait_for(group_lag(settings), 20))
-    except Exception as exc:  # status reports what it can reach
-        return {"topic": settings.kafka_topic, "group": settings.kafka_group, "error": describe(exc)}
 
 
 def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f} s"
 
 
+def _relay_value(relay: dict[str, Any]) -> str:
+    if relay["transport"] != "kafka":
+        return "— (notify transport)"
+    gone = sum(not w["connected"] for w in relay["workers"])
+    return (f"{_seconds(relay['lag_seconds'])} ({len(relay['workers'])} relay(s) holding leases"
+            + (f", {gone} of them not connected: their leases expire" if gone else "") + ")")
+
+
 def render(report: dict[str, Any]) -> None:
+    from daemon.commands.common import print_table
+    from daemon.embedding.embedder import ModelFingerprint
+
     o = report["outbox"]
     print_table(
         [
@@ -194,10 +260,14 @@ def render(report: dict[str, Any]) -> None:
             {"": "failed before, retrying", "value": o["failed_before"]},
             {"": "expired leases", "value": o["expired_leases"]},
             {"": "dead letters", "value": o["dead_letters"]},
+            {"": "relay lag", "value": _relay_value(report["relay"])},
+            {"": "capture triggers", "value": report["capture"]["mode"] or "unknown"},
         ],
         ["", "value"],
         title="Outbox",
     )
+    if report["capture"]["note"]:
+        print(f"note: capture mode {report['capture']['mode']}: {report['capture']['note']}")
     kafka = report["kafka"]
     if kafka is not None:
         value = kafka.get("error") or f"{kafka['consumer_lag']} messages behind"
@@ -232,15 +302,3 @@ def render(report: dict[str, Any]) -> None:
         ]
         rows += [{"": "note", "value": n} for n in q["notes"]]
     print_table(rows, ["", "value"], title="Qdrant")
-
-
-def execute(args, settings) -> int:
-    report = collect(settings, args)
-    if args.json:
-        print_json(report)
-    else:
-        render(report)
-    exceeded = [t["message"] for t in report["thresholds"].values() if t["exceeded"]]
-    for message in exceeded:
-        print(f"outboxd status: {message}", file=sys.stderr)
-    return EXIT_FAILURE if exceeded else EXIT_OK

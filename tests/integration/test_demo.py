@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from qdrant_client import AsyncQdrantClient
 
-from daemon.commands import demo
+from daemon.demo import narrative as demo
 from daemon.corpus import corpus_documents, document_url
 
 pytestmark = [pytest.mark.slow]

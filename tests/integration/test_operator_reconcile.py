@@ -12,6 +12,7 @@ import pytest
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon import cli
+from daemon.errors import EXIT_CHECK_FAILED
 from daemon.admin.drift import Reconciler, Scope, enqueue_repair
 from daemon.outbox.notify_daemon import Daemon
 from db import migrate
@@ -110,8 +111,9 @@ async def test_reconcile_against_a_live_daemon_reports_no_false_drift(conn, dsn,
 
 
 # --- the CLI (sync tests: each command runs its own event loop) -------------------------------
-def test_cli_check_json_and_repair(conn, dsn, collection, embedder, make_settings, tmp_path, capsys):
-    """--check exits 1 on drift and 0 without; --json is one document; --repair enqueues."""
+def test_cli_check_json_and_repair(conn, dsn, collection, embedder, make_settings, tmp_path, capsys, monkeypatch):
+    """--check exits 3 on drift and 0 without; --json is one document, which says it is the
+    safety net for writes the capture triggers missed; --repair enqueues."""
     path = tmp_path / "qdrant"  # local mode on disk, so the CLI can open it once the test closed it
     settings = make_settings(qdrant_path=path)
     _, ids = add_document(conn, ["one", "two", "three"])
@@ -128,11 +130,16 @@ def test_cli_check_json_and_repair(conn, dsn, collection, embedder, make_setting
         await client.close()
 
     asyncio.run(converge_then_lose_a_point())
-    base = ["reconcile", "--database-url", dsn, "--qdrant-path", str(path), "--collection", collection]
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
+    base = ["reconcile", "--qdrant-path", str(path)]
     capsys.readouterr()
-    assert cli.main(base + ["--check", "--json"]) == 1
+    assert cli.main(base + ["--check", "--json"]) == EXIT_CHECK_FAILED == 3
     doc = orjson.loads(capsys.readouterr().out)
     assert doc["counts"]["missing"] == 1 and doc["examples"]["missing"] == [str(ids[1])] and doc["drift"] == 1
+    assert doc["capture_mode"] == "origin" and doc["safety_net"].endswith("capture mode: origin")
+    assert "triggers disabled are caught here" in doc["safety_net"]
+    assert doc["local_mode_points"] == 2 and doc["warnings"] == []
 
     assert cli.main(base + ["--repair", "--json"]) == 0
     assert orjson.loads(capsys.readouterr().out)["repaired"] == 1
@@ -140,7 +147,33 @@ def test_cli_check_json_and_repair(conn, dsn, collection, embedder, make_setting
 
     asyncio.run(converge())
     assert cli.main(base + ["--check"]) == 0
-    assert "0 drifted" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0 drifted" in out and "writes made with the capture triggers disabled are caught here; capture mode: origin" in out
+
+
+def test_cli_warns_about_local_mode_above_20000_points(conn, dsn, collection, embedder, make_settings, tmp_path,
+                                                      capsys, monkeypatch):
+    """Qdrant's local mode holds every point in memory: above 20,000 points reconcile says a server is due."""
+    from daemon.commands import reconcile
+
+    path = tmp_path / "qdrant"
+    add_document(conn, ["one", "two"])
+
+    async def converge():
+        client = AsyncQdrantClient(path=str(path))
+        await drain(make_settings(qdrant_path=path), dsn, embedder, client)
+        await client.close()
+
+    asyncio.run(converge())
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
+    monkeypatch.setattr(reconcile, "LOCAL_MODE_POINTS", 1)  # 2 points stand in for 20,001
+    capsys.readouterr()
+    assert cli.main(["reconcile", "--qdrant-path", str(path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    (warning,) = orjson.loads(out)["warnings"]
+    assert "local mode holds every point in memory" in warning and "recommends a server" in warning
+    assert warning in err
 
 
 # --- backfill ----------------------------------------------------------------------------------
@@ -154,7 +187,8 @@ def legacy_dsn(pg_server):
     drop_database(pg_server, name)
 
 
-def test_backfill_adopts_a_database_populated_before_migration(legacy_dsn, collection, embedder, make_settings, capsys):
+def test_backfill_adopts_a_database_populated_before_migration(legacy_dsn, collection, embedder, make_settings, capsys,
+                                                               monkeypatch):
     """Chunks written before the outbox existed converge after backfill + drain;
     a second backfill says it is complete; --restart enqueues only what is not pending."""
     import psycopg
@@ -165,7 +199,8 @@ def test_backfill_adopts_a_database_populated_before_migration(legacy_dsn, colle
         migrate.upgrade(legacy_dsn)
         assert outbox_rows(conn) == []
 
-        base = ["backfill", "--database-url", legacy_dsn, "--page-size", "8", "--json"]
+        monkeypatch.setenv("DATABASE_URL", legacy_dsn)
+        base = ["backfill", "--page-size", "8", "--json"]
         capsys.readouterr()
         assert cli.main(base) == 0
         first = orjson.loads(capsys.readouterr().out)
@@ -185,7 +220,7 @@ def test_backfill_adopts_a_database_populated_before_migration(legacy_dsn, colle
     assert asyncio.run(converge()) == 37
 
 
-def test_backfill_resumes_from_its_checkpoint(conn, dsn, capsys):
+def test_backfill_resumes_from_its_checkpoint(conn, dsn, capsys, monkeypatch):
     """An interrupted backfill (checkpoint half-way) continues after it, scoped to one source."""
     doc, ids = add_document(conn, [f"c{i}" for i in range(20)])
     source = conn.execute("SELECT source_id FROM documents WHERE id = %s", (doc,)).fetchone()[0]
@@ -197,7 +232,8 @@ def test_backfill_resumes_from_its_checkpoint(conn, dsn, capsys):
         "INSERT INTO outboxd.scan_progress (job, last_chunk_id, done) VALUES (%s, %s, 10)", (job, ordered[9])
     )
     capsys.readouterr()
-    assert cli.main(["backfill", "--database-url", dsn, "--source", str(source), "--json"]) == 0
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    assert cli.main(["backfill", "--source", str(source), "--json"]) == 0
     result = orjson.loads(capsys.readouterr().out)
     assert result["resumed"] is True and result["enqueued"] == 10
     assert sorted(r["chunk_id"] for r in outbox_rows(conn)) == ordered[10:]

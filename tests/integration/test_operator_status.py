@@ -52,11 +52,16 @@ async def run_status(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.fixture(autouse=True)
+def cli_env(monkeypatch, dsn, collection):
+    """What an operator exports before running the CLI against the test database."""
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
+    monkeypatch.setenv("OUTBOXD_LOG_FORMAT", "json")
+
+
 async def status_json(capsys, dsn, tmp_path, collection, *extra) -> tuple[int, dict, str]:
-    code, out, err = await run_status(
-        capsys, "--json", "--database-url", dsn, "--qdrant-path", str(tmp_path / "qdrant"),
-        "--collection", collection, "--log-format", "json", *extra,
-    )
+    code, out, err = await run_status(capsys, "--json", "--qdrant-path", str(tmp_path / "qdrant"), *extra)
     return code, orjson.loads(out), err
 
 
@@ -108,6 +113,8 @@ async def test_status_figures_match_the_outbox(dsn, conn, tmp_path, collection, 
     assert 20.0 < leases["worker-a"]["expires_in_seconds"] <= 30.0
     assert 80.0 < leases["worker-b"]["expires_in_seconds"] <= 90.0
     assert doc["kafka"] is None  # KAFKA_BOOTSTRAP_SERVERS unset: no consumer group to report
+    assert doc["relay"]["transport"] == "notify" and doc["relay"]["lag_seconds"] is None  # no relay: `run` applies
+    assert doc["capture"] == {"mode": "origin", "note": None}
     assert doc["thresholds"] == {}
 
 
@@ -137,20 +144,21 @@ async def test_expired_lease_is_reported(dsn, conn, tmp_path, collection, make_o
 @pytest.mark.parametrize(
     ("flag", "limit", "code", "names"),
     [
-        ("--max-pending", "4", 1, "--max-pending 4"),
+        ("--max-pending", "4", 3, "--max-pending 4"),
         ("--max-pending", "5", 0, None),
-        ("--max-dead-letters", "0", 1, "--max-dead-letters 0"),
+        ("--max-dead-letters", "0", 3, "--max-dead-letters 0"),
         ("--max-dead-letters", "1", 0, None),
-        ("--max-lag", "120", 1, "--max-lag 120"),
+        ("--max-lag", "120", 3, "--max-lag 120"),
         ("--max-lag", "3600", 0, None),
     ],
 )
 async def test_status_thresholds_set_the_exit_code(dsn, tmp_path, collection, busy_outbox, capsys, flag, limit, code, names):
-    """A --max-* limit that is passed exits 1 and names itself on stderr; one that holds exits 0."""
+    """A --max-* limit that is passed exits 3 (a check found a problem) and names itself on stderr;
+    one that holds exits 0."""
     got, doc, err = await status_json(capsys, dsn, tmp_path, collection, flag, limit)
     assert got == code
     (check,) = doc["thresholds"].values()
-    assert check["exceeded"] is (code == 1) and check["limit"] == float(limit)
+    assert check["exceeded"] is (code == 3) and check["limit"] == float(limit)
     if names:
         assert names in err
     else:
@@ -159,19 +167,63 @@ async def test_status_thresholds_set_the_exit_code(dsn, tmp_path, collection, bu
 
 async def test_status_threshold_exit_code_with_tables(dsn, tmp_path, collection, busy_outbox, capsys):
     """Without --json the tables are printed and the exit code still follows the limits."""
-    base = ["--database-url", dsn, "--qdrant-path", str(tmp_path / "qdrant"), "--collection", collection]
+    base = ["--qdrant-path", str(tmp_path / "qdrant")]
     code, out, err = await run_status(capsys, *base, "--max-pending", "10", "--max-dead-letters", "0")
-    assert code == 1
+    assert code == 3
     assert "backlog (pending)" in out and "worker-a" in out and "Kafka" not in out
+    assert "relay lag" in out and "— (notify transport)" in out and "capture triggers" in out and "origin" in out
     assert "1 dead letters, over --max-dead-letters 0" in err and "--max-pending" not in err
     assert (await run_status(capsys, *base, "--max-pending", "10"))[0] == 0
 
 
 def test_negative_limit_is_a_usage_error(capsys):
     """A negative --max-* value is rejected by the command line (exit 2)."""
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["status", "--max-lag", "-1"])
-    assert exc.value.code == 2
+    assert cli.main(["status", "--max-lag", "-1"]) == 2
+    assert "--max-lag" in capsys.readouterr().err
+
+
+async def test_status_shows_a_capture_mode_that_misses_writes(dsn, conn, tmp_path, collection, capsys):
+    """Capture triggers switched off (a bulk load that forgot to re-enable them): status says
+    `disabled` and what to do, in the table, in JSON and on stderr."""
+    conn.execute("ALTER TABLE public.chunks DISABLE TRIGGER outboxd_capture_insert")
+    code, doc, err = await status_json(capsys, dsn, tmp_path, collection)
+    assert code == 0
+    assert doc["capture"]["mode"] == "disabled" and "NOT being captured" in doc["capture"]["note"]
+    assert "capture mode disabled" in err and "outboxd reconcile --repair" in err
+    code, out, _ = await run_status(capsys, "--qdrant-path", str(tmp_path / "qdrant"))
+    assert code == 0 and "capture triggers" in out and "note: capture mode disabled" in out
+
+    conn.execute("ALTER TABLE public.chunks ENABLE TRIGGER ALL")  # every trigger plain ENABLE: captured twice
+    _, doc, _ = await status_json(capsys, dsn, tmp_path, collection)
+    assert doc["capture"]["mode"] == "mixed" and "captured twice" in doc["capture"]["note"]
+
+
+async def test_status_reports_the_relay_as_the_outbox_backlog(dsn, conn, tmp_path, collection, make_outbox, capsys,
+                                                              monkeypatch):
+    """With the Kafka transport configured, the relay's lag is the outbox's, with the relays holding
+    leases, each connected (a session named after its worker) or not (it died: its leases expire)."""
+    add_document(conn, ["one", "two", "three"])
+    conn.execute("UPDATE outboxd.outbox SET created_at = now() - interval '100 seconds'")
+    live = await make_outbox("relay-live", 30)  # its pool's sessions are named outboxd:relay-live
+    await live.claim(2)
+    gone = await make_outbox("relay-gone", 30, application_name="outboxd:cli")  # no session of its own name
+    await gone.claim(1)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")  # nothing listens: the kafka section says so
+    monkeypatch.setenv("OUTBOXD_KAFKA_TOPIC", "docs.chunks")
+    code, doc, err = await status_json(capsys, dsn, tmp_path, collection)
+    assert code == 0, err
+    relay = doc["relay"]
+    assert relay["transport"] == "kafka" and relay["topic"] == "docs.chunks"
+    assert (relay["backlog"], relay["lag_seconds"]) == (doc["outbox"]["backlog"], doc["outbox"]["lag_seconds"])
+    assert relay["backlog"] == 3 and relay["lag_seconds"] >= 100
+    assert relay["workers"] == [
+        {"worker": "relay-gone", "events": 1, "connected": False},
+        {"worker": "relay-live", "events": 2, "connected": True},
+    ]
+    assert "relay-live" in relay["connected"] and "relay-gone" not in relay["connected"]
+    assert "error" in doc["kafka"]
+    code, out, _ = await run_status(capsys, "--qdrant-path", str(tmp_path / "qdrant"))
+    assert "2 relay(s) holding leases, 1 of them not connected" in out
 
 
 # --- outboxd status: catalog and Qdrant --------------------------------------------------
@@ -216,7 +268,7 @@ async def test_status_reports_qdrant_unavailable_when_the_folder_is_held(dsn, co
     assert code == 0, err
     assert doc["outbox"]["backlog"] == 1
     assert doc["qdrant"]["available"] is False
-    assert "already accessed" in doc["qdrant"]["reason"]
+    assert "already" in doc["qdrant"]["reason"]  # held by another process (qdrant-client: "already accessed")
 
 
 async def test_inspect_counts_the_live_collection_in_process(conn, dsn, qdrant, collection, embedder, make_settings):
@@ -247,7 +299,7 @@ def dead(conn):
 
 
 def dl(capsys, dsn, *argv) -> tuple[int, str, str]:
-    return run_cli(capsys, "dead-letters", *argv, "--database-url", dsn, "--log-format", "json")
+    return run_cli(capsys, "dead-letters", *argv)
 
 
 def test_list_shows_dead_letters_with_their_errors(dsn, dead, capsys, monkeypatch):
@@ -315,7 +367,7 @@ def test_selection_errors_are_usage_errors(dsn, conn, dead, capsys, argv):
     before = statuses(conn)
     code, _, err = dl(capsys, dsn, *argv)
     assert code == 2
-    assert "outboxd dead-letters: error:" in err
+    assert "Usage: outboxd dead-letters" in err and "Error:" in err and "Traceback" not in err
     assert statuses(conn) == before
 
 

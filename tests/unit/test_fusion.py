@@ -7,8 +7,8 @@ import uuid
 import pytest
 from qdrant_client import models
 
-from daemon.commands.search import _metadata, excerpt
-from daemon.hybrid_search import RRF_K, SearchFilters, fuse, normalise, rrf_fusion, weighted_fusion
+from daemon.commands.search import FUSIONS as CLI_FUSIONS, parse_metadata, excerpt
+from daemon.hybrid_search import FUSIONS, RRF_K, SearchFilters, fuse, normalise, rrf_fusion, weighted_fusion
 
 
 def test_normalise_min_max():
@@ -137,11 +137,12 @@ def test_bad_metadata_filters_are_refused(metadata):
 
 def test_cli_metadata_values_and_excerpt():
     """--metadata KEY=VALUE reads JSON scalars, else text; the excerpt is one line of at most 100 chars."""
-    assert _metadata("paragraph=2") == ("paragraph", 2)
-    assert _metadata("draft=true") == ("draft", True)
-    assert _metadata('code="2"') == ("code", "2")
-    assert _metadata("topic=cooking") == ("topic", "cooking")
-    assert _metadata("url=a=b") == ("url", "a=b")
+    assert parse_metadata("paragraph=2") == ("paragraph", 2)
+    assert parse_metadata("draft=true") == ("draft", True)
+    assert parse_metadata('code="2"') == ("code", "2")
+    assert parse_metadata("topic=cooking") == ("topic", "cooking")
+    assert parse_metadata("url=a=b") == ("url", "a=b")
+    assert CLI_FUSIONS == tuple(FUSIONS)  # the command's --fusion choices, kept light for --help
     assert excerpt("short\n text") == "short text"
     long = excerpt("word " * 60)
     assert len(long) == 100 and long.endswith("…")

@@ -1,20 +1,34 @@
-"""The named SQL queries: the file parses, and every name the daemon uses exists."""
+"""The named SQL queries: the files parse, and every name the daemon uses exists."""
 from __future__ import annotations
 
-import re
+import ast
 from pathlib import Path
 
 import pytest
 
-from db.queries import QUERIES_FILE, parse, query
+from db.queries import QUERIES_FILE, QUERY_FILES, _all, parse, query
 
 REPO = Path(__file__).resolve().parents[2]
-_CALL = re.compile(r"""\b(?:query|_fetch)\(\s*["']([a-z_]+)["']""")
+QUERY_FUNCTIONS = {"query", "fetch", "_fetch"}  # db.queries.query / fetch, and Outbox._fetch
 
 
 def names_used_in_code() -> set[str]:
+    """The query name of every query(...), fetch(pool, ...) and _fetch(...) call in
+    daemon/ and consumers/: the first string literal among its positional arguments."""
+    names = set()
     files = sorted((REPO / "daemon").rglob("*.py")) + sorted((REPO / "consumers").rglob("*.py"))
-    return {name for f in files for name in _CALL.findall(f.read_text(encoding="utf-8"))}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+            if name not in QUERY_FUNCTIONS:
+                continue
+            literal = next((a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)), None)
+            if literal is not None:
+                names.add(literal)
+    return names
 
 
 def test_parse_splits_named_sections():
@@ -40,17 +54,21 @@ def test_parse_rejects_a_duplicate_name():
 
 
 def test_queries_file_parses_with_non_empty_bodies():
-    """The shipped queries.sql has no duplicate and no empty query."""
-    queries = parse(QUERIES_FILE.read_text(encoding="utf-8"))
-    assert queries
-    assert all(body.strip() for body in queries.values())
+    """The shipped queries.sql and demo.sql have no duplicate (within or across them) and no empty query."""
+    assert QUERIES_FILE in QUERY_FILES
+    for path in QUERY_FILES:
+        queries = parse(path.read_text(encoding="utf-8"), path)
+        assert queries, path
+        assert all(body.strip() for body in queries.values()), path
+    assert len(_all()) == sum(len(parse(p.read_text(encoding="utf-8"))) for p in QUERY_FILES)
 
 
 def test_every_query_the_code_uses_exists():
-    """Each query("...") / _fetch("...") name in daemon/ and consumers/ is defined in queries.sql."""
+    """Each query("...") / _fetch("...") name in daemon/ and consumers/ is defined in db/sql/*.sql."""
     used = names_used_in_code()
-    assert {"claim_batch", "ack_verified", "dead_letters", "retry_dead_letters"} <= used  # the scan works
-    defined = set(parse(QUERIES_FILE.read_text(encoding="utf-8")))
+    # the scan works, for query(...), _fetch(...) and fetch(pool, ...) calls alike
+    assert {"claim_batch", "ack_verified", "dead_letters", "retry_dead_letters", "backlog", "relay_versions"} <= used
+    defined = set(_all())
     assert used - defined == set()
     for name in used:
         assert query(name)

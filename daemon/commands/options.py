@@ -1,0 +1,156 @@
+"""What every command shares on the command line: the common options (where
+the settings come from, where data lives, how loud to be), how they become
+one Settings, and one exit-code contract (daemon.errors) for whatever the
+command raises.
+
+This module is imported by every command module at `--help` time: it must
+stay light (click only; pydantic and the rest are imported when a command runs).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+log = logging.getLogger("outboxd")
+
+# OUTBOXD_ variables the CLI itself reads (not settings): never "unknown"
+CLI_VARIABLES = {"OUTBOXD_CONFIG", "OUTBOXD_STRICT"}
+
+
+# settings a command may take as its own flags (besides the common ones), with the
+# options that set them; anything given on the command line wins over the environment
+MODEL_SETTINGS = ("model", "max_seq_length", "normalize")
+FLAG_SETTINGS = ("data_dir", "log_level", "qdrant_url", "qdrant_path", *MODEL_SETTINGS)
+
+
+def settings_options(*, qdrant: bool = False, model: bool = False) -> Callable:
+    """Add the common options to a command; its callback then receives a
+    built `settings` first, and its return value (or error) becomes the exit code.
+    qdrant: --qdrant-url and --qdrant-path (commands that open Qdrant); model:
+    --model, --max-seq-length and --normalize/--no-normalize (`reindex`)."""
+
+    def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(config_file, strict, **kwargs) -> int:
+            flags: dict[str, Any] = {}
+            for name in FLAG_SETTINGS:
+                value = kwargs.pop(name, None)
+                if value is not None:  # qdrant_path beats QDRANT_URL from the environment (daemon.config.Settings)
+                    flags[name] = value
+            return run_command(lambda settings: f(settings, **kwargs), config_file, flags, strict)
+
+        options = [
+            click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                         envvar="OUTBOXD_CONFIG", help="TOML file of settings (below the environment) [env: OUTBOXD_CONFIG]"),
+            click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                         help="where the embedded PostgreSQL and Qdrant keep their data [env: OUTBOXD_DATA_DIR]"),
+            click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+                         help="[env: OUTBOXD_LOG_LEVEL]"),
+            click.option("--strict/--no-strict", default=False, envvar="OUTBOXD_STRICT",
+                         help="exit 78 on an unknown OUTBOXD_ variable or config key (default: warn) [env: OUTBOXD_STRICT]"),
+        ]
+        if qdrant:
+            options += [
+                click.option("--qdrant-url", metavar="URL", help="Qdrant server; overrides OUTBOXD_QDRANT_PATH [env: QDRANT_URL]"),
+                click.option("--qdrant-path", type=click.Path(path_type=Path),
+                             help="local-mode folder (':memory:' keeps nothing); overrides QDRANT_URL [env: OUTBOXD_QDRANT_PATH]"),
+            ]
+        if model:
+            options += [
+                click.option("--model", metavar="NAME",
+                             help="sentence-transformers model name or path [env: OUTBOXD_MODEL]"),
+                click.option("--max-seq-length", type=click.IntRange(min=8), metavar="N",
+                             help="tokens the model reads per text [env: OUTBOXD_MAX_SEQ_LENGTH]"),
+                click.option("--normalize/--no-normalize", default=None,
+                             help="unit-length vectors (default: on) [env: OUTBOXD_NORMALIZE]"),
+            ]
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def load_settings(config_file: Path | None, flags: dict[str, Any], strict: bool):
+    """Settings from the flags, the environment, .env and the config file;
+    unknown OUTBOXD_ names are warned about, or refused with strict."""
+    from daemon.config import Settings
+    from daemon.config_sources import (
+        dotenv_entries, environment, read_config, unknown_settings, using_config,
+    )
+    from daemon.errors import ConfigError
+
+    config = read_config(config_file, Settings) if config_file is not None else {}
+    environ = {k: v for k, v in environment().items() if k not in CLI_VARIABLES}
+    problems = unknown_settings(Settings, environ, dotenv_entries(), config)
+    if problems and strict:
+        raise ConfigError("; ".join(problems) + " (--strict)")
+    token = using_config(config)
+    try:
+        settings = Settings(**flags)
+    finally:
+        token.var.reset(token)
+    return settings, problems
+
+
+def run_command(body: Callable[[Any], int | None], config_file, flags, strict) -> int:
+    """Build the settings, set up logging, run the command; map what it raises
+    to the exit-code contract (daemon.errors)."""
+    from pydantic import ValidationError
+
+    from daemon.config_sources import ConfigFileError
+    from daemon.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE, OutboxdError, dependency_of, describe, is_transient
+    from daemon.logs import setup_logging
+
+    try:
+        settings, problems = load_settings(config_file, flags, strict)
+    except ValidationError as exc:
+        click.echo(f"outboxd: invalid settings: {describe_validation(exc)}", err=True)
+        return EXIT_CONFIG
+    except (ConfigFileError, OutboxdError) as exc:
+        click.echo(f"outboxd: {exc}", err=True)
+        return getattr(exc, "exit_code", EXIT_CONFIG)
+    setup_logging(settings.log_level, settings.log_format)
+    for problem in problems:
+        log.warning(f"{problem} (ignored; --strict refuses it)")
+    try:
+        code = body(settings)
+        return 0 if code is None else code
+    except (click.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+        raise  # a usage error the command found (exit 2: daemon.cli shows it with the usage line), or a prompt aborted
+    except OutboxdError as exc:
+        log.error(str(exc), extra={"exit_code": exc.exit_code})
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # an outage outside a service's own waiting (a one-shot command); SQLAlchemy
+        # (Alembic, `migrate`) wraps the driver's error, which says what happened
+        outage = next((e for e in (exc, getattr(exc, "orig", None)) if e is not None and is_transient(e)), None)
+        if outage is not None:
+            log.error(f"{dependency_of(outage)} is unreachable: {describe(outage)}",
+                      extra={"exit_code": EXIT_UNAVAILABLE})
+            return EXIT_UNAVAILABLE
+        log.exception("unexpected error", extra={"error": type(exc).__name__, "exit_code": EXIT_FAILURE})
+        return EXIT_FAILURE
+
+
+def describe_validation(exc) -> str:
+    """Name each bad setting the way the operator sets it: its environment variable."""
+    from daemon.config import Settings, env_name
+
+    problems = []
+    for e in exc.errors():
+        field = e["loc"][0] if e["loc"] else None
+        inner = ".".join(str(part) for part in e["loc"][1:])  # within a table: [embedding] onnx.quantise
+        where = f"{env_name(field)}{f' ({inner})' if inner else ''}: " if field in Settings.model_fields else ""
+        problems.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of tables")(f)

@@ -1,0 +1,114 @@
+"""The plumbing under `outboxd demo`: its own folder (`<data-dir>/demo`, marked
+so that --fresh wipes only what the demo created), a real PostgreSQL from
+pgserver in it, Qdrant's local mode next to it, and the signal handling that
+makes SIGTERM stop the demo like Ctrl-C: everything it started is closed and
+PostgreSQL stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+from pathlib import Path
+
+MARKER = ".outboxd-demo"  # written into the demo folder: --fresh wipes only a folder that has it
+
+
+class QdrantBusy(RuntimeError):
+    """The local-mode folder is open in another process (local mode allows one)."""
+
+
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(path.resolve())
+
+
+def postmaster_pid(pgdata: Path) -> int | None:
+    """The pid of the PostgreSQL serving pgdata, if one runs."""
+    import psutil
+
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
+
+
+class EmbeddedStores:
+    """The demo's PostgreSQL (under <demo_dir>/postgres) and its Qdrant folder."""
+
+    def __init__(self, demo_dir: Path) -> None:
+        self.demo_dir = demo_dir
+        self.pgdata = demo_dir / "postgres"
+        self.dsn: str | None = None
+
+    def prepare(self, *, fresh: bool) -> str | None:
+        """Create the demo folder (wiping it first with --fresh). A reason it cannot, or None."""
+        demo_dir = self.demo_dir
+        if fresh and demo_dir.exists():
+            if any(demo_dir.iterdir()) and not (demo_dir / MARKER).exists():
+                return f"--fresh would delete {demo_dir}, which the demo did not create; remove it yourself"
+            pid = postmaster_pid(self.pgdata)
+            if pid is not None:
+                return (
+                    f"the demo's PostgreSQL is running (pid {pid}), probably for an `outboxd run --data-dir "
+                    f"{shown(demo_dir)}`; stop that first, then run `outboxd demo --fresh` again"
+                )
+            shutil.rmtree(demo_dir)
+        demo_dir.mkdir(parents=True, exist_ok=True)
+        (demo_dir / MARKER).write_text("created by `outboxd demo`; `outboxd demo --fresh` deletes this folder\n")
+        return None
+
+    def start_postgres(self) -> str:
+        """Start (or attach to) the demo's PostgreSQL and migrate it; its URL."""
+        from db import migrate
+        from db.embedded import start_embedded_postgres
+
+        self.dsn = start_embedded_postgres(self.demo_dir.resolve())
+        migrate.upgrade(self.dsn)
+        return self.dsn
+
+    def stop_postgres(self) -> int | None:
+        """Let go of the embedded PostgreSQL now: pgserver stops it when the last
+        handle closes. Returns its pid if it is still up (another process, e.g. an
+        `outboxd run` on the same folder, holds a handle), else None."""
+        if self.dsn is None:  # never started
+            return None
+        import pgserver
+
+        pgdata = self.pgdata.resolve()
+        pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
+        return postmaster_pid(pgdata)
+
+    @staticmethod
+    def open_qdrant(path: str):
+        """One client for the daemon and the searches: local mode allows one per folder."""
+        from qdrant_client import AsyncQdrantClient
+
+        try:
+            return AsyncQdrantClient(path=path)
+        except RuntimeError as exc:
+            if "already accessed" not in str(exc):
+                raise
+            raise QdrantBusy(path) from exc
+
+
+# --- signals ------------------------------------------------------------------------------
+def _interrupt(signum, frame) -> None:
+    """SIGTERM outside the event loop; inside it, cancel_on_sigterm() turns it into a cancellation."""
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """Outside the event loop: SIGTERM stops the demo like Ctrl-C (KeyboardInterrupt)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def cancel_on_sigterm() -> None:
+    """Inside the event loop: SIGTERM cancels the current task (as asyncio.run's own
+    Ctrl-C handler does), so the daemon finishes its batches in flight and
+    everything is closed."""
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
