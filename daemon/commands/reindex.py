@@ -50,6 +50,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
     from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
     from daemon.admin.model_switch import Reindexer, retired_collection
     from daemon.commands.common import close_embedder, open_services, progress_bar
+    from daemon.core.qdrant_store import QdrantStore, keep_variant
     from daemon.embedding.embedder import Embedder
     from daemon.errors import ConfigError
 
@@ -58,7 +59,11 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
             target = await retired_collection(pool, settings.collection)
             if target is None:
                 raise ConfigError(f"no retired collection of {settings.collection!r} to roll back to")
-            fp = target.fingerprint
+            store = QdrantStore(client, settings.collection)
+            store.collection = target.name
+            # the collection's own record has the backend variant, which the catalog does not keep
+            fp = (await store.recorded_fingerprint() if await client.collection_exists(target.name) else None) \
+                or target.fingerprint
             settings = settings.model_copy(
                 update={"model": fp.name, "max_seq_length": fp.max_seq_length, "normalize": fp.normalized}
             )
@@ -66,7 +71,10 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
         try:
             await embedder.load()
             if rollback and embedder.fingerprint != fp:
-                raise ConfigError(f"cannot load {fp} to roll back to; loaded {embedder.fingerprint} instead")
+                raise ConfigError(
+                    f"cannot load {fp} to roll back to; loaded {embedder.fingerprint} instead: roll back with "
+                    f"the settings that made it{keep_variant(fp, embedder.fingerprint)}"
+                )
             tty = sys.stderr.isatty() and not quiet
             total = await count_chunks(pool) if tty else None
             with progress_bar(total, "building", tty) as advance:

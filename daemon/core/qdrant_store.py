@@ -51,6 +51,18 @@ def already_exists(exc: BaseException) -> bool:
         return False
 
 
+def keep_variant(recorded: ModelFingerprint, configured: ModelFingerprint) -> str:
+    """The backend half of "to keep this collection": where the vectors differ by backend or precision."""
+    if recorded.variant == configured.variant:
+        return ""
+    if recorded.variant is None:
+        return (" and a backend whose vectors agree with the reference (OUTBOXD_EMBEDDING__BACKEND="
+                "sentence-transformers, or onnx without OUTBOXD_EMBEDDING__QUANTIZE)")
+    if recorded.variant == "onnx-int8":
+        return " OUTBOXD_EMBEDDING__BACKEND=onnx OUTBOXD_EMBEDDING__QUANTIZE=true"
+    return f" and the backend that made variant {recorded.variant!r}"
+
+
 class Upserts:
     """Points to upsert, column-wise: handed to Qdrant as one Batch, without a
     model object per point."""
@@ -147,9 +159,10 @@ class QdrantStore:
             raise ModelMismatchError(
                 f"Qdrant collection {self.alias!r} holds vectors of {recorded}, but outboxd is "
                 f"configured with {fingerprint}. Mixing them would make search meaningless. To keep this "
-                f"collection, set OUTBOXD_MODEL={recorded.name}{window} OUTBOXD_NORMALIZE={recorded.normalized}; "
-                "to move to the new model without downtime, run `outboxd reindex` with the new settings; "
-                "or set OUTBOXD_COLLECTION to a new name to build a separate collection from PostgreSQL."
+                f"collection, set OUTBOXD_MODEL={recorded.name}{window} OUTBOXD_NORMALIZE={recorded.normalized}"
+                f"{keep_variant(recorded, fingerprint)}; to move to the new model without downtime, run "
+                "`outboxd reindex` with the new settings; or set OUTBOXD_COLLECTION to a new name to build a "
+                "separate collection from PostgreSQL."
             )
 
     def _check_vectors(self, info: Any, fingerprint: ModelFingerprint) -> None:
