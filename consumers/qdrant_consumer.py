@@ -18,11 +18,10 @@ from uuid import UUID
 from consumers import contract
 from consumers.stream_consumer import StreamConsumer
 from daemon.config import Settings
-from daemon.core.apply import Applier, ApplyResult
+from daemon.core.apply import ApplyResult
 from daemon.core.batch import Target
 from daemon.core.chunk_state import ChunkState
-from daemon.core.qdrant_connect import describe_target, embedding_checks, make_client
-from daemon.core.qdrant_store import QdrantStore
+from daemon.core.writer import QdrantWriter
 from daemon.embedding.embedder import Embedder
 
 log = logging.getLogger(__name__)
@@ -37,12 +36,7 @@ class QdrantConsumer(StreamConsumer):
 
     def __init__(self, settings: Settings, *, embedder: Embedder | None = None, qdrant=None) -> None:
         super().__init__(settings, group=settings.kafka_group, from_beginning=True)
-        self._owns_embedder = embedder is None
-        self._owns_qdrant = qdrant is None
-        self.embedder = embedder or Embedder(settings)
-        self.qdrant = qdrant or make_client(settings)
-        self.store = QdrantStore(self.qdrant, settings.collection)
-        self.applier = Applier(self.embedder, self.store, reuse_vectors=settings.reuse_stored_vectors)
+        self.writer = QdrantWriter(settings, embedder=embedder, qdrant=qdrant)
         # A deleted point keeps no payload, so no version: the versions of recent
         # deletes are kept here, so a stale upsert published late by another relay
         # does not bring the point back (after a restart, the relay's verified ack
@@ -50,24 +44,16 @@ class QdrantConsumer(StreamConsumer):
         self.deleted = RecentVersions(DELETED_VERSIONS_KEPT)
 
     async def open(self) -> None:
-        if self.embedder.fingerprint is None:  # an embedding endpoint may not be up yet
-            await self.until_reachable("the embedding model", self.embedder.load)
-        fingerprint = self.embedder.fingerprint
-        await self.until_reachable(
-            f"Qdrant ({describe_target(self.settings)})", lambda: self.store.ensure_collection(fingerprint)
-        )
+        await self.writer.ensure_collection(self.until_reachable)
 
     def readiness_checks(self) -> dict:
-        return super().readiness_checks() | embedding_checks(self.qdrant, self.embedder)
+        return super().readiness_checks() | self.writer.readiness_checks()
 
     async def shutdown(self) -> None:
-        if self._owns_qdrant:
-            await self.qdrant.close()
-        if self._owns_embedder:
-            await self.embedder.close()
+        await self.writer.close()
 
     def stats_extra(self) -> dict[str, Any]:
-        return {"encode_seconds": round(self.embedder.encode_seconds, 3), "cache_hits": self.embedder.cache_hits}
+        return self.writer.stats()
 
     async def handle(self, records: list[Any]) -> list[tuple[Any, str]]:
         rejected: list[tuple[Any, str]] = []
@@ -87,7 +73,7 @@ class QdrantConsumer(StreamConsumer):
             del targets[chunk_id]
         result = ApplyResult(older=len(older))
         if targets:
-            result.merge(await self.policy.deliver(self.applier.apply, targets, ApplyResult))
+            result.merge(await self.policy.deliver(self.writer.applier.apply, targets, ApplyResult))
         for chunk_id, reason in result.failed.items():
             rejected.extend((r, reason) for r in records_of[chunk_id])
         for chunk_id, target in targets.items():

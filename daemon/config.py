@@ -17,8 +17,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from daemon.config_sources import ConfigFileSource, SecretFileSource, SecretFileError
-
+from daemon.config_sources import ConfigFileSource, SecretFileError, SecretFileSource
 from daemon.embedding.settings import EmbeddingSettings, SentenceTransformersSettings
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

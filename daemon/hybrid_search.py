@@ -43,8 +43,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from qdrant_client import models
 
-from daemon.errors import ConfigError, ModelMismatchError
 from daemon.core.qdrant_store import QdrantStore
+from daemon.errors import ConfigError, ModelMismatchError
 from db import queries
 
 RRF_K = 60

@@ -12,8 +12,8 @@ import psycopg
 from psycopg.rows import dict_row
 from qdrant_client import AsyncQdrantClient
 
-from consumers.stream_consumer import StreamConsumer
 from consumers.relay import Relay
+from consumers.stream_consumer import StreamConsumer
 from tests.support import all_points
 
 

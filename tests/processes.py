@@ -9,10 +9,10 @@ import random
 import re
 import shutil
 import socket
-import tempfile
-import threading
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any

@@ -26,14 +26,14 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient
 
+from daemon.admin.drift import SERVER_QDRANT_PAGE, Reconciler, Repair
 from daemon.core.apply import Applier
 from daemon.core.catalog import Catalog
 from daemon.core.chunk_state import ChunkState
+from daemon.core.qdrant_store import QdrantStore, physical_name
 from daemon.embedding.embedder import Embedder
 from daemon.errors import ConfigError
 from daemon.outbox.queue import read_chunk_states
-from daemon.core.qdrant_store import QdrantStore, physical_name
-from daemon.admin.drift import SERVER_QDRANT_PAGE, Reconciler, Repair
 from db.queries import fetch
 
 log = logging.getLogger(__name__)

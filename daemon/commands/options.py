@@ -80,7 +80,11 @@ def load_settings(config_file: Path | None, flags: dict[str, Any], strict: bool)
     unknown OUTBOXD_ names are warned about, or refused with strict."""
     from daemon.config import Settings
     from daemon.config_sources import (
-        dotenv_entries, environment, read_config, unknown_settings, using_config,
+        dotenv_entries,
+        environment,
+        read_config,
+        unknown_settings,
+        using_config,
     )
     from daemon.errors import ConfigError
 
@@ -103,7 +107,15 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict) -
     from pydantic import ValidationError
 
     from daemon.config_sources import ConfigFileError
-    from daemon.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE, OutboxdError, dependency_of, describe, is_transient
+    from daemon.errors import (
+        EXIT_CONFIG,
+        EXIT_FAILURE,
+        EXIT_UNAVAILABLE,
+        OutboxdError,
+        dependency_of,
+        describe,
+        is_transient,
+    )
     from daemon.logs import setup_logging
 
     try:

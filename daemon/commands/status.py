@@ -16,7 +16,6 @@ import click
 
 from daemon.commands.options import json_option, settings_options
 
-
 CAPTURE_NOTES = {
     "mixed": "the capture triggers match neither mode: some changes are missed or captured twice. "
     "Repair with `outboxd migrate --capture-triggers origin` (or always), then `outboxd reconcile --repair`",

@@ -17,13 +17,12 @@ a newer version is left alone and written points record theirs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from collections.abc import Mapping
-
-from daemon.core.batch import Outcome, Target, Targets
+from daemon.core.batch import Outcome, Target
 from daemon.core.chunk_state import METADATA_HASH, ChunkState
 from daemon.core.qdrant_store import QdrantStore, Upserts
 from daemon.embedding.embedder import Embedder

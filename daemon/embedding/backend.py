@@ -70,3 +70,22 @@ class Backend(ABC):
     def encoded_seconds(self) -> float:
         """Seconds the device spent encoding so far (the encode_seconds metric)."""
         return 0.0
+
+
+class StagedBackend(Backend):
+    """A local backend whose encode() goes through its EncodeStage
+    (daemon.embedding.stage), made by load()."""
+
+    stage = None  # the EncodeStage, once loaded
+
+    async def encode(self, texts: list[str]) -> Encoded:
+        if self.stage is None:
+            raise RuntimeError("load the backend before encoding")
+        return await self.stage.encode(texts)
+
+    async def close(self) -> None:
+        if self.stage is not None:
+            self.stage.close()
+
+    def encoded_seconds(self) -> float:
+        return self.stage.encoded_seconds() if self.stage is not None else 0.0

@@ -39,7 +39,6 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from daemon.embedding.backend import Backend, BackendInfo, Encoded
-from daemon.embedding.loop_thread import LoopThread
 from daemon.embedding.http_protocol import (
     EndpointUnavailableError,
     Malformed,
@@ -47,12 +46,13 @@ from daemon.embedding.http_protocol import (
     Rejected,
     Retryable,
     classify_failure,
-    rejected_texts,
     endpoint_url,
     most_telling,
     parse_embeddings,
     plan_batches,
+    rejected_texts,
 )
+from daemon.embedding.loop_thread import LoopThread
 from daemon.embedding.settings import HttpSettings
 from daemon.errors import ConfigError, InvalidChunkError
 

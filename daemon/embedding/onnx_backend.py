@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from daemon.embedding.backend import Backend, BackendInfo, Encoded
-from daemon.embedding.model_source import model_folder, resolve_model
+from daemon.embedding.backend import BackendInfo, StagedBackend
 from daemon.embedding.folder_model import FolderModel, normalize, pool
+from daemon.embedding.model_source import model_folder, resolve_model
 from daemon.embedding.onnx_export import ensure_exported, require_onnxruntime
 from daemon.embedding.settings import OnnxSettings
 from daemon.embedding.stage import EncodeStage, ForwardInterrupted
@@ -67,7 +67,7 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-class OnnxBackend(Backend):
+class OnnxBackend(StagedBackend):
     kind = "onnx"
 
     def __init__(self, settings: "Settings") -> None:
@@ -185,15 +185,3 @@ class OnnxBackend(Backend):
             providers = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
         assert self.entry is not None
         return ort.InferenceSession(str(self.entry / "model.onnx"), options, providers=providers)
-
-    async def encode(self, texts: list[str]) -> Encoded:
-        if self.stage is None:
-            raise RuntimeError("load the backend before encoding")
-        return await self.stage.encode(texts)
-
-    async def close(self) -> None:
-        if self.stage is not None:
-            self.stage.close()
-
-    def encoded_seconds(self) -> float:
-        return self.stage.encoded_seconds() if self.stage is not None else 0.0

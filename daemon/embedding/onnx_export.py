@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.embedding.folder_model import FolderModel, read_json, normalize, pool
+from daemon.embedding.folder_model import FolderModel, normalize, pool, read_json
 from daemon.embedding.model_source import quiet_transformers
 from daemon.embedding.samples import AGREEMENT_SAMPLE
 from daemon.errors import ConfigError

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from daemon.embedding.backend import Backend, BackendInfo, Encoded
+from daemon.embedding.backend import BackendInfo, StagedBackend
 from daemon.embedding.model_source import quiet_transformers, resolve_model
 from daemon.embedding.samples import AGREEMENT_SAMPLE
+from daemon.embedding.settings import SentenceTransformersSettings
 from daemon.embedding.stage import EncodeStage, ForwardInterrupted, pad, plan_batches
 from daemon.embedding.stage_parts import run_in_thread
-from daemon.embedding.settings import SentenceTransformersSettings
 from daemon.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def cpu_workers(threads: int | None = None) -> tuple[int, int]:
     return workers, max(1, cores // workers)
 
 
-class SentenceTransformersBackend(Backend):
+class SentenceTransformersBackend(StagedBackend):
     kind = "sentence-transformers"
 
     def __init__(self, settings: "Settings") -> None:
@@ -274,15 +274,3 @@ class SentenceTransformersBackend(Backend):
             description += f" (cosine {cosine:.5f} to fp32)"
         log.info("torch backend ready", extra={"device": str(device), "precision": precision, "batch": self.batch_size})
         return BackendInfo(dimension=dimension, max_seq_length=window, variant=None, description=description)
-
-    async def encode(self, texts: list[str]) -> Encoded:
-        if self.stage is None:
-            raise RuntimeError("load the backend before encoding")
-        return await self.stage.encode(texts)
-
-    async def close(self) -> None:
-        if self.stage is not None:
-            self.stage.close()
-
-    def encoded_seconds(self) -> float:
-        return self.stage.encoded_seconds() if self.stage is not None else 0.0

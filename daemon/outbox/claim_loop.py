@@ -20,7 +20,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from daemon.core.batch import Outcome, Target
+from daemon.core.batch import Target
 from daemon.errors import describe, is_transient
 from daemon.outbox.queue import Claim, Event
 from daemon.runtime.batch_policy import wait_for_any

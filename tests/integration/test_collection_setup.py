@@ -29,7 +29,7 @@ async def test_daemons_starting_together_on_an_empty_server_all_come_up(dsn, qdr
     try:
         await asyncio.gather(*(d.start() for d in daemons))
         assert server.conflicts >= 2, "the race was not staged: every starter should have seen no collection"
-        physical = {d.store.collection for d in daemons}
+        physical = {d.writer.store.collection for d in daemons}
         assert len(physical) == 1
         store = QdrantStore(qdrant, collection)
         assert await store.resolve() == physical.pop()

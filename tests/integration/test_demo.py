@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from qdrant_client import AsyncQdrantClient
 
-from daemon.demo import narrative as demo
 from daemon.corpus import corpus_documents, document_url
+from daemon.demo import narrative as demo
 
 pytestmark = [pytest.mark.slow]
 

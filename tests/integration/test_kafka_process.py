@@ -13,8 +13,8 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from consumers.qdrant_consumer import QdrantConsumer
-from tests.processes import MODEL_LOAD_S, base_env, health_port, insert_backlog, long_texts, sample
 from tests.kafka_support import kafka_names, read_topic, relay_drain, running, wait_until_matches
+from tests.processes import MODEL_LOAD_S, base_env, health_port, insert_backlog, long_texts, sample
 from tests.support import add_document, assert_converged, outbox_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -12,8 +12,8 @@ from psycopg.types.json import Jsonb
 from qdrant_client import AsyncQdrantClient
 
 from consumers import contract
-from consumers.stream_consumer import H_ERROR, H_SOURCE
 from consumers.qdrant_consumer import QdrantConsumer
+from consumers.stream_consumer import H_ERROR, H_SOURCE
 from tests.kafka_support import kafka_names, read_topic, relay_drain, running, running_relay, wait_until_matches
 from tests.support import add_document, all_points, assert_converged, outbox_rows
 
@@ -306,8 +306,8 @@ async def test_two_relays_under_concurrent_writes_converge(conn, dsn, qdrant, co
 
 
 async def test_a_missing_topic_is_an_error_when_creation_is_off(dsn, kafka_settings):
-    from daemon.errors import ConfigError
     from consumers.relay import Relay
+    from daemon.errors import ConfigError
 
     settings = kafka_settings(kafka_create_topics=False)
     relay = Relay(settings, dsn)

@@ -12,8 +12,8 @@ import pytest
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon import cli
-from daemon.errors import EXIT_CHECK_FAILED
 from daemon.admin.drift import Reconciler, Scope, enqueue_repair
+from daemon.errors import EXIT_CHECK_FAILED
 from daemon.outbox.notify_daemon import Daemon
 from db import migrate
 from tests.conftest import create_database, drop_database

@@ -11,13 +11,13 @@ import random
 import pytest
 
 from daemon import cli
-from daemon.core.catalog import Catalog
-from daemon.config import Settings
-from daemon.embedding.embedder import Embedder
-from daemon.errors import EXIT_CONFIG
-from daemon.core.qdrant_store import physical_name
 from daemon.admin.drift import Reconciler
 from daemon.admin.model_switch import Reindexer, retired_collection
+from daemon.config import Settings
+from daemon.core.catalog import Catalog
+from daemon.core.qdrant_store import physical_name
+from daemon.embedding.embedder import Embedder
+from daemon.errors import EXIT_CONFIG
 from daemon.outbox.notify_daemon import Daemon
 from tests.support import add_document, assert_converged, drain, outbox_rows
 

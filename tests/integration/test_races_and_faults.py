@@ -20,9 +20,9 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from daemon import cli
 from daemon.core.apply import Applier
-from daemon.outbox.queue import Outbox
 from daemon.core.qdrant_store import QdrantStore
 from daemon.outbox.notify_daemon import Daemon
+from daemon.outbox.queue import Outbox
 from db.pool import make_pool
 from tests.support import add_document, all_points, assert_converged, drain, outbox_rows
 

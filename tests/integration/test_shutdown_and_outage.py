@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from daemon.runtime.service import SHUTDOWN_GRACE
-from tests.processes import MODEL_LOAD_S, daemon_env, health_port, insert_backlog, long_texts, outbox_counts
+from tests.processes import daemon_env, health_port, insert_backlog, long_texts, outbox_counts
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
 

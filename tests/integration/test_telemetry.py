@@ -16,8 +16,8 @@ import pytest
 from qdrant_client import AsyncQdrantClient
 
 from daemon.errors import EXIT_UNAVAILABLE
-from daemon.telemetry import Metrics, extract_context, inject_headers, setup_telemetry, span, tracer
 from daemon.runtime.batch_policy import apportion
+from daemon.telemetry import Metrics, extract_context, inject_headers, setup_telemetry, span, tracer
 from tests.processes import (
     MODEL_LOAD_S,
     base_env,

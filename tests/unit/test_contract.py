@@ -12,8 +12,8 @@ import pytest
 from consumers import contract
 from consumers.kafka_clients import client_options, topic_specs
 from consumers.qdrant_consumer import UNVERSIONED, parse
-from daemon.core.chunk_state import ChunkState
 from daemon.config import Settings
+from daemon.core.chunk_state import ChunkState
 from daemon.errors import ConfigError, is_transient
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

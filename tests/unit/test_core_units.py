@@ -16,8 +16,8 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 
 from daemon.core.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState, metadata_hash
 from daemon.errors import InvalidChunkError, describe, is_transient
-from daemon.outbox.listener import Wakeup
 from daemon.logs import JsonFormatter
+from daemon.outbox.listener import Wakeup
 
 PAYLOAD_KEYS = {
     "document_id", "source_id", "chunk_index", "text", "token_count", "content_hash",

@@ -23,7 +23,7 @@ from daemon.embedding.backend import Backend, BackendInfo, Encoded
 from daemon.embedding.embedder import Embedder
 from daemon.embedding.embedder import ModelFingerprint as ReExported
 from daemon.embedding.fingerprint import ModelFingerprint
-from daemon.embedding.stage import EncodeStage, EncoderClosedError, pad, plan_batches
+from daemon.embedding.stage import EncoderClosedError, EncodeStage, pad, plan_batches
 from daemon.embedding.torch_backend import decide_precision
 from daemon.errors import ConfigError, is_transient
 

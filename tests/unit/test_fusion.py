@@ -7,7 +7,8 @@ import uuid
 import pytest
 from qdrant_client import models
 
-from daemon.commands.search import FUSIONS as CLI_FUSIONS, parse_metadata, excerpt
+from daemon.commands.search import FUSIONS as CLI_FUSIONS
+from daemon.commands.search import excerpt, parse_metadata
 from daemon.hybrid_search import FUSIONS, RRF_K, SearchFilters, fuse, normalise, rrf_fusion, weighted_fusion
 
 

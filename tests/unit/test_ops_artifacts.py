@@ -407,8 +407,9 @@ def _command(svc: dict) -> list[str]:
 
 def test_compose_validates_against_the_compose_spec():
     pytest.importorskip("check_jsonschema", reason="pip install check-jsonschema (the test extra)")
-    import jsonschema
     from importlib.resources import files
+
+    import jsonschema
 
     schema = json.loads(files("check_jsonschema").joinpath("builtin_schemas/vendor/compose-spec.json").read_text())
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose()), key=str)

@@ -1,0 +1,64 @@
+"""What a process that writes points needs, in one piece: the embedder, the
+Qdrant client, the collection store and the apply core on top of them. The
+notify daemon and the Kafka consumer both hold one. It owns what it creates;
+an embedder or client passed in (tests, an embedding application) is used but
+left open for its owner."""
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+
+from qdrant_client import AsyncQdrantClient
+
+from daemon.config import Settings
+from daemon.core.apply import Applier
+from daemon.core.qdrant_connect import describe_target, embedding_checks, make_client
+from daemon.core.qdrant_store import QdrantStore
+from daemon.embedding.embedder import Embedder, ModelFingerprint
+
+UntilReachable = Callable[[str, Callable[[], Awaitable[object]]], Awaitable[None]]
+
+
+class QdrantWriter:
+    def __init__(
+        self, settings: Settings, *, embedder: Embedder | None = None, qdrant: AsyncQdrantClient | None = None
+    ) -> None:
+        self.settings = settings
+        self._owns_embedder = embedder is None
+        self._owns_qdrant = qdrant is None
+        self.embedder = embedder or Embedder(settings)
+        self.qdrant = qdrant or make_client(settings)
+        self.store = QdrantStore(self.qdrant, settings.collection)
+        self.applier = Applier(self.embedder, self.store, reuse_vectors=settings.reuse_stored_vectors)
+
+    async def load_model(self, until_reachable: UntilReachable) -> ModelFingerprint:
+        """The model's fingerprint, loading it first (an embedding endpoint may not be up yet)."""
+        if self.embedder.fingerprint is None:
+            await until_reachable("the embedding model", self.embedder.load)
+        return self.embedder.fingerprint
+
+    async def ensure_collection(self, until_reachable: UntilReachable, live: str | None = None) -> str:
+        """Load the model, then check or create the collection for it; the physical name."""
+        fingerprint = await self.load_model(until_reachable)
+        await until_reachable(
+            f"Qdrant ({describe_target(self.settings)})", lambda: self.store.ensure_collection(fingerprint, live)
+        )
+        return self.store.collection
+
+    def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        return embedding_checks(self.qdrant, self.embedder)
+
+    def stats(self) -> dict:
+        return {"encode_seconds": round(self.embedder.encode_seconds, 3), "cache_hits": self.embedder.cache_hits}
+
+    def describe(self) -> dict:
+        s = self.settings
+        return {"collection": s.collection, "qdrant": describe_target(s), "model": str(self.embedder.fingerprint)}
+
+    async def close(self) -> None:
+        if self._owns_qdrant:
+            with suppress(Exception):
+                await self.qdrant.close()
+        if self._owns_embedder:
+            with suppress(Exception):
+                await self.embedder.close()
