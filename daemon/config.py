@@ -116,7 +116,11 @@ class Settings(BaseSettings):
     )
 
     # --- the outbox loop -------------------------------------------------------
-    batch_size: int = Field(64, ge=1, le=10_000, description="Events claimed per batch.")
+    batch_size: int = Field(
+        256, ge=1, le=10_000,
+        description="Events claimed per batch (a backlog fills it; a larger claim gives the encode stage more "
+        "texts to sort by length and spreads each batch's fixed cost over more events).",
+    )
     concurrency: int = Field(
         2, ge=1, le=64, description="Batches in flight per process: one embeds while another reads or writes."
     )

@@ -243,7 +243,7 @@ class Demo:
         points = await self.count_points(client)
         self.say(f"   converged: {points} points for {total} chunks with text  {_secs(seconds)}")
         self.say(f"   ({stats['embedded']} texts embedded, {stats['events_acked']} events acknowledged"
-                 f" in {stats['batches']} batches)")
+                 f" in {stats['batches']} batch{'es' if stats['batches'] != 1 else ''})")
         if stats["dead_letters"]:
             self.say(f"   {stats['dead_letters']} events became dead letters: `outboxd dead-letters list` shows why")
 

@@ -115,7 +115,7 @@ def test_precedence_flag_environment_dotenv_config_default(monkeypatch, tmp_path
     assert (s.batch_size, s.max_attempts, s.poll_interval, s.data_dir) == (1, 7, 9.0, Path("/from/flag"))
     assert s.embedding.precision == "fp32"
     assert s.lease_seconds == Settings.model_fields["lease_seconds"].default
-    assert Settings().batch_size == 64, "the config file is read only while load_settings builds the settings"
+    assert Settings().batch_size == Settings.model_fields["batch_size"].default, "the config file is read only while load_settings builds the settings"
 
 
 def test_config_file_through_the_cli(monkeypatch, tmp_path, capsys):
