@@ -115,7 +115,7 @@ def dependency_of(exc: BaseException) -> str:
     postgresql, qdrant, kafka, embedding (the http backend), or other."""
     if isinstance(exc, DependencyDown):
         return exc.dependency
-    if isinstance(exc, psycopg.Error) or type(exc).__module__.startswith("psycopg_pool"):
+    if isinstance(exc, psycopg.Error):  # PoolTimeout too
         return "postgresql"
     if isinstance(exc, (ResponseHandlingException, UnexpectedResponse, httpx.HTTPError)):
         return "qdrant"  # qdrant-client's REST transport; the http embedding backend raises DependencyDown

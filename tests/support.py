@@ -15,7 +15,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon.core.chunk_state import ChunkState
 from daemon.embedding.embedder import Embedder
-from daemon.outbox.notify_daemon import Daemon
+from daemon.outbox.notify_daemon import NotifyDaemon
 
 
 def add_source(conn: psycopg.Connection, source_type: str = "api") -> uuid.UUID:
@@ -46,9 +46,9 @@ def outbox_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:
         return cur.execute("SELECT * FROM outboxd.outbox ORDER BY id").fetchall()
 
 
-async def drain(settings, dsn: str, embedder: Embedder, qdrant: AsyncQdrantClient, timeout: float = 120) -> Daemon:
+async def drain(settings, dsn: str, embedder: Embedder, qdrant: AsyncQdrantClient, timeout: float = 120) -> NotifyDaemon:
     """Run the daemon in-process until nothing is pending; return it for its stats."""
-    daemon = Daemon(settings, dsn, embedder=embedder, qdrant=qdrant)
+    daemon = NotifyDaemon(settings, dsn, embedder=embedder, qdrant=qdrant)
     await daemon.start()
     try:
         code = await asyncio.wait_for(daemon.run(drain=True), timeout)

@@ -124,15 +124,6 @@ async def live_collection(settings: Settings, pool, client) -> tuple[str, "Model
     return sink.collection, fingerprint
 
 
-async def close_embedder(embedder) -> None:
-    """Release the model, whether the embedder closes synchronously or not."""
-    import inspect
-
-    closing = embedder.close()
-    if inspect.isawaitable(closing):
-        await closing
-
-
 def progress_bar(total: int | None, description: str, enabled: bool):
     """A rich progress bar on a terminal (stderr); a no-op otherwise."""
     if not enabled:

@@ -49,7 +49,7 @@ def command(settings, rollback: bool, drop_retired: bool, yes: bool, page_size: 
 async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
     from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
     from daemon.admin.model_switch import Reindexer, retired_collection
-    from daemon.commands.common import close_embedder, open_services, progress_bar
+    from daemon.commands.common import open_services, progress_bar
     from daemon.core.qdrant_store import QdrantStore, keep_variant
     from daemon.embedding.embedder import Embedder
     from daemon.errors import ConfigError
@@ -88,7 +88,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
                     progress=advance,
                 ).run()
         finally:
-            await close_embedder(embedder)
+            await embedder.close()
 
 
 async def _drop_retired(settings, yes: bool) -> int:

@@ -92,7 +92,7 @@ def command(settings, query: str, limit: int, candidates: int, fusion: str, vect
 
 
 async def _search(settings, query: str, filters, options: dict) -> list:
-    from daemon.commands.common import close_embedder, open_services
+    from daemon.commands.common import open_services
     from daemon.embedding.embedder import Embedder
     from daemon.hybrid_search import hybrid_search
 
@@ -102,7 +102,7 @@ async def _search(settings, query: str, filters, options: dict) -> list:
             await embedder.load()
             return await hybrid_search(pool, client, settings.collection, embedder, query, filters=filters, **options)
     finally:
-        await close_embedder(embedder)
+        await embedder.close()
 
 
 def excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:

@@ -69,6 +69,3 @@ class NotifyDaemon(OutboxService):
 
     def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
         return super().readiness_checks() | self.writer.readiness_checks()
-
-
-Daemon = NotifyDaemon  # the name tests and embedding applications have used

@@ -14,7 +14,7 @@ from qdrant_client import AsyncQdrantClient, models
 from daemon import cli
 from daemon.admin.drift import Reconciler, Scope, enqueue_repair
 from daemon.errors import EXIT_CHECK_FAILED
-from daemon.outbox.notify_daemon import Daemon
+from daemon.outbox.notify_daemon import NotifyDaemon
 from db import migrate
 from tests.conftest import create_database, drop_database
 from tests.support import add_document, assert_converged, drain, outbox_rows
@@ -86,7 +86,7 @@ async def test_reconcile_against_a_live_daemon_reports_no_false_drift(conn, dsn,
     """While a daemon applies a stream of writes, reconcile finds no drift: every
     difference it meets is either in flight or already applied."""
     _, ids = add_document(conn, [f"live chunk {i}" for i in range(150)])
-    daemon = Daemon(make_settings(batch_size=8), dsn, embedder=embedder, qdrant=qdrant)
+    daemon = NotifyDaemon(make_settings(batch_size=8), dsn, embedder=embedder, qdrant=qdrant)
     await daemon.start()
     run = asyncio.create_task(daemon.run())
 

@@ -18,7 +18,7 @@ from daemon.core.catalog import Catalog
 from daemon.core.qdrant_store import physical_name
 from daemon.embedding.embedder import Embedder
 from daemon.errors import EXIT_CONFIG
-from daemon.outbox.notify_daemon import Daemon
+from daemon.outbox.notify_daemon import NotifyDaemon
 from tests.support import add_document, assert_converged, drain, outbox_rows
 
 LONG = " ".join(f"token{i}" for i in range(200))  # past 128 tokens: the two settings embed it differently
@@ -42,7 +42,7 @@ async def test_reindex_under_concurrent_writes_then_rollback(
     old_settings, new_settings = make_settings(), make_settings(max_seq_length=128)
     new = short_window_embedder
     _, ids = add_document(conn, [f"chunk {i} " + (LONG if i % 5 == 0 else "short text") for i in range(60)])
-    old = Daemon(old_settings, dsn, embedder=embedder, qdrant=qdrant)
+    old = NotifyDaemon(old_settings, dsn, embedder=embedder, qdrant=qdrant)
     await old.start()
     old_run = asyncio.create_task(old.run())
     for _ in range(300):

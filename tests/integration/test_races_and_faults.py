@@ -21,7 +21,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from daemon import cli
 from daemon.core.apply import Applier
 from daemon.core.qdrant_store import QdrantStore
-from daemon.outbox.notify_daemon import Daemon
+from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.outbox.queue import Outbox
 from db.pool import make_pool
 from tests.support import add_document, all_points, assert_converged, drain, outbox_rows
@@ -105,7 +105,7 @@ async def test_two_daemons_share_the_work_under_concurrent_writes(conn, dsn, qdr
     end converged with every event acknowledged once the writes stop."""
     _, ids = add_document(conn, [f"chunk number {i} about topic {i % 7}" for i in range(240)])
     daemons = [
-        Daemon(make_settings(worker_name=name, batch_size=16, concurrency=1), dsn, embedder=embedder, qdrant=qdrant)
+        NotifyDaemon(make_settings(worker_name=name, batch_size=16, concurrency=1), dsn, embedder=embedder, qdrant=qdrant)
         for name in ("daemon-a", "daemon-b")
     ]
     for d in daemons:
@@ -179,7 +179,7 @@ async def test_qdrant_outage_is_retried_without_counting_attempts(conn, dsn, qdr
     """While Qdrant is unreachable nothing is acknowledged, no attempt is counted and
     nothing becomes a dead letter; once it is back the backlog converges."""
     flaky = FlakyQdrant(qdrant)
-    daemon = Daemon(make_settings(max_attempts=2), dsn, embedder=embedder, qdrant=flaky)
+    daemon = NotifyDaemon(make_settings(max_attempts=2), dsn, embedder=embedder, qdrant=flaky)
     await daemon.start()
     flaky.down = True
     add_document(conn, [f"written during the outage {i}" for i in range(30)])
@@ -203,7 +203,7 @@ async def test_postgres_outage_ends_in_convergence(conn, dsn, qdrant, collection
     """PostgreSQL drops the daemon's connections and refuses new ones for a
     while; writes made before and after converge with no manual step."""
     dbname = conn.info.dbname
-    daemon = Daemon(make_settings(), dsn, embedder=embedder, qdrant=qdrant)
+    daemon = NotifyDaemon(make_settings(), dsn, embedder=embedder, qdrant=qdrant)
     await daemon.start()
     run = asyncio.create_task(daemon.run())
     admin = psycopg.connect(dsn, autocommit=True, dbname="postgres")
