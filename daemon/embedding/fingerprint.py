@@ -7,6 +7,7 @@ point and compared cheaply.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ class ModelFingerprint:
     max_seq_length: int | None = None
     variant: str | None = None
 
-    @property
+    @functools.cached_property  # read per chunk by the apply core: computed once
     def id(self) -> str:
         raw = orjson.dumps(self._fields())
         return hashlib.sha256(raw).hexdigest()[:16]
