@@ -25,7 +25,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
 from daemon.embedding.embedder import Embedder
-from daemon.outbox.notify_daemon import Daemon
+from daemon.outbox.notify_daemon import NotifyDaemon
 from db import migrate
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ra", "to", "vi", "su", "de", "pa", "ri", "mo", "ta", "shi", "en", "or"]
@@ -38,17 +38,34 @@ def make_texts(n: int, seed: int = 7) -> list[str]:
     return [f"{i} " + " ".join(rng.choices(vocab, k=rng.choice(LENGTHS))) for i in range(n)]
 
 
+def reference_st(embedder: Embedder):
+    """sentence-transformers' own SentenceTransformer behind the embedder: the
+    torch backend's model, else (another backend) the reference model loaded
+    with the same settings."""
+    model = getattr(embedder.backend, "model", None)
+    if model is not None and hasattr(model, "encode"):
+        return model
+    from daemon.embedding.torch_backend import reference_model
+
+    s = embedder._settings
+    return reference_model(s.model, s.device, s.max_seq_length)
+
+
 def raw_encode_rate(embedder: Embedder, texts: list[str], batch_size: int) -> float:
+    """texts/s of sentence-transformers' `encode` as it is, the whole corpus in one call."""
+    model = reference_st(embedder)
     started = time.perf_counter()
-    embedder._model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+    model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
     return len(texts) / (time.perf_counter() - started)
 
 
-async def pipeline_rate(dsn: str, embedder: Embedder, texts: list[str], settings: Settings) -> tuple[float, float]:
-    """(chunks/s from commit to visible, share of that time spent in encode)"""
-    qdrant = AsyncQdrantClient(location=":memory:")
+async def pipeline_rate(dsn: str, embedder: Embedder, texts: list[str], settings: Settings,
+                        qdrant: AsyncQdrantClient | None = None) -> tuple[float, float]:
+    """(chunks/s from commit to visible, share of that time spent in encode).
+    qdrant: the client to write through (closed here); default local mode in memory."""
+    qdrant = qdrant if qdrant is not None else AsyncQdrantClient(location=":memory:")
     encode_before = embedder.encode_seconds  # the embedder may be shared between runs
-    daemon = Daemon(settings, dsn, embedder=embedder, qdrant=qdrant)
+    daemon = NotifyDaemon(settings, dsn, embedder=embedder, qdrant=qdrant)
     await daemon.start()
     with psycopg.connect(dsn, autocommit=True) as conn:
         with conn.transaction():
@@ -88,7 +105,7 @@ def main() -> None:
                         log_level="WARNING", embed_cache_size=0)
     embedder = Embedder(settings)
     asyncio.run(embedder.load())
-    embedder._model.encode(texts[:64], batch_size=embedder.batch_size)  # warm up
+    reference_st(embedder).encode(texts[:64], batch_size=embedder.batch_size)  # warm up
 
     # The reference: the whole corpus in one encode() call, which sorts all of it by
     # length, at the daemon's forward-pass size and at 64.

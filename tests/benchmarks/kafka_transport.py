@@ -79,18 +79,21 @@ async def _relay(settings, dsn: str) -> float:
 
 async def _consume_until(consumer: QdrantConsumer, records: int) -> float:
     started = time.perf_counter()
-    while consumer.counts["records"] < records:
+    while consumer.stats.records < records:
         await asyncio.sleep(0.01)
     return time.perf_counter() - started
 
 
-async def measure(dsn: str, embedder: Embedder, n: int, bootstrap: str, settings_for, add_chunks, sql) -> dict:
+async def measure(dsn: str, embedder: Embedder, n: int, bootstrap: str, settings_for, add_chunks, sql,
+                  qdrant: AsyncQdrantClient | None = None, **settings_overrides) -> dict:
+    """qdrant: the consumer's Qdrant (closed here; default local mode in memory);
+    settings_overrides: more keywords for settings_for (the collection, the Qdrant target)."""
     tag = uuid.uuid4().hex[:8]
     settings = settings_for(
         dsn, kafka_bootstrap_servers=bootstrap, kafka_topic=f"outboxd.bench.{tag}", kafka_group=f"bench-{tag}",
-        kafka_partitions=6, batch_size=500,
+        kafka_partitions=6, batch_size=500, **settings_overrides,
     )
-    qdrant = AsyncQdrantClient(location=":memory:")
+    qdrant = qdrant if qdrant is not None else AsyncQdrantClient(location=":memory:")
     consumer = QdrantConsumer(settings, embedder=embedder, qdrant=qdrant)
     await consumer.start()
     task = asyncio.create_task(consumer.run())
@@ -98,7 +101,7 @@ async def measure(dsn: str, embedder: Embedder, n: int, bootstrap: str, settings
         doc_id = add_chunks(dsn, "kafka transport", [f"short chunk {i}" for i in range(n)])
         await _relay(settings, dsn)
         await _consume_until(consumer, n)  # converged; the texts were encoded (or cached) here
-        embedded_at_setup = consumer.totals.embedded
+        embedded_at_setup = consumer.stats.embedded
 
         def update(rev: int) -> None:
             sql(dsn, "UPDATE chunks SET metadata = jsonb_build_object('rev', %s) WHERE document_id = %s", (rev, doc_id))
@@ -116,14 +119,14 @@ async def measure(dsn: str, embedder: Embedder, n: int, bootstrap: str, settings
             started = time.perf_counter()
             await _consume_until(consumer, 3 * n)
             path_seconds = time.perf_counter() - started
-        embedded = consumer.totals.embedded - embedded_at_setup
-        payload_only = consumer.totals.payload_only
+        embedded = consumer.stats.embedded - embedded_at_setup
+        payload_only = consumer.stats.payload_only
     finally:
         consumer.stop.set()
         await task
         await consumer.close()
         await qdrant.close()
-    assert payload_only >= 2 * n, consumer.totals
+    assert payload_only >= 2 * n, consumer.stats
     return {
         "events": n,
         "relay_events_per_s": round(n / relay_seconds),
@@ -134,6 +137,6 @@ async def measure(dsn: str, embedder: Embedder, n: int, bootstrap: str, settings
         "consumers": 1,
         "what": "payload-only updates of converged chunks: relay alone, consumer alone (in this process), then "
         "both at once as deployed, the relay a separate `outboxd relay` process (events/s of the path = n ÷ "
-        "time from the update's commit to the last apply); one relay, one consumer, Qdrant local mode in "
-        "memory, a single-node Apache Kafka on loopback, all on the same 2 cores",
+        "time from the update's commit to the last apply); one relay, one consumer, a single-node Apache "
+        "Kafka on loopback, all on the same cores",
     }

@@ -25,7 +25,7 @@ from qdrant_client import AsyncQdrantClient, models
 
 from daemon.core.chunk_state import ChunkState
 from daemon.embedding.embedder import ModelFingerprint
-from daemon.core.qdrant_store import QdrantSink
+from daemon.core.qdrant_store import QdrantStore
 from daemon.admin.drift import LOCAL_QDRANT_PAGE, Reconciler
 from db import migrate
 from db.pool import make_pool
@@ -47,7 +47,7 @@ def populate(dsn: str, n: int) -> None:
 
 async def load_points(dsn: str, client: AsyncQdrantClient, collection: str) -> None:
     rng = random.Random(1)
-    sink = QdrantSink(client, collection)
+    sink = QdrantStore(client, collection)
     sink.collection = collection
     await sink.create_physical(FINGERPRINT)
     with psycopg.connect(dsn, row_factory=psycopg.rows.dict_row) as conn:
@@ -68,10 +68,12 @@ async def load_points(dsn: str, client: AsyncQdrantClient, collection: str) -> N
             await client.upsert(collection, points, wait=True)
 
 
-async def measure(dsn: str, n: int, qdrant_page_size: int) -> dict:
+async def measure(dsn: str, n: int, qdrant_page_size: int, client: AsyncQdrantClient | None = None,
+                  collection: str | None = None) -> dict:
+    """client: the Qdrant to reconcile against (closed here; default local mode in memory)."""
     populate(dsn, n)
-    client = AsyncQdrantClient(location=":memory:")
-    collection = f"bench_{n}"
+    client = client if client is not None else AsyncQdrantClient(location=":memory:")
+    collection = collection or f"bench_{n}"
     await load_points(dsn, client, collection)
     pool = make_pool(dsn, application_name="outboxd:bench", min_size=1, max_size=2)
     await pool.open(wait=True)

@@ -1,0 +1,306 @@
+"""The services every figure runs against, set up once per harness run.
+
+- PostgreSQL: DATABASE_URL if set, else a throwaway pgserver; one fresh
+  migrated database per measurement, cloned from a template.
+- Qdrant (QdrantTarget): QDRANT_URL if set (with QDRANT_API_KEY and
+  OUTBOXD_QDRANT_PREFER_GRPC), else qdrant-client's local mode in memory. On a
+  server every collection this run makes is named with a unique prefix and
+  deleted at the end. Each figure records `target.label`, the Qdrant it measured.
+- For figures of several processes, which local mode cannot serve (it admits
+  one process): QDRANT_URL, else the REST shim server
+  (tests.benchmarks.shim_server), started on a free port.
+- A free embedding backend (RandomBackend): random unit vectors through the
+  normal Embedder(settings, backend=...) seam, with the real model's
+  fingerprint where asked, so outboxd's pipeline runs with encoding made free.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from qdrant_client import AsyncQdrantClient
+
+from daemon.config import Settings
+from daemon.embedding.backend import Backend, BackendInfo, Encoded
+from daemon.embedding.embedder import Embedder
+from daemon.outbox.notify_daemon import NotifyDaemon
+from db import migrate
+from tests.benchmarks.shim_server import SERVER_LABEL, SHIM_TITLE, shim_server_process
+
+LOCAL_LABEL = "qdrant-client local mode, in memory"
+NO_QDRANT = "none (no Qdrant involved)"
+
+
+# --- PostgreSQL ------------------------------------------------------------------
+class Postgres:
+    """DATABASE_URL if set, else a throwaway pgserver; one fresh migrated
+    database per measurement, cloned from a template."""
+
+    def __init__(self) -> None:
+        self._server = None
+        url = os.environ.get("DATABASE_URL")
+        if url:
+            self.base = url
+        else:
+            import pgserver
+
+            self._server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="outboxd-bench-pg-")), cleanup_mode="delete")
+            self.base = self._server.get_uri()
+        self.template = f"outboxd_bench_tpl_{os.getpid()}"
+        migrate.upgrade(self._create(self.template))
+        self._made: list[str] = [self.template]
+
+    def _dsn(self, name: str) -> str:
+        params = conninfo_to_dict(self.base)
+        params["dbname"] = name
+        return make_conninfo(**params)
+
+    def _create(self, name: str, template: str | None = None) -> str:
+        with psycopg.connect(self.base, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        return self._dsn(name)
+
+    def fresh(self) -> str:
+        name = f"outboxd_bench_{uuid.uuid4().hex[:10]}"
+        self._made.append(name)
+        return self._create(name, self.template)
+
+    def close(self) -> None:
+        with psycopg.connect(self.base, autocommit=True) as conn:
+            for name in reversed(self._made):
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if self._server is not None:
+            self._server.cleanup()
+
+
+# --- Qdrant ------------------------------------------------------------------------
+def _probe_title(url: str, api_key: str | None) -> str | None:
+    """The title GET / answers with (None where it cannot be read)."""
+    try:
+        r = httpx.get(url.rstrip("/") + "/", headers={"api-key": api_key} if api_key else None, timeout=5)
+        return r.json().get("title")
+    except Exception:  # noqa: BLE001 - only a label depends on it
+        return None
+
+
+class QdrantTarget:
+    """One Qdrant for the figures: a server (url) or local mode in memory (url None)."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, prefer_grpc: bool = False,
+                 grpc_port: int = 6334) -> None:
+        self.url = url
+        self.api_key = api_key
+        self.prefer_grpc = prefer_grpc
+        self.grpc_port = grpc_port
+        self.prefix = f"outboxd_bench_{uuid.uuid4().hex[:8]}"
+        self.is_shim = False
+        if url:
+            self.is_shim = _probe_title(url, api_key) == SHIM_TITLE
+            if self.is_shim:
+                self.prefer_grpc = False  # the shim speaks REST only
+        self._names = 0
+
+    @classmethod
+    def from_env(cls) -> "QdrantTarget":
+        s = Settings(database_url=None)  # QDRANT_URL, QDRANT_API_KEY, OUTBOXD_QDRANT_PREFER_GRPC, ...
+        key = s.qdrant_api_key.get_secret_value() if s.qdrant_api_key else None
+        return cls(s.qdrant_url, key, s.qdrant_prefer_grpc, s.qdrant_grpc_port)
+
+    @property
+    def is_local(self) -> bool:
+        return self.url is None
+
+    @property
+    def is_server(self) -> bool:
+        """A real Qdrant server (not local mode, not the shim)."""
+        return self.url is not None and not self.is_shim
+
+    @property
+    def label(self) -> str:
+        if self.url is None:
+            return LOCAL_LABEL
+        if self.is_shim:
+            return SERVER_LABEL
+        return f"Qdrant server at {self.url} ({'gRPC' if self.prefer_grpc else 'REST'})"
+
+    def client(self, *, prefer_grpc: bool | None = None) -> AsyncQdrantClient:
+        """A new client: a new empty in-memory engine in local mode, else the server."""
+        if self.url is None:
+            return AsyncQdrantClient(location=":memory:")
+        return AsyncQdrantClient(url=self.url, api_key=self.api_key, timeout=60, grpc_port=self.grpc_port,
+                                 prefer_grpc=self.prefer_grpc if prefer_grpc is None else prefer_grpc)
+
+    def name(self, what: str) -> str:
+        """A collection (alias) name unique to this run and call."""
+        self._names += 1
+        return f"{self.prefix}_{self._names}_{what}"[:120]
+
+    def settings(self) -> dict:
+        """Settings keywords that make a daemon talk to this Qdrant as deployed."""
+        if self.url is None:
+            return {"qdrant_url": None, "qdrant_path": ":memory:"}
+        return {"qdrant_url": self.url, "qdrant_api_key": self.api_key, "qdrant_prefer_grpc": self.prefer_grpc,
+                "qdrant_grpc_port": self.grpc_port}
+
+    def env(self) -> dict[str, str]:
+        """Environment for an `outboxd` process (a server only: local mode admits one process)."""
+        assert self.url is not None, "local mode admits one process: use the shim server"
+        env = {"QDRANT_URL": self.url, "OUTBOXD_QDRANT_PREFER_GRPC": "true" if self.prefer_grpc else "false",
+               "OUTBOXD_QDRANT_GRPC_PORT": str(self.grpc_port)}
+        if self.api_key:
+            env["QDRANT_API_KEY"] = self.api_key
+        return env
+
+    def cleanup(self) -> list[str]:
+        """Delete this run's aliases and collections (a server only); their names."""
+        if self.url is None:
+            return []
+
+        async def go() -> list[str]:
+            client = self.client(prefer_grpc=False)
+            gone = []
+            try:
+                for a in (await client.get_aliases()).aliases:
+                    if a.alias_name.startswith(self.prefix):
+                        from qdrant_client import models
+
+                        await client.update_collection_aliases(change_aliases_operations=[
+                            models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=a.alias_name))])
+                for c in (await client.get_collections()).collections:
+                    if c.name.startswith(self.prefix):
+                        await client.delete_collection(c.name)
+                        gone.append(c.name)
+            finally:
+                await client.close()
+            return gone
+
+        return asyncio.run(go())
+
+
+class MultiProcessQdrant:
+    """The Qdrant for figures of several processes: the target where it is a
+    server (or the shim the user started), else a shim server started here."""
+
+    def __init__(self, target: QdrantTarget, stack: ExitStack) -> None:
+        self._target = target
+        self._stack = stack
+        self._started: QdrantTarget | None = None
+
+    def get(self) -> QdrantTarget:
+        if self._target.url is not None:
+            return self._target
+        if self._started is None:
+            url = self._stack.enter_context(shim_server_process())
+            self._started = QdrantTarget(url)
+        return self._started
+
+
+# --- PostgreSQL helpers -------------------------------------------------------------
+def settings_for(dsn: str, target: QdrantTarget | None = None, **overrides) -> Settings:
+    base = dict(database_url=dsn, collection="bench", log_level="WARNING")
+    if target is not None:
+        base.update(target.settings())
+    return Settings(**{**base, **overrides})
+
+
+def new_document(conn: psycopg.Connection, title: str = "bench") -> object:
+    sid = conn.execute("INSERT INTO sources (source_type) VALUES ('api') RETURNING id").fetchone()[0]
+    return conn.execute("INSERT INTO documents (source_id, title) VALUES (%s, %s) RETURNING id", (sid, title)).fetchone()[0]
+
+
+def sql(dsn: str, statement: str, params=()) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement, params)
+
+
+def add_chunks(dsn: str, title: str, texts: list[str]) -> object:
+    """One document with one chunk per text, in one transaction; its id."""
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        doc_id = new_document(conn, title)
+        with conn.cursor().copy("COPY chunks (document_id, chunk_index, text) FROM STDIN") as copy:
+            for i, t in enumerate(texts):
+                copy.write_row((doc_id, i, t))
+    return doc_id
+
+
+def update_metadata(dsn: str, doc_id, rev: int) -> None:
+    """One payload-only change of every chunk of the document (one event each)."""
+    sql(dsn, "UPDATE chunks SET metadata = jsonb_build_object('rev', %s) WHERE document_id = %s", (rev, doc_id))
+
+
+def outbox_pending(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM outboxd.outbox").fetchone()[0]
+
+
+async def drain(settings: Settings, dsn: str, embedder: Embedder, qdrant) -> tuple[NotifyDaemon, float]:
+    """A NotifyDaemon run in drain mode on the given Qdrant client; (the daemon, seconds run() took)."""
+    daemon = NotifyDaemon(settings, dsn, embedder=embedder, qdrant=qdrant)
+    await daemon.start()
+    try:
+        started = time.perf_counter()
+        assert await daemon.run(drain=True) == 0
+        return daemon, time.perf_counter() - started
+    finally:
+        await daemon.close()
+
+
+# --- encoding made free -------------------------------------------------------------------
+class RandomBackend(Backend):
+    """Random unit vectors at once: encoding made free. `info`: what load()
+    reports (the real model's BackendInfo gives its fingerprint, so the points
+    it writes are the real model's as far as outboxd can tell)."""
+
+    kind = "random"
+
+    def __init__(self, info: BackendInfo | None = None, seed: int = 0) -> None:
+        self.info = info or BackendInfo(dimension=384, max_seq_length=256, variant="random",
+                                        description="random vectors (encoding made free)")
+        self.rng = np.random.default_rng(seed)
+        self.calls = 0
+
+    async def load(self) -> BackendInfo:
+        return self.info
+
+    async def encode(self, texts: list[str]) -> Encoded:
+        self.calls += 1
+        v = self.rng.standard_normal((len(texts), self.info.dimension)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        return Encoded(v, [False] * len(texts))
+
+    async def close(self) -> None:
+        return None
+
+
+def free_embedder(settings: Settings, info: BackendInfo | None = None) -> Embedder:
+    return Embedder(settings, backend=RandomBackend(info))
+
+
+async def converge(dsn: str, target: QdrantTarget, collection: str, info: BackendInfo, batch_size: int = 1024) -> int:
+    """Drain every pending event into `collection` with random vectors under the
+    real model's fingerprint (info): the points exist, so later metadata updates
+    are payload-only for the real daemons. Returns the points written."""
+    settings = settings_for(dsn, target, collection=collection, batch_size=batch_size, embed_cache_size=0,
+                            reuse_vectors=False)
+    embedder = free_embedder(settings, info)
+    await embedder.load()
+    client = target.client(prefer_grpc=False)
+    try:
+        d, _ = await drain(settings, dsn, embedder, client)
+    finally:
+        await client.close()
+    return d.stats.upserted
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
