@@ -59,6 +59,18 @@ def raw_encode_rate(embedder: Embedder, texts: list[str], batch_size: int) -> fl
     return len(texts) / (time.perf_counter() - started)
 
 
+def backend_encode_rate(embedder: Embedder, texts: list[str]) -> float:
+    """texts/s of the configured backend's own encode (through its encode stage),
+    the whole corpus in one call: what the daemon's embedding could do at best."""
+
+    async def once() -> float:
+        started = time.perf_counter()
+        await embedder.backend.encode(texts)
+        return len(texts) / (time.perf_counter() - started)
+
+    return asyncio.run(once())
+
+
 async def pipeline_rate(dsn: str, embedder: Embedder, texts: list[str], settings: Settings,
                         qdrant: AsyncQdrantClient | None = None) -> tuple[float, float]:
     """(chunks/s from commit to visible, share of that time spent in encode).

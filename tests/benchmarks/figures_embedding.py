@@ -31,7 +31,9 @@ def figure_pipeline(pg: Postgres, target: QdrantTarget, embedder: Embedder, n: i
     st = e2e_throughput.reference_st(embedder)
     st.encode(texts[:64], batch_size=embedder.batch_size, show_progress_bar=False)  # warm up
     bs = embedder.batch_size
+    e2e_throughput.backend_encode_rate(embedder, texts[:64])  # warm up the stage
     raw_before = e2e_throughput.raw_encode_rate(embedder, texts, bs)
+    backend_before = e2e_throughput.backend_encode_rate(embedder, texts)
     sweep = []
     for claim in claim_batches:
         embedder._cache.clear()  # the same texts run again: no cache hit may flatter the pipeline
@@ -40,10 +42,14 @@ def figure_pipeline(pg: Postgres, target: QdrantTarget, embedder: Embedder, n: i
         rate, share = asyncio.run(e2e_throughput.pipeline_rate(dsn, embedder, texts, settings, qdrant=target.client()))
         sweep.append({"claim_batch_size": claim, "pipeline_chunks_per_s": round(rate, 1), "encode_share": round(share, 3)})
     raw_after = e2e_throughput.raw_encode_rate(embedder, texts, bs)
+    backend_after = e2e_throughput.backend_encode_rate(embedder, texts)
     raw = (raw_before + raw_after) / 2
+    backend = (backend_before + backend_after) / 2
     for row in sweep:
         row["efficiency"] = round(row["pipeline_chunks_per_s"] / raw, 3)
-    main = next((r for r in sweep if r["claim_batch_size"] == 64), sweep[-1])
+        row["vs_backend_encode"] = round(row["pipeline_chunks_per_s"] / backend, 3)
+    default_claim = Settings.model_fields["batch_size"].default
+    main = next((r for r in sweep if r["claim_batch_size"] == default_claim), sweep[-1])
     return {
         "qdrant": target.label,
         "chunks": n,
@@ -52,6 +58,10 @@ def figure_pipeline(pg: Postgres, target: QdrantTarget, embedder: Embedder, n: i
         "embed_batch_size": bs,
         "raw_encode_chunks_per_s": round(raw, 1),
         "raw_encode_runs": [round(raw_before, 1), round(raw_after, 1)],
+        "backend_encode_chunks_per_s": round(backend, 1),
+        "backend_encode_runs": [round(backend_before, 1), round(backend_after, 1)],
+        "claim_batch_size": main["claim_batch_size"],
+        "vs_backend_encode": main["vs_backend_encode"],
         "sweep": sweep,
         "pipeline_chunks_per_s": main["pipeline_chunks_per_s"],
         "efficiency": main["efficiency"],
@@ -128,7 +138,7 @@ def limit_recipe(texts: list[str], model_name: str, device: str, dtype: str, bat
 
 def figure_limit(texts_n: int, settings: Settings, device: str, backends: dict | None, pipeline: dict) -> dict:
     """The fastest encoder the harness can build on figure 1's texts and device,
-    and the pipeline (figure 1, claim batch 64) against it and against raw encode."""
+    and the pipeline (figure 1, the default claim batch) against it and against raw encode."""
     texts = e2e_throughput.make_texts(texts_n)
     candidates: dict[str, float] = {}
     recipes = []
@@ -158,6 +168,7 @@ def figure_limit(texts_n: int, settings: Settings, device: str, backends: dict |
         "raw_encode_texts_per_s": pipeline["raw_encode_chunks_per_s"],
         "pipeline_chunks_per_s": pipeline["pipeline_chunks_per_s"],
         "pipeline_vs_encode": round(pipeline["pipeline_chunks_per_s"] / pipeline["raw_encode_chunks_per_s"], 3),
+        "pipeline_vs_backend_encode": pipeline["vs_backend_encode"],
         "pipeline_vs_limit": round(pipeline["pipeline_chunks_per_s"] / limit, 3),
     }
 

@@ -41,13 +41,13 @@ SCALE = "≥ 0.9× here (2 cores); ≥ 1.8× where cores are free"
 CPU_TARGET = "≤ 0.8–1.1 (half of today's 1.6–2.2 on a server)"
 # key -> (label, target, check(value, figures, meta) -> True/False/None/text, details section naming the Qdrant)
 FIGURES: dict[str, tuple] = {
-    "1_pipeline_efficiency": ("1. pipeline efficiency (pipeline ÷ raw encode, claim batch 64)", "≥ 0.90", lambda v, f, m: v >= 0.90, "pipeline"),
+    "1_pipeline_efficiency": ("1. pipeline efficiency (pipeline ÷ sentence-transformers' raw encode, default claim batch)", "≥ 0.90", lambda v, f, m: v >= 0.90, "pipeline"),
     "1b_onnx_vs_torch": ("1b. encode: onnx fp32 ÷ torch backend (texts/s)", "≥ 1.5", lambda v, f, m: v >= 1.5, "backends"),
     "1b_onnx_int8_vs_torch": ("1b. encode: onnx int8 ÷ torch backend (other vectors, own fingerprint)", "≥ 1.5", lambda v, f, m: v >= 1.5, "backends"),
     "1b_torch_vs_st_encode": ("1b. encode: torch backend ÷ sentence-transformers `encode`", "", None, "backends"),
     "1c_limit_texts_per_s": ("1c. the limit: the fastest encoder built here (texts/s)", "", None, "limit"),
-    "1c_pipeline_vs_encode": ("1c. pipeline ÷ raw `encode` (claim 64, default settings)", "≥ 0.95 on CPU", _on("cpu", 0.95), "pipeline"),
-    "1c_pipeline_vs_limit": ("1c. pipeline ÷ limit (claim 64)", "≥ 0.9 on a GPU", _on("cuda", 0.9), "pipeline"),
+    "1c_pipeline_vs_encode": ("1c. pipeline ÷ the configured backend's own encode of the same texts (default settings)", "≥ 0.95 on CPU", _on("cpu", 0.95), "pipeline"),
+    "1c_pipeline_vs_limit": ("1c. pipeline ÷ limit (default settings)", "≥ 0.9 on a GPU", _on("cuda", 0.9), "pipeline"),
     "1d_ceiling_claim_256": ("1d. ceiling: pipeline, encoding made free, claim 256 (chunks/s)", *_ceiling(256), "ceiling"),
     "1d_ceiling_claim_1024": ("1d. ceiling: pipeline, encoding made free, claim 1024 (chunks/s)", *_ceiling(1024), "ceiling"),
     "2_write_cost_ratio_executemany": ("2. write path: with ÷ without capture triggers, executemany", "≥ 0.75", lambda v, f, m: v >= 0.75, "write_path"),
@@ -122,7 +122,7 @@ def collect_figures(d: dict) -> tuple[dict, dict]:
     f["1b_torch_vs_st_encode"] = _or(ratios.get("torch/sentence_transformers_encode"), "see details")
     lim = d["limit"]
     f["1c_limit_texts_per_s"] = lim["limit_texts_per_s"]
-    f["1c_pipeline_vs_encode"] = lim["pipeline_vs_encode"]
+    f["1c_pipeline_vs_encode"] = lim["pipeline_vs_backend_encode"]
     f["1c_pipeline_vs_limit"] = lim["pipeline_vs_limit"]
     for claim in (256, 1024):
         f[f"1d_ceiling_claim_{claim}"] = d["ceiling"][f"claim_{claim}"]["chunks_per_s"]
