@@ -168,9 +168,9 @@ class Demo:
             self.step(3, "The daemon: claim, embed, upsert, acknowledge")
             t = time.perf_counter()
             await daemon.start()
-            self.say(f"   model {daemon.embedder.fingerprint} loaded  {_secs(time.perf_counter() - t)}")
+            self.say(f"   model {daemon.writer.embedder.fingerprint} loaded  {_secs(time.perf_counter() - t)}")
             self.say(f"   Qdrant local mode in {shown(Path(qdrant_path))}: "
-                     f"alias {self.settings.collection!r} → collection {daemon.store.collection!r}")
+                     f"alias {self.settings.collection!r} → collection {daemon.writer.store.collection!r}")
             await self.converge(daemon, client)
 
             self.step(4, "Hybrid search: Qdrant's vector similarity + PostgreSQL's full text, fused")
@@ -253,7 +253,7 @@ class Demo:
         from daemon.hybrid_search import hybrid_search
 
         t = time.perf_counter()
-        hits = await hybrid_search(daemon.pool, client, self.settings.collection, daemon.embedder, text, limit=limit)
+        hits = await hybrid_search(daemon.pool, client, self.settings.collection, daemon.writer.embedder, text, limit=limit)
         ms = (time.perf_counter() - t) * 1000
         self.say()
         self.say(f'   "{text}"  {ms:.0f} ms')

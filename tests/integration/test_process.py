@@ -116,7 +116,7 @@ def released_on_timeout(daemon: DaemonProcess) -> bool:
 async def test_sigterm_finishes_batch_in_flight_and_exits_0(spawn, conn, dsn, collection, embedder, tmp_path):
     """SIGTERM: stop claiming, finish the batches in flight, exit 0 with final stats, leave no claim; a restart converges."""
     batch, drain_timeout = 32, 20
-    texts = long_texts(128, words=40, seed=2)
+    texts = long_texts(256, words=40, seed=2)  # 8 batches: a late signal still leaves work unclaimed
     insert_backlog(conn, texts)
     total = len(texts)
     qpath = tmp_path / "qdrant"
@@ -127,8 +127,9 @@ async def test_sigterm_finishes_batch_in_flight_and_exits_0(spawn, conn, dsn, co
     rows = outbox_rows(conn)
     assert [r["id"] for r in rows if r["locked_by"] is not None] == [], "a claim survived a clean stop"
     assert all(r["status"] == "pending" for r in rows)
-    # it stopped claiming: at most the batches in flight (one per worker) were finished after the signal
-    assert len(rows) >= remaining_at_signal - 2 * batch, "kept claiming new batches after SIGTERM"
+    # it stopped claiming: at most the batches in flight (one per worker) were finished after the signal,
+    # plus one a worker may have claimed between our count and the signal's delivery
+    assert len(rows) >= remaining_at_signal - 3 * batch, "kept claiming new batches after SIGTERM"
     assert len(rows) > 0
     # the in-flight batches were finished (acknowledged), not released
     assert len(rows) < remaining_at_signal
@@ -148,7 +149,7 @@ async def test_sigterm_finishes_batch_in_flight_and_exits_0(spawn, conn, dsn, co
 def test_sigterm_past_drain_timeout_releases_claims(spawn, conn, dsn, collection, tmp_path):
     """SIGTERM with a batch that cannot finish within drain_timeout: the claims are released at once, exit 0."""
     batch, drain_timeout = 32, 0.05
-    texts = long_texts(96, words=40, seed=4)
+    texts = long_texts(160, words=40, seed=4)
     insert_backlog(conn, texts)
     env = daemon_env(
         dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=batch, OUTBOXD_DRAIN_TIMEOUT=drain_timeout,
@@ -159,7 +160,7 @@ def test_sigterm_past_drain_timeout_releases_claims(spawn, conn, dsn, collection
     rows = outbox_rows(conn)
     assert [r["id"] for r in rows if r["locked_by"] is not None] == [], "a claim survived the drain timeout"
     assert all(r["status"] == "pending" and r["attempts"] == 0 for r in rows)
-    assert len(rows) >= remaining_at_signal - 2 * batch
+    assert len(rows) >= remaining_at_signal - 3 * batch  # as above
 
 
 # --- 3. run --drain ------------------------------------------------------------------------
