@@ -19,6 +19,38 @@ from db import migrate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+QDRANT_TEST_IMAGE = "qdrant/qdrant:v1.19.0"
+
+
+def pytest_configure(config):
+    """OUTBOXD_TEST_QDRANT=container: run the whole suite against a Qdrant server in
+    Docker (testcontainers). It is set up as QDRANT_URL before any test starts, so
+    fixtures and the daemons the tests spawn all use it, as with your own server."""
+    if os.environ.get("OUTBOXD_TEST_QDRANT") != "container" or os.environ.get("QDRANT_URL"):
+        return
+    from testcontainers.community.qdrant import QdrantContainer
+
+    image = os.environ.get("OUTBOXD_TEST_QDRANT_IMAGE", QDRANT_TEST_IMAGE)
+    try:
+        container = QdrantContainer(image).start()
+    except Exception as exc:  # no Docker engine: say so instead of a page of docker-py traceback
+        raise pytest.UsageError(
+            f"OUTBOXD_TEST_QDRANT=container needs a Docker engine to start {image}: {exc}; "
+            "unset it to use local mode, or set QDRANT_URL to a Qdrant server"
+        ) from exc
+    config.stash[_qdrant_container] = container
+    os.environ["QDRANT_URL"] = f"http://{container.rest_host_address}"
+    os.environ["OUTBOXD_QDRANT_GRPC_PORT"] = str(container.exposed_grpc_port)
+
+
+def pytest_unconfigure(config):
+    container = config.stash.get(_qdrant_container, None)
+    if container is not None:
+        container.stop()
+
+
+_qdrant_container = pytest.StashKey()
+
 
 def dsn_for(base_dsn: str, dbname: str) -> str:
     params = conninfo_to_dict(base_dsn)
