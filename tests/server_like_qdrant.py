@@ -49,11 +49,21 @@ class ServerLikeQdrant:
         await self._together()
         return answer
 
+    async def _counted(self, call):
+        """A real server behind the wrapped client (QDRANT_URL) answers its own 409s:
+        count those too, since concurrent HTTP calls can all pass the check above."""
+        try:
+            return await call
+        except UnexpectedResponse as exc:
+            if exc.status_code == 409:
+                self.conflicts += 1
+            raise
+
     async def create_collection(self, collection_name, **kw):
         if await self._client.collection_exists(collection_name):
             self.conflicts += 1
             raise conflict(f"Collection `{collection_name}`")
-        return await self._client.create_collection(collection_name, **kw)
+        return await self._counted(self._client.create_collection(collection_name, **kw))
 
     async def update_collection_aliases(self, change_aliases_operations, **kw):
         existing = {a.alias_name for a in (await self._client.get_aliases()).aliases}
@@ -63,4 +73,6 @@ class ServerLikeQdrant:
             elif isinstance(op, models.CreateAliasOperation) and op.create_alias.alias_name in existing:
                 self.conflicts += 1
                 raise conflict(f"Alias `{op.create_alias.alias_name}`")
-        return await self._client.update_collection_aliases(change_aliases_operations=change_aliases_operations, **kw)
+        return await self._counted(
+            self._client.update_collection_aliases(change_aliases_operations=change_aliases_operations, **kw)
+        )

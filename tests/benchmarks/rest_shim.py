@@ -4,7 +4,8 @@ measuring the server path without a server: the daemon's real REST client
 as it would against Qdrant, while the engine's own work, which a server does
 in its own process, is timed apart (`engine_cpu`) and left out of the daemon's.
 
-Not a Qdrant: only the endpoints outboxd uses, enough for the benchmarks.
+Not a Qdrant: only the endpoints outboxd and its tests use, enough for the
+benchmarks and for running the suite with QDRANT_URL pointing at shim_server.
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ class RestShim:
             ("POST", C + r"/points/count$", self._count),
             ("POST", C + r"/points/scroll$", self._scroll),
             ("POST", C + r"/points/payload/delete$", self._delete_payload),
+            ("POST", C + r"/points/query$", self._query),
+            ("POST", C + r"/points/delete$", self._delete),
+            ("POST", C + r"/points/payload$", self._set_payload),
+            ("PUT", C + r"/points/payload$", self._overwrite_payload),
+            ("PUT", C + r"/points$", self._upsert),
             ("POST", C + r"/points$", self._retrieve),
             ("PUT", C + r"$", self._create),
             ("PATCH", C + r"$", self._update),
@@ -99,6 +105,35 @@ class RestShim:
     async def _delete_payload(self, body, c):
         req = models.DeletePayload.model_validate(body)
         return await self.engine.delete_payload(c, keys=req.keys, points=req.points)
+
+    async def _query(self, body, c):
+        req = models.QueryRequest.model_validate(body)
+        return await self.engine.query_points(
+            c, query=req.query, using=req.using, prefetch=req.prefetch, query_filter=req.filter,
+            limit=req.limit or 10, offset=req.offset, score_threshold=req.score_threshold,
+            with_payload=req.with_payload if req.with_payload is not None else False,
+            with_vectors=req.with_vector or False,
+        )
+
+    async def _delete(self, body, c):
+        selector = (models.PointIdsList(points=body["points"]) if "points" in body
+                    else models.FilterSelector(filter=body["filter"]))
+        return await self.engine.delete(c, points_selector=selector)
+
+    async def _set_payload(self, body, c):
+        req = models.SetPayload.model_validate(body)
+        return await self.engine.set_payload(c, payload=req.payload, points=req.points or req.filter, key=req.key)
+
+    async def _overwrite_payload(self, body, c):
+        req = models.SetPayload.model_validate(body)
+        return await self.engine.overwrite_payload(c, payload=req.payload, points=req.points or req.filter)
+
+    async def _upsert(self, body, c):
+        if "batch" in body:
+            points = models.Batch.model_validate(body["batch"])
+        else:
+            points = [models.PointStruct.model_validate(p) for p in body["points"]]
+        return await self.engine.upsert(c, points=points)
 
     async def _retrieve(self, body, c):
         req = models.PointRequest.model_validate(body)

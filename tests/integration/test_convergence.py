@@ -80,8 +80,8 @@ async def test_identical_text_after_restart_reuses_the_stored_vector(conn, dsn, 
     await assert_converged(dsn, qdrant, collection, embedder)
 
 
-def test_reuse_vectors_defaults_to_on_with_a_server_only(make_settings):
+def test_reuse_vectors_defaults_to_on_with_a_server_only(make_settings, tmp_path):
     """Local mode would scan every point per lookup, so reuse is on only with QDRANT_URL."""
-    assert make_settings().reuse_stored_vectors is False
+    assert make_settings(qdrant_path=tmp_path / "qdrant").reuse_stored_vectors is False  # beats QDRANT_URL
     assert make_settings(qdrant_url="http://qdrant:6333").reuse_stored_vectors is True
     assert make_settings(reuse_vectors=True).reuse_stored_vectors is True
