@@ -32,7 +32,7 @@ from aiokafka import ConsumerRebalanceListener
 
 from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
 from daemon.config import Settings
-from daemon.errors import ServiceUnavailableError, describe, is_transient
+from daemon.errors import describe, is_transient
 from daemon.runtime.batch_policy import wait_for_any
 from daemon.runtime.service import Service
 from daemon.telemetry import extract_context, tracer
@@ -89,8 +89,6 @@ class StreamConsumer(Service):
         return {"kafka": self._ready_kafka} | super().readiness_checks()
 
     async def _ready_kafka(self) -> None:
-        if self.consumer is None:
-            raise ServiceUnavailableError("not connected to Kafka yet")
         await kafka_ready(self.consumer)
 
     # --- lifecycle ---------------------------------------------------------------

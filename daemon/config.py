@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from daemon.config_sources import ConfigFileSource, SecretFileError, SecretFileSource
+from daemon.config_sources import ConfigFileSource, SecretFileError, SecretFileSource, env_variables
 from daemon.embedding.settings import EmbeddingSettings, SentenceTransformersSettings
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -25,10 +25,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 def env_name(name: str) -> str:
     """The environment variable an operator sets for the setting `name`."""
-    alias = Settings.model_fields[name].validation_alias
-    if alias is not None:
-        return alias.choices[0]
-    return f"OUTBOXD_{name.upper()}"
+    return env_variables(name, Settings.model_fields[name])[0]
 
 
 def _default_worker_name() -> str:
@@ -216,7 +213,7 @@ class Settings(BaseSettings):
         return (init_settings, SecretFileSource(settings_cls), env_settings, dotenv_settings,
                 ConfigFileSource(settings_cls), file_secret_settings)
 
-    @field_validator("database_url", "qdrant_api_key", "kafka_sasl_password", "embedding_api_key", mode="before")
+    @field_validator("*", mode="before")  # only a secret's *_FILE can be a SecretFileError
     @classmethod
     def _secret_file_problem(cls, v: object) -> object:
         if isinstance(v, SecretFileError):

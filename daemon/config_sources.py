@@ -13,10 +13,20 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel
 from pydantic_settings import PydanticBaseSettingsSource
 
 PREFIX = "OUTBOXD_"
+
+
+def env_variables(name: str, field) -> list[str]:
+    """The environment variables setting `name` is read from, the one to show first."""
+    aliases = field.validation_alias.choices if field.validation_alias else []
+    return [a for a in aliases if isinstance(a, str) and a.isupper()] or [PREFIX + name.upper()]
+
+
+def is_secret(field) -> bool:
+    return "SecretStr" in str(field.annotation)
 # the TOML config file's contents while Settings are built from it (set by load_config)
 _config_data: ContextVar[dict[str, Any]] = ContextVar("outboxd_config", default={})
 
@@ -38,9 +48,9 @@ class SecretFileSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, object]:
         values: dict[str, object] = {}
         for name, field in self.settings_cls.model_fields.items():
-            if field.annotation != SecretStr | None or field.validation_alias is None:
+            if not is_secret(field):
                 continue
-            direct = [a for a in field.validation_alias.choices if isinstance(a, str) and a.isupper()]
+            direct = env_variables(name, field)
             files = [f"{a}_FILE" for a in direct if os.environ.get(f"{a}_FILE")]
             given = [a for a in direct if os.environ.get(a)]
             if not files:
@@ -88,8 +98,7 @@ def read_config(path: Path, settings_cls=None) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"the config file {path} is not valid TOML: {exc}") from None
     if settings_cls is not None:
-        secrets = [name for name, field in settings_cls.model_fields.items()
-                   if "SecretStr" in str(field.annotation) and name in data]
+        secrets = [name for name, field in settings_cls.model_fields.items() if is_secret(field) and name in data]
         if secrets:
             raise ConfigFileError(
                 f"the config file {path} sets the secret(s) {', '.join(secrets)}: secrets come only from the "
@@ -108,12 +117,11 @@ def env_names(settings_cls) -> dict[str, str]:
     """Every OUTBOXD_ variable a setting answers to -> the setting's display name."""
     names: dict[str, str] = {}
     for name, field in settings_cls.model_fields.items():
-        aliases = [a for a in (field.validation_alias.choices if field.validation_alias else []) if isinstance(a, str)]
-        env = [a for a in aliases if a.isupper()] or [PREFIX + name.upper()]
+        env = env_variables(name, field)
         for variable in env:
             if variable.startswith(PREFIX):
                 names[variable] = env[0]
-            if field.annotation is not None and "SecretStr" in str(field.annotation):
+            if is_secret(field):
                 names[f"{variable}_FILE"] = f"{env[0]}_FILE"
         for _, model in _nested_models(field.annotation):
             for key in model.model_fields:

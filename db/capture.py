@@ -85,6 +85,7 @@ caller's transaction.
 from __future__ import annotations
 
 import psycopg
+from psycopg.rows import dict_row
 
 from db.queries import query
 
@@ -99,7 +100,7 @@ CAPTURE_STATES = (*CAPTURE_MODES, "mixed", "disabled")
 
 def capture_mode(conn: psycopg.Connection) -> str:
     """The capture mode now: one of CAPTURE_STATES. Any role may ask."""
-    return conn.execute(query("capture_mode")).fetchone()[0]
+    return _one(conn, "capture_mode")["mode"]
 
 
 def capture_triggers(conn: psycopg.Connection) -> list[dict[str, str]]:
@@ -107,7 +108,7 @@ def capture_triggers(conn: psycopg.Connection) -> list[dict[str, str]]:
     [{"table", "trigger", "level" ('statement' | 'row'), "enabled" (its state
     now: origin, always, replica, disabled or missing), "origin" and "always"
     (its state in each mode)}, ...]. Any role may ask."""
-    return conn.execute(query("capture_mode")).fetchone()[1]
+    return _one(conn, "capture_mode")["triggers"]
 
 
 def set_capture_mode(conn: psycopg.Connection, mode: str) -> str:
@@ -118,4 +119,9 @@ def set_capture_mode(conn: psycopg.Connection, mode: str) -> str:
     (UndefinedObject)."""
     if mode not in CAPTURE_MODES:
         raise ValueError(f"invalid capture mode {mode!r}: expected one of {', '.join(CAPTURE_MODES)}")
-    return conn.execute(query("set_capture_mode"), {"mode": mode}).fetchone()[0]
+    return _one(conn, "set_capture_mode", mode=mode)["mode"]
+
+
+def _one(conn: psycopg.Connection, name: str, **params) -> dict:
+    """The one row of a named query, by column name whatever the connection's row factory."""
+    return conn.cursor(row_factory=dict_row).execute(query(name), params or None).fetchone()

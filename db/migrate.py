@@ -1,6 +1,8 @@
 """Schema migrations with Alembic, run programmatically on a psycopg DSN."""
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import psycopg
@@ -52,6 +54,7 @@ def downgrade(dsn: str, revision: str = "base") -> None:
     _run(dsn, command.downgrade, revision)
 
 
+@functools.cache  # the scripts do not change while a process runs; readiness asks every few seconds
 def head_revision() -> str:
     return ScriptDirectory.from_config(_config()).get_current_head()
 

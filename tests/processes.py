@@ -14,6 +14,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,26 @@ VOCAB = (
     "state hash text token window sentence paragraph title author summary metadata label category river "
     "mountain forest harbor lantern violin copper marble saffron thunder meadow glacier orchard compass"
 ).split()
+
+
+@contextmanager
+def serving(argv: list[str], ready: str, what: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`python -m ARGV` as a child server; yields its first stdout line once it
+    starts with `ready`, and terminates it (kills it after 10 s) on the way out."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=Path(__file__).resolve().parents[1], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        if not line.startswith(ready):
+            raise RuntimeError(f"{what} did not start (exit {proc.poll()}): {line!r}")
+        yield line
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def long_texts(n: int, words: int = 60, seed: int = 0) -> list[str]:

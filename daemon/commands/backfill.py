@@ -71,8 +71,9 @@ async def backfill(settings, source, document, page_size: int, restart: bool, qu
             after = progress["last_chunk_id"] if progress else None
             result["resumed"] = after is not None
             scope = {"source_id": source, "document_id": document}
-            total = (await (await conn.execute(query("count_chunks"), scope)).fetchone())["n"]
             tty = sys.stderr.isatty() and not quiet
+            # a count of every chunk in scope is a full scan: only for a bar someone watches
+            total = (await (await conn.execute(query("count_chunks"), scope)).fetchone())["n"] if tty else None
             with progress_bar(total, job, tty) as advance:
                 if progress:
                     advance(progress["done"])

@@ -30,7 +30,8 @@ def command(settings, downgrade: str | None, capture_triggers: str | None) -> in
         migrate.downgrade(dsn, downgrade)
         log.info("schema downgraded", extra={"revision": migrate.current_revision(dsn)})
         return 0
-    migrate.upgrade(dsn)
+    if settings.database_url is not None:  # resolve_dsn upgraded the embedded one
+        migrate.upgrade(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         mode = capture.set_capture_mode(conn, capture_triggers) if capture_triggers else capture.capture_mode(conn)
     log.info("schema migrated", extra={"revision": migrate.current_revision(dsn), "capture_triggers": mode})

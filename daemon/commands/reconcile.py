@@ -86,14 +86,12 @@ async def read_capture_mode(pool) -> str | None:
     """origin, always, mixed or disabled (db.capture); None on a schema without capture modes."""
     import psycopg
 
-    from db.queries import query
+    from db.queries import fetch
 
     try:
-        async with pool.connection() as conn:
-            row = await (await conn.execute(query("capture_mode"))).fetchone()
+        return (await fetch(pool, "capture_mode"))[0]["mode"]
     except psycopg.errors.UndefinedFunction:
         return None
-    return row["mode"]
 
 
 def _print(report, extra: dict[str, Any], *, repaired: bool) -> None:

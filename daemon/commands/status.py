@@ -58,7 +58,6 @@ def command(settings, as_json: bool, max_lag: float | None, max_pending: int | N
 # --- PostgreSQL ------------------------------------------------------------------------
 def read_database(settings) -> dict[str, Any]:
     import psycopg
-    from psycopg.rows import tuple_row
 
     from daemon.commands.common import connect
     from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe
@@ -79,7 +78,6 @@ def read_database(settings) -> dict[str, Any]:
                 f"the outboxd schema is missing or out of date ({describe(exc)}); run `outboxd migrate`"
             ) from exc
         processes = conn.execute(query("status_processes"), {}).fetchall()
-        conn.row_factory = tuple_row  # db.capture reads plain rows
         try:
             mode = capture.capture_mode(conn)
         except psycopg.errors.UndefinedFunction:  # a schema from before capture modes (0005)

@@ -38,6 +38,10 @@ class Outcome:
     written: dict[UUID, str | None] = field(default_factory=dict)
     failed: dict[UUID, str] = field(default_factory=dict)
 
+    def embedding_kinds(self) -> dict[str, int]:
+        """How each written chunk's vector was obtained (the embeddings metric); none where nothing is embedded."""
+        return {}
+
     def ops(self) -> dict[str, int]:
         """Chunks per op label of the events_applied metric (upsert, payload, delete, ...)."""
         raise NotImplementedError

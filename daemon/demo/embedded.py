@@ -14,10 +14,6 @@ from pathlib import Path
 MARKER = ".outboxd-demo"  # written into the demo folder: --fresh wipes only a folder that has it
 
 
-class QdrantBusy(RuntimeError):
-    """The local-mode folder is open in another process (local mode allows one)."""
-
-
 def shown(path: Path) -> str:
     """A path as the user would type it: relative to the working directory when inside it."""
     try:
@@ -82,18 +78,6 @@ class EmbeddedStores:
         pgdata = self.pgdata.resolve()
         pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
         return postmaster_pid(pgdata)
-
-    @staticmethod
-    def open_qdrant(path: str):
-        """One client for the daemon and the searches: local mode allows one per folder."""
-        from qdrant_client import AsyncQdrantClient
-
-        try:
-            return AsyncQdrantClient(path=path)
-        except RuntimeError as exc:
-            if "already accessed" not in str(exc):
-                raise
-            raise QdrantBusy(path) from exc
 
 
 # --- signals ------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.demo.embedded import EmbeddedStores, QdrantBusy, cancel_on_sigterm, shown, stop_on_sigterm
-from daemon.errors import EXIT_OK, EXIT_UNAVAILABLE, OutboxdError
+from daemon.commands.search import excerpt
+from daemon.demo.embedded import EmbeddedStores, cancel_on_sigterm, shown, stop_on_sigterm
+from daemon.errors import EXIT_OK, EXIT_UNAVAILABLE, ConfigError, OutboxdError
 from db.queries import query
 
 # Example searches, each showing something off: both sides agreeing, an exact
@@ -48,11 +49,6 @@ SEARCH_HINT = 'search "how do I season a pan?"'
 TOO_FEW = "   too few documents are left from earlier runs to edit; `outboxd demo --fresh` starts over"
 
 
-def _excerpt(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
-
-
 def _secs(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
@@ -80,7 +76,6 @@ class Edits:
     title_before: str = ""
     title_after: str = ""
     retitled_chunks: list = field(default_factory=list)
-    deleted_doc: Any = None
     deleted_title: str = ""
     deleted_chunks: int = 0
 
@@ -150,13 +145,14 @@ class Demo:
 
     # --- the async part: the daemon, searches, edits ---------------------------------------------
     async def pipeline(self) -> int:
+        from daemon.core.qdrant_connect import make_client
         from daemon.outbox.notify_daemon import NotifyDaemon
 
         cancel_on_sigterm()
         qdrant_path = self.settings.local_qdrant_path
         try:
-            client = self.stores.open_qdrant(qdrant_path)
-        except QdrantBusy:
+            client = make_client(self.settings)  # one client for the daemon and the searches
+        except ConfigError:  # the folder is open in another process
             print(
                 f"outboxd demo: {qdrant_path} is open in another process (an `{self.hint('run')}`?); "
                 "Qdrant's local mode allows one process at a time: stop it first.",
@@ -262,15 +258,15 @@ class Demo:
             return hits
         rows = [
             (str(rank), f"{h.score:.3f}", "—" if h.vector_rank is None else str(h.vector_rank),
-             "—" if h.keyword_rank is None else str(h.keyword_rank), _excerpt(h.title or "", 34),
+             "—" if h.keyword_rank is None else str(h.keyword_rank), excerpt(h.title or "", 34),
              ("(edited) " if mark is not None and str(h.chunk_id) == str(mark) else "") + h.text)
             for rank, h in enumerate(hits, 1)
         ]
         title_w = max(len("title"), *(len(r[4]) for r in rows))
         excerpt_w = max(30, self.console.width - 25 - title_w)
 
-        def line(n, score, vec, kw, title, excerpt):
-            return f"   {n:>2} {score:>6} {vec:>4} {kw:>3}  {title:<{title_w}}  {_excerpt(excerpt, excerpt_w)}"
+        def line(n, score, vec, kw, title, text):
+            return f"   {n:>2} {score:>6} {vec:>4} {kw:>3}  {title:<{title_w}}  {excerpt(text, excerpt_w)}"
 
         self.console.print(Text(line("#", "score", "vec", "kw", "title", "excerpt"), style="dim"), soft_wrap=True)
         for r in rows:
@@ -306,8 +302,8 @@ class Demo:
 
         e = await self.write_edits(daemon, text_doc, title_doc, delete_doc)
         self.say()
-        self.say(f"   1) UPDATE chunks     {e.text_title!r}, chunk {e.text_index}: {_excerpt(e.text_before, 40)!r}")
-        self.say(f"                        → {_excerpt(e.text_after, 60)!r}")
+        self.say(f"   1) UPDATE chunks     {e.text_title!r}, chunk {e.text_index}: {excerpt(e.text_before, 40)!r}")
+        self.say(f"                        → {excerpt(e.text_after, 60)!r}")
         self.say(f"   2) UPDATE documents  title {e.title_before!r} → {e.title_after!r}")
         self.say(f"   3) DELETE documents  {e.deleted_title!r} and its {e.deleted_chunks} chunks (ON DELETE CASCADE)")
 
@@ -353,7 +349,7 @@ class Demo:
                 e.title_before, e.title_after, e.retitled_chunks = before, after, [r["id"] for r in rows]
             async with conn.transaction():
                 await conn.execute(query("demo_delete_document"), {"id": delete_doc["id"]})
-                e.deleted_doc, e.deleted_title, e.deleted_chunks = delete_doc["id"], delete_doc["title"], delete_doc["chunks"]
+                e.deleted_title, e.deleted_chunks = delete_doc["title"], delete_doc["chunks"]
         return e
 
     # --- the end ---------------------------------------------------------------------------

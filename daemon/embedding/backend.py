@@ -77,6 +77,18 @@ class StagedBackend(Backend):
     (daemon.embedding.stage), made by load()."""
 
     stage = None  # the EncodeStage, once loaded
+    _info: BackendInfo | None = None
+
+    async def load(self) -> BackendInfo:
+        """Once: _load() on a thread of its own (imports, model files, the stage)."""
+        from daemon.embedding.stage_parts import run_in_thread  # it imports this module
+
+        if self._info is None:
+            self._info = await run_in_thread(self._load, name=f"outboxd-load-{self.kind}")
+        return self._info
+
+    def _load(self) -> BackendInfo:
+        raise NotImplementedError
 
     async def encode(self, texts: list[str]) -> Encoded:
         if self.stage is None:

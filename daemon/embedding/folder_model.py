@@ -59,16 +59,16 @@ class FolderModel:
         if unsupported or not modes:
             raise ConfigError(f"the onnx backend cannot pool like {pooling_path}: {unsupported or pooling}")
         self.pooling = modes
-        self.hidden = int(self.config.get("hidden_size") or pooling.get("word_embedding_dimension"))
-        self.dimension = self.hidden * len(modes)
+        hidden = int(self.config.get("hidden_size") or pooling.get("word_embedding_dimension"))
+        self.dimension = hidden * len(modes)
         st = read_json(folder / "sentence_bert_config.json")
         self.lowercase = bool(st.get("do_lower_case"))
         window = max_seq_length or st.get("max_seq_length")
         if not window:
             limits = [read_json(folder / "tokenizer_config.json").get("model_max_length"),
                       self.config.get("max_position_embeddings")]
-            window = min(int(x) for x in limits if isinstance(x, int) and x < 10**6) if any(
-                isinstance(x, int) and x < 10**6 for x in limits) else 512
+            valid = [x for x in limits if isinstance(x, int) and x < 10**6]  # tokenizers say 10**30 for "none"
+            window = min(valid) if valid else 512
         self.window = int(window)
         if not (folder / "tokenizer.json").is_file():
             raise ConfigError(f"{folder} has no tokenizer.json; the onnx backend needs a fast (Rust) tokenizer")

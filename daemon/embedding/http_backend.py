@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from daemon.embedding.backend import Backend, BackendInfo, Encoded
 from daemon.embedding.http_protocol import (
@@ -99,8 +99,7 @@ class HttpBackend(Backend):
         self._secret = settings.embedding_api_key  # a SecretStr: its repr and str are "**********"
         self.retry_budget = retry_budget
         self.retry_after_max = retry_after_max
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
+        self._backoff = wait_exponential_jitter(multiplier=backoff_initial, max=backoff_max, jitter=backoff_initial)
         self._transport = transport
         self._dimension: int | None = None
         # the requests run on an event loop of their own, in its own thread (daemon.embedding.loop_thread)
@@ -305,8 +304,7 @@ class HttpBackend(Backend):
             wait = min(retry_after, self.retry_after_max)
             # a little jitter after the endpoint's time, so that waiting clients do not return at once
             return wait + random.uniform(0, min(1.0, 0.1 * wait + 0.05))
-        exp = self.backoff_initial * 2 ** (state.attempt_number - 1)
-        return min(self.backoff_max, exp + random.uniform(0, self.backoff_initial))
+        return self._backoff(state)
 
     def _log_retry(self, state: RetryCallState, texts: int) -> None:
         self.retries += 1

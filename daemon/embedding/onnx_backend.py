@@ -28,7 +28,6 @@ variant "onnx-int8", their own fingerprint, so moving to them is a reindex.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +40,7 @@ from daemon.embedding.model_source import model_folder, resolve_model
 from daemon.embedding.onnx_export import ensure_exported, require_onnxruntime
 from daemon.embedding.settings import OnnxSettings
 from daemon.embedding.stage import EncodeStage, ForwardInterrupted
-from daemon.embedding.stage_parts import run_in_thread
+from daemon.embedding.stage_parts import cores, cpu_workers
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -60,13 +59,6 @@ SPIN = False
 
 
 # --- the backend ----------------------------------------------------------------------------
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 class OnnxBackend(StagedBackend):
     kind = "onnx"
 
@@ -82,14 +74,6 @@ class OnnxBackend(StagedBackend):
         self.batch_size: int | None = None
         self.workers = 1  # forward threads (one per core on a CPU, sharing the session)
         self.threads = 1  # ONNX Runtime intra-op threads per forward pass
-        self.stage: EncodeStage | None = None
-        self.session = None
-        self._info: BackendInfo | None = None
-
-    async def load(self) -> BackendInfo:
-        if self._info is None:
-            self._info = await run_in_thread(self._load, name="outboxd-load-onnx")
-        return self._info
 
     def _load(self) -> BackendInfo:
         ort = require_onnxruntime()
@@ -103,22 +87,19 @@ class OnnxBackend(StagedBackend):
         if optimize:
             self.workers, self.threads = 1, self._onnx.threads or cores()
         else:
-            from daemon.embedding.torch_backend import cpu_workers
-
             self.workers, self.threads = cpu_workers(self._onnx.threads)
         self.entry, self.meta, self.exported = ensure_exported(
             self.cache_root, self.name, folder, quantize=quantize, optimize=optimize
         )
         try:
-            session = self._session(ort)
+            session = self._session(ort, cuda=optimize)
         except Exception as exc:  # whole on disk, yet not loadable (another onnxruntime wrote it?)
             log.warning("cannot load the cached ONNX model; exporting it again", extra={"error": repr(exc)})
             (self.entry / "meta.json").unlink(missing_ok=True)
             self.entry, self.meta, self.exported = ensure_exported(
                 self.cache_root, self.name, folder, quantize=quantize, optimize=optimize
             )
-            session = self._session(ort)
-        self.session = session
+            session = self._session(ort, cuda=optimize)
         inputs = {i.name for i in session.get_inputs()}
         run_options = ort.RunOptions()
         modes, norm = folder.pooling, folder.normalize or s.normalize
@@ -171,7 +152,7 @@ class OnnxBackend(StagedBackend):
         log.warning("OUTBOXD_DEVICE=%s but this onnxruntime has no CUDA provider; running on the CPU", device)
         return False
 
-    def _session(self, ort):
+    def _session(self, ort, cuda: bool):
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -180,7 +161,7 @@ class OnnxBackend(StagedBackend):
         if not SPIN:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
-        if self._wants_cuda(ort):
+        if cuda:
             index = (self._settings.device or "").partition(":")[2] or "0"
             providers = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
         assert self.entry is not None

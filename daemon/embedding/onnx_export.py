@@ -26,16 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from daemon.embedding.folder_model import FolderModel, normalize, pool, read_json
+from daemon.embedding.folder_model import FolderModel, pool, read_json
 from daemon.embedding.model_source import quiet_transformers
-from daemon.embedding.samples import AGREEMENT_SAMPLE
+from daemon.embedding.samples import AGREEMENT, AGREEMENT_SAMPLE, cosine_min
 from daemon.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
 EXPORT_VERSION = 1  # bump when the export changes what it writes: old cache entries are not reused
-AGREEMENT = 0.999  # fp32 ONNX against torch, minimum cosine over the sample
 
 exports = 0  # exports this process ran (the tests prove the cache is reused)
 
@@ -190,7 +189,7 @@ def _export_quietly(model: FolderModel, out: Path, *, quantize: bool, fp32_entry
     if reference is None:  # int8: compare with the fp32 export it came from
         reference = _run_sample(fp32_entry / "model.onnx", model)
     got = _run_sample(target, model)
-    cosine = float((normalize(got) * normalize(reference)).sum(axis=1).min())
+    cosine = cosine_min(got, reference)
     if not quantize and cosine < AGREEMENT:
         raise ConfigError(
             f"the ONNX export of {model.folder} does not agree with torch (minimum cosine {cosine:.6f} over "
@@ -305,11 +304,9 @@ def _tokenizer_inputs(model: FolderModel) -> list[str]:
 def _sample_batches(model: FolderModel):
     from tokenizers import Tokenizer
 
-    from daemon.embedding.stage import pad
+    from daemon.embedding.stage_parts import pad, window_tokenizer
 
-    tok = Tokenizer.from_file(str(model.folder / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(max_length=model.window)
+    tok = window_tokenizer(Tokenizer.from_file(str(model.folder / "tokenizer.json")), model.window)
     texts = [t.lower() for t in AGREEMENT_SAMPLE] if model.lowercase else AGREEMENT_SAMPLE
     ids = [e.ids for e in tok.encode_batch(texts)]
     for start in range(0, len(ids), 8):

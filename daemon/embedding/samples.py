@@ -3,6 +3,10 @@
 numbers, other scripts, and texts longer than any usual window."""
 from __future__ import annotations
 
+import numpy as np
+
+AGREEMENT = 0.999  # minimum cosine over the sample for two ways to count as the same vectors
+
 _PROSE = (
     "PostgreSQL keeps every change in the outbox in the same transaction as the change itself, "
     "so a crash can never lose an event or publish one that was rolled back. The daemon claims "
@@ -48,3 +52,10 @@ AGREEMENT_SAMPLE: list[str] = [
     "Kubernetes restarts the pod when /healthz fails three times in a row.",
     "int8 quantization makes the CPU faster but the vectors differ slightly.",
 ]
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest cosine between the rows of a and b."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return float((a * b).sum(axis=1).min())

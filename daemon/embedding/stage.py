@@ -64,6 +64,7 @@ from daemon.embedding.stage_parts import (  # noqa: F401 - pad, plan_batches: pa
     _Tokenized,
     pad,
     plan_batches,
+    window_tokenizer,
 )
 
 log = logging.getLogger(__name__)
@@ -115,19 +116,14 @@ class EncodeStage:
         workers: int = 1,
         name: str = "encode",
     ) -> None:
-        from tokenizers import Tokenizer
-
         if max_batch < 1 or workers < 1:
             raise ValueError("max_batch and workers must be at least 1")
-        self._tokenizer = Tokenizer.from_str(tokenizer.to_str())
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=window)
+        self._tokenizer = window_tokenizer(tokenizer, window)
         pad_token = (tokenizer.padding or {}).get("pad_token")
         self._pad_id = (tokenizer.token_to_id(pad_token) if pad_token else None) or 0
         self._forward = forward
         self._interrupt = interrupt
         self._lowercase = lowercase  # the model folder's do_lower_case (sentence_bert_config.json)
-        self.window = window
         self.dimension = dimension
         self.max_batch = max_batch
         self.max_tokens = max_tokens
@@ -148,7 +144,6 @@ class EncodeStage:
         self._busy_since = 0.0
         self._forward_threads = 0
         self.forward_calls = 0  # forward passes run (tests, benchmarks)
-        self.forwarded_texts = 0
 
     # --- the caller's side --------------------------------------------------------
     async def encode(self, texts: list[str]) -> Encoded:
@@ -329,7 +324,6 @@ class EncodeStage:
             self._busy_end()
             with self._cond:
                 self.forward_calls += 1
-                self.forwarded_texts += len(items)
             if self._closed:  # close() failed the callers already; stop after this pass
                 return
             self._deliver(items, np.asarray(vectors, dtype=np.float32))

@@ -4,6 +4,7 @@ the batch planner and padding, and a daemon thread as an awaitable
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,36 @@ class EncoderClosedError(DependencyDown):
 
 class ForwardInterrupted(Exception):
     """Raised inside a forward pass that `interrupt` stopped (interpreter exit)."""
+
+
+CPU_WORKERS = 4  # forward threads on a CPU at most (one per core up to this; the cores shared among them)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_workers(threads: int | None = None) -> tuple[int, int]:
+    """(forward threads, operator threads each) on a CPU: one forward thread per
+    core up to CPU_WORKERS, the cores shared among them; `threads` (a setting)
+    means one forward thread with that many."""
+    if threads:
+        return 1, threads
+    n = cores()
+    workers = max(1, min(n, CPU_WORKERS))
+    return workers, max(1, n // workers)
+
+
+def window_tokenizer(tokenizer, window: int):
+    """A copy of a Rust tokenizer that truncates to the window and does not pad
+    (padding is per batch, by pad())."""
+    tok = tokenizer.__class__.from_str(tokenizer.to_str())
+    tok.no_padding()
+    tok.enable_truncation(max_length=window)
+    return tok
 
 
 def pad(rows: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -26,10 +26,10 @@ import numpy as np
 
 from daemon.embedding.backend import BackendInfo, StagedBackend
 from daemon.embedding.model_source import quiet_transformers, resolve_model
-from daemon.embedding.samples import AGREEMENT_SAMPLE
+from daemon.embedding.samples import AGREEMENT, AGREEMENT_SAMPLE, cosine_min
 from daemon.embedding.settings import SentenceTransformersSettings
 from daemon.embedding.stage import EncodeStage, ForwardInterrupted, pad, plan_batches
-from daemon.embedding.stage_parts import run_in_thread
+from daemon.embedding.stage_parts import cpu_workers, window_tokenizer
 from daemon.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -37,9 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AGREEMENT = 0.999  # minimum cosine over the sample for a precision to count as the same vectors
 CPU_BATCH = 8  # texts per forward pass on a CPU: padding costs more than batching saves
-CPU_WORKERS = 4  # forward threads on a CPU at most (one per core up to this; the cores shared among them)
 CUDA_BATCH = 256
 CUDA_TOKENS = 256 * 128  # padded tokens per forward pass on CUDA (a batch of long texts gets fewer)
 
@@ -138,17 +136,9 @@ class ModuleInterrupter:
         self._set = True
 
 
-def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return float((a * b).sum(axis=1).min())
-
-
 def encode_now(forward, tokenizer, texts: list[str], window: int, batch: int = 16) -> np.ndarray:
     """Vectors of texts through `forward`, synchronously, without a stage (checks)."""
-    tok = tokenizer.__class__.from_str(tokenizer.to_str())
-    tok.no_padding()
-    tok.enable_truncation(max_length=window)
+    tok = window_tokenizer(tokenizer, window)
     ids = [e.ids for e in tok.encode_batch(texts)]
     out: np.ndarray | None = None
     for idx in plan_batches([len(i) for i in ids], batch):
@@ -160,20 +150,6 @@ def encode_now(forward, tokenizer, texts: list[str], window: int, batch: int = 1
     return out
 
 
-def cpu_workers(threads: int | None = None) -> tuple[int, int]:
-    """(forward threads, operator threads each) on a CPU: one forward thread per
-    core up to CPU_WORKERS, the cores shared among them; `threads` (a setting)
-    means one forward thread with that many."""
-    if threads:
-        return 1, threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    workers = max(1, min(cores, CPU_WORKERS))
-    return workers, max(1, cores // workers)
-
-
 class SentenceTransformersBackend(StagedBackend):
     kind = "sentence-transformers"
 
@@ -183,19 +159,11 @@ class SentenceTransformersBackend(StagedBackend):
         self._precision_setting = (
             embedding.precision if isinstance(embedding, SentenceTransformersSettings) else "auto"
         )
-        self.name, self._source = resolve_model(settings.model)
+        _, self._source = resolve_model(settings.model)
         self.model = None  # the SentenceTransformer, once loaded (benchmarks compare with its own encode())
         self.precision: str | None = None  # what runs: fp32, fp16 or bf16
         self.agreement: float | None = None  # the cosine measured for a lower precision
         self.batch_size: int | None = None
-        self.workers = 1
-        self.stage: EncodeStage | None = None
-        self._info: BackendInfo | None = None
-
-    async def load(self) -> BackendInfo:
-        if self._info is None:
-            self._info = await run_in_thread(self._load, name="outboxd-load-model")
-        return self._info
 
     def _load(self) -> BackendInfo:
         import torch
@@ -266,7 +234,6 @@ class SentenceTransformersBackend(StagedBackend):
             workers=workers,
             name="torch",
         )
-        self.workers = workers
         description = f"torch {device} {precision}"
         if threads:
             description += f" {workers}x{threads} threads"

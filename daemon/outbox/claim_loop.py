@@ -72,7 +72,7 @@ class ClaimLoop:
             if self.drain:  # let the other workers see at once whether anything is left
                 svc.wakeup.fire()
 
-    async def process(self, claim: Claim, claimed: tuple[int, int] | None = None) -> None:
+    async def process(self, claim: Claim, claimed: tuple[int, int]) -> None:
         """Deliver and acknowledge one claimed batch, in one trace (claimed: when
         its claim started and ended, in time.time_ns())."""
         svc = self.service
@@ -81,25 +81,23 @@ class ClaimLoop:
         svc.metrics.batch_size.record(len(claim))
         with span(
             "outboxd.batch",
-            start_time=claimed[0] if claimed else None,
+            start_time=claimed[0],
             events=len(claim),
             chunks=len({e.chunk_id for e in claim}),
             worker=self.name,
         ):
-            if claimed:
-                record_span("claim", *claimed, events=len(claim))
+            record_span("claim", *claimed, events=len(claim))
             try:
                 await self._process_claimed(claim)
             finally:
                 svc.heartbeat.idle(self.name)
-                claim_seconds = (claimed[1] - claimed[0]) / 1e9 if claimed else 0.0
-                svc.metrics.batch_seconds.record(claim_seconds + time.perf_counter() - started)
+                svc.metrics.batch_seconds.record((claimed[1] - claimed[0]) / 1e9 + time.perf_counter() - started)
 
     async def _process_claimed(self, claim: Claim) -> None:
         svc = self.service
         ids = [e.id for e in claim]
         renewer = asyncio.create_task(self._renew(ids))
-        states = getattr(claim, "states", None)  # read with the claim; an outage retry reads them again
+        states = claim.states  # read with the claim; an outage retry reads them again
         try:
             async for attempt in svc.policy.retrying(self.name):
                 with attempt:

@@ -29,7 +29,7 @@ class Event:
     created_at: datetime
 
 
-STATE_FIELDS = tuple(f for f in ChunkState.__slots__)
+STATE_FIELDS = ChunkState.__slots__
 
 
 class Claim(list):
@@ -67,7 +67,7 @@ class Outbox:
         events, states = [], {}
         for r in rows:
             events.append(Event(r["id"], r["chunk_id"], r["op"], r["attempts"], r["created_at"]))
-            if r["state_hash"] is not None and r["chunk_id"] not in states:
+            if r["state_hash"] is not None:  # on the chunk's first event only (a gone chunk has none)
                 states[r["chunk_id"]] = ChunkState(**{f: r[f] for f in STATE_FIELDS})
         events.sort(key=lambda e: e.id)
         return Claim(events, states)

@@ -70,9 +70,12 @@ class OutboxService(Service):
         async with self.pool.connection(timeout=READINESS_TIMEOUT) as conn:
             await conn.execute("SELECT 1")
 
+    async def _revisions(self) -> tuple[str | None, str]:
+        """(the database's schema revision, the one this outboxd needs)."""
+        return await asyncio.to_thread(migrate.current_revision, self.dsn), migrate.head_revision()
+
     async def _ready_migrations(self) -> None:
-        current = await asyncio.to_thread(migrate.current_revision, self.dsn)
-        head = migrate.head_revision()
+        current, head = await self._revisions()
         if current != head:
             raise SchemaNotReadyError(f"schema at revision {current or 'none'}, this outboxd needs {head}")
 
@@ -100,8 +103,7 @@ class OutboxService(Service):
         await self.pool.open(wait=True, timeout=min(10.0, self.settings.startup_timeout))
 
     async def _check_schema(self) -> None:
-        current = await asyncio.to_thread(migrate.current_revision, self.dsn)
-        head = migrate.head_revision()
+        current, head = await self._revisions()
         if current != head:
             raise SchemaNotReadyError(
                 f"the database schema is at revision {current or 'none'} but this outboxd needs {head}. "

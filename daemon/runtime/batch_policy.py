@@ -100,13 +100,13 @@ class BatchPolicy:
         if busy is not None:
             self.heartbeat.busy(busy)  # waiting out an outage is progress, not a stuck batch
 
-    def retrying(self, busy: str, stage: str = "batch") -> AsyncRetrying:
+    def retrying(self, busy: str) -> AsyncRetrying:
         """Retry transient failures with backoff and jitter until they pass or the
         process stops (then the last error is raised for the caller to release its work)."""
 
         def before_sleep(state) -> None:
             exc = state.outcome.exception()
-            self.note_outage(stage, exc, state.upcoming_sleep, busy)
+            self.note_outage("batch", exc, state.upcoming_sleep, busy)
             log.warning(
                 f"{dependency_of(exc)} unavailable; retrying the batch",
                 extra={"error": describe(exc), "attempt": state.attempt_number, "retry_in": round(state.upcoming_sleep, 2)},
@@ -158,7 +158,7 @@ class BatchPolicy:
         for result, total in (("ok", acked), ("released", released)):
             for op, n in apportion(total, weights).items():
                 self.metrics.events_applied.add(n, {"op": op, "result": result})
-        for kind, n in getattr(outcome, "embedding_kinds", dict)().items():
+        for kind, n in outcome.embedding_kinds().items():
             if n:
                 self.metrics.embeddings.add(n, {"kind": kind})
 

@@ -123,22 +123,13 @@ class HealthServer:
 
     async def readyz(self) -> tuple[int, bytes, str]:
         names = list(self.readiness)
-        outcomes = await asyncio.gather(*(self._run_check(self.readiness[n]) for n in names))
+        outcomes = await asyncio.gather(*(run_check(self.readiness[n], self.readiness_timeout) for n in names))
         checks = {}
         for name, error in zip(names, outcomes):
             checks[name] = {"status": "ok"} if error is None else {"status": "fail", "error": self._redact(error)}
         ok = all(error is None for error in outcomes)
         body = {"status": "ok" if ok else "fail", "checks": checks}
         return (200 if ok else 503), orjson.dumps(body), "application/json"
-
-    async def _run_check(self, check: Check) -> str | None:
-        try:
-            await asyncio.wait_for(check(), self.readiness_timeout)
-        except asyncio.TimeoutError:
-            return f"no answer within {self.readiness_timeout:g}s"
-        except Exception as exc:  # noqa: BLE001 - any failure is a failed check
-            return describe(exc)
-        return None
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -201,3 +192,14 @@ class HealthServer:
             raise ValueError("too many headers")
         method, target = parts[0].upper(), parts[1]
         return method, target.split("?", 1)[0]
+
+
+async def run_check(check: Check, timeout: float) -> str | None:
+    """None when the readiness check passes within timeout, else why it failed."""
+    try:
+        await asyncio.wait_for(check(), timeout)
+    except asyncio.TimeoutError:
+        return f"no answer within {timeout:g}s"
+    except Exception as exc:  # noqa: BLE001 - any failure is a failed check
+        return describe(exc)
+    return None

@@ -34,7 +34,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_a
 from daemon.config import Settings
 from daemon.errors import ConfigError, ServiceUnavailableError, describe, is_transient
 from daemon.runtime.batch_policy import BatchPolicy, Stats
-from daemon.runtime.health import HealthServer, Heartbeat
+from daemon.runtime.health import HealthServer, Heartbeat, run_check
 from daemon.runtime.systemd import SystemdNotifier
 from daemon.telemetry import setup_telemetry
 
@@ -259,21 +259,14 @@ async def _readiness_gauges(service: Service) -> None:
     checks every READINESS_EVERY seconds."""
     checks = service.readiness_checks()
     while True:
-        results = await asyncio.gather(*(_passes(check) for check in checks.values()))
+        errors = await asyncio.gather(*(run_check(check, READINESS_TIMEOUT) for check in checks.values()))
+        results = [error is None for error in errors]
         outcome = dict(zip(checks, results))
         service.metrics.set_ready(all(results))
         for name, ok in outcome.items():
             if name in DEPENDENCY_OF_CHECK:
                 service.metrics.set_dependency_up(DEPENDENCY_OF_CHECK[name], ok)
         await asyncio.sleep(READINESS_EVERY)
-
-
-async def _passes(check: Check) -> bool:
-    try:
-        await asyncio.wait_for(check(), READINESS_TIMEOUT)
-        return True
-    except Exception:  # noqa: BLE001 - a failed check is a 0 on the gauge
-        return False
 
 
 async def _watchdog(service: Service) -> None:

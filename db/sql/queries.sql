@@ -24,12 +24,18 @@ claimed AS (
     FROM picked
     WHERE o.id = picked.id
     RETURNING o.id, o.chunk_id, o.op, o.attempts, o.created_at
+),
+numbered AS (
+    SELECT claimed.*, row_number() OVER (PARTITION BY chunk_id ORDER BY id) AS nth
+    FROM claimed
 )
+-- A chunk's state once, on its first event: a chunk edited several times has
+-- several events in a claim, and its text need not cross the wire for each.
 SELECT c.id, c.chunk_id, c.op, c.attempts, c.created_at,
        s.document_id, s.source_id, s.chunk_index, s.text, s.token_count, s.content_hash,
        s.metadata, s.title, s.url, s.document_type, s.state_hash
-FROM claimed c
-LEFT JOIN outboxd.chunk_state s ON s.chunk_id = c.chunk_id;
+FROM numbered c
+LEFT JOIN outboxd.chunk_state s ON s.chunk_id = c.chunk_id AND c.nth = 1;
 
 -- renew_lease --
 -- Keeps a long batch (slow embedding) from being re-claimed by another worker.

@@ -42,13 +42,8 @@ import argparse
 import asyncio
 import os
 import platform
-import subprocess
-import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import orjson
@@ -56,31 +51,16 @@ import orjson
 from daemon.config import Settings
 from daemon.embedding.http_backend import HttpBackend
 from tests.benchmarks.e2e_throughput import make_texts
+from tests.benchmarks.services import Postgres
+from tests.processes import serving
 
-REPO = Path(__file__).resolve().parents[2]
 TARGET = 0.9
 
 
-@contextmanager
-def endpoint_process(*, base: float, per_text: float, dimension: int = 384) -> Iterator[str]:
-    """tests.embedding_server in a child process; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.embedding_server", "--base", str(base), "--per-text", str(per_text),
-         "--dimension", str(dimension)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        url = proc.stdout.readline().strip()
-        if not url.startswith("http://"):
-            raise RuntimeError(f"the embedding server did not start (exit {proc.poll()})")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def endpoint_process(*, base: float, per_text: float, dimension: int = 384):
+    """tests.embedding_server in a child process; a context manager yielding its base URL."""
+    argv = ["tests.embedding_server", "--base", str(base), "--per-text", str(per_text), "--dimension", str(dimension)]
+    return serving(argv, "http://", "the embedding server")
 
 
 def server_stats(url: str) -> dict:
@@ -133,27 +113,6 @@ async def backend_rate(url: str, texts: list[str], n_concurrent: int, batch_text
         return len(texts) / elapsed, (backend.encoded_seconds() - busy_before) / elapsed
     finally:
         await backend.close()
-
-
-@contextmanager
-def postgres() -> Iterator[str]:
-    """DATABASE_URL, else a throwaway pgserver PostgreSQL; migrated to head."""
-    from db import migrate
-
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        migrate.upgrade(url)
-        yield url
-        return
-    import pgserver
-
-    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="outboxd-bench-pg-")), cleanup_mode="delete")
-    try:
-        dsn = server.get_uri()
-        migrate.upgrade(dsn)
-        yield dsn
-    finally:
-        server.cleanup()
 
 
 def pipeline(url: str, dsn: str, texts: list[str], n_concurrent: int, batch_texts: int,
@@ -304,8 +263,11 @@ def main() -> None:
     if args.no_pipeline:
         result = measure_http(texts, args.concurrent, **kwargs)
     else:
-        with postgres() as dsn:
-            result = measure_http(texts, args.concurrent, dsn=dsn, **kwargs)
+        pg = Postgres()
+        try:
+            result = measure_http(texts, args.concurrent, dsn=pg.fresh(), **kwargs)
+        finally:
+            pg.close()
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if args.out:
         args.out.write_text(text)

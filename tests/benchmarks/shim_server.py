@@ -25,13 +25,10 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -42,7 +39,6 @@ SHIM_TITLE = "qdrant - outboxd benchmark shim"
 SHIM_VERSION = "1.19.0"
 SHIM_LABEL = "Qdrant REST shim (qdrant-client's local engine in one process), not a Qdrant server"
 SERVER_LABEL = SHIM_LABEL + "; its own process, over a socket"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _server_shim():
@@ -161,22 +157,12 @@ def loopback_host() -> str:
 @contextmanager
 def shim_server_process(port: int | None = None, host: str | None = None) -> Iterator[str]:
     """`python -m tests.benchmarks.shim_server --port N --host H` in a child process; yields its URL."""
+    from tests.processes import serving
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOXD_", "QDRANT_"))}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.benchmarks.shim_server", "--port", str(port or 0),
-                             "--host", host or loopback_host()],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline().strip()
-        if not line.startswith("listening on "):
-            raise RuntimeError(f"the Qdrant REST shim server did not start (exit {proc.poll()}): {line!r}")
+    argv = ["tests.benchmarks.shim_server", "--port", str(port or 0), "--host", host or loopback_host()]
+    with serving(argv, "listening on ", "the Qdrant REST shim server", env=env) as line:
         yield line.removeprefix("listening on ")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def stats(url: str) -> dict:
