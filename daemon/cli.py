@@ -12,6 +12,7 @@ Exit codes: daemon.errors (one contract for every command).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -74,6 +75,9 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code (daemon.errors: 0, 1, 2, 3, 69, 78, 130)."""
+    # gRPC's C core (Qdrant over gRPC) logs at INFO to stderr, unstructured, e.g. on
+    # every fork; outboxd says what matters itself. GRPC_VERBOSITY in the environment wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         code = cli.main(args=argv, prog_name="outboxd", standalone_mode=False)
     except click.exceptions.Exit as done:  # --help, --version

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("QDRANT_API_KEY", "OUTBOXD_QDRANT_API_KEY", "qdrant_api_key"),
         description="API key for the Qdrant server.",
     )
+    qdrant_ca_file: Path | None = Field(
+        None,
+        description="CA bundle (PEM) that signs the Qdrant server's certificate, for an https QDRANT_URL "
+        "(default: SSL_CERT_FILE where set, else the system's CAs); REST and gRPC both use it.",
+    )
     qdrant_path: Path | None = Field(
         None, description="Local-mode storage folder (default: <data-dir>/qdrant); ':memory:' keeps nothing."
     )

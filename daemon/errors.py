@@ -15,6 +15,8 @@ configuration (do not restart) from an unreachable service (restart later).
 """
 from __future__ import annotations
 
+import ssl
+
 import httpx
 import psycopg
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -68,11 +70,72 @@ class InvalidChunkError(OutboxdError):
     """One chunk cannot be projected to a point; retrying it unchanged will not help."""
 
 
+def _grpc_status(exc: BaseException):
+    """The gRPC status code of a gRPC error (qdrant-client's gRPC transport), else None."""
+    try:
+        import grpc
+    except ImportError:  # pragma: no cover
+        return None
+    return exc.code() if isinstance(exc, grpc.RpcError) else None
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+QDRANT_KEY_FIX = "Set QDRANT_API_KEY (or QDRANT_API_KEY_FILE) to an API key of this Qdrant server."
+QDRANT_WRITE_FIX = (
+    "The API key may read but not write here (a read-only key, or a JWT without write access to this "
+    "collection): `outboxd run`, `consume`, `reindex` and `reconcile --repair` need a read-write key "
+    "(QDRANT_API_KEY); a read-only key serves `outboxd search`, `status` and `reconcile --check`."
+)
+QDRANT_CA_FIX = (
+    "Set OUTBOXD_QDRANT_CA_FILE (or SSL_CERT_FILE) to the CA bundle (PEM) that signed the server's "
+    "certificate, or use the URL its certificate names."
+)
+
+
+def refusal(exc: BaseException) -> ConfigError | None:
+    """A failure that no waiting heals, as the configuration error it is (exit
+    78): Qdrant refusing the API key (401) or the request (403), or a server
+    certificate that does not verify. None for anything else."""
+    status = _grpc_status(exc)
+    if status is not None:
+        import grpc
+
+        details = exc.details() or status.name
+        if status == grpc.StatusCode.UNAUTHENTICATED:
+            return ConfigError(f"Qdrant refused the API key ({details}). {QDRANT_KEY_FIX}")
+        if status == grpc.StatusCode.PERMISSION_DENIED:
+            return ConfigError(f"Qdrant refused the request ({details}). {QDRANT_WRITE_FIX}")
+        if status == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in details:
+            return ConfigError(f"the Qdrant server's TLS certificate does not verify ({details[-300:]}). {QDRANT_CA_FIX}")
+        return None
+    if isinstance(exc, UnexpectedResponse) and exc.status_code in (401, 403):
+        said = exc.content.decode(errors="replace").strip()[:300] if exc.content else exc.reason_phrase
+        if exc.status_code == 401:
+            return ConfigError(f"Qdrant refused the API key (401 Unauthorized: {said}). {QDRANT_KEY_FIX}")
+        return ConfigError(f"Qdrant refused the request (403 Forbidden: {said}). {QDRANT_WRITE_FIX}")
+    if isinstance(exc, ResponseHandlingException):  # qdrant-client's REST transport failed
+        for cause in _chain(exc):
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                return ConfigError(f"the Qdrant server's TLS certificate does not verify ({cause.verify_message or cause}). "
+                                   f"{QDRANT_CA_FIX}")
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures of the infrastructure (network, restarts, overload) rather
-    than of the event: those are retried without counting against the event."""
+    than of the event: those are retried without counting against the event.
+    A refusal (a key or a certificate the server will not accept) is not one."""
     if isinstance(exc, DependencyDown):
         return True
+    if refusal(exc) is not None:
+        return False
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return True
     if isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError)):
@@ -83,17 +146,9 @@ def is_transient(exc: BaseException) -> bool:
         return exc.status_code is None or exc.status_code >= 500 or exc.status_code == 429
     if _is_transient_kafka(exc):
         return True
-    try:
-        import grpc  # qdrant-client's gRPC transport, when prefer_grpc is used
-
-        if isinstance(exc, grpc.RpcError) and exc.code() in (
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-        ):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+    status = _grpc_status(exc)  # qdrant-client's gRPC transport, when prefer_grpc is used
+    if status is not None:
+        return status.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
     return False
 
 

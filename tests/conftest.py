@@ -1,5 +1,6 @@
 """Real services for the tests: PostgreSQL (DATABASE_URL, else a throwaway
-pgserver), Qdrant (QDRANT_URL, else local mode) and the real MiniLM model."""
+pgserver), Qdrant (QDRANT_URL, else a real server from its binary, else a
+container, else local mode: tests/qdrant_server.py) and the real MiniLM model."""
 from __future__ import annotations
 
 import asyncio
@@ -11,45 +12,84 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
 from daemon.embedding.embedder import Embedder
 from db import migrate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC C core logs INFO lines on every fork
 
-QDRANT_TEST_IMAGE = "qdrant/qdrant:v1.19.0"
+# --- Qdrant: one for the session (tests/qdrant_server.py says which) --------------------
+_qdrant_session = pytest.StashKey()
 
 
-def pytest_configure(config):
-    """OUTBOXD_TEST_QDRANT=container: run the whole suite against a Qdrant server in
-    Docker (testcontainers). It is set up as QDRANT_URL before any test starts, so
-    fixtures and the daemons the tests spawn all use it, as with your own server."""
-    if os.environ.get("OUTBOXD_TEST_QDRANT") != "container" or os.environ.get("QDRANT_URL"):
+def pytest_collection_finish(session):
+    """Choose the session's Qdrant once the tests are known, and start it where it
+    is a server this run starts: only when some test outside tests/unit runs.
+    It is published as QDRANT_URL (and OUTBOXD_QDRANT_GRPC_PORT) before any test
+    starts, so fixtures and the outboxd processes tests spawn all use it."""
+    config = session.config
+    if config.option.collectonly or _qdrant_session in config.stash:
         return
-    from testcontainers.community.qdrant import QdrantContainer
-
-    image = os.environ.get("OUTBOXD_TEST_QDRANT_IMAGE", QDRANT_TEST_IMAGE)
-    try:
-        container = QdrantContainer(image).start()
-    except Exception as exc:  # no Docker engine: say so instead of a page of docker-py traceback
-        raise pytest.UsageError(
-            f"OUTBOXD_TEST_QDRANT=container needs a Docker engine to start {image}: {exc}; "
-            "unset it to use local mode, or set QDRANT_URL to a Qdrant server"
-        ) from exc
-    config.stash[_qdrant_container] = container
-    os.environ["QDRANT_URL"] = f"http://{container.rest_host_address}"
-    os.environ["OUTBOXD_QDRANT_GRPC_PORT"] = str(container.exposed_grpc_port)
+    unit = REPO / "tests" / "unit"
+    if not any(unit not in Path(str(item.path)).parents for item in session.items):
+        return
+    config.stash[_qdrant_session] = _start_session_qdrant(config)
 
 
-def pytest_unconfigure(config):
-    container = config.stash.get(_qdrant_container, None)
-    if container is not None:
-        container.stop()
+def _start_session_qdrant(config) -> str:
+    """Set the environment for the session's Qdrant; a label that says which it is."""
+    from tests.qdrant_server import BINARY_VARIABLE, CHOICE_VARIABLE, CONTAINER_IMAGE, QdrantServer, find_binary
+
+    if os.environ.get("QDRANT_URL"):
+        return f"your Qdrant at QDRANT_URL={os.environ['QDRANT_URL']}"
+    choice = os.environ.get(CHOICE_VARIABLE, "auto")
+    if choice not in ("auto", "server", "container", "local"):
+        raise pytest.UsageError(f"{CHOICE_VARIABLE}={choice!r}: expected server, container or local (or unset)")
+    if choice in ("auto", "server"):
+        try:
+            binary = find_binary()
+        except FileNotFoundError as exc:
+            raise pytest.UsageError(str(exc)) from exc
+        if binary is not None:
+            server = QdrantServer(binary).start()
+            config.add_cleanup(server.close)
+            os.environ["QDRANT_URL"] = server.url
+            os.environ["OUTBOXD_QDRANT_GRPC_PORT"] = str(server.grpc_port)
+            return f"a real {server.describe()}"
+        if choice == "server":
+            raise pytest.UsageError(
+                f"{CHOICE_VARIABLE}=server, but no Qdrant server binary was found: set {BINARY_VARIABLE}, "
+                "or put `qdrant` on PATH"
+            )
+    if choice == "container" or (choice == "auto" and _docker_reachable()):
+        from testcontainers.community.qdrant import QdrantContainer
+
+        image = os.environ.get("OUTBOXD_TEST_QDRANT_IMAGE", CONTAINER_IMAGE)
+        try:
+            container = QdrantContainer(image).start()
+        except Exception as exc:  # no Docker engine: say so instead of a page of docker-py traceback
+            raise pytest.UsageError(
+                f"{CHOICE_VARIABLE}=container needs a Docker engine to start {image}: {exc}; "
+                "unset it, or set QDRANT_URL to a Qdrant server"
+            ) from exc
+        config.add_cleanup(container.stop)
+        os.environ["QDRANT_URL"] = f"http://{container.rest_host_address}"
+        os.environ["OUTBOXD_QDRANT_GRPC_PORT"] = str(container.exposed_grpc_port)
+        return f"a Qdrant server in a container ({image}) at {os.environ['QDRANT_URL']}"
+    why = "chosen" if choice == "local" else f"no Qdrant server binary ({BINARY_VARIABLE}) and no Docker engine"
+    return f"qdrant-client local mode ({why})"
 
 
-_qdrant_container = pytest.StashKey()
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    label = config.stash.get(_qdrant_session, None)
+    if label is None:
+        return
+    terminalreporter.write_line(f"Qdrant: {label}")
+    summary = os.environ.get("OUTBOXD_TEST_SUMMARY")
+    if summary:  # .ci/run puts it in its own last line
+        Path(summary).write_text(label + "\n")
 
 
 def dsn_for(base_dsn: str, dbname: str) -> str:
@@ -160,20 +200,25 @@ async def pool(dsn):
 
 
 @pytest.fixture
-def collection() -> str:
-    return f"chunks_{uuid.uuid4().hex[:8]}"
+def collection():
+    """A collection (alias) name of this test's own. On a server, every
+    collection whose name starts with it is deleted afterwards, whoever made it
+    (the test, or an outboxd process it started)."""
+    name = f"chunks_{uuid.uuid4().hex[:8]}"
+    yield name
+    if os.environ.get("QDRANT_URL"):
+        from tests.support import delete_collections
+
+        delete_collections(name)
 
 
 @pytest.fixture
 async def qdrant(collection):
-    """QDRANT_URL when set, else qdrant-client's local mode in memory."""
-    url = os.environ.get("QDRANT_URL")
-    client = AsyncQdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY")) if url else AsyncQdrantClient(location=":memory:")
+    """A client of the session's Qdrant: its server, else local mode in memory."""
+    from tests.support import open_qdrant
+
+    client = open_qdrant(":memory:")
     yield client
-    if url:  # a shared server: remove the alias and the physical collections behind it
-        for c in (await client.get_collections()).collections:
-            if c.name.startswith(collection):
-                await client.delete_collection(c.name)
     await client.close()
 
 

@@ -1,9 +1,12 @@
-"""Helpers the tests share: write content the way an application does, run the
-daemon in-process, and check invariant 2 (convergence) in full."""
+"""Helpers the tests share: reach the session's Qdrant, write content the way
+an application does, run the daemon in-process, and check invariant 2
+(convergence) in full."""
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +19,69 @@ from qdrant_client import AsyncQdrantClient
 from daemon.core.chunk_state import ChunkState
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
+
+
+# --- the session's Qdrant (tests/conftest.py publishes it as QDRANT_URL) -------------------
+def server_settings() -> dict[str, Any] | None:
+    """Client keywords of the session's Qdrant server, or None in local mode."""
+    url = os.environ.get("QDRANT_URL")
+    if not url:
+        return None
+    extra: dict[str, Any] = {"url": url, "api_key": os.environ.get("QDRANT_API_KEY"), "timeout": 60, "check_compatibility": False,
+                             "grpc_port": int(os.environ.get("OUTBOXD_QDRANT_GRPC_PORT", "6334"))}
+    ca = os.environ.get("OUTBOXD_QDRANT_CA_FILE")
+    if ca:
+        import ssl
+
+        extra["verify"] = ssl.create_default_context(cafile=ca)
+    return extra
+
+
+def require_server() -> dict[str, Any]:
+    """Skip a test whose meaning needs a Qdrant server, in a session that runs local mode."""
+    server = server_settings()
+    if server is None:
+        import pytest
+
+        pytest.skip("needs a Qdrant server: this session runs qdrant-client's local mode")
+    return server
+
+
+def open_qdrant(local_path: str | Path, *, prefer_grpc: bool = False) -> AsyncQdrantClient:
+    """A client of the session's Qdrant server; in local mode, of the folder
+    (or ':memory:') that an in-process daemon or an outboxd process was given."""
+    server = server_settings()
+    if server is None:
+        return AsyncQdrantClient(location=":memory:") if str(local_path) == ":memory:" else AsyncQdrantClient(path=str(local_path))
+    return AsyncQdrantClient(prefer_grpc=prefer_grpc, **server)
+
+
+def qdrant_flags(local_path: str | Path) -> list[str]:
+    """CLI flags for the session's Qdrant: none on a server (QDRANT_URL is in the
+    environment), else --qdrant-path of the local-mode folder."""
+    return [] if server_settings() else ["--qdrant-path", str(local_path)]
+
+
+def qdrant_choice(local_path: str | Path) -> dict[str, Any]:
+    """Settings keywords for the same choice: none on a server, else qdrant_path."""
+    return {} if server_settings() else {"qdrant_path": Path(local_path)}
+
+
+def delete_collections(prefix: str) -> list[str]:
+    """On the session's server: delete every collection named prefix* (their aliases go with them)."""
+    from qdrant_client import QdrantClient
+
+    server = server_settings()
+    if server is None:
+        return []
+    client = QdrantClient(**server)
+    try:
+        gone = [c.name for c in client.get_collections().collections if c.name.startswith(prefix)]
+        for name in gone:
+            client.delete_collection(name)
+        return gone
+    finally:
+        client.close()
 
 
 def add_source(conn: psycopg.Connection, source_type: str = "api") -> uuid.UUID:

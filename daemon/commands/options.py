@@ -115,6 +115,7 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict) -
         dependency_of,
         describe,
         is_transient,
+        refusal,
     )
     from daemon.logs import setup_logging
 
@@ -140,6 +141,9 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict) -
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if (refused := refusal(exc)) is not None:  # a key or certificate the server will not accept
+            log.error(str(refused), extra={"exit_code": refused.exit_code})
+            return refused.exit_code
         # an outage outside a service's own waiting (a one-shot command); SQLAlchemy
         # (Alembic, `migrate`) wraps the driver's error, which says what happened
         outage = next((e for e in (exc, getattr(exc, "orig", None)) if e is not None and is_transient(e)), None)

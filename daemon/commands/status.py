@@ -148,6 +148,7 @@ async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
     from daemon.core.qdrant_store import QdrantStore
 
     sink = QdrantStore(client, settings.collection)
+    version = (await client.info()).version if settings.qdrant_url else None  # local mode is the client's own
     alias_target = await sink.resolve()
     live_name = catalog_live["name"] if catalog_live else None
     physical = live_name or alias_target
@@ -155,6 +156,7 @@ async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
     section = {
         **section,
         "available": True,
+        "server_version": version,
         "alias_target": alias_target,
         "catalog_live": live_name,
         "collection": physical,
@@ -291,6 +293,8 @@ def render(report: dict[str, Any]) -> None:
         rows.append({"": "unavailable", "value": q["reason"]})
     else:
         fp = q["fingerprint"]
+        if q["server_version"]:
+            rows.append({"": "server version", "value": q["server_version"]})
         rows += [
             {"": "alias points at", "value": q["alias_target"]},
             {"": "live collection", "value": q["collection"]},

@@ -3,14 +3,20 @@ local mode (a folder, or ':memory:'), and the readiness checks of a process
 that embeds and writes."""
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
+import httpx
 from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
 from daemon.errors import ConfigError, ServiceUnavailableError
 
 LOCKED = "is already accessed by another instance of Qdrant client"
+KEEPALIVE_S = 3.0
 
 
 def make_client(settings: Settings) -> AsyncQdrantClient:
@@ -24,6 +30,14 @@ def make_client(settings: Settings) -> AsyncQdrantClient:
             timeout=int(settings.qdrant_timeout),
             prefer_grpc=settings.qdrant_prefer_grpc,
             grpc_port=settings.qdrant_grpc_port,
+            # qdrant-client turns keep-alive off for a server on localhost (a sidecar), so each
+            # request would open a connection; idle ones are dropped before the server's own
+            # 5 s keep-alive can close them under a request
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_S),
+            # its version check is a blocking request in the constructor, and warns when a
+            # refused key makes it fail; `outboxd status` reports the server's version instead
+            check_compatibility=False,
+            **_tls(settings),
         )
     path = settings.local_qdrant_path
     if path == ":memory:":
@@ -41,6 +55,22 @@ def make_client(settings: Settings) -> AsyncQdrantClient:
         ) from None
 
 
+def _tls(settings: Settings) -> dict[str, Any]:
+    """The CA that verifies an https server, for REST (an SSL context) and gRPC
+    (root certificates): OUTBOXD_QDRANT_CA_FILE, else SSL_CERT_FILE, else the system's."""
+    ca = settings.qdrant_ca_file or os.environ.get("SSL_CERT_FILE")
+    if not ca or not str(settings.qdrant_url).lower().startswith("https"):
+        return {}
+    name = "OUTBOXD_QDRANT_CA_FILE" if settings.qdrant_ca_file else "SSL_CERT_FILE"
+    try:
+        pem = Path(ca).read_bytes()
+        context = ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{name}={ca} cannot be used as the CA bundle for Qdrant: {exc}; point it at a readable PEM file "
+            "of CA certificates"
+        ) from None
+    return {"verify": context, "grpc_options": {"root_certificates": pem}}
 def describe_target(settings: Settings) -> str:
     if settings.qdrant_url:
         return f"{settings.qdrant_url}{' (gRPC)' if settings.qdrant_prefer_grpc else ''}"

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_KEY = "outboxd_model"
 INDEXED_FIELDS = ("document_id", "source_id", "content_hash")
+NO_CHUNK = "00000000-0000-0000-0000-000000000000"  # the nil UUID: gen_random_uuid() never makes it
 
 # Local mode ignores payload indexes and says so on every create; we create them
 # for the day the same collection lives on a server.
@@ -135,6 +136,12 @@ class QdrantStore:
                 return
         self.collection = target
         await self.check_adoptable(fingerprint)
+        if live is not None and await self.resolve() is None:
+            # the collection is back (restored from a snapshot) but its alias went with the
+            # deleted one: readers need it again
+            log.warning("the alias was missing; pointing it at the live collection",
+                        extra={"alias": self.alias, "collection": live})
+            await self.create_alias()
 
     async def check_adoptable(self, fingerprint: ModelFingerprint) -> None:
         """The existing collection can hold this model's vectors (size, distance,
@@ -232,6 +239,12 @@ class QdrantStore:
                 if not already_exists(exc):
                     raise
         return created
+
+    async def check_writable(self) -> None:
+        """A write that changes nothing (deleting the nil UUID, which is never a
+        chunk id), refused (403) where the API key may only read: such a key
+        stops the start instead of failing every batch."""
+        await self.client.delete(self.collection, models.PointIdsList(points=[NO_CHUNK]), wait=True)
 
     async def recorded_fingerprint(self) -> ModelFingerprint | None:
         info = await self.client.get_collection(self.collection)

@@ -38,11 +38,15 @@ class QdrantWriter:
         return self.embedder.fingerprint
 
     async def ensure_collection(self, until_reachable: UntilReachable, live: str | None = None) -> str:
-        """Load the model, then check or create the collection for it; the physical name."""
+        """Reach Qdrant, load the model, then check or create the collection for
+        it, and check that this process may write there; the physical name.
+        Qdrant is asked first, so a refused key or certificate ends the start at
+        once instead of after the model has loaded."""
+        qdrant = f"Qdrant ({describe_target(self.settings)})"
+        await until_reachable(qdrant, self.qdrant.get_collections)
         fingerprint = await self.load_model(until_reachable)
-        await until_reachable(
-            f"Qdrant ({describe_target(self.settings)})", lambda: self.store.ensure_collection(fingerprint, live)
-        )
+        await until_reachable(qdrant, lambda: self.store.ensure_collection(fingerprint, live))
+        await until_reachable(qdrant, self.store.check_writable)
         return self.store.collection
 
     def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:

@@ -21,7 +21,7 @@ from typing import TypeVar
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from daemon.core.batch import Outcome, Targets
-from daemon.errors import ConfigError, dependency_of, describe, is_transient
+from daemon.errors import ConfigError, dependency_of, describe, is_transient, refusal
 from daemon.runtime.health import Heartbeat
 from daemon.telemetry import Metrics
 
@@ -126,12 +126,15 @@ class BatchPolicy:
         """sink(targets); where that fails for a reason that is not an outage,
         sink per chunk, so only the chunks at fault fail. An outage on the way is
         raised, to retry the whole batch; so is a configuration that cannot work
-        (a refused API key, a changed model), which no chunk is at fault for."""
+        (a refused API key, a changed model), which no chunk is at fault for,
+        as the ConfigError that stops the process (exit 78)."""
         try:
             return await sink(targets)
         except Exception as exc:
             if is_transient(exc) or isinstance(exc, ConfigError):
                 raise
+            if (refused := refusal(exc)) is not None:  # a revoked key: no chunk is at fault
+                raise refused from exc
             if len(targets) == 1:
                 return result_type(failed={next(iter(targets)): describe(exc)})
             log.warning("batch failed; applying its chunks one by one", extra={"error": describe(exc)})
@@ -142,6 +145,8 @@ class BatchPolicy:
             except Exception as one:
                 if is_transient(one) or isinstance(one, ConfigError):
                     raise
+                if (refused := refusal(one)) is not None:
+                    raise refused from one
                 combined.failed[chunk_id] = describe(one)
         return combined
 

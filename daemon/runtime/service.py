@@ -32,7 +32,7 @@ from pydantic import SecretStr
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential_jitter
 
 from daemon.config import Settings
-from daemon.errors import ConfigError, ServiceUnavailableError, describe, is_transient
+from daemon.errors import ConfigError, ServiceUnavailableError, describe, is_transient, refusal
 from daemon.runtime.batch_policy import BatchPolicy, Stats
 from daemon.runtime.health import HealthServer, Heartbeat, run_check
 from daemon.runtime.systemd import SystemdNotifier
@@ -137,6 +137,8 @@ class Service:
                 with attempt:
                     await fn()
         except Exception as exc:
+            if (refused := refusal(exc)) is not None:
+                raise refused from exc
             if is_transient(exc):
                 raise ServiceUnavailableError(
                     f"{what} stayed unreachable for {timeout:.0f}s: {describe(exc)}. "

@@ -1,11 +1,11 @@
 """Setting up the collection against what may already be there: N daemons and
-consumers starting at once on an empty server (the check-then-act race, staged
-by a client that answers like the server), a hand-made collection that cannot
-hold the model's vectors, and local mode's one-process limit."""
+consumers starting at once on an empty Qdrant server (the check-then-act race,
+its timing staged by tests/staged_race.py, every answer the server's own), a
+hand-made collection that cannot hold the model's vectors, and local mode's
+one-process limit (in local mode, whatever Qdrant the session uses)."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 from qdrant_client import AsyncQdrantClient, models
@@ -14,17 +14,18 @@ from daemon.core.qdrant_connect import make_client
 from daemon.core.qdrant_store import QdrantStore
 from daemon.errors import EXIT_CONFIG, ConfigError
 from daemon.outbox.notify_daemon import NotifyDaemon
-from tests.server_like_qdrant import ServerLikeQdrant
+from tests.staged_race import RacingStarters
+from tests.support import require_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
-local_only = pytest.mark.skipif(bool(os.environ.get("QDRANT_URL")), reason="local mode's own behaviour")
 
 
 async def test_daemons_starting_together_on_an_empty_server_all_come_up(dsn, qdrant, collection, embedder, make_settings):
     """Three daemons start side by side on a fresh collection: each one's
     "does it exist?" is answered before any of them created it, so two of them
     get the server's 409 on create; all three come up on the same collection."""
-    server = ServerLikeQdrant(qdrant, starters=3)
+    require_server()
+    server = RacingStarters(qdrant, starters=3)
     daemons = [NotifyDaemon(make_settings(worker_name=f"w{i}"), dsn, embedder=embedder, qdrant=server) for i in range(3)]
     try:
         await asyncio.gather(*(d.start() for d in daemons))
@@ -41,7 +42,8 @@ async def test_daemons_starting_together_on_an_empty_server_all_come_up(dsn, qdr
 
 async def test_consumers_starting_together_all_come_up(qdrant, collection, embedder):
     """The Kafka consumers' path (ensure_collection without a catalog), five at once."""
-    server = ServerLikeQdrant(qdrant, starters=5)
+    require_server()
+    server = RacingStarters(qdrant, starters=5)
     stores = [QdrantStore(server, collection) for _ in range(5)]
     await asyncio.gather(*(s.ensure_collection(embedder.fingerprint) for s in stores))
     assert server.conflicts >= 4
@@ -76,7 +78,6 @@ async def test_a_collection_that_cannot_hold_the_models_vectors_is_refused(dsn, 
     assert not (await qdrant.get_collection(collection)).config.metadata, "the collection was adopted anyway"
 
 
-@local_only
 def test_a_second_process_on_a_local_mode_folder_is_a_configuration_error(make_settings, tmp_path):
     """Local mode admits one process per folder: the second gets ConfigError
     (exit 78) naming the folder and the way out (a Qdrant server), not a
@@ -93,7 +94,6 @@ def test_a_second_process_on_a_local_mode_folder_is_a_configuration_error(make_s
     assert str(tmp_path / "shared-qdrant") in message and "QDRANT_URL" in message
 
 
-@local_only
 def test_the_cli_exits_78_when_another_process_holds_the_local_folder(dsn, collection, tmp_path):
     """`outboxd run` beside a process that holds the folder: exit 78 and the reason, quickly."""
     import subprocess
@@ -106,7 +106,7 @@ def test_the_cli_exits_78_when_another_process_holds_the_local_folder(dsn, colle
     try:
         done = subprocess.run(
             [sys.executable, "-m", "daemon.cli", "run", "--drain"],
-            env=daemon_env(dsn, folder, collection), capture_output=True, text=True, timeout=120,
+            env=daemon_env(dsn, folder, collection, local_mode=True), capture_output=True, text=True, timeout=120,
         )
     finally:
         asyncio.run(holder.close())

@@ -1,10 +1,34 @@
 """End to end on real PostgreSQL, Qdrant and MiniLM: writes converge (invariants
-2 and 7), through the same daemon the CLI runs."""
+2 and 7), through the same daemon the CLI runs; on a server, over REST and
+over gRPC (OUTBOXD_QDRANT_PREFER_GRPC)."""
 from __future__ import annotations
 
+import pytest
 from psycopg.types.json import Jsonb
 
-from tests.support import add_document, all_points, assert_converged, drain, outbox_rows
+from tests.support import add_document, all_points, assert_converged, drain, open_qdrant, outbox_rows, server_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+@pytest.fixture(params=["rest", "grpc"])
+def transport(request) -> str:
+    if request.param == "grpc" and server_settings() is None:
+        pytest.skip("gRPC needs a Qdrant server: this session runs local mode")
+    return request.param
+
+
+@pytest.fixture
+async def qdrant(collection, transport):
+    """The session's Qdrant, over the transport the daemon uses too."""
+    client = open_qdrant(":memory:", prefer_grpc=transport == "grpc")
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def make_settings(make_settings, transport):
+    return lambda **overrides: make_settings(**{"qdrant_prefer_grpc": transport == "grpc", **overrides})
 
 TEXTS = [
     "PostgreSQL is the system of record for every chunk.",
@@ -44,6 +68,7 @@ async def test_payload_only_changes_never_embed(conn, dsn, qdrant, collection, e
 
 async def test_identical_text_is_embedded_once(conn, dsn, qdrant, collection, embedder, make_settings):
     settings = make_settings(embed_cache_size=0)  # within one batch, not thanks to the cache
+    embedder._cache.clear()  # the session's embedder may have seen these texts in another test
     text = "The same sentence, stored in many chunks."
     add_document(conn, [text] * 5 + ["something else entirely"])
     daemon = await drain(settings, dsn, embedder, qdrant)
@@ -80,6 +105,7 @@ async def test_identical_text_after_restart_reuses_the_stored_vector(conn, dsn, 
     await assert_converged(dsn, qdrant, collection, embedder)
 
 
+@pytest.mark.parametrize("transport", ["rest"], indirect=True)
 def test_reuse_vectors_defaults_to_on_with_a_server_only(make_settings, tmp_path):
     """Local mode would scan every point per lookup, so reuse is on only with QDRANT_URL."""
     assert make_settings(qdrant_path=tmp_path / "qdrant").reuse_stored_vectors is False  # beats QDRANT_URL

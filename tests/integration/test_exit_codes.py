@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from qdrant_client import AsyncQdrantClient, models
+from qdrant_client import models
 
 from tests.conftest import REPO
-from tests.processes import base_env, json_lines
-from tests.support import add_document, drain
+from tests.processes import base_env, json_lines, qdrant_env
+from tests.support import add_document, drain, open_qdrant, qdrant_choice
 
 pytestmark = [pytest.mark.integration]
 
@@ -152,9 +152,9 @@ def test_checks_exit_3_on_a_problem_and_0_without(conn, dsn, collection, embedde
     _, ids = add_document(conn, ["the first chunk", "the second chunk", "the third chunk"])
 
     async def converge(lose: str | None = None):
-        client = AsyncQdrantClient(path=str(path))
+        client = open_qdrant(path)
         try:
-            await drain(make_settings(qdrant_path=path), dsn, embedder, client)
+            await drain(make_settings(**qdrant_choice(path)), dsn, embedder, client)
             if lose:
                 target = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}[collection]
                 await client.delete(target, models.PointIdsList(points=[lose]))
@@ -162,8 +162,8 @@ def test_checks_exit_3_on_a_problem_and_0_without(conn, dsn, collection, embedde
             await client.close()
 
     asyncio.run(converge())
-    env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection)
-    flags = ["--qdrant-path", str(path)]
+    env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, **qdrant_env(path))
+    flags: list[str] = []
 
     clean = outboxd(["reconcile", "--check", *flags], env, tmp_path)
     assert clean.returncode == 0 and "0 drifted" in clean.stdout, report(clean)

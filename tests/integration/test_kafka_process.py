@@ -10,12 +10,11 @@ import time
 import httpx
 import psycopg
 import pytest
-from qdrant_client import AsyncQdrantClient
 
 from consumers.qdrant_consumer import QdrantConsumer
 from tests.kafka_support import kafka_names, read_topic, relay_drain, running, wait_until_matches
-from tests.processes import MODEL_LOAD_S, base_env, health_port, insert_backlog, long_texts, sample
-from tests.support import add_document, assert_converged, outbox_rows
+from tests.processes import MODEL_LOAD_S, base_env, health_port, insert_backlog, long_texts, qdrant_env, sample
+from tests.support import add_document, assert_converged, open_qdrant, outbox_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -64,7 +63,7 @@ async def test_consumer_killed_mid_batch_is_replaced_and_converges(
     settings = make_settings(kafka_bootstrap_servers=kafka_bootstrap, **names)
     await relay_drain(settings, dsn)
     qpath = tmp_path / "qdrant"
-    env = kafka_env(dsn, kafka_bootstrap, names, OUTBOXD_QDRANT_PATH=qpath, OUTBOXD_COLLECTION=collection,
+    env = kafka_env(dsn, kafka_bootstrap, names, **qdrant_env(qpath), OUTBOXD_COLLECTION=collection,
                     OUTBOXD_BATCH_SIZE=8)
 
     first = spawn("consume", env=env, name="killed")
@@ -101,7 +100,7 @@ async def test_consumer_killed_mid_batch_is_replaced_and_converges(
     assert second.log("outboxd consume stopped") is not None
     assert notify.seen(lambda m: m == "STOPPING=1")
 
-    client = AsyncQdrantClient(path=str(qpath))
+    client = open_qdrant(qpath)
     try:
         assert await assert_converged(dsn, client, collection, embedder) == 160
     finally:

@@ -9,13 +9,12 @@ import uuid
 import orjson
 import pytest
 from psycopg.types.json import Jsonb
-from qdrant_client import AsyncQdrantClient
 
 from consumers import contract
 from consumers.qdrant_consumer import QdrantConsumer
 from consumers.stream_consumer import H_ERROR, H_SOURCE
 from tests.kafka_support import kafka_names, read_topic, relay_drain, running, running_relay, wait_until_matches
-from tests.support import add_document, all_points, assert_converged, outbox_rows
+from tests.support import add_document, all_points, assert_converged, open_qdrant, outbox_rows, qdrant_flags
 
 pytestmark = [pytest.mark.integration]
 
@@ -207,7 +206,7 @@ async def test_a_new_group_rebuilds_the_collection_from_the_compacted_topic(
         await admin.close()
     assert configs["cleanup.policy"] == "compact"
 
-    rebuilt = AsyncQdrantClient(location=":memory:")  # an empty Qdrant, a group that never ran
+    rebuilt = open_qdrant(":memory:")  # a Qdrant without this collection, a group that never ran
     try:
         fresh = settings.model_copy(update={"kafka_group": settings.kafka_group + "-rebuild"})
         async with running(QdrantConsumer(fresh, embedder=embedder, qdrant=rebuilt)):
@@ -268,7 +267,7 @@ def test_status_reports_the_consumer_groups_lag(conn, dsn, kafka_settings, capsy
     }.items():
         monkeypatch.setenv(variable, value)
     capsys.readouterr()
-    assert cli.main(["status", "--json", "--qdrant-path", str(settings.local_qdrant_path)]) == 0
+    assert cli.main(["status", "--json", *qdrant_flags(settings.local_qdrant_path)]) == 0
     doc = orjson.loads(capsys.readouterr().out)
     kafka = doc["kafka"]
     assert "error" not in kafka, kafka
@@ -279,7 +278,7 @@ def test_status_reports_the_consumer_groups_lag(conn, dsn, kafka_settings, capsy
         "kafka", settings.kafka_topic, 0, 0.0, [])
 
     add_document(conn, ["A chunk the relay has not published yet."])
-    assert cli.main(["status", "--json", "--qdrant-path", str(settings.local_qdrant_path), "--max-lag", "0"]) == 3
+    assert cli.main(["status", "--json", *qdrant_flags(settings.local_qdrant_path), "--max-lag", "0"]) == 3
     doc = orjson.loads(capsys.readouterr().out)
     assert doc["relay"]["backlog"] == 1 and doc["relay"]["lag_seconds"] > 0
 

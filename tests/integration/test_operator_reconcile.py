@@ -17,7 +17,16 @@ from daemon.errors import EXIT_CHECK_FAILED
 from daemon.outbox.notify_daemon import NotifyDaemon
 from db import migrate
 from tests.conftest import create_database, drop_database
-from tests.support import add_document, assert_converged, drain, outbox_rows
+from tests.support import (
+    add_document,
+    assert_converged,
+    drain,
+    open_qdrant,
+    outbox_rows,
+    qdrant_choice,
+    qdrant_flags,
+    server_settings,
+)
 
 
 async def physical(qdrant, alias) -> str:
@@ -114,32 +123,32 @@ async def test_reconcile_against_a_live_daemon_reports_no_false_drift(conn, dsn,
 def test_cli_check_json_and_repair(conn, dsn, collection, embedder, make_settings, tmp_path, capsys, monkeypatch):
     """--check exits 3 on drift and 0 without; --json is one document, which says it is the
     safety net for writes the capture triggers missed; --repair enqueues."""
-    path = tmp_path / "qdrant"  # local mode on disk, so the CLI can open it once the test closed it
-    settings = make_settings(qdrant_path=path)
+    path = tmp_path / "qdrant"  # in local mode, on disk, so the CLI can open it once the test closed it
+    settings = make_settings(**qdrant_choice(path))
     _, ids = add_document(conn, ["one", "two", "three"])
 
     async def converge_then_lose_a_point():
-        client = AsyncQdrantClient(path=str(path))
+        client = open_qdrant(path)
         await drain(settings, dsn, embedder, client)
         await client.delete(await physical(client, collection), models.PointIdsList(points=[str(ids[1])]))
         await client.close()
 
     async def converge():
-        client = AsyncQdrantClient(path=str(path))
+        client = open_qdrant(path)
         await drain(settings, dsn, embedder, client)
         await client.close()
 
     asyncio.run(converge_then_lose_a_point())
     monkeypatch.setenv("DATABASE_URL", dsn)
     monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
-    base = ["reconcile", "--qdrant-path", str(path)]
+    base = ["reconcile", *qdrant_flags(path)]
     capsys.readouterr()
     assert cli.main(base + ["--check", "--json"]) == EXIT_CHECK_FAILED == 3
     doc = orjson.loads(capsys.readouterr().out)
     assert doc["counts"]["missing"] == 1 and doc["examples"]["missing"] == [str(ids[1])] and doc["drift"] == 1
     assert doc["capture_mode"] == "origin" and doc["safety_net"].endswith("capture mode: origin")
     assert "triggers disabled are caught here" in doc["safety_net"]
-    assert doc["local_mode_points"] == 2 and doc["warnings"] == []
+    assert doc.get("local_mode_points") == (None if server_settings() else 2) and doc["warnings"] == []
 
     assert cli.main(base + ["--repair", "--json"]) == 0
     assert orjson.loads(capsys.readouterr().out)["repaired"] == 1
@@ -213,7 +222,7 @@ def test_backfill_adopts_a_database_populated_before_migration(legacy_dsn, colle
         assert len(outbox_rows(conn)) == 37
 
     async def converge() -> int:
-        qdrant = AsyncQdrantClient(location=":memory:")
+        qdrant = open_qdrant(":memory:")
         await drain(make_settings(database_url=legacy_dsn), legacy_dsn, embedder, qdrant)
         return await assert_converged(legacy_dsn, qdrant, collection, embedder)
 

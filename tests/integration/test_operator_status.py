@@ -15,7 +15,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon import cli
 from daemon.commands import status
-from tests.support import add_document, drain, outbox_rows
+from tests.support import add_document, drain, open_qdrant, outbox_rows, qdrant_flags, server_settings
 
 
 @pytest.fixture(autouse=True)
@@ -23,13 +23,6 @@ def _no_kafka(monkeypatch):
     """These tests are about the notify transport; a developer's KAFKA_BOOTSTRAP_SERVERS would add a section."""
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
 
-
-
-@pytest.fixture(autouse=True)
-def local_qdrant(monkeypatch):
-    """The CLI runs here use Qdrant's local mode on a path, even where QDRANT_URL is set."""
-    monkeypatch.delenv("QDRANT_URL", raising=False)
-    monkeypatch.delenv("QDRANT_API_KEY", raising=False)
 
 
 def event_ids(conn) -> list[int]:
@@ -60,8 +53,10 @@ def cli_env(monkeypatch, dsn, collection):
     monkeypatch.setenv("OUTBOXD_LOG_FORMAT", "json")
 
 
-async def status_json(capsys, dsn, tmp_path, collection, *extra) -> tuple[int, dict, str]:
-    code, out, err = await run_status(capsys, "--json", "--qdrant-path", str(tmp_path / "qdrant"), *extra)
+async def status_json(capsys, dsn, tmp_path, collection, *extra, local: bool = False) -> tuple[int, dict, str]:
+    """`status --json` on the session's Qdrant (local: on the local-mode folder in any session)."""
+    where = ["--qdrant-path", str(tmp_path / "qdrant")] if local else qdrant_flags(tmp_path / "qdrant")
+    code, out, err = await run_status(capsys, "--json", *where, *extra)
     return code, orjson.loads(out), err
 
 
@@ -118,15 +113,21 @@ async def test_status_figures_match_the_outbox(dsn, conn, tmp_path, collection, 
     assert doc["thresholds"] == {}
 
 
-async def test_status_of_an_empty_outbox(dsn, tmp_path, collection, capsys):
-    """Nothing pending: backlog 0, lag 0, no leases, no oldest event; the Qdrant folder is not created."""
-    code, doc, _ = await status_json(capsys, dsn, tmp_path, collection)
+@pytest.mark.parametrize("local", [True, False], ids=["local-mode", "session-qdrant"])
+async def test_status_of_an_empty_outbox(dsn, tmp_path, collection, capsys, local):
+    """Nothing pending: backlog 0, lag 0, no leases, no oldest event. No collection yet:
+    in local mode the folder is not created; a server says the daemon creates it."""
+    code, doc, _ = await status_json(capsys, dsn, tmp_path, collection, local=local)
     assert code == 0
     o = doc["outbox"]
     assert (o["backlog"], o["lag_seconds"], o["oldest_pending_at"], o["dead_letters"]) == (0, 0.0, None, 0)
     assert doc["leases"] == [] and doc["catalog"] == []
-    assert doc["qdrant"]["available"] is False and "no local Qdrant storage" in doc["qdrant"]["reason"]
-    assert not (tmp_path / "qdrant").exists()
+    if local or server_settings() is None:
+        assert doc["qdrant"]["available"] is False and "no local Qdrant storage" in doc["qdrant"]["reason"]
+        assert not (tmp_path / "qdrant").exists()
+    else:
+        assert doc["qdrant"]["available"] is True and doc["qdrant"]["collection"] is None
+        assert doc["qdrant"]["notes"] == ["no collection yet: the daemon creates it when it starts"]
 
 
 async def test_expired_lease_is_reported(dsn, conn, tmp_path, collection, make_outbox, capsys):
@@ -167,7 +168,7 @@ async def test_status_thresholds_set_the_exit_code(dsn, tmp_path, collection, bu
 
 async def test_status_threshold_exit_code_with_tables(dsn, tmp_path, collection, busy_outbox, capsys):
     """Without --json the tables are printed and the exit code still follows the limits."""
-    base = ["--qdrant-path", str(tmp_path / "qdrant")]
+    base = qdrant_flags(tmp_path / "qdrant")
     code, out, err = await run_status(capsys, *base, "--max-pending", "10", "--max-dead-letters", "0")
     assert code == 3
     assert "backlog (pending)" in out and "worker-a" in out and "Kafka" not in out
@@ -190,7 +191,7 @@ async def test_status_shows_a_capture_mode_that_misses_writes(dsn, conn, tmp_pat
     assert code == 0
     assert doc["capture"]["mode"] == "disabled" and "NOT being captured" in doc["capture"]["note"]
     assert "capture mode disabled" in err and "outboxd reconcile --repair" in err
-    code, out, _ = await run_status(capsys, "--qdrant-path", str(tmp_path / "qdrant"))
+    code, out, _ = await run_status(capsys, *qdrant_flags(tmp_path / "qdrant"))
     assert code == 0 and "capture triggers" in out and "note: capture mode disabled" in out
 
     conn.execute("ALTER TABLE public.chunks ENABLE TRIGGER ALL")  # every trigger plain ENABLE: captured twice
@@ -222,7 +223,7 @@ async def test_status_reports_the_relay_as_the_outbox_backlog(dsn, conn, tmp_pat
     ]
     assert "relay-live" in relay["connected"] and "relay-gone" not in relay["connected"]
     assert "error" in doc["kafka"]
-    code, out, _ = await run_status(capsys, "--qdrant-path", str(tmp_path / "qdrant"))
+    code, out, _ = await run_status(capsys, *qdrant_flags(tmp_path / "qdrant"))
     assert "2 relay(s) holding leases, 1 of them not connected" in out
 
 
@@ -231,7 +232,7 @@ async def test_status_reports_catalog_and_point_count_after_a_drain(dsn, conn, t
     """After a drain into a local Qdrant folder, status shows the live catalog row, the exact point count and the model fingerprint."""
     settings = make_settings()
     add_document(conn, ["alpha beta", "gamma delta", "   ", "epsilon"])  # the blank chunk has no point
-    client = AsyncQdrantClient(path=str(tmp_path / "qdrant"))
+    client = open_qdrant(tmp_path / "qdrant")
     try:
         await drain(settings, dsn, embedder, client)
     finally:
@@ -252,7 +253,7 @@ async def test_status_reports_catalog_and_point_count_after_a_drain(dsn, conn, t
     assert doc["outbox"]["backlog"] == 0 and doc["outbox"]["lag_seconds"] == 0.0
 
     # status closed its client: the folder opens again at once
-    again = AsyncQdrantClient(path=str(tmp_path / "qdrant"))
+    again = open_qdrant(tmp_path / "qdrant")
     assert (await again.count(row["name"], exact=True)).count == 3
     await again.close()
 
@@ -262,7 +263,7 @@ async def test_status_reports_qdrant_unavailable_when_the_folder_is_held(dsn, co
     add_document(conn, ["one"])
     holder = AsyncQdrantClient(path=str(tmp_path / "qdrant"))
     try:
-        code, doc, err = await status_json(capsys, dsn, tmp_path, collection, "--max-pending", "5")
+        code, doc, err = await status_json(capsys, dsn, tmp_path, collection, "--max-pending", "5", local=True)
     finally:
         await holder.close()
     assert code == 0, err

@@ -2,9 +2,9 @@
 refusals, the embedded default, and secrets kept out of the output
 (invariants 4, 5 and 8, and the operator-facing contract of the CLI).
 
-Qdrant runs in local mode on a path, which one process at a time may open: the
-test opens it only after the daemon process has exited, and closes it before
-starting the next one.
+Qdrant is the session's (tests/qdrant_server.py). In local mode it is a
+folder, which one process at a time may open: the test opens it only after the
+daemon process has exited, and closes it before starting the next one.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from tests.processes import (
     outbox_counts,
     run_drain,
 )
-from tests.support import add_document, all_points, assert_converged, outbox_rows
+from tests.support import add_document, all_points, assert_converged, open_qdrant, outbox_rows
 
 pytestmark = [pytest.mark.slow]
 
@@ -77,7 +77,7 @@ async def test_sigkill_mid_batch_then_restart_converges(spawn, conn, dsn, collec
     assert stopped["events_acked"] == left
     assert stopped["dead_letters"] == 0
 
-    client = AsyncQdrantClient(path=str(qpath))
+    client = open_qdrant(qpath)
     try:
         assert await assert_converged(dsn, client, collection, embedder) == total
     finally:
@@ -139,7 +139,7 @@ async def test_sigterm_finishes_batch_in_flight_and_exits_0(spawn, conn, dsn, co
     follow = run_drain(spawn, env, name="follow-up")
     assert follow.popen.returncode == 0, follow.describe()
     assert outbox_rows(conn) == []
-    client = AsyncQdrantClient(path=str(qpath))
+    client = open_qdrant(qpath)
     try:
         assert await assert_converged(dsn, client, collection, embedder) == total
     finally:
@@ -184,7 +184,7 @@ async def test_run_drain_empties_backlog_and_embeds_each_text_once(spawn, conn, 
     assert stopped["events_acked"] == len(texts)
     assert stopped["dead_letters"] == 0
 
-    client = AsyncQdrantClient(path=str(qpath))
+    client = open_qdrant(qpath)
     try:
         assert await assert_converged(dsn, client, collection, embedder) == len(texts)
     finally:
@@ -208,7 +208,7 @@ async def test_model_mismatch_refuses_to_start(spawn, conn, dsn, collection, tmp
 
     # the collection now says another model made its vectors
     other = {"name": "other/model", "dimension": 768, "normalized": True, "id": "x"}
-    client = AsyncQdrantClient(path=str(qpath))
+    client = open_qdrant(qpath)
     try:
         physical = await physical_collection(client, collection)
         recorded = (await client.get_collection(physical)).config.metadata[FINGERPRINT_KEY]
@@ -236,7 +236,7 @@ async def test_model_mismatch_refuses_to_start(spawn, conn, dsn, collection, tmp
     assert refused.log("outboxd running") is None
 
     assert len(outbox_rows(conn)) == pending, "events were consumed although the daemon refused to start"
-    client = AsyncQdrantClient(path=str(qpath))
+    client = open_qdrant(qpath)
     try:
         after = await all_points(client, collection)
         info = await client.get_collection(await physical_collection(client, collection))
@@ -308,7 +308,7 @@ async def test_embedded_default_without_database_url(spawn, tmp_path, embedder, 
 
     qpath = cwd / ".outboxd" / "qdrant"
     assert qpath.is_dir()
-    client = AsyncQdrantClient(path=str(qpath))
+    client = AsyncQdrantClient(path=str(qpath))  # the embedded default is local mode, whatever the session uses
     try:
         points = await client.retrieve("chunks", [str(chunk_id)], with_payload=True, with_vectors=True)
     finally:

@@ -8,7 +8,6 @@ import asyncio
 
 import orjson
 import pytest
-from qdrant_client import AsyncQdrantClient
 
 from daemon import cli
 from daemon.config import Settings
@@ -16,7 +15,7 @@ from daemon.corpus import corpus_documents, load_corpus
 from daemon.embedding.embedder import Embedder
 from daemon.errors import ModelMismatchError
 from daemon.hybrid_search import SearchFilters, hybrid_search
-from tests.support import add_document, drain
+from tests.support import add_document, drain, open_qdrant, qdrant_choice, qdrant_flags
 
 # (query, document slug, paragraph index of the right chunk, which searches can find it)
 KNOWN_QUERIES = [
@@ -236,18 +235,18 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
                                                     capsys, monkeypatch):
     """`outboxd search --json` is one document with the ranked hits; the table names the columns;
     --document-type/--metadata filter; another model exits 78."""
-    path = tmp_path / "qdrant"  # local mode on disk, so the CLI can open it once the test closed it
+    path = tmp_path / "qdrant"  # in local mode, on disk, so the CLI can open it once the test closed it
     ids = load_corpus(conn)
 
     async def converge():
-        client = AsyncQdrantClient(path=str(path))
-        await drain(make_settings(qdrant_path=path), dsn, embedder, client)
+        client = open_qdrant(path)
+        await drain(make_settings(**qdrant_choice(path)), dsn, embedder, client)
         await client.close()
 
     asyncio.run(converge())
     monkeypatch.setenv("DATABASE_URL", dsn)
     monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
-    base = ["search", "--qdrant-path", str(path)]
+    base = ["search", *qdrant_flags(path)]
     capsys.readouterr()
 
     assert cli.main(base + ["--json", "--limit", "3", "PGX-4471"]) == 0

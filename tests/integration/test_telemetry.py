@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-from qdrant_client import AsyncQdrantClient
 
 from daemon.errors import EXIT_UNAVAILABLE
 from daemon.runtime.batch_policy import apportion
@@ -28,7 +27,7 @@ from tests.processes import (
     outbox_counts,
     sample,
 )
-from tests.support import assert_converged
+from tests.support import assert_converged, open_qdrant
 
 PASSWORD = "Telemetry5ecretPw"
 API_KEY = "Telemetry5ecretKey"
@@ -116,7 +115,7 @@ async def test_systemd_notifications_health_and_metrics_of_a_real_daemon(
     assert notify.index("READY=1") < notify.index("STOPPING=1")
     assert notify.messages.count("READY=1") == 1 and notify.messages.count("STOPPING=1") == 1
 
-    client = AsyncQdrantClient(path=str(qpath))
+    client = open_qdrant(qpath)
     try:
         assert await assert_converged(dsn, client, collection, embedder) == len(texts)
     finally:
