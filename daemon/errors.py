@@ -80,11 +80,13 @@ def _grpc_status(exc: BaseException):
 
 
 def _chain(exc: BaseException):
+    """The exception and what caused it (qdrant-client keeps the transport's error as `source`)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        source = getattr(exc, "source", None)
+        exc = exc.__cause__ or exc.__context__ or (source if isinstance(source, BaseException) else None)
 
 
 QDRANT_KEY_FIX = "Set QDRANT_API_KEY (or QDRANT_API_KEY_FILE) to an API key of this Qdrant server."

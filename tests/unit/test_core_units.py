@@ -6,16 +6,17 @@ import asyncio
 import io
 import json
 import logging
+import ssl
 import uuid
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
-from qdrant_client.http.exceptions import UnexpectedResponse
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from daemon.core.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState, metadata_hash
-from daemon.errors import InvalidChunkError, describe, is_transient
+from daemon.errors import ConfigError, InvalidChunkError, describe, is_transient, refusal
 from daemon.logs import JsonFormatter
 from daemon.outbox.listener import Wakeup
 
@@ -151,6 +152,60 @@ def test_infrastructure_failures_are_transient(exc):
 def test_event_failures_are_not_transient(exc):
     """Failures caused by the data or a bad request count against the event (and may dead-letter it)."""
     assert is_transient(exc) is False
+
+
+def _cert_failure() -> ResponseHandlingException:
+    """What qdrant-client raises for an https server whose certificate does not verify."""
+    verify = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    verify.verify_message = "unable to get local issuer certificate"
+    try:
+        try:
+            raise verify
+        except ssl.SSLError as inner:
+            raise httpx.ConnectError(str(inner)) from inner
+    except httpx.ConnectError as outer:
+        return ResponseHandlingException(outer)
+
+
+@pytest.mark.parametrize(
+    "exc, says",
+    [
+        (UnexpectedResponse(401, "Unauthorized", b"Invalid API key or JWT", httpx.Headers()), "QDRANT_API_KEY"),
+        (UnexpectedResponse(403, "Forbidden", b'{"status":{"error":"Forbidden"}}', httpx.Headers()), "read-only key"),
+        (_cert_failure(), "OUTBOXD_QDRANT_CA_FILE"),
+    ],
+    ids=["401", "403", "certificate"],
+)
+def test_refusals_are_configuration_errors_and_never_transient(exc, says):
+    """A key the server refuses or a certificate that does not verify heals by no waiting: exit 78, by name."""
+    refused = refusal(exc)
+    assert isinstance(refused, ConfigError) and refused.exit_code == 78 and says in str(refused)
+    assert is_transient(exc) is False
+
+
+def test_an_outage_is_no_refusal():
+    assert refusal(unexpected(503)) is None and refusal(httpx.ConnectError("refused")) is None
+    assert refusal(ResponseHandlingException(httpx.ConnectError("[Errno 111] Connection refused"))) is None
+
+
+async def test_a_key_refused_mid_run_stops_the_batch_instead_of_failing_its_chunks():
+    """A revoked key fails every chunk alike: the batch policy raises it as the ConfigError
+    that stops the process, instead of splitting the batch and dead-lettering each chunk."""
+    from daemon.core.batch import Outcome
+    from daemon.runtime.batch_policy import BatchPolicy, Stats
+    from daemon.runtime.health import Heartbeat
+    from daemon.telemetry import setup_telemetry
+
+    calls = []
+
+    async def sink(targets):
+        calls.append(len(targets))
+        raise UnexpectedResponse(401, "Unauthorized", b"Invalid API key or JWT", httpx.Headers())
+
+    policy = BatchPolicy(asyncio.Event(), setup_telemetry("outboxd").metrics, Stats(), Heartbeat())
+    with pytest.raises(ConfigError, match="QDRANT_API_KEY"):
+        await policy.deliver(sink, {uuid.uuid4(): None, uuid.uuid4(): None}, Outcome)
+    assert calls == [2], "the batch was split chunk by chunk"
 
 
 def test_describe_is_one_line_with_type_and_message():
