@@ -1,13 +1,33 @@
 """The connection pool every daemon query goes through."""
 from __future__ import annotations
 
+import time
+import weakref
+
 import orjson
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 # jsonb (metadata) is parsed for every chunk the daemon and reconcile read.
 set_json_loads(orjson.loads)
+
+CHECK_AFTER_IDLE_S = 2.0
+_returned: weakref.WeakKeyDictionary[AsyncConnection, float] = weakref.WeakKeyDictionary()
+
+
+async def _note_return(conn: AsyncConnection) -> None:
+    _returned[conn] = time.monotonic()
+
+
+async def _check_if_idle(conn: AsyncConnection) -> None:
+    """Probe a connection before handing it out only where it sat idle for a while
+    (a server restart or failover drops idle ones): a busy daemon then pays no
+    extra round trip per query, and a connection that broke under use fails its
+    query as an outage, which is retried."""
+    if time.monotonic() - _returned.get(conn, 0.0) > CHECK_AFTER_IDLE_S:
+        await AsyncConnectionPool.check_connection(conn)
 
 
 def make_pool(
@@ -29,6 +49,6 @@ def make_pool(
         open=False,
         timeout=timeout,
         name=application_name,
-        # Detect connections the server dropped (restart, failover) before handing them out.
-        check=AsyncConnectionPool.check_connection,
+        check=_check_if_idle,
+        reset=_note_return,
     )

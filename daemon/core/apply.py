@@ -82,12 +82,13 @@ class Applier:
         targets = {cid: t if isinstance(t, Target) else Target(t) for cid, t in targets.items()}
         result = ApplyResult()
         versioned = any(t.version is not None for t in targets.values())
-        existing = await self.store.payloads(list(targets), keys=COMPARED_KEYS)
+        point_ids = {chunk_id: str(chunk_id) for chunk_id in targets}  # each id made a string once
+        existing = await self.store.payloads(list(point_ids.values()), keys=COMPARED_KEYS)
         deletes: list[str] = []
-        to_embed: dict[UUID, tuple[str, dict[str, Any]]] = {}  # chunk id -> (text, payload)
+        to_embed: dict[str, tuple[str, dict[str, Any]]] = {}  # point id -> (text, payload)
         payload_updates: list[tuple[str, dict[str, Any]]] = []
         for chunk_id, target in targets.items():
-            point_id = str(chunk_id)
+            point_id = point_ids[chunk_id]
             current = existing.get(point_id)
             applied = current.get(VERSION_KEY) if current else None
             if target.version is not None and isinstance(applied, int) and applied > target.version:
@@ -111,7 +112,7 @@ class Applier:
                 or current.get("content_hash") != state.content_hash
                 or current.get("embedding_model") != self.model_id
             ):
-                to_embed[chunk_id] = (state.text, payload)
+                to_embed[point_id] = (state.text, payload)
             elif changed := self._changed(current, payload):
                 # set only what changed, not overwrite: "truncated" belongs to the vector and
                 # stays, and one title or metadata change is then the same update for every chunk
@@ -137,7 +138,7 @@ class Applier:
             if current.get(BULK_KEYS.get(k, k)) != payload[BULK_KEYS.get(k, k)] and k != "text"
         }
 
-    async def _embed(self, to_embed: dict[UUID, tuple[str, dict[str, Any]]], result: ApplyResult) -> Upserts:
+    async def _embed(self, to_embed: dict[str, tuple[str, dict[str, Any]]], result: ApplyResult) -> Upserts:
         texts = {payload["content_hash"]: text for text, payload in to_embed.values()}
         reused = {}
         if self.reuse_vectors:
@@ -149,9 +150,9 @@ class Applier:
         vectors.update(reused)
         result.reused = len(reused)
         upserts = Upserts()
-        for chunk_id, (_text, payload) in to_embed.items():
+        for point_id, (_text, payload) in to_embed.items():
             emb = vectors[payload["content_hash"]]
             payload["truncated"] = emb.truncated
-            upserts.add(str(chunk_id), emb.vector, payload)
+            upserts.add(point_id, emb.vector, payload)
         result.upserted = len(upserts)
         return upserts

@@ -34,6 +34,9 @@ def make_client(settings: Settings) -> AsyncQdrantClient:
             # request would open a connection; idle ones are dropped before the server's own
             # 5 s keep-alive can close them under a request
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_S),
+            # uncompressed answers: gzip cost the server more CPU than the point reads it
+            # answers (a batch's read is tens of kB); REST only, gRPC is binary anyway
+            metadata={"Accept-Encoding": "identity"},
             # its version check is a blocking request in the constructor, and warns when a
             # refused key makes it fail; `outboxd status` reports the server's version instead
             check_compatibility=False,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import warnings
 from typing import Any
-from uuid import UUID
 
 import orjson
 from qdrant_client import AsyncQdrantClient, models
@@ -251,14 +250,12 @@ class QdrantStore:
         meta = (info.config.metadata or {}).get(FINGERPRINT_KEY)
         return ModelFingerprint.from_dict(meta) if meta else None
 
-    async def payloads(self, ids: list[UUID], *, keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    async def payloads(self, point_ids: list[str], *, keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """Current payload of each existing point, by point id (only `keys`, where given)."""
-        if not ids:
+        if not point_ids:
             return {}
         selector = keys if keys is not None else True
-        records = await self.client.retrieve(
-            self.collection, [str(i) for i in ids], with_payload=selector, with_vectors=False
-        )
+        records = await self.client.retrieve(self.collection, point_ids, with_payload=selector, with_vectors=False)
         return {str(r.id): (r.payload or {}) for r in records}
 
     async def vectors_by_hash(self, hashes: list[str], model_id: str) -> dict[str, Embedding]:

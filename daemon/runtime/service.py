@@ -18,6 +18,7 @@ finish, and the process is gone a few seconds later whatever is still running
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -232,6 +233,11 @@ async def run_service(service: Service, *, exit_deadline: bool = False, **run_kw
             log.info("stopped during start-up; nothing was claimed")
             return 0
         service.notifier.ready()
+        if exit_deadline:
+            # What start() loaded (the model, the libraries) lives as long as the process:
+            # keep it out of every later full collection, which would walk it each time.
+            gc.collect()
+            gc.freeze()
         service.exit_code = await service.run(**run_kwargs)
         return service.exit_code
     finally:

@@ -177,7 +177,7 @@ async def test_stale_guard_deleted_changed_and_refiltered_chunks(corpus, conn, p
     hits = await hybrid_search(pool, qdrant, collection, embedder, "PGX-4471", limit=10)
     assert next(h for h in hits if h.chunk_id == gone).vector_rank is not None  # Qdrant finds it
     conn.execute("DELETE FROM chunks WHERE id = %s", (gone,))
-    assert str(gone) in await sink.payloads([gone])  # and still has it
+    assert str(gone) in await sink.payloads([str(gone)])  # and still has it
     hits = await hybrid_search(pool, qdrant, collection, embedder, "PGX-4471", limit=10)
     assert gone not in [h.chunk_id for h in hits] and len(hits) == 10
 
