@@ -165,7 +165,7 @@ class StreamConsumer(Service):
         finally:
             self.notifier.stopping()
             reporter.cancel()
-            self.log_stats(f"{self.role} stopped")
+            self.log_stopped()
         return 0
 
     async def _poll(self) -> dict:

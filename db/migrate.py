@@ -59,6 +59,18 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 
+async def schema_revision(pool) -> str | None:
+    """The database's schema revision, through a running process's pool: what its
+    readiness asks every few seconds, without an engine or a connection of its own."""
+    from db.queries import fetch
+
+    try:
+        rows = await fetch(pool, "schema_revision")
+    except psycopg.errors.UndefinedTable:
+        return None
+    return rows[0]["version_num"] if rows else None
+
+
 def current_revision(dsn: str) -> str | None:
     engine = _engine(dsn)
     try:

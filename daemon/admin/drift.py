@@ -2,7 +2,10 @@
 
 Both sides are streamed in chunk-id order — keyset pages of the chunk_state
 view, and Qdrant's scroll, which returns points ordered by id — and merged,
-so memory stays flat however many chunks there are. Each difference is one of:
+so memory stays flat however many chunks there are. Each pair is judged by
+daemon.core.plan, the decision the apply core carries out, on the same small
+keys of the point (a deep check reads whole payloads, text and metadata
+included). Each difference is one of:
 
 - missing      a chunk with text has no point
 - orphaned     a point has no chunk (or its chunk's text is empty)
@@ -26,6 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon.core.chunk_state import METADATA_HASH, ChunkState
+from daemon.core.plan import POINT_KEYS, plan
 from daemon.errors import InvalidChunkError
 from daemon.outbox.queue import read_chunk_states
 from db.queries import fetch
@@ -101,22 +105,10 @@ class ReconcileReport:
 
 def classify(state: ChunkState | None, payload: dict[str, Any] | None, model_id: str) -> str | None:
     """The kind of drift between a chunk and its point, or None if they agree."""
-    wants_point = state is not None and state.has_text
-    if payload is None:
-        return "missing" if wants_point else None
-    if not wants_point:
-        return "orphaned"
-    if payload.get("embedding_model") != model_id:
-        return "wrong_model"
-    if payload.get("content_hash") != state.content_hash:
-        return "stale"
     try:
-        expected = state.payload(model_id)
-    except InvalidChunkError:
-        return "stale"  # the daemon cannot write this chunk; its dead letter says why
-    # field by field, so a payload edited behind outboxd's back is found too
-    # (metadata_hash is outboxd's bookkeeping, not part of the documented projection)
-    return "stale" if any(payload.get(k) != v for k, v in expected.items() if k != METADATA_HASH) else None
+        return plan(state, payload, model_id).drift
+    except InvalidChunkError:  # the daemon cannot write this chunk; its dead letter says why
+        return "missing" if payload is None else "stale"
 
 
 class Reconciler:
@@ -131,6 +123,7 @@ class Reconciler:
         page_size: int = 2000,
         qdrant_page_size: int = SERVER_QDRANT_PAGE,
         trust_pending: bool = True,
+        deep: bool = False,
     ) -> None:
         self.pool = pool
         self.qdrant = qdrant
@@ -142,6 +135,9 @@ class Reconciler:
         # A pending event means the daemon will fix the chunk in *its* collection;
         # a reindex building another collection cannot count on that.
         self.trust_pending = trust_pending
+        # what is read of each point: the keys the apply core plans with, or (deep) the
+        # whole payload, so a text or metadata edited by hand behind outboxd's back shows too
+        self.point_keys: list[str] | bool = True if deep else POINT_KEYS
 
     async def count_chunks(self) -> int:
         return await count_chunks(self.pool, self.scope)
@@ -154,26 +150,25 @@ class Reconciler:
         points = self._points()
         chunk = await anext(chunks, None)
         point = await anext(points, None)
+        # ids compare as their canonical strings: PostgreSQL's uuid order and Qdrant's are
+        # both the order of the 128-bit value, which lower-case hex keeps
         while chunk is not None or point is not None:
-            if point is None or (chunk is not None and chunk.chunk_id < point[0]):
-                kind = classify(chunk, None, self.model_id)
-                cid = chunk.chunk_id
+            if point is None or (chunk is not None and chunk[0] < point[0]):
+                pid, kind = chunk[0], classify(chunk[1], None, self.model_id)
                 chunk, report.chunks = await anext(chunks, None), report.chunks + 1
                 if progress:
                     progress(1)
-            elif chunk is None or point[0] < chunk.chunk_id:
-                kind = classify(None, point[1], self.model_id)
-                cid = point[0]
+            elif chunk is None or point[0] < chunk[0]:
+                pid, kind = point[0], classify(None, point[1], self.model_id)
                 point, report.points = await anext(points, None), report.points + 1
             else:
-                kind = classify(chunk, point[1], self.model_id)
-                cid = chunk.chunk_id
+                pid, kind = chunk[0], classify(chunk[1], point[1], self.model_id)
                 chunk, report.chunks = await anext(chunks, None), report.chunks + 1
                 point, report.points = await anext(points, None), report.points + 1
                 if progress:
                     progress(1)
             if kind is not None:
-                candidates[cid] = kind
+                candidates[UUID(pid)] = kind
                 if len(candidates) >= CONFIRM_BATCH:
                     await self._confirm(candidates, report, repair)
                     candidates = {}
@@ -182,30 +177,31 @@ class Reconciler:
         report.seconds = time.perf_counter() - started
         return report
 
-    async def _chunks(self) -> AsyncIterator[ChunkState]:
+    async def _chunks(self) -> AsyncIterator[tuple[str, ChunkState]]:
         after = None
         while True:
             rows = await fetch(self.pool, "reconcile_chunks", after=after, limit=self.page_size, **self.scope.sql())
             for row in rows:
-                yield ChunkState.from_row(row)
+                state = ChunkState.from_row(row)
+                yield str(state.chunk_id), state
             if len(rows) < self.page_size:
                 return
             after = rows[-1]["chunk_id"]
 
-    async def _points(self) -> AsyncIterator[tuple[UUID, dict[str, Any]]]:
-        offset, previous = None, None
+    async def _points(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        offset, previous = None, ""
         while True:
             batch, offset = await self.qdrant.scroll(
                 self.collection,
                 scroll_filter=self.scope.qdrant_filter(),
                 limit=self.qdrant_page_size,
                 offset=offset,
-                with_payload=True,
+                with_payload=self.point_keys,
                 with_vectors=False,
             )
             for p in batch:
-                pid = UUID(str(p.id))
-                if previous is not None and pid <= previous:
+                pid = p.id if isinstance(p.id, str) else str(UUID(int=p.id))
+                if pid <= previous:
                     raise RuntimeError(
                         f"Qdrant scrolled {pid} after {previous}: points are not in id order, so a "
                         "streaming comparison is impossible against this Qdrant"
@@ -236,7 +232,7 @@ class Reconciler:
     async def _still_drifted(self, candidates: dict[UUID, str]) -> tuple[dict[UUID, str], set[UUID]]:
         ids = list(candidates)
         states = await read_chunk_states(self.pool, ids)
-        records = await self.qdrant.retrieve(self.collection, [str(i) for i in ids], with_payload=True)
+        records = await self.qdrant.retrieve(self.collection, [str(i) for i in ids], with_payload=self.point_keys)
         pending = {r["chunk_id"] for r in await fetch(self.pool, "pending_chunks", chunk_ids=ids)}
         payloads = {UUID(str(r.id)): r.payload or {} for r in records}
         drift: dict[UUID, str] = {}

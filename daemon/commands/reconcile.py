@@ -26,20 +26,22 @@ SAFETY_NET = "writes made with the capture triggers disabled are caught here"
                "triggers off: --repair enqueues an event per drifted chunk. --check exits 3 on drift.")
 @click.option("--check", is_flag=True, help="exit 3 when any drift exists, else 0 (for cron and CI)")
 @click.option("--repair", is_flag=True, help="enqueue an outbox event for each drifted chunk")
+@click.option("--deep", is_flag=True, help="read whole payloads, so a text or metadata edited by hand in Qdrant "
+              "shows too (slower; by default they are judged by content_hash and metadata_hash)")
 @json_option
 @click.option("--source", type=click.UUID, metavar="ID", help="only chunks of this source")
 @click.option("--document", type=click.UUID, metavar="ID", help="only chunks of this document")
 @click.option("--page-size", type=click.IntRange(min=1), default=2000, show_default=True, metavar="N",
               help="chunks per PostgreSQL page")
 @settings_options(qdrant=True)
-def command(settings, check: bool, repair: bool, as_json: bool, source: UUID | None, document: UUID | None,
-            page_size: int) -> int:
+def command(settings, check: bool, repair: bool, deep: bool, as_json: bool, source: UUID | None,
+            document: UUID | None, page_size: int) -> int:
     import asyncio
 
     from daemon.commands.common import print_json
     from daemon.errors import EXIT_CHECK_FAILED
 
-    report, extra = asyncio.run(_reconcile(settings, repair, as_json, source, document, page_size))
+    report, extra = asyncio.run(_reconcile(settings, repair, deep, as_json, source, document, page_size))
     for warning in extra["warnings"]:
         print(f"outboxd reconcile: warning: {warning}", file=sys.stderr)
     if as_json:
@@ -49,7 +51,7 @@ def command(settings, check: bool, repair: bool, as_json: bool, source: UUID | N
     return EXIT_CHECK_FAILED if check and report.drift else 0
 
 
-async def _reconcile(settings, repair: bool, quiet: bool, source, document, page_size: int):
+async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, document, page_size: int):
     from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, Reconciler, Scope, enqueue_repair
     from daemon.commands.common import live_collection, open_services, progress_bar
 
@@ -63,6 +65,7 @@ async def _reconcile(settings, repair: bool, quiet: bool, source, document, page
             scope=Scope(source_id=source, document_id=document),
             page_size=page_size,
             qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant_url else LOCAL_QDRANT_PAGE,
+            deep=deep,
         )
         tty = sys.stderr.isatty() and not quiet
         total = await reconciler.count_chunks() if tty else None

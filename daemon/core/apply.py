@@ -1,18 +1,12 @@
 """The apply core: make Qdrant hold exactly what PostgreSQL says, for a set of chunks.
 
 A transport hands it one Target per chunk, already coalesced (the latest state
-winning, so duplicated and reordered events are harmless). For each chunk it
-does the least work that converges:
-
-- chunk gone, or text empty/whitespace  -> delete the point
-- point missing, text changed, or the point was made by another model
-                                        -> embed and upsert
-- only payload fields differ            -> set the changed sections, no embedding
-- nothing differs                       -> nothing
-
-and sends all of it to Qdrant as one confirmed batch. It knows nothing about
-transports: where targets carry versions (Kafka), a point that already reflects
-a newer version is left alone and written points record theirs.
+winning, so duplicated and reordered events are harmless). It reads the small
+keys of their points, asks daemon.core.plan what each chunk needs (delete,
+embed and upsert, set some payload keys, or nothing), embeds only the texts
+that changed, and sends all of it to Qdrant as one confirmed batch. It knows
+nothing about transports: where targets carry versions (Kafka), a point that
+already reflects a newer version is left alone and written points record theirs.
 """
 from __future__ import annotations
 
@@ -23,21 +17,14 @@ from typing import Any
 from uuid import UUID
 
 from daemon.core.batch import Outcome, Target
-from daemon.core.chunk_state import METADATA_HASH, ChunkState
+from daemon.core.chunk_state import ChunkState
+from daemon.core.plan import POINT_KEYS, Action, plan
 from daemon.core.qdrant_store import QdrantStore, Upserts
 from daemon.embedding.embedder import Embedder
 from daemon.errors import InvalidChunkError
 from daemon.telemetry import span
 
 log = logging.getLogger(__name__)
-
-# payload key: the event version a point reflects, where the targets carry versions (Kafka)
-VERSION_KEY = "version"
-# what is read of a point before writing it: enough to tell what changed, never the payload's
-# bulk (text and metadata: equal content_hash, equal text; equal metadata_hash, equal metadata)
-BULK_KEYS = {"text": "content_hash", "metadata": METADATA_HASH}  # bulky key -> the key that stands for it
-COMPARED_KEYS = ["document_id", "source_id", "chunk_index", "token_count", "content_hash", "title", "url",
-                 "document_type", "embedding_model", METADATA_HASH, VERSION_KEY]
 
 
 @dataclass
@@ -81,62 +68,37 @@ class Applier:
         target without a version, as reindex and embedding applications pass them."""
         targets = {cid: t if isinstance(t, Target) else Target(t) for cid, t in targets.items()}
         result = ApplyResult()
-        versioned = any(t.version is not None for t in targets.values())
         point_ids = {chunk_id: str(chunk_id) for chunk_id in targets}  # each id made a string once
-        existing = await self.store.payloads(list(point_ids.values()), keys=COMPARED_KEYS)
+        existing = await self.store.payloads(list(point_ids.values()), keys=POINT_KEYS)
         deletes: list[str] = []
         to_embed: dict[str, tuple[str, dict[str, Any]]] = {}  # point id -> (text, payload)
         payload_updates: list[tuple[str, dict[str, Any]]] = []
+        model_id = self.model_id
         for chunk_id, target in targets.items():
             point_id = point_ids[chunk_id]
-            current = existing.get(point_id)
-            applied = current.get(VERSION_KEY) if current else None
-            if target.version is not None and isinstance(applied, int) and applied > target.version:
-                result.older += 1  # replayed after a newer event (a relay that lost its lease, a rewound group)
-                continue
-            if target.removes_point:
-                deletes.append(point_id)
-                result.written[chunk_id] = target.state_hash
-                continue
-            state = target.state
             try:
-                payload = state.payload(self.model_id)
+                todo = plan(target.state, existing.get(point_id), model_id, target.version)
             except InvalidChunkError as exc:
                 result.failed[chunk_id] = str(exc)
                 continue
-            if versioned:
-                payload[VERSION_KEY] = target.version
-            result.written[chunk_id] = state.state_hash
-            if (
-                current is None
-                or current.get("content_hash") != state.content_hash
-                or current.get("embedding_model") != self.model_id
-            ):
-                to_embed[point_id] = (state.text, payload)
-            elif changed := self._changed(current, payload):
-                # set only what changed, not overwrite: "truncated" belongs to the vector and
-                # stays, and one title or metadata change is then the same update for every chunk
-                payload_updates.append((point_id, changed))
+            if todo.action is Action.OLDER:
+                result.older += 1  # replayed after a newer event (a relay that lost its lease, a rewound group)
+                continue
+            result.written[chunk_id] = target.state_hash
+            if todo.action is Action.DELETE:
+                deletes.append(point_id)
+            elif todo.action is Action.UPSERT:
+                to_embed[point_id] = (target.state.text, todo.payload)
+            elif todo.action is Action.SET:
+                payload_updates.append((point_id, todo.payload))
                 result.payload_only += 1
-            else:
+            elif target.state is not None and target.state.has_text:
                 result.unchanged += 1
 
         upserts = await self._embed(to_embed, result) if to_embed else None
         await self.store.write(upserts, payload_updates, deletes)
         result.deleted = len(deletes)
         return result
-
-    @staticmethod
-    def _changed(current: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-        """The payload keys to set: those that differ, a bulky one judged by the key
-        that stands for it. A point without metadata_hash (written before it
-        existed, or marked by a reconcile repair) gets its whole payload."""
-        if METADATA_HASH not in current:
-            return dict(payload)
-        return {
-            k: v for k, v in payload.items()
-            if current.get(BULK_KEYS.get(k, k)) != payload[BULK_KEYS.get(k, k)] and k != "text"
-        }
 
     async def _embed(self, to_embed: dict[str, tuple[str, dict[str, Any]]], result: ApplyResult) -> Upserts:
         texts = {payload["content_hash"]: text for text, payload in to_embed.values()}

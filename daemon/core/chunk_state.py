@@ -92,6 +92,8 @@ class ChunkState:
                 "(e.g. {\"items\": [...]}); the fix itself re-applies the chunk, or run "
                 "`outboxd dead-letters retry --error metadata`"
             )
+        if not metadata or not any(isinstance(v, (dict, list)) for v in metadata.values()):
+            return  # flat metadata, the common case: one level deep, nothing to walk
         depth, path = json_depth(metadata, MAX_METADATA_DEPTH)
         if depth > MAX_METADATA_DEPTH:
             raise InvalidChunkError(

@@ -72,7 +72,7 @@ class OutboxService(Service):
 
     async def _revisions(self) -> tuple[str | None, str]:
         """(the database's schema revision, the one this outboxd needs)."""
-        return await asyncio.to_thread(migrate.current_revision, self.dsn), migrate.head_revision()
+        return await migrate.schema_revision(self.pool), migrate.head_revision()
 
     async def _ready_migrations(self) -> None:
         current, head = await self._revisions()
@@ -163,7 +163,7 @@ class OutboxService(Service):
             for t in side_tasks:
                 t.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
-            self.log_stats(f"{self.role} stopped")
+            self.log_stopped()
         return exit_code
 
     def _outcome(self, task: asyncio.Task) -> int:

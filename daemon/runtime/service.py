@@ -69,6 +69,7 @@ class Service:
         self.exit_code = 0  # what the process exits with if the shutdown deadline has to end it
         self.exit_deadline = False  # run_service(exit_deadline=True): the CLI's processes
         self._deadline: threading.Timer | None = None
+        self._cpu_at_start = time.process_time()
 
     # --- what a transport supplies --------------------------------------------------
     async def start(self) -> None:
@@ -147,8 +148,12 @@ class Service:
                 ) from exc
             raise
 
-    def log_stats(self, message: str) -> None:
-        log.info(message, extra={**self.stats.as_dict(), **self.stats_extra()})
+    def log_stats(self, message: str, **extra: Any) -> None:
+        log.info(message, extra={**self.stats.as_dict(), **self.stats_extra(), **extra})
+
+    def log_stopped(self) -> None:
+        """The last stats line, with the CPU the process spent since it started running."""
+        self.log_stats(f"{self.role} stopped", cpu_seconds=round(time.process_time() - self._cpu_at_start, 3))
 
     async def report_stats(self) -> None:
         """A `progress` line every STATS_EVERY seconds while something changes."""
@@ -233,6 +238,7 @@ async def run_service(service: Service, *, exit_deadline: bool = False, **run_kw
             log.info("stopped during start-up; nothing was claimed")
             return 0
         service.notifier.ready()
+        service._cpu_at_start = time.process_time()  # the work's CPU, not the start-up's (model loading)
         if exit_deadline:
             # What start() loaded (the model, the libraries) lives as long as the process:
             # keep it out of every later full collection, which would walk it each time.

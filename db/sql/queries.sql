@@ -129,6 +129,11 @@ UPDATE outboxd.outbox
 SET locked_by = NULL, locked_until = NULL
 WHERE id = ANY(%(event_ids)s) AND locked_by = %(worker)s;
 
+-- schema_revision --
+-- The revision outboxd's Alembic recorded (db.migrate.VERSION_TABLE, on the
+-- search_path as Alembic finds it); no table: never migrated.
+SELECT version_num FROM outboxd_alembic_version;
+
 -- pending_summary --
 -- What --drain waits for: pending events (dead letters aside) and when the next
 -- one becomes claimable.

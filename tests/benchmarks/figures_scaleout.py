@@ -128,6 +128,7 @@ def _daemons_round(dsn: str, qdrant: QdrantTarget, collection: str, doc_id, n: i
             codes = [p.proc.returncode for p in procs]
             stopped = [p.said("outboxd stopped") for p in procs]
             acked = [s[-1].get("events_acked", 0) if s else None for s in stopped]
+            cpu = [s[-1].get("cpu_seconds") if s else None for s in stopped]
             last_exit = max(p.exited_at for p in procs)
             last_line = max(ts(s[-1]) for s in stopped if s) if all(stopped) else None
         finally:
@@ -139,7 +140,7 @@ def _daemons_round(dsn: str, qdrant: QdrantTarget, collection: str, doc_id, n: i
     seconds = last_exit - committed
     drained = (last_line - committed) if last_line else seconds
     return {"daemons": count, "events": n, "seconds": round(seconds, 3), "events_per_s": round(n / seconds),
-            "acked_per_process": acked, "outbox_left": pending,
+            "acked_per_process": acked, "cpu_per_process": cpu, "outbox_left": pending,
             "seconds_to_last_stopped_line": round(drained, 3), "drained_events_per_s": round(n / drained)}
 
 

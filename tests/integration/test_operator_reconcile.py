@@ -70,6 +70,30 @@ async def test_each_drift_class_is_found_then_repaired(conn, dsn, qdrant, collec
     await assert_converged(dsn, qdrant, collection, embedder)
 
 
+async def test_a_deep_check_finds_text_and_metadata_edited_by_hand(conn, dsn, qdrant, collection, embedder, make_settings,
+                                                                   pool):
+    """By default text and metadata are judged by the hashes that stand for them (the keys the
+    daemon reads); a deep check reads them too, finds a hand edit of either, and its repair
+    writes PostgreSQL's values back."""
+    settings = make_settings()
+    _, ids = add_document(conn, ["one text", "another text", "a third text"])
+    await drain(settings, dsn, embedder, qdrant)
+    target = await physical(qdrant, collection)
+    await qdrant.set_payload(target, {"text": "edited by hand"}, points=[str(ids[0])], wait=True)
+    await qdrant.set_payload(target, {"metadata": {"i": 99}}, points=[str(ids[1])], wait=True)
+
+    assert (await reconcile(pool, qdrant, collection, embedder)).drift == 0  # the hashes still agree
+    deep = await reconcile(pool, qdrant, collection, embedder, deep=True)
+    assert deep.counts["stale"] == 2 and set(deep.examples["stale"]) == {str(ids[0]), str(ids[1])}
+
+    await reconcile(pool, qdrant, collection, embedder, repair=enqueue_repair(pool), deep=True)
+    await drain(settings, dsn, embedder, qdrant)
+    assert (await reconcile(pool, qdrant, collection, embedder, deep=True)).drift == 0
+    await assert_converged(dsn, qdrant, collection, embedder)
+    (point,) = await qdrant.retrieve(target, [str(ids[0])], with_payload=True)
+    assert point.payload["text"] == "one text"
+
+
 async def test_pending_changes_are_in_flight_not_drift(conn, dsn, qdrant, collection, embedder, make_settings, pool):
     """A change whose event the daemon has not applied yet is reported in flight."""
     _, ids = add_document(conn, ["first", "second"])

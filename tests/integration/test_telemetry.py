@@ -142,7 +142,7 @@ def test_unreachable_postgresql_fails_readiness_and_never_leaks_the_password(spa
     assert ready.status_code == 503, ready.text
     checks = ready.json()["checks"]
     assert checks["postgresql"]["status"] == "fail"
-    assert checks["migrations"]["status"] == "fail" and "OperationalError" in checks["migrations"]["error"]
+    assert checks["migrations"]["status"] == "fail"  # asked through the same pool: no answer either
     assert checks["running"] == {"status": "fail", "error": "ServiceUnavailableError: starting"}
     assert metrics.status_code == 200
 

@@ -1,0 +1,100 @@
+"""What Qdrant must hold for one chunk, decided in one place.
+
+`plan(state, point, model_id)` compares a chunk's current state with what its
+point holds now and says what converges it, and what kind of drift the
+difference is. The apply core carries the plan out; reconcile (and anything
+else that judges a collection) reports its drift. Both read the same keys of
+the point (POINT_KEYS), so they can never disagree about the same point.
+
+    chunk                   point                      action   drift
+    gone, or no text        none                       nothing  -
+    gone, or no text        exists                     delete   orphaned
+    has text                none                       upsert   missing
+    has text                of another model           upsert   wrong_model
+    has text                other content_hash         upsert   stale
+    has text                payload keys differ        set      stale
+    has text                all keys agree             nothing  -
+
+A versioned target (Kafka) whose point already reflects a newer version is
+left alone (`older`). Bulky keys are judged by the key that stands for them:
+text by content_hash, metadata by metadata_hash; where the point holds the
+bulky key itself (a deep check reads it), its value is compared too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from daemon.core.chunk_state import METADATA_HASH, ChunkState
+
+# payload key: the event version a point reflects, where the targets carry versions (Kafka)
+VERSION_KEY = "version"
+# bulky key -> the key that stands for it (equal content_hash, equal text; equal metadata_hash, equal metadata)
+BULK_KEYS = {"text": "content_hash", "metadata": METADATA_HASH}
+# what is read of a point to plan it: enough to tell what changed, never its bulk
+POINT_KEYS = ["document_id", "source_id", "chunk_index", "token_count", "content_hash", "title", "url",
+              "document_type", "embedding_model", METADATA_HASH, VERSION_KEY]
+
+
+class Action(str, Enum):
+    NOTHING = "nothing"
+    DELETE = "delete"
+    UPSERT = "upsert"  # embed (or reuse a vector) and write the whole point
+    SET = "set"  # set these payload keys; the vector stays
+    OLDER = "older"  # the point reflects a newer version than this target
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    action: Action
+    drift: str | None = None  # missing, orphaned, stale, wrong_model; None: the point agrees
+    payload: dict[str, Any] | None = None  # UPSERT: the whole payload; SET: the keys to set
+
+
+AGREES = Plan(Action.NOTHING)
+OLDER = Plan(Action.OLDER)
+
+
+def plan(state: ChunkState | None, point: dict[str, Any] | None, model_id: str, version: int | None = None) -> Plan:
+    """The plan for one chunk. point: the point's payload (POINT_KEYS at least),
+    None where there is no point. Raises InvalidChunkError (from the payload
+    projection) for a chunk no point can be made of."""
+    if version is not None and point is not None:
+        applied = point.get(VERSION_KEY)
+        if isinstance(applied, int) and applied > version:
+            return OLDER
+    if state is None or not state.has_text:
+        return Plan(Action.DELETE, "orphaned") if point is not None else AGREES
+    payload = state.payload(model_id)
+    if version is not None:
+        payload[VERSION_KEY] = version
+    if point is None:
+        return Plan(Action.UPSERT, "missing", payload)
+    if point.get("embedding_model") != model_id:
+        return Plan(Action.UPSERT, "wrong_model", payload)
+    if point.get("content_hash") != state.content_hash:
+        return Plan(Action.UPSERT, "stale", payload)
+    changed = changed_keys(point, payload)
+    return Plan(Action.SET, "stale", changed) if changed else AGREES
+
+
+def changed_keys(point: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload keys to set: those that differ, a bulky one judged by the key
+    that stands for it (and by its own value where the point holds it). Set, not
+    overwrite: "truncated" belongs to the vector and stays, and one title or
+    metadata change is then the same update for every chunk. A point without
+    metadata_hash (written before it existed, or marked by a reconcile repair)
+    gets its whole payload."""
+    if METADATA_HASH not in point:
+        return dict(payload)
+    changed = {}
+    for key, value in payload.items():
+        stand_in = BULK_KEYS.get(key)
+        if stand_in is None:
+            differs = point.get(key) != value
+        else:  # judged by its stand-in, and by its own value where a deep check read it
+            differs = point.get(stand_in) != payload[stand_in] or (key in point and point[key] != value)
+        if differs:
+            changed[key] = value
+    return changed

@@ -1,0 +1,105 @@
+"""The one decision of what Qdrant must hold per chunk (daemon.core.plan), over
+the whole grid of chunk states and points, with no services: what the apply
+core does and what reconcile reports come from the same cell."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from daemon.core.chunk_state import ChunkState
+from daemon.core.plan import POINT_KEYS, VERSION_KEY, Action, plan
+from daemon.errors import InvalidChunkError
+
+MODEL = "model-a"
+
+
+def state(**overrides) -> ChunkState:
+    values = dict(chunk_id=uuid.UUID(int=1), document_id=uuid.UUID(int=2), source_id=uuid.UUID(int=3), chunk_index=0,
+                  text="Some chunk text.", token_count=3, content_hash="h1", metadata={"lang": "en"}, title="A title",
+                  url=None, document_type=None, state_hash="s1")
+    values.update(overrides)
+    return ChunkState(**values)
+
+
+def point_of(s: ChunkState, model: str = MODEL, *, deep: bool = False, **changes) -> dict:
+    """What the apply core would have written for s, as reconcile or apply reads it back."""
+    payload = s.payload(model)
+    payload["truncated"] = False
+    keys = payload if deep else {k: v for k, v in payload.items() if k in POINT_KEYS}
+    return {**keys, **changes}
+
+
+CHUNKS = {
+    "gone": None,
+    "empty text": state(text=""),
+    "blank text": state(text="  \n\t"),
+    "text": state(),
+}
+POINTS = {
+    "none": lambda s: None,
+    "agrees": lambda s: point_of(s),
+    "other model": lambda s: point_of(s, "model-b"),
+    "other content": lambda s: point_of(s, content_hash="h0"),
+    "other title": lambda s: point_of(s, title="An old title"),
+    "other metadata": lambda s: point_of(s, metadata_hash="0" * 16),
+    "no metadata_hash": lambda s: {k: v for k, v in point_of(s).items() if k != "metadata_hash"},
+    "deep, text edited": lambda s: point_of(s, deep=True, text="edited by hand"),
+    "deep, metadata edited": lambda s: point_of(s, deep=True, metadata={"lang": "xx"}),
+    "deep, agrees": lambda s: point_of(s, deep=True),
+}
+EXPECTED = {  # (chunk, point) -> (action, drift); "text" rows below, the others follow from "wants no point"
+    ("text", "none"): (Action.UPSERT, "missing"),
+    ("text", "agrees"): (Action.NOTHING, None),
+    ("text", "other model"): (Action.UPSERT, "wrong_model"),
+    ("text", "other content"): (Action.UPSERT, "stale"),
+    ("text", "other title"): (Action.SET, "stale"),
+    ("text", "other metadata"): (Action.SET, "stale"),
+    ("text", "no metadata_hash"): (Action.SET, "stale"),
+    ("text", "deep, text edited"): (Action.SET, "stale"),
+    ("text", "deep, metadata edited"): (Action.SET, "stale"),
+    ("text", "deep, agrees"): (Action.NOTHING, None),
+}
+
+
+@pytest.mark.parametrize("chunk", list(CHUNKS))
+@pytest.mark.parametrize("point", list(POINTS))
+def test_every_cell_of_the_grid(chunk, point):
+    s = CHUNKS[chunk]
+    p = POINTS[point](s if s is not None else state())
+    got = plan(s, p, MODEL)
+    if chunk == "text":
+        assert (got.action, got.drift) == EXPECTED[(chunk, point)]
+    else:  # gone or no text: the point must not exist
+        assert (got.action, got.drift) == ((Action.NOTHING, None) if p is None else (Action.DELETE, "orphaned"))
+    # what apply does and what reconcile reports never disagree
+    assert (got.action is Action.NOTHING) == (got.drift is None)
+
+
+def test_an_upsert_carries_the_whole_projection():
+    s = state()
+    got = plan(s, None, MODEL)
+    assert got.payload == s.payload(MODEL)
+
+
+def test_a_set_carries_only_what_differs():
+    s = state(title="New title")
+    assert plan(s, point_of(state()), MODEL).payload == {"title": "New title"}
+    s = state(metadata={"lang": "de"})
+    assert set(plan(s, point_of(state()), MODEL).payload) == {"metadata", "metadata_hash"}
+    edited = plan(state(), point_of(state(), deep=True, text="edited by hand"), MODEL).payload
+    assert edited == {"text": "Some chunk text."}
+
+
+@pytest.mark.parametrize("applied, version, action", [(7, 5, Action.OLDER), (5, 7, Action.SET), (None, 7, Action.SET)])
+def test_a_point_of_a_newer_version_is_left_alone(applied, version, action):
+    point = point_of(state(), **({VERSION_KEY: applied} if applied is not None else {}))
+    got = plan(state(), point, MODEL, version)
+    assert got.action is action
+    if action is Action.SET:
+        assert got.payload == {VERSION_KEY: version}
+
+
+def test_a_chunk_no_point_can_be_made_of_raises_by_name():
+    with pytest.raises(InvalidChunkError, match="metadata"):
+        plan(state(metadata=[1, 2]), None, MODEL)
