@@ -42,7 +42,10 @@ READY_TIMEOUT = 60.0
 
 
 def find_binary() -> Path | None:
-    """The Qdrant server binary the tests may start, or None."""
+    """The Qdrant server binary the tests (and the benchmark harness) may start,
+    or None; none with OUTBOXD_TEST_QDRANT=local."""
+    if os.environ.get(CHOICE_VARIABLE) == "local":
+        return None
     given = os.environ.get(BINARY_VARIABLE)
     if given:
         path = Path(given)

@@ -1,20 +1,19 @@
 """Figures about moving events without encoding: the notify transport's
 ceiling and the Kafka path (5), Qdrant traffic per payload-only event (5b),
-the daemon's own CPU per 10,000 payload-only events (5c), and gRPC against
-REST upserts on one server (5f).
+the CPU of the daemon, the Qdrant server and PostgreSQL per 10,000
+payload-only events (5c), and gRPC against REST upserts on one server (5f).
 
 Every round here: n short chunks converged with random vectors under the real
-model's fingerprint (services.converge's way, on the same Qdrant), then one
-metadata update of all of them, drained by the real NotifyDaemon: n
-payload-only events, no encoding at all."""
+model's fingerprint (services.converge's way, on the same Qdrant), the
+server's optimizers left to finish, then one metadata update of all of them,
+drained by the real NotifyDaemon: n payload-only events, no encoding at all."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
-from collections.abc import Callable
 
-import httpx
 import numpy as np
 from qdrant_client import AsyncQdrantClient, models
 
@@ -24,145 +23,105 @@ from daemon.embedding.backend import BackendInfo
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
 from tests.benchmarks import kafka_transport
-from tests.benchmarks.qdrant_counter import CountingQdrant
-from tests.benchmarks.rest_shim import RestShim
-from tests.benchmarks.shim_server import SHIM_LABEL
-from tests.benchmarks.services import (LOCAL_LABEL, Postgres, QdrantTarget, add_chunks, drain, free_embedder,
+from tests.benchmarks.qdrant_counter import CountingQdrant, WireBytes
+from tests.benchmarks.services import (Postgres, QdrantTarget, add_chunks, drain, free_embedder,
                                        load_average, settings_for, sql, update_metadata)
 
-IN_PROCESS_SHIM = SHIM_LABEL + "; in this process (httpx.MockTransport), its engine's CPU subtracted"
-NO_GRPC = "not measured: needs a Qdrant server with gRPC (QDRANT_URL); the shim and local mode speak no gRPC"
+NO_GRPC = "not measured: needs a Qdrant server (local mode speaks no gRPC)"
 
 
-async def payload_only_round(dsn: str, n: int, settings: Settings, info: BackendInfo, client,
-                             engine_cpu: Callable[[], float] | None = None,
-                             on_run: Callable[[], None] | None = None) -> dict:
+def _per_10k(value: float | None, n: int) -> float | None:
+    return None if value is None else round(value * 10_000 / n, 3)
+
+
+async def payload_only_round(pg: Postgres, dsn: str, n: int, settings: Settings, info: BackendInfo,
+                             target: QdrantTarget, client, wire: WireBytes | None = None) -> dict:
     """n chunks converged through `client`, one payload-only update of all, the
-    drain measured: seconds, process CPU of run() minus the engine's CPU where
-    it runs in this process (engine_cpu), and, where client is a CountingQdrant,
-    its counts for run() alone."""
+    drain measured: seconds, this process's CPU in run() (minus the engine's where
+    local mode runs it here), the Qdrant server's and PostgreSQL's CPU during the
+    drain (where this run owns them), the server's CPU after it until its
+    optimizers are idle again, and, through a CountingQdrant, the traffic."""
     embedder = free_embedder(settings, info)
     await embedder.load()
     doc_id = add_chunks(dsn, "payload-only", [f"short chunk {i}" for i in range(n)])
     await drain(settings, dsn, embedder, client)  # converge: random vectors, the real model's fingerprint
+    settled_before = await target.settle(settings.collection)
     update_metadata(dsn, doc_id, 2)
     daemon = NotifyDaemon(settings, dsn, embedder=embedder, qdrant=client)
     await daemon.start()
     try:
         if isinstance(client, CountingQdrant):
             client.reset()  # the start-up's requests are not the events'
-        if on_run is not None:
-            on_run()
-        e0 = engine_cpu() if engine_cpu else 0.0
+        if wire is not None:
+            wire.reset()
+        gc.collect()
+        gc.freeze()  # as `outboxd run` does once started: full collections skip what start-up loaded
+        q0, p0, threads0 = target.cpu_seconds(), pg.cpu_seconds(), target.thread_cpu()
         c0, w0 = time.process_time(), time.perf_counter()
         assert await daemon.run(drain=True) == 0
         cpu, seconds = time.process_time() - c0, time.perf_counter() - w0
-        engine = (engine_cpu() - e0) if engine_cpu else 0.0
+        q1, p1, threads1 = target.cpu_seconds(), pg.cpu_seconds(), target.thread_cpu()
+        gc.unfreeze()
     finally:
         await daemon.close()
+    settled_after = await target.settle(settings.collection)
+    q2 = target.cpu_seconds()
     s = daemon.stats
     assert s.embedded == 0 and s.events_acked == n and s.payload_only == n, s
+    engine = client.cpu_inside if isinstance(client, CountingQdrant) and client.local else 0.0
     out = {"events": n, "claim_batch_size": settings.batch_size, "concurrency": settings.concurrency,
            "seconds": round(seconds, 3), "events_per_s": round(n / seconds),
            "process_cpu_s": round(cpu, 3), "engine_cpu_s": round(engine, 3),
-           "daemon_cpu_s_per_10k": round((cpu - engine) * 10_000 / n, 3)}
+           "daemon_cpu_s_per_10k": round((cpu - engine) * 10_000 / n, 3),
+           "qdrant_cpu_s_per_10k_during": _per_10k(None if q0 is None else q1 - q0, n),
+           "qdrant_cpu_s_per_10k_after": _per_10k(None if q0 is None else q2 - q1, n),
+           "qdrant_threads_cpu_s_per_10k_during": {k: _per_10k(v - threads0.get(k, 0.0), n)
+                                                   for k, v in threads1.items() if v - threads0.get(k, 0.0) > 0.01},
+           "postgresql_cpu_s_per_10k": _per_10k(None if p0 is None else p1 - p0, n),
+           "seconds_until_optimizers_idle": {"before": settled_before, "after": settled_after}}
     if isinstance(client, CountingQdrant):
         out["traffic_per_event"] = client.per_event(n)
-        if client.local:
-            out["engine_cpu_s"] = round(client.cpu_inside, 3)
-            out["daemon_cpu_s_per_10k"] = round((cpu - client.cpu_inside) * 10_000 / n, 3)
+    if wire is not None:
+        out["rest_body_bytes_per_event"] = wire.per_event(n)
     return out
 
 
-class _WireCounter:
-    """Bytes of REST bodies through an in-process RestShim, both ways."""
-
-    def __init__(self, shim: RestShim) -> None:
-        self.shim = shim
-        self.reset()
-
-    def reset(self) -> None:
-        self.sent = self.received = self.requests = 0
-
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        response = await self.shim.handle(request)
-        self.requests += 1
-        self.sent += len(request.content or b"")
-        self.received += len(response.content or b"")
-        return response
-
-    def client(self) -> AsyncQdrantClient:
-        return AsyncQdrantClient(url="http://qdrant-shim:6333", transport=httpx.MockTransport(self.handle),
-                                 check_compatibility=False)
-
-
-async def _variant(variant: str, dsn: str, n: int, claim: int, info: BackendInfo, target: QdrantTarget,
-                   socket_qdrant: QdrantTarget | None, collection: str, count_bytes: bool) -> dict:
-    """One payload-only round through one kind of Qdrant:
-    - "target": the harness's Qdrant (a server, or local mode in memory);
-    - "socket": a Qdrant over a real socket in another process (a server, or the
-      shim server): the engine's CPU is not this process's at all;
-    - "rest_shim": the REST shim in this process, its engine's CPU subtracted;
-    - "local": local mode in memory, the engine's CPU (CountingQdrant.cpu_inside) subtracted."""
-    engine_cpu = None
-    wire = None
-    if variant == "rest_shim":
-        shim = RestShim()
-        wire = _WireCounter(shim)
-        raw = wire.client()
-        engine_cpu = lambda: shim.engine_cpu  # noqa: E731
-        kw, label = {"qdrant_url": "http://qdrant-shim:6333"}, IN_PROCESS_SHIM
-    elif variant == "local" or (variant == "target" and target.is_local):
-        raw, kw, label = AsyncQdrantClient(location=":memory:"), {"qdrant_url": None, "qdrant_path": ":memory:"}, LOCAL_LABEL
-    elif variant == "socket_no_keepalive":  # what qdrant-client does for a Qdrant at localhost / 127.0.0.1
-        raw = AsyncQdrantClient(url=socket_qdrant.url, api_key=socket_qdrant.api_key, timeout=60, check_compatibility=False,
-                                limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
-        kw, label = socket_qdrant.settings(), socket_qdrant.label + "; HTTP keep-alive off"
-    else:
-        where = target if variant == "target" else socket_qdrant
-        raw, kw, label = where.client(), where.settings(), where.label
-    client = CountingQdrant(raw, local=label == LOCAL_LABEL, count_bytes=count_bytes)
-    settings = Settings(database_url=dsn, collection=collection, log_level="WARNING", batch_size=claim, **kw)
+async def _round(pg: Postgres, target: QdrantTarget, n: int, claim: int, info: BackendInfo, collection: str,
+                 count_bytes: bool) -> dict:
+    raw = target.client()
+    wire = WireBytes(raw) if count_bytes and target.is_server and not target.prefer_grpc else None
+    client = CountingQdrant(raw, local=target.is_local, count_bytes=count_bytes)
+    dsn = pg.fresh()
+    settings = Settings(database_url=dsn, collection=collection, log_level="WARNING", batch_size=claim, **target.settings())
     try:
-        out = await payload_only_round(dsn, n, settings, info, client, engine_cpu, wire.reset if wire else None)
+        out = await payload_only_round(pg, dsn, n, settings, info, target, client, wire)
     finally:
         await raw.close()
-    out["qdrant"] = label
-    if wire is not None:
-        out["rest_body_bytes_per_event"] = {"sent": round(wire.sent / n, 1), "received": round(wire.received / n, 1),
-                                            "requests": round(wire.requests / n, 4)}
+    out["qdrant"] = target.label
     return out
 
 
-def figure_traffic_and_cpu(pg: Postgres, target: QdrantTarget, socket_qdrant: QdrantTarget | None, info: BackendInfo,
-                           n: int, claims: list[int], repeats: int = 1) -> dict:
+def figure_traffic_and_cpu(pg: Postgres, target: QdrantTarget, info: BackendInfo, n: int, claims: list[int],
+                           repeats: int = 1) -> dict:
     """5b: traffic per payload-only event through CountingQdrant around the daemon's
-    client (the target, claim 64). 5c: the daemon's own CPU per 10,000 events, each
-    variant `repeats` times, interleaved; the least CPU of its runs is its figure
-    (a busy neighbour only ever adds)."""
-    out: dict = {"events": n, "load_average_before": load_average()}
-    traffic = asyncio.run(_variant("target", pg.fresh(), n, 64, info, target, socket_qdrant,
-                                   target.name("traffic"), count_bytes=True))
-    out["traffic"] = traffic
-    wire = asyncio.run(_variant("rest_shim", pg.fresh(), n, 64, info, target, socket_qdrant,
-                                "traffic_rest", count_bytes=False))
-    out["traffic_rest_shim"] = {k: wire[k] for k in ("qdrant", "traffic_per_event", "rest_body_bytes_per_event")}
-    primary = "socket" if socket_qdrant is not None else "rest_shim"
-    out["primary"] = primary
-    variants = [primary] + [v for v in ("rest_shim", "local") if v != primary]
-    if socket_qdrant is not None and socket_qdrant.is_shim:  # details only: what a Qdrant at localhost costs
-        variants.append("socket_no_keepalive")
+    client, and (over REST) the bytes on the wire. 5c: the CPU per 10,000 events,
+    claim by claim, `repeats` times, interleaved; the least daemon CPU of the runs
+    is the figure (a busy neighbour only ever adds). Local mode is a second row."""
+    out: dict = {"events": n, "load_average_before": load_average(), "qdrant": target.label}
+    out["traffic"] = asyncio.run(_round(pg, target, n, 256, info, target.name("traffic"), count_bytes=True))
+    targets = {"server" if target.is_server else "local": target}
+    if target.is_server:
+        targets["local"] = QdrantTarget.local()
     runs: dict[str, list[dict]] = {}
     for _ in range(repeats):
         for claim in claims:
-            for v in variants:
-                runs.setdefault(f"{v}_claim_{claim}", []).append(asyncio.run(_variant(
-                    v, pg.fresh(), n, claim, info, target, socket_qdrant,
-                    (socket_qdrant or target).name(f"cpu_{v}_{claim}") if v.startswith("socket") else f"cpu_{v}_{claim}",
-                    count_bytes=False)))
+            for which, t in targets.items():
+                runs.setdefault(f"{which}_claim_{claim}", []).append(asyncio.run(
+                    _round(pg, t, n, claim, info, t.name(f"cpu_{claim}"), count_bytes=False)))
     out["cpu"] = {key: {**min(rs, key=lambda r: r["daemon_cpu_s_per_10k"]),
                         "runs_daemon_cpu_s_per_10k": [r["daemon_cpu_s_per_10k"] for r in rs]}
                   for key, rs in runs.items()}
+    out["primary"] = "server" if target.is_server else "local"
     out["load_average_after"] = load_average()
     return out
 
@@ -172,12 +131,15 @@ def transport_ceiling(pg: Postgres, target: QdrantTarget, info: BackendInfo, n: 
     """Figure 5, notify path: n payload-only events drained by the real daemon at the defaults."""
     dsn = pg.fresh()
     settings = settings_for(dsn, target, collection=target.name("transport"))
-    client = target.client()
-    try:
-        r = asyncio.run(payload_only_round(dsn, n, settings, info, client))
-    finally:
-        asyncio.run(client.close())
-    return {**r, "qdrant": target.label,
+
+    async def go() -> dict:
+        client = target.client()
+        try:
+            return await payload_only_round(pg, dsn, n, settings, info, target, client)
+        finally:
+            await client.close()
+
+    return {**asyncio.run(go()), "qdrant": target.label,
             "what": "payload-only updates of converged chunks, the real daemon in drain mode, default settings"}
 
 

@@ -1,4 +1,4 @@
-"""The benchmark harness of issues 6, 11 and 12: every figure, side by side, in one run.
+"""The benchmark harness: every figure, side by side, in one run.
 
     python -m tests.benchmarks [--quick] [--out DIR] [--device cpu|cuda]
 
@@ -6,19 +6,19 @@ Writes DIR/results.json (every figure, which Qdrant it measured, the raw
 measurements), DIR/results.md (figure, value, target, met?, Qdrant measured)
 and PNG plots. Services: DATABASE_URL if set, else a throwaway pgserver
 PostgreSQL; QDRANT_URL if set (QDRANT_API_KEY, OUTBOXD_QDRANT_PREFER_GRPC),
-else Qdrant local mode in memory; for the figures of several processes (5d,
-5e), QDRANT_URL, else the Qdrant REST shim server (tests.benchmarks.shim_server:
-qdrant-client's local engine in one process, not a Qdrant server) on a free
-port; KAFKA_BOOTSTRAP_SERVERS, else the tests' single-node Apache Kafka; the
-real MiniLM on --device (default: cuda where available). Every figure is a
-ratio, a count or a rate measured in this run: absolute times on a shared
-machine move from run to run, so the load average is written beside them.
---quick runs the same code at tiny sizes: it checks the harness, it measures
-nothing worth publishing.
+else a real Qdrant server started from its binary (tests/qdrant_server.py),
+else Qdrant local mode in memory (the figures of several processes then say
+they need a server); local mode is also measured as a labelled second row of
+1d, 5, 5c and 6. KAFKA_BOOTSTRAP_SERVERS, else the tests' single-node Apache
+Kafka; the real MiniLM on --device (default: cuda where available). Every
+figure is a ratio, a count or a rate measured in this run: absolute times on a
+shared machine move from run to run, so the load average is written beside
+them. --quick runs the same code at tiny sizes: it checks the harness, it
+measures nothing worth publishing.
 
 Figures by theme: figures_embedding (1, 1b, 1c, 1d, 7), figures_outbox (2, 3,
-4), figures_transport (5, 5b, 5c, 5f), figures_scaleout (5d, 5e, 6); services
-holds the set-up, report the table and plots.
+4), figures_transport (5, 5b, 5c, 5f), figures_scaleout (5d, 5e),
+large_collection (6, 8); services holds the set-up, report the table and plots.
 """
 from __future__ import annotations
 
@@ -40,30 +40,32 @@ from tests.benchmarks import figures_outbox as outbox
 from tests.benchmarks import figures_scaleout as scale
 from tests.benchmarks import figures_transport as transport
 from tests.benchmarks import kafka_transport
+from tests.benchmarks import large_collection as large
 from tests.benchmarks.report import FIGURES, NO_GPU, collect_figures, markdown, plots
-from tests.benchmarks.services import MultiProcessQdrant, Postgres, QdrantTarget, load_average
+from tests.benchmarks.services import Postgres, QdrantTarget, load_average
 
 __all__ = ["FIGURES", "FULL", "QUICK", "main"]
 
 FULL = dict(pipeline_chunks=1000, claim_batches=[16, 64, 256], backend_chunks=500, backend_rounds=2,
             ceiling_chunks=20_000, write_rows=100_000, freshness_seconds=60.0, freshness_rate=10.0, wasted_chunks=300,
             transport_chunks=5000, cpu_events=10_000, cpu_repeats=2, scale_events=60_000, scale_counts=[1, 2, 4],
-            grpc_points=20_000, reconcile_sizes=[10_000, 50_000, 100_000])
+            scale_repeats=2, grpc_points=20_000, large_sizes=[50_000, 100_000, 200_000], local_reconcile=50_000)
 QUICK = dict(pipeline_chunks=24, claim_batches=[8, 64], backend_chunks=24, backend_rounds=1, ceiling_chunks=300,
              write_rows=1000, freshness_seconds=2.0, freshness_rate=10.0, wasted_chunks=12, transport_chunks=200,
-             cpu_events=300, cpu_repeats=1, scale_events=2000, scale_counts=[1, 2, 4], grpc_points=1000, reconcile_sizes=[200, 600])
+             cpu_events=300, cpu_repeats=1, scale_events=2000, scale_counts=[1, 2, 4], scale_repeats=1, grpc_points=1000,
+             large_sizes=[200, 600], local_reconcile=600)
 
 
 def say(what: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {what}", flush=True)
 
 
-def run_figures(sizes: dict, device: str, quick: bool, pg: Postgres, target: QdrantTarget, stack: ExitStack) -> dict:
+def run_figures(sizes: dict, device: str, quick: bool, pg: Postgres, target: QdrantTarget) -> dict:
     d: dict = {}
     embedder = Embedder(Settings(database_url=pg.base, collection="bench", log_level="WARNING", device=device))
     asyncio.run(embedder.load())
     info = embedder.info  # the real model's: random vectors written under it are the model's to outboxd
-    multi = MultiProcessQdrant(target, stack)
+    local = QdrantTarget.local() if target.is_server else None  # the second row of a few figures
     try:
         say("figure 1: pipeline against raw encode")
         d["pipeline"] = emb.figure_pipeline(pg, target, embedder, sizes["pipeline_chunks"], sizes["claim_batches"])
@@ -73,6 +75,8 @@ def run_figures(sizes: dict, device: str, quick: bool, pg: Postgres, target: Qdr
         d["limit"] = emb.figure_limit(sizes["pipeline_chunks"], embedder._settings, device, d["backends"], d["pipeline"])
         say("figure 1d: the ceiling (encoding made free)")
         d["ceiling"] = emb.figure_ceiling(pg, target, sizes["ceiling_chunks"], [256, 1024])
+        if local is not None:
+            d["ceiling_local"] = emb.figure_ceiling(pg, local, sizes["ceiling_chunks"], [256])
         say("figure 2: write-path cost")
         d["write_path"] = outbox.figure_write_path(pg, sizes["write_rows"])
         say("figure 3: freshness")
@@ -81,22 +85,25 @@ def run_figures(sizes: dict, device: str, quick: bool, pg: Postgres, target: Qdr
         d["wasted_work"] = asyncio.run(outbox.wasted_work(pg.fresh(), target, embedder, sizes["wasted_chunks"]))
         say("figure 5: transport ceiling (notify)")
         d["transport"] = transport.transport_ceiling(pg, target, info, sizes["transport_chunks"])
-        say("figures 5b, 5c: Qdrant traffic and the daemon's CPU per payload-only event")
-        socket_qdrant = multi.get()
-        d["traffic_cpu"] = transport.figure_traffic_and_cpu(pg, target, socket_qdrant, info, sizes["cpu_events"], [64, 256],
+        if local is not None:
+            d["transport_local"] = transport.transport_ceiling(pg, local, info, sizes["transport_chunks"])
+        say("figures 5b, 5c: Qdrant traffic and the CPU per payload-only event")
+        d["traffic_cpu"] = transport.figure_traffic_and_cpu(pg, target, info, sizes["cpu_events"], [64, 256],
                                                            sizes["cpu_repeats"])
-        say(f"figure 5d: N daemons ({socket_qdrant.label})")
-        d["daemons"] = scale.figure_daemons(pg, socket_qdrant, info, sizes["scale_events"], sizes["scale_counts"])
+        say(f"figure 5d: N daemons ({target.label})")
+        d["daemons"] = scale.figure_daemons(pg, target, info, sizes["scale_events"], sizes["scale_counts"],
+                                            sizes["scale_repeats"])
         say("figure 5f: gRPC against REST")
         d["grpc"] = transport.figure_grpc(target, sizes["grpc_points"])
         with kafka_transport.kafka_bootstrap() as bootstrap:
             say("figure 5: transport through Kafka")
             d["transport_kafka"] = transport.transport_kafka(pg, target, embedder, sizes["transport_chunks"], bootstrap)
             say("figure 5e: N consumers")
-            d["consumers"] = scale.figure_consumers(pg, socket_qdrant, info, sizes["scale_events"], sizes["scale_counts"],
+            d["consumers"] = scale.figure_consumers(pg, target, info, sizes["scale_events"], sizes["scale_counts"],
                                                     bootstrap)
-        say("figure 6: reconcile")
-        d["reconcile"] = scale.figure_reconcile(pg, target, sizes["reconcile_sizes"])
+        say("figures 6 and 8: a growing collection (backfill, reconcile)")
+        d["large"] = large.figure_large_collection(pg, target, sizes["large_sizes"])
+        d["reconcile_local"] = large.local_reconcile(pg, sizes["local_reconcile"])
         if emb.gpu_available():
             say("figure 7: the GPU")
             d["gpu"] = emb.figure_gpu(pg, target, sizes["pipeline_chunks"], "cuda")
@@ -127,20 +134,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     load_before = load_average()
-    target = QdrantTarget.from_env()
-    say(f"Qdrant: {target.label}; embedding device: {device}")
-    pg = Postgres()
-    try:
-        with ExitStack() as stack:
-            d = run_figures(sizes, device, args.quick, pg, target, stack)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        pg.close()
-        removed = target.cleanup()
-        if removed:
-            say(f"deleted {len(removed)} benchmark collections from {target.url}")
+    with ExitStack() as stack:
+        target = QdrantTarget.from_env(stack)
+        say(f"Qdrant: {target.label}; embedding device: {device}")
+        pg = Postgres()
+        try:
+            d = run_figures(sizes, device, args.quick, pg, target)
+        except BaseException:
+            traceback.print_exc()
+            raise
+        finally:
+            pg.close()
+            removed = target.cleanup()
+            if removed:
+                say(f"deleted {len(removed)} benchmark collections from {target.url}")
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {'GPU' if emb.gpu_available() else 'no GPU'}, "

@@ -3,12 +3,13 @@
 - PostgreSQL: DATABASE_URL if set, else a throwaway pgserver; one fresh
   migrated database per measurement, cloned from a template.
 - Qdrant (QdrantTarget): QDRANT_URL if set (with QDRANT_API_KEY and
-  OUTBOXD_QDRANT_PREFER_GRPC), else qdrant-client's local mode in memory. On a
+  OUTBOXD_QDRANT_PREFER_GRPC), else a real Qdrant server started here from its
+  binary (tests/qdrant_server.py), else qdrant-client's local mode in memory.
+  Clients are made the way the daemon makes them (daemon.core.qdrant_connect).
+  Local mode is also measured as a labelled second row of a few figures. On a
   server every collection this run makes is named with a unique prefix and
   deleted at the end. Each figure records `target.label`, the Qdrant it measured.
-- For figures of several processes, which local mode cannot serve (it admits
-  one process): QDRANT_URL, else the REST shim server
-  (tests.benchmarks.shim_server), started on a free port.
+- Figures of several processes need a server: local mode admits one process.
 - A free embedding backend (RandomBackend): random unit vectors through the
   normal Embedder(settings, backend=...) seam, with the real model's
   fingerprint where asked, so outboxd's pipeline runs with encoding made free.
@@ -23,21 +24,35 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import numpy as np
+import psutil
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
+from daemon.core.qdrant_connect import make_client
 from daemon.embedding.backend import Backend, BackendInfo, Encoded
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
 from db import migrate
-from tests.benchmarks.shim_server import SERVER_LABEL, SHIM_TITLE, shim_server_process
+from tests.qdrant_server import QdrantServer, find_binary
 
 LOCAL_LABEL = "qdrant-client local mode, in memory"
 NO_QDRANT = "none (no Qdrant involved)"
+NEEDS_SERVER = "not measured: several processes need a Qdrant server (local mode admits one process)"
+
+
+def cpu_of(processes: list[psutil.Process]) -> float:
+    """CPU seconds (user + system) of these processes, and of the children they reaped."""
+    total = 0.0
+    for p in processes:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 # --- PostgreSQL ------------------------------------------------------------------
@@ -75,6 +90,16 @@ class Postgres:
         self._made.append(name)
         return self._create(name, self.template)
 
+    def cpu_seconds(self) -> float | None:
+        """The server's CPU so far (the postmaster, its live backends, the ones it reaped);
+        None where the server is not this run's own (DATABASE_URL)."""
+        if self._server is None:
+            return None
+        data = str(Path(self._server.pgdata).resolve())
+        procs = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "postgres"
+                 and (data in " ".join(p.info["cmdline"] or []) or _is_backend_of(p, data))]
+        return cpu_of(procs)
+
     def close(self) -> None:
         with psycopg.connect(self.base, autocommit=True) as conn:
             for name in reversed(self._made):
@@ -83,38 +108,48 @@ class Postgres:
             self._server.cleanup()
 
 
-# --- Qdrant ------------------------------------------------------------------------
-def _probe_title(url: str, api_key: str | None) -> str | None:
-    """The title GET / answers with (None where it cannot be read)."""
+def _is_backend_of(proc: psutil.Process, data: str) -> bool:
     try:
-        r = httpx.get(url.rstrip("/") + "/", headers={"api-key": api_key} if api_key else None, timeout=5)
-        return r.json().get("title")
-    except Exception:  # noqa: BLE001 - only a label depends on it
-        return None
+        parent = proc.parent()
+        return parent is not None and data in " ".join(parent.cmdline())
+    except psutil.Error:
+        return False
 
 
+# --- Qdrant ------------------------------------------------------------------------
 class QdrantTarget:
-    """One Qdrant for the figures: a server (url) or local mode in memory (url None)."""
+    """One Qdrant for the figures: a server (url), or local mode in memory (url None).
+    `server`: the QdrantServer this run started, whose CPU the figures can read."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, prefer_grpc: bool = False,
-                 grpc_port: int = 6334) -> None:
+                 grpc_port: int = 6334, server: QdrantServer | None = None, ca_file: str | None = None) -> None:
         self.url = url
         self.api_key = api_key
         self.prefer_grpc = prefer_grpc
         self.grpc_port = grpc_port
+        self.server = server
+        self.ca_file = ca_file
         self.prefix = f"outboxd_bench_{uuid.uuid4().hex[:8]}"
-        self.is_shim = False
-        if url:
-            self.is_shim = _probe_title(url, api_key) == SHIM_TITLE
-            if self.is_shim:
-                self.prefer_grpc = False  # the shim speaks REST only
         self._names = 0
 
     @classmethod
-    def from_env(cls) -> "QdrantTarget":
-        s = Settings(database_url=None)  # QDRANT_URL, QDRANT_API_KEY, OUTBOXD_QDRANT_PREFER_GRPC, ...
-        key = s.qdrant_api_key.get_secret_value() if s.qdrant_api_key else None
-        return cls(s.qdrant_url, key, s.qdrant_prefer_grpc, s.qdrant_grpc_port)
+    def from_env(cls, stack: ExitStack) -> "QdrantTarget":
+        """QDRANT_URL (with its key, gRPC and CA settings), else a server started
+        from its binary for this run (stopped with `stack`), else local mode."""
+        s = Settings(database_url=None)
+        if s.qdrant_url:
+            key = s.qdrant_api_key.get_secret_value() if s.qdrant_api_key else None
+            return cls(s.qdrant_url, key, s.qdrant_prefer_grpc, s.qdrant_grpc_port,
+                       ca_file=str(s.qdrant_ca_file) if s.qdrant_ca_file else None)
+        binary = find_binary()
+        if binary is None:
+            return cls.local()
+        server = stack.enter_context(QdrantServer(binary))
+        return cls(server.url, None, s.qdrant_prefer_grpc, server.grpc_port, server=server)
+
+    @classmethod
+    def local(cls) -> "QdrantTarget":
+        return cls()
 
     @property
     def is_local(self) -> bool:
@@ -122,23 +157,24 @@ class QdrantTarget:
 
     @property
     def is_server(self) -> bool:
-        """A real Qdrant server (not local mode, not the shim)."""
-        return self.url is not None and not self.is_shim
+        return self.url is not None
 
     @property
     def label(self) -> str:
         if self.url is None:
             return LOCAL_LABEL
-        if self.is_shim:
-            return SERVER_LABEL
-        return f"Qdrant server at {self.url} ({'gRPC' if self.prefer_grpc else 'REST'})"
+        what = f"Qdrant server {self.server.version}" if self.server else "Qdrant server"
+        return f"{what} at {self.url} ({'gRPC' if self.prefer_grpc else 'REST'})"
 
     def client(self, *, prefer_grpc: bool | None = None) -> AsyncQdrantClient:
-        """A new client: a new empty in-memory engine in local mode, else the server."""
+        """A new client, made as the daemon makes its own: a new empty in-memory
+        engine in local mode, else the server."""
         if self.url is None:
             return AsyncQdrantClient(location=":memory:")
-        return AsyncQdrantClient(url=self.url, api_key=self.api_key, timeout=60, grpc_port=self.grpc_port,
-                                 prefer_grpc=self.prefer_grpc if prefer_grpc is None else prefer_grpc)
+        settings = Settings(database_url=None, log_level="WARNING", **self.settings())
+        if prefer_grpc is not None:
+            settings = settings.model_copy(update={"qdrant_prefer_grpc": prefer_grpc})
+        return make_client(settings)
 
     def name(self, what: str) -> str:
         """A collection (alias) name unique to this run and call."""
@@ -150,16 +186,55 @@ class QdrantTarget:
         if self.url is None:
             return {"qdrant_url": None, "qdrant_path": ":memory:"}
         return {"qdrant_url": self.url, "qdrant_api_key": self.api_key, "qdrant_prefer_grpc": self.prefer_grpc,
-                "qdrant_grpc_port": self.grpc_port}
+                "qdrant_grpc_port": self.grpc_port, "qdrant_ca_file": self.ca_file}
 
     def env(self) -> dict[str, str]:
         """Environment for an `outboxd` process (a server only: local mode admits one process)."""
-        assert self.url is not None, "local mode admits one process: use the shim server"
+        assert self.url is not None, "local mode admits one process"
         env = {"QDRANT_URL": self.url, "OUTBOXD_QDRANT_PREFER_GRPC": "true" if self.prefer_grpc else "false",
                "OUTBOXD_QDRANT_GRPC_PORT": str(self.grpc_port)}
         if self.api_key:
             env["QDRANT_API_KEY"] = self.api_key
+        if self.ca_file:
+            env["OUTBOXD_QDRANT_CA_FILE"] = self.ca_file
         return env
+
+    def cpu_seconds(self) -> float | None:
+        """The server's CPU so far, where this run started it (None: not ours to read)."""
+        return cpu_of([psutil.Process(self.server.pid)]) if self.server and self.server.running else None
+
+    def thread_cpu(self) -> dict[str, float]:
+        """The server's CPU by thread name (its request handling, the update worker,
+        the optimizers' index builds); empty where the server is not ours."""
+        if not (self.server and self.server.running):
+            return {}
+        out: dict[str, float] = {}
+        proc = psutil.Process(self.server.pid)
+        for t in proc.threads():
+            try:
+                name = Path(f"/proc/{proc.pid}/task/{t.id}/comm").read_text().strip().rstrip("0123456789-")
+            except OSError:
+                continue
+            out[name] = out.get(name, 0.0) + t.user_time + t.system_time
+        return out
+
+    async def settle(self, collection: str, timeout: float = 600.0) -> float:
+        """Wait until the collection's optimizers are idle (status green), so a figure
+        does not time the index builds its previous writes set off; the seconds waited."""
+        if self.url is None:
+            return 0.0
+        client = self.client(prefer_grpc=False)
+        started = time.perf_counter()
+        try:
+            while time.perf_counter() - started < timeout:
+                if not await client.collection_exists(collection):
+                    break
+                if (await client.get_collection(collection)).status == "green":
+                    break
+                await asyncio.sleep(0.2)
+        finally:
+            await client.close()
+        return round(time.perf_counter() - started, 2)
 
     def cleanup(self) -> list[str]:
         """Delete this run's aliases and collections (a server only); their names."""
@@ -185,24 +260,6 @@ class QdrantTarget:
             return gone
 
         return asyncio.run(go())
-
-
-class MultiProcessQdrant:
-    """The Qdrant for figures of several processes: the target where it is a
-    server (or the shim the user started), else a shim server started here."""
-
-    def __init__(self, target: QdrantTarget, stack: ExitStack) -> None:
-        self._target = target
-        self._stack = stack
-        self._started: QdrantTarget | None = None
-
-    def get(self) -> QdrantTarget:
-        if self._target.url is not None:
-            return self._target
-        if self._started is None:
-            url = self._stack.enter_context(shim_server_process())
-            self._started = QdrantTarget(url)
-        return self._started
 
 
 # --- PostgreSQL helpers -------------------------------------------------------------
