@@ -17,8 +17,32 @@ from daemon.config import Settings
 from daemon.embedding.embedder import Embedder
 from db import migrate
 
+REPO = Path(__file__).resolve().parents[1]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC C core logs INFO lines on every fork
+
+# --- which tests need services ------------------------------------------------------------
+SERVICE_FIXTURES = {"pg_server", "template_db", "dsn", "empty_dsn", "conn", "pool", "make_outbox", "qdrant",
+                    "embedder", "reference", "make_settings", "spawn", "kafka_bootstrap", "kafka_broker", "_kafka"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/integration and tests/benchmarks needs real services:
+    marked `integration` here, in one place, so `-m "not integration"` starts none.
+    A test elsewhere that asks for a service fixture is a mistake: it fails by name."""
+    integration, benchmarks = REPO / "tests" / "integration", REPO / "tests" / "benchmarks"
+    misplaced = []
+    for item in items:
+        where = Path(str(item.path)).parents
+        if integration in where or benchmarks in where:
+            item.add_marker(pytest.mark.integration)
+        elif used := SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            misplaced.append(f"{item.nodeid} asks for {', '.join(sorted(used))}")
+    if misplaced:
+        raise pytest.UsageError("tests outside tests/integration need services; move them there: "
+                                + "; ".join(misplaced))
+
 
 # --- Qdrant: one for the session (tests/qdrant_server.py says which) --------------------
 _qdrant_session = pytest.StashKey()
@@ -264,9 +288,6 @@ def make_settings(dsn, collection, tmp_path):
         return Settings(**values)
 
     return make
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --- Kafka -------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import time
 
 import httpx
 import orjson
@@ -24,7 +26,8 @@ from daemon.core.qdrant_store import QdrantStore
 from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.outbox.queue import Outbox
 from db.pool import make_pool
-from tests.support import add_document, all_points, assert_converged, drain, outbox_rows
+from tests.processes import daemon_env
+from tests.support import add_document, all_points, assert_converged, drain, open_qdrant, outbox_rows, require_server
 
 
 # --- invariant 3: racing workers never leave an older state --------------------------
@@ -100,9 +103,23 @@ async def test_stale_write_after_lease_loss_is_requeued(conn, dsn, qdrant, colle
     assert await point_text(qdrant, collection, cid) == "version three"
 
 
-async def test_two_daemons_share_the_work_under_concurrent_writes(conn, dsn, qdrant, collection, embedder, make_settings):
-    """Two daemons on one database, while writers keep changing the same chunks,
-    end converged with every event acknowledged once the writes stop."""
+def _edit_rounds(dsn: str, ids: list, rounds: int = 5, pause: float = 0.3) -> None:
+    """Writers changing the same chunks again and again: each round edits 60 chunks, 40 of them again."""
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        for round_ in range(rounds):
+            with writer.transaction():
+                for cid in ids[round_ * 20 : round_ * 20 + 60]:
+                    writer.execute("UPDATE chunks SET text = text || ' (edit ' || %s || ')' WHERE id = %s", (round_, cid))
+            time.sleep(pause)
+
+
+async def test_two_daemon_instances_in_one_process_share_the_work_under_concurrent_writes(
+    conn, dsn, qdrant, collection, embedder, make_settings
+):
+    """Two NotifyDaemon instances in this test's process (one event loop, one Qdrant client,
+    one embedder; separate pools and leases), while writers in a thread keep changing the
+    same chunks: converged, every event acknowledged, both took work. The same with two
+    processes: test_two_daemon_processes_share_the_work_under_concurrent_writes."""
     _, ids = add_document(conn, [f"chunk number {i} about topic {i % 7}" for i in range(240)])
     daemons = [
         NotifyDaemon(make_settings(worker_name=name, batch_size=16, concurrency=1), dsn, embedder=embedder, qdrant=qdrant)
@@ -112,13 +129,9 @@ async def test_two_daemons_share_the_work_under_concurrent_writes(conn, dsn, qdr
         await d.start()
     runs = [asyncio.create_task(d.run()) for d in daemons]
     try:
-        for round_ in range(5):
-            with conn.transaction():
-                for cid in ids[round_ * 20 : round_ * 20 + 60]:
-                    conn.execute("UPDATE chunks SET text = text || ' (edit ' || %s || ')' WHERE id = %s", (round_, cid))
-            await asyncio.sleep(0.3)
+        await asyncio.to_thread(_edit_rounds, dsn, ids)  # the writes block a thread, not the daemons' loop
         for _ in range(600):
-            if not outbox_rows(conn):
+            if not await asyncio.to_thread(outbox_rows, conn):
                 break
             await asyncio.sleep(0.2)
         assert outbox_rows(conn) == []
@@ -130,6 +143,40 @@ async def test_two_daemons_share_the_work_under_concurrent_writes(conn, dsn, qdr
             await d.close()
     assert all(d.stats.batches > 0 for d in daemons), "both daemons should have taken work"
     await assert_converged(dsn, qdrant, collection, embedder)
+
+
+@pytest.mark.slow
+async def test_two_daemon_processes_share_the_work_under_concurrent_writes(spawn, conn, dsn, collection, embedder,
+                                                                           tmp_path):
+    """Two `outboxd run` processes on one database and one Qdrant server, while writers keep
+    changing the same chunks: once the writes stop and the backlog drains, the collection
+    has converged, both processes took work, and every event was acknowledged exactly once
+    between them."""
+    require_server()
+    _, ids = add_document(conn, [f"chunk number {i} about topic {i % 7}" for i in range(240)])
+    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=16, OUTBOXD_CONCURRENCY=1)
+    procs = [spawn("run", env=env, name=f"daemon-{name}") for name in ("a", "b")]
+    for proc in procs:
+        proc.wait_running()
+    await asyncio.to_thread(_edit_rounds, dsn, ids)
+    procs[0].wait_for(lambda: not outbox_rows(conn), "the backlog to drain", 300, 0.2)
+    for proc in procs:
+        proc.popen.send_signal(signal.SIGTERM)
+    for proc in procs:
+        assert proc.wait(60) == 0, proc.describe()
+    stopped = [proc.log("outboxd stopped") for proc in procs]
+    assert all(s["batches"] > 0 for s in stopped), "both daemons should have taken work"
+    # every event that ever existed (the writers', and any an acknowledgement re-queued) was
+    # acknowledged by exactly one of them: the outbox is empty and the counts add up
+    created = conn.execute(
+        "SELECT pg_sequence_last_value(pg_get_serial_sequence('outboxd.outbox', 'id')::regclass)").fetchone()[0]
+    assert sum(s["events_acked"] for s in stopped) == created >= 240 + 5 * 60
+    assert sum(s["dead_letters"] for s in stopped) == 0
+    client = open_qdrant(tmp_path / "qdrant")
+    try:
+        await assert_converged(dsn, client, collection, embedder)
+    finally:
+        await client.close()
 
 
 # --- invariants 4 and 5: outages end in convergence, with nothing lost -------------------
