@@ -3,10 +3,12 @@ and the topics outboxd needs, created when missing (or a clear error)."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from daemon.config import Settings
 from daemon.errors import ConfigError, ServiceUnavailableError
+from daemon.runtime.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +162,15 @@ def consumer_group_status(settings: Settings) -> dict[str, Any]:
     async def lag(budget: float = STATUS_BUDGET) -> dict[str, Any]:
         # retried while a broker that answers says "not yet" (a fresh cluster's group
         # coordinator, a leader election); brokers that do not answer are reported at once
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget
+        attempts = Backoff(base=0.25, cap=1.0, deadline=budget).attempts()
         while True:
             try:
-                return await asyncio.wait_for(group_lag(settings), max(1.0, deadline - loop.time()))
+                left = budget - (time.monotonic() - attempts.started)
+                return await asyncio.wait_for(group_lag(settings), max(1.0, left))
             except Exception as exc:
-                if isinstance(exc, KafkaConnectionError) or not is_transient(exc) or loop.time() + 1.0 > deadline:
+                if isinstance(exc, KafkaConnectionError) or not is_transient(exc) or attempts.expired():
                     raise
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(attempts.next_delay())
 
     try:
         return asyncio.run(lag())

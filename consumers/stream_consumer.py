@@ -33,6 +33,7 @@ from aiokafka import ConsumerRebalanceListener
 from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
 from daemon.config import Settings
 from daemon.errors import describe, is_transient
+from daemon.runtime.backoff import OUTAGE
 from daemon.runtime.batch_policy import wait_for_any
 from daemon.runtime.service import Service
 from daemon.telemetry import extract_context, tracer
@@ -70,6 +71,7 @@ class StreamConsumer(Service):
         self.producer = None  # for dead letters
         self._busy = asyncio.Lock()  # held while a batch is processed; revocation waits for it
         self._in_flight = "batch"  # the heartbeat's name for the batch being processed
+        self._poll_outage = OUTAGE.attempts()  # the streak of failed fetches, reset by the next good one
 
     # --- the part a subclass writes --------------------------------------------
     async def handle(self, records: list[Any]) -> list[tuple[Any, str]]:
@@ -143,7 +145,6 @@ class StreamConsumer(Service):
             f"{self.role} running",
             extra={"group": self.group, "topics": self.topics, "kafka": self.settings.kafka_bootstrap_servers},
         )
-        reporter = asyncio.create_task(self.report_stats())
         try:
             while not self.stop.is_set():
                 self.heartbeat.beat()
@@ -164,20 +165,22 @@ class StreamConsumer(Service):
                     await self._observe_lag()
         finally:
             self.notifier.stopping()
-            reporter.cancel()
             self.log_stopped()
         return 0
 
     async def _poll(self) -> dict:
         try:
-            return await self.consumer.getmany(timeout_ms=500, max_records=self.settings.batch_size)
+            batches = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.batch_size)
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            self.policy.note_outage("poll", exc, 1.0)
-            log.warning("cannot fetch from Kafka; retrying", extra={"error": describe(exc)})
-            await wait_for_any([self.stop], 1.0)
+            delay = self._poll_outage.next_delay()
+            self.policy.note_outage("poll", exc, delay)
+            log.warning("cannot fetch from Kafka; retrying", extra={"error": describe(exc), "retry_in": round(delay, 2)})
+            await wait_for_any([self.stop], delay)
             return {}
+        self._poll_outage.reset()
+        return batches
 
     async def _observe_lag(self) -> None:
         """Per assigned partition: messages after our position (the broker's high

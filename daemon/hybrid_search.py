@@ -43,7 +43,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from qdrant_client import models
 
-from daemon.core.qdrant_store import QdrantStore
+from daemon.core.qdrant_store import read_fingerprint, resolve_alias
+from daemon.embedding.fingerprint import mismatch_advice
 from daemon.errors import ConfigError, ModelMismatchError
 from db import queries
 
@@ -234,45 +235,26 @@ def _check_weight(w: float) -> None:
 
 # --- the search -----------------------------------------------------------------------------
 async def check_model(qdrant, alias: str, embedder) -> str:
-    """The physical collection behind `alias`, after checking that its vectors
-    were made by the embedder's model; ModelMismatchError otherwise."""
+    """The physical collection behind `alias` (readers follow the alias), after
+    checking that its vectors were made by the embedder's model; ModelMismatchError otherwise."""
     configured = embedder.fingerprint
     if configured is None:
         raise RuntimeError("the embedder is not loaded: await embedder.load() first")
-    sink = QdrantStore(qdrant, alias)
-    collection = await sink.resolve()
+    collection = await resolve_alias(qdrant, alias)
     if collection is None:
         raise ConfigError(
             f"there is no Qdrant collection {alias!r} to search: start the daemon (`outboxd run`) once, "
             "or check OUTBOXD_COLLECTION and QDRANT_URL"
         )
-    sink.collection = collection
-    recorded = await sink.recorded_fingerprint()
+    recorded = await read_fingerprint(qdrant, collection)
     if recorded is None:
         raise ConfigError(
             f"Qdrant collection {alias!r} ({collection}) records no outboxd model fingerprint, so the "
             "model that made its vectors is unknown and a query vector cannot be matched to them"
         )
     if recorded != configured:
-        raise ModelMismatchError(_mismatch_message(alias, collection, recorded, configured))
+        raise ModelMismatchError(f"cannot search: {mismatch_advice(recorded, configured, alias)}")
     return collection
-
-
-def _mismatch_message(alias: str, collection: str, recorded, configured) -> str:
-    fixes = []
-    if recorded.name != configured.name:
-        fixes.append(f"OUTBOXD_MODEL={recorded.name} (--model)")
-    if recorded.max_seq_length != configured.max_seq_length and recorded.max_seq_length:
-        fixes.append(f"OUTBOXD_MAX_SEQ_LENGTH={recorded.max_seq_length} (--max-seq-length)")
-    if recorded.normalized != configured.normalized:
-        fixes.append(f"OUTBOXD_NORMALIZE={recorded.normalized} (--normalize)")
-    set_these = " and ".join(fixes) or "the model settings the collection records"
-    return (
-        f"cannot search Qdrant collection {alias!r} ({collection}): it holds vectors of {recorded}, "
-        f"but the query would be embedded with {configured}, and vectors of different models are not "
-        f"comparable. Set {set_these} to search this collection, or rebuild it for the configured "
-        "model with `outboxd reindex`."
-    )
 
 
 async def hybrid_search(

@@ -96,8 +96,7 @@ class Reindexer:
             return result
 
         await self.catalog.upsert(target, self.alias, fp, "building")
-        store = QdrantStore(self.qdrant, self.alias)
-        store.collection = target
+        store = QdrantStore(self.qdrant, self.alias, collection=target)
         await store.create_physical(fp)
         applier = Applier(self.embedder, store)
         log.info("reindex: building", extra={"collection": target, "model": str(fp)})

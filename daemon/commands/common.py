@@ -16,7 +16,7 @@ from daemon.config import Settings
 from daemon.errors import ConfigError, ServiceUnavailableError, describe
 
 if TYPE_CHECKING:
-    from daemon.embedding.embedder import ModelFingerprint
+    from daemon.core.catalog import CollectionView
 
 
 def resolve_dsn(settings: Settings, announce_to=None) -> str:
@@ -104,24 +104,20 @@ async def _why_not(dsn: str, timeout: Exception) -> str:
     return describe(timeout)
 
 
-async def live_collection(settings: Settings, pool, client) -> tuple[str, "ModelFingerprint"]:
-    """The physical collection behind OUTBOXD_COLLECTION (the catalog's live one,
-    else where the alias points) and the model fingerprint it records."""
+async def live_collection(settings: Settings, pool, client) -> "CollectionView":
+    """The live collection behind OUTBOXD_COLLECTION (daemon.core.catalog), which
+    must exist and record the model that made its vectors."""
     from daemon.core.catalog import Catalog
-    from daemon.core.qdrant_store import QdrantStore
 
-    sink = QdrantStore(client, settings.collection)
-    live = await Catalog(pool).live(settings.collection)
-    sink.collection = live.name if live else (await sink.resolve() or "")
-    if not sink.collection or not await client.collection_exists(sink.collection):
+    live = await Catalog(pool).resolve(settings.collection, client)
+    if not live.exists:
         raise ConfigError(
             f"there is no Qdrant collection for {settings.collection!r} yet: start the daemon "
             "(`outboxd run`) once, or check OUTBOXD_COLLECTION and QDRANT_URL"
         )
-    fingerprint = await sink.recorded_fingerprint()
-    if fingerprint is None:
-        raise ConfigError(f"Qdrant collection {sink.collection!r} records no outboxd model fingerprint")
-    return sink.collection, fingerprint
+    if live.fingerprint is None:
+        raise ConfigError(f"Qdrant collection {live.name!r} records no outboxd model fingerprint")
+    return live
 
 
 def progress_bar(total: int | None, description: str, enabled: bool):

@@ -56,12 +56,13 @@ async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, do
     from daemon.commands.common import live_collection, open_services, progress_bar
 
     async with open_services(settings) as (pool, client):
-        collection, fingerprint = await live_collection(settings, pool, client)
+        live = await live_collection(settings, pool, client)
+        collection = live.name
         reconciler = Reconciler(
             pool,
             client,
             collection,
-            fingerprint.id,
+            live.fingerprint.id,
             scope=Scope(source_id=source, document_id=document),
             page_size=page_size,
             qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant_url else LOCAL_QDRANT_PAGE,

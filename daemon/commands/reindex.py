@@ -50,8 +50,9 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
     from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
     from daemon.admin.model_switch import Reindexer, retired_collection
     from daemon.commands.common import open_services, progress_bar
-    from daemon.core.qdrant_store import QdrantStore, keep_variant
+    from daemon.core.catalog import view
     from daemon.embedding.embedder import Embedder
+    from daemon.embedding.fingerprint import settings_for
     from daemon.errors import ConfigError
 
     async with open_services(settings) as (pool, client):
@@ -59,11 +60,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
             target = await retired_collection(pool, settings.collection)
             if target is None:
                 raise ConfigError(f"no retired collection of {settings.collection!r} to roll back to")
-            store = QdrantStore(client, settings.collection)
-            store.collection = target.name
-            # the collection's own record has the backend variant, which the catalog does not keep
-            fp = (await store.recorded_fingerprint() if await client.collection_exists(target.name) else None) \
-                or target.fingerprint
+            fp = (await view(client, settings.collection, target)).fingerprint
             settings = settings.model_copy(
                 update={"model": fp.name, "max_seq_length": fp.max_seq_length, "normalize": fp.normalized}
             )
@@ -73,7 +70,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
             if rollback and embedder.fingerprint != fp:
                 raise ConfigError(
                     f"cannot load {fp} to roll back to; loaded {embedder.fingerprint} instead: roll back with "
-                    f"the settings that made it{keep_variant(fp, embedder.fingerprint)}"
+                    f"the settings that made it: {settings_for(fp)}"
                 )
             tty = sys.stderr.isatty() and not quiet
             total = await count_chunks(pool) if tty else None

@@ -145,44 +145,39 @@ async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str
 
 
 async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
-    from daemon.core.qdrant_store import QdrantStore
+    from daemon.core.catalog import CollectionRecord, view
+    from daemon.core.qdrant_store import read_fingerprint
 
-    sink = QdrantStore(client, settings.collection)
     version = (await client.info()).version if settings.qdrant_url else None  # local mode is the client's own
-    alias_target = await sink.resolve()
-    live_name = catalog_live["name"] if catalog_live else None
-    physical = live_name or alias_target
+    record = CollectionRecord(**catalog_live) if catalog_live else None
+    live = await view(client, settings.collection, record)
     notes: list[str] = []
     section = {
         **section,
         "available": True,
         "server_version": version,
-        "alias_target": alias_target,
-        "catalog_live": live_name,
-        "collection": physical,
+        "alias_target": live.alias_target,
+        "catalog_live": record.name if record else None,
+        "collection": live.name,
         "points": None,
         "fingerprint": None,
         "notes": notes,
     }
-    if physical is None:
+    if live.name is None:
         notes.append("no collection yet: the daemon creates it when it starts")
         return section
-    if not await client.collection_exists(physical):
-        notes.append(f"the catalog's live collection {physical!r} is missing in Qdrant")
+    if not live.exists:
+        notes.append(f"the catalog's live collection {live.name!r} is missing in Qdrant")
         return section
-    if live_name and alias_target != live_name:
-        notes.append(f"alias {settings.collection!r} points at {alias_target!r}, not at the live collection")
-    sink.collection = physical
-    section["points"] = (await client.count(physical, exact=True)).count
-    fingerprint = await sink.recorded_fingerprint()
-    section["fingerprint"] = fingerprint.as_dict() if fingerprint else None
-    if fingerprint is None:
+    if record and live.alias_target != record.name:
+        notes.append(f"alias {settings.collection!r} points at {live.alias_target!r}, not at the live collection")
+    section["points"] = (await client.count(live.name, exact=True)).count
+    recorded = await read_fingerprint(client, live.name)
+    section["fingerprint"] = recorded.as_dict() if recorded else None
+    if recorded is None:
         notes.append("the collection records no outboxd model fingerprint")
-    elif catalog_live and catalog_live.get("fingerprint_id") != fingerprint.id:
-        notes.append(
-            f"the catalog records model fingerprint {catalog_live.get('fingerprint_id')}, "
-            f"the collection {fingerprint.id}"
-        )
+    elif record and record.fingerprint_id != recorded.id:
+        notes.append(f"the catalog records model fingerprint {record.fingerprint_id}, the collection {recorded.id}")
     return section
 
 

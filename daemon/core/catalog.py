@@ -1,8 +1,11 @@
-"""The catalog in PostgreSQL of collections and the model that made each.
+"""The catalog in PostgreSQL of collections and the model that made each, and
+the one place that says which physical collection is live behind an alias.
 
 Writers follow the catalog, readers follow the Qdrant alias: the daemon
 acknowledges events only for the collection the catalog says is live for its
 alias, so a reindex can retire a collection without racing running daemons.
+resolve() answers "which collection, made by which model" for every command
+that needs it, as an immutable CollectionView: nobody re-points a store.
 """
 from __future__ import annotations
 
@@ -27,10 +30,42 @@ class CollectionRecord:
     status: str
     created_at: datetime
     updated_at: datetime
+    variant: str | None = None
 
     @property
     def fingerprint(self) -> ModelFingerprint:
-        return ModelFingerprint(self.model_name, self.dimension, self.normalized, self.max_seq_length)
+        return ModelFingerprint(self.model_name, self.dimension, self.normalized, self.max_seq_length, self.variant)
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionView:
+    """One physical collection as outboxd sees it: where the alias points, what the
+    catalog says of it, and the model fingerprint its vectors were made with (the
+    collection's own record in Qdrant where it can be read, else the catalog's)."""
+
+    alias: str
+    name: str | None  # the physical collection; None: there is none yet
+    exists: bool  # in Qdrant
+    fingerprint: ModelFingerprint | None
+    status: str | None  # the catalog's: live, building, retired; None: not in the catalog
+    alias_target: str | None  # where the Qdrant alias points now (what readers see)
+
+    @property
+    def retired(self) -> bool:
+        return self.status == "retired"
+
+
+async def view(qdrant, alias: str, record: CollectionRecord | None) -> CollectionView:
+    """The collection behind `record` (the catalog's), else behind the alias."""
+    from daemon.core.qdrant_store import read_fingerprint, resolve_alias
+
+    alias_target = await resolve_alias(qdrant, alias)
+    name = record.name if record is not None else alias_target
+    exists = bool(name) and await qdrant.collection_exists(name)
+    fingerprint = await read_fingerprint(qdrant, name) if exists else None
+    if fingerprint is None and record is not None:
+        fingerprint = record.fingerprint
+    return CollectionView(alias, name, exists, fingerprint, record.status if record else None, alias_target)
 
 
 def _params(name: str, alias: str, fp: ModelFingerprint, **extra) -> dict:
@@ -42,6 +77,7 @@ def _params(name: str, alias: str, fp: ModelFingerprint, **extra) -> dict:
         normalized=fp.normalized,
         max_seq_length=fp.max_seq_length,
         fingerprint_id=fp.id,
+        variant=fp.variant,
         **extra,
     )
 
@@ -56,6 +92,10 @@ class Catalog:
     async def live(self, alias: str) -> CollectionRecord | None:
         rows = await self._rows("live_collection", alias=alias)
         return CollectionRecord(**rows[0]) if rows else None
+
+    async def resolve(self, alias: str, qdrant) -> CollectionView:
+        """The live collection of the alias: the catalog's, else where the alias points."""
+        return await view(qdrant, alias, await self.live(alias))
 
     async def register_live(self, name: str, alias: str, fp: ModelFingerprint) -> CollectionRecord:
         """Record `name` as live unless the alias already has a live collection;

@@ -19,6 +19,7 @@ from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from daemon.embedding.embedder import Embedding, ModelFingerprint
+from daemon.embedding.fingerprint import mismatch_advice
 from daemon.errors import ConfigError, ModelMismatchError
 from daemon.telemetry import span
 
@@ -51,18 +52,6 @@ def already_exists(exc: BaseException) -> bool:
         return False
 
 
-def keep_variant(recorded: ModelFingerprint, configured: ModelFingerprint) -> str:
-    """The backend half of "to keep this collection": where the vectors differ by backend or precision."""
-    if recorded.variant == configured.variant:
-        return ""
-    if recorded.variant is None:
-        return (" and a backend whose vectors agree with the reference (OUTBOXD_EMBEDDING__BACKEND="
-                "sentence-transformers, or onnx without OUTBOXD_EMBEDDING__QUANTIZE)")
-    if recorded.variant == "onnx-int8":
-        return " OUTBOXD_EMBEDDING__BACKEND=onnx OUTBOXD_EMBEDDING__QUANTIZE=true"
-    return f" and the backend that made variant {recorded.variant!r}"
-
-
 class Upserts:
     """Points to upsert, column-wise: handed to Qdrant as one Batch, without a
     model object per point."""
@@ -87,24 +76,36 @@ class Upserts:
         return models.UpsertOperation(upsert=models.PointsBatch.model_construct(batch=batch))
 
 
+async def resolve_alias(client: AsyncQdrantClient, alias: str) -> str | None:
+    """The physical collection behind the alias, as readers see it; a plain collection
+    of that name (made by hand or by another tool) stands for itself."""
+    aliases = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}
+    if alias in aliases:
+        return aliases[alias]
+    return alias if await client.collection_exists(alias) else None
+
+
+async def read_fingerprint(client: AsyncQdrantClient, collection: str) -> ModelFingerprint | None:
+    """The model fingerprint a collection records (None: it records none)."""
+    info = await client.get_collection(collection)
+    meta = (info.config.metadata or {}).get(FINGERPRINT_KEY)
+    return ModelFingerprint.from_dict(meta) if meta else None
+
+
 class QdrantStore:
     """Readers use `alias` (OUTBOXD_COLLECTION), a Qdrant alias of the physical
     collection built for one model. Writers write to the physical collection
     whose fingerprint they checked, never through the alias, so a later switch
     of the alias to another model's collection cannot receive this model's vectors."""
 
-    def __init__(self, client: AsyncQdrantClient, alias: str) -> None:
+    def __init__(self, client: AsyncQdrantClient, alias: str, collection: str | None = None) -> None:
         self.client = client
         self.alias = alias
-        self.collection = alias  # the physical collection, known after ensure_collection
+        # the physical collection: given (a command that resolved it), or settled by ensure_collection
+        self.collection = collection or alias
 
     async def resolve(self) -> str | None:
-        """The physical collection behind the alias; a plain collection of that
-        name (made by hand or by another tool) stands for itself."""
-        aliases = {a.alias_name: a.collection_name for a in (await self.client.get_aliases()).aliases}
-        if self.alias in aliases:
-            return aliases[self.alias]
-        return self.alias if await self.client.collection_exists(self.alias) else None
+        return await resolve_alias(self.client, self.alias)
 
     async def ensure_collection(self, fingerprint: ModelFingerprint, live: str | None = None) -> None:
         """Create the collection and alias for this model, or refuse a collection
@@ -161,15 +162,7 @@ class QdrantStore:
             await self.client.update_collection(self.collection, metadata={FINGERPRINT_KEY: fingerprint.as_dict()})
             return
         if recorded != fingerprint:
-            window = f" OUTBOXD_MAX_SEQ_LENGTH={recorded.max_seq_length}" if recorded.max_seq_length else ""
-            raise ModelMismatchError(
-                f"Qdrant collection {self.alias!r} holds vectors of {recorded}, but outboxd is "
-                f"configured with {fingerprint}. Mixing them would make search meaningless. To keep this "
-                f"collection, set OUTBOXD_MODEL={recorded.name}{window} OUTBOXD_NORMALIZE={recorded.normalized}"
-                f"{keep_variant(recorded, fingerprint)}; to move to the new model without downtime, run "
-                "`outboxd reindex` with the new settings; or set OUTBOXD_COLLECTION to a new name to build a "
-                "separate collection from PostgreSQL."
-            )
+            raise ModelMismatchError(mismatch_advice(recorded, fingerprint, self.alias))
 
     def _check_vectors(self, info: Any, fingerprint: ModelFingerprint) -> None:
         params = info.config.params.vectors
@@ -246,9 +239,7 @@ class QdrantStore:
         await self.client.delete(self.collection, models.PointIdsList(points=[NO_CHUNK]), wait=True)
 
     async def recorded_fingerprint(self) -> ModelFingerprint | None:
-        info = await self.client.get_collection(self.collection)
-        meta = (info.config.metadata or {}).get(FINGERPRINT_KEY)
-        return ModelFingerprint.from_dict(meta) if meta else None
+        return await read_fingerprint(self.client, self.collection)
 
     async def payloads(self, point_ids: list[str], *, keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """Current payload of each existing point, by point id (only `keys`, where given)."""

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from daemon.embedding.threads import run_in_thread
+
 
 @dataclass(frozen=True, slots=True)
 class BackendInfo:
@@ -81,8 +83,6 @@ class StagedBackend(Backend):
 
     async def load(self) -> BackendInfo:
         """Once: _load() on a thread of its own (imports, model files, the stage)."""
-        from daemon.embedding.stage_parts import run_in_thread  # it imports this module
-
         if self._info is None:
             self._info = await run_in_thread(self._load, name=f"outboxd-load-{self.kind}")
         return self._info

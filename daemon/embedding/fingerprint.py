@@ -65,3 +65,33 @@ class ModelFingerprint:
         norm = "normalized" if self.normalized else "raw"
         variant = f", {self.variant}" if self.variant else ""
         return f"{self.name} ({self.dimension} dims, {norm}, {self.max_seq_length or '?'} tokens{variant})"
+
+
+def settings_for(fingerprint: ModelFingerprint) -> str:
+    """The settings that make vectors of this fingerprint: what to set to keep
+    (or go back to) a collection that records it. One place for every message
+    that explains a model mismatch, right for every backend variant."""
+    window = f" OUTBOXD_MAX_SEQ_LENGTH={fingerprint.max_seq_length}" if fingerprint.max_seq_length else ""
+    base = f"OUTBOXD_MODEL={fingerprint.name}{window} OUTBOXD_NORMALIZE={str(fingerprint.normalized).lower()}"
+    variant = fingerprint.variant
+    if variant is None:
+        backend = ("with a backend whose vectors agree with the reference: OUTBOXD_EMBEDDING__BACKEND="
+                   "sentence-transformers, or onnx without OUTBOXD_EMBEDDING__QUANTIZE")
+    elif variant == "onnx-int8":
+        backend = "OUTBOXD_EMBEDDING__BACKEND=onnx OUTBOXD_EMBEDDING__QUANTIZE=true"
+    elif variant.startswith("remote:"):
+        backend = (f"OUTBOXD_EMBEDDING__BACKEND=http OUTBOXD_EMBEDDING__MODEL={variant.removeprefix('remote:')} "
+                   "OUTBOXD_EMBEDDING__URL=<the endpoint that made them>")
+    else:
+        backend = f"and the backend that made variant {variant!r}"
+    return f"{base} {backend}"
+
+
+def mismatch_advice(recorded: ModelFingerprint, configured: ModelFingerprint, collection: str) -> str:
+    """Why a collection cannot take this process's vectors, and the three ways on."""
+    return (
+        f"Qdrant collection {collection!r} holds vectors of {recorded}, but outboxd is configured with "
+        f"{configured}. Mixing them would make search meaningless. To keep this collection, set "
+        f"{settings_for(recorded)}; to move to the new model without downtime, run `outboxd reindex` with the "
+        "new settings; or set OUTBOXD_COLLECTION to a new name to build a separate collection from PostgreSQL."
+    )

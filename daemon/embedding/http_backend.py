@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from daemon.embedding.backend import Backend, BackendInfo, Encoded
 from daemon.embedding.http_protocol import (
@@ -55,6 +55,7 @@ from daemon.embedding.http_protocol import (
 from daemon.embedding.loop_thread import LoopThread
 from daemon.embedding.settings import HttpSettings
 from daemon.errors import ConfigError, InvalidChunkError
+from daemon.runtime.backoff import Backoff
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -99,7 +100,7 @@ class HttpBackend(Backend):
         self._secret = settings.embedding_api_key  # a SecretStr: its repr and str are "**********"
         self.retry_budget = retry_budget
         self.retry_after_max = retry_after_max
-        self._backoff = wait_exponential_jitter(multiplier=backoff_initial, max=backoff_max, jitter=backoff_initial)
+        self._backoff = Backoff(base=backoff_initial, cap=backoff_max).wait()
         self._transport = transport
         self._dimension: int | None = None
         # the requests run on an event loop of their own, in its own thread (daemon.embedding.loop_thread)

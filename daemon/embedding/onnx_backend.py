@@ -40,7 +40,7 @@ from daemon.embedding.model_source import model_folder, resolve_model
 from daemon.embedding.onnx_export import ensure_exported, require_onnxruntime
 from daemon.embedding.settings import OnnxSettings
 from daemon.embedding.stage import EncodeStage, ForwardInterrupted
-from daemon.embedding.stage_parts import cores, cpu_workers
+from daemon.embedding.threads import cores, cpu_workers
 
 if TYPE_CHECKING:
     from daemon.config import Settings

@@ -304,7 +304,7 @@ def _tokenizer_inputs(model: FolderModel) -> list[str]:
 def _sample_batches(model: FolderModel):
     from tokenizers import Tokenizer
 
-    from daemon.embedding.stage_parts import pad, window_tokenizer
+    from daemon.embedding.tokens import pad, window_tokenizer
 
     tok = window_tokenizer(Tokenizer.from_file(str(model.folder / "tokenizer.json")), model.window)
     texts = [t.lower() for t in AGREEMENT_SAMPLE] if model.lowercase else AGREEMENT_SAMPLE

@@ -47,31 +47,89 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from daemon.embedding.backend import Encoded
-from daemon.embedding.stage_parts import (  # noqa: F401 - pad, plan_batches: part of this module's interface
-    EncoderClosedError,
-    Forward,
-    ForwardInterrupted,
-    _Batch,
-    _call_on_loop,
-    _fail,
-    _Request,
-    _resolve,
-    _Tokenized,
-    pad,
-    plan_batches,
-    window_tokenizer,
-)
+from daemon.embedding.tokens import pad, plan_batches, window_tokenizer
+from daemon.errors import DependencyDown
 
 log = logging.getLogger(__name__)
 
 PREPARED_BATCHES = 2  # padded batches the tokenizer thread keeps ready (one more per extra forward thread)
 TOKENIZE_CHUNK = 4096  # texts per encode_batch call (bounds how long one call holds the thread)
 EXIT_GRACE = 5.0  # seconds interpreter exit gives an interrupted forward pass to unwind (one operator)
+
+
+# forward(input_ids, attention_mask) -> float32 vectors (n, dimension); both int64 (n, L)
+Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class EncoderClosedError(DependencyDown):
+    """The encoder was closed (shutdown) before these texts were encoded. Transient:
+    the events are retried by the next process without counting an attempt."""
+
+    def __init__(self, message: str = "the encoder was closed (shutting down) before these texts were encoded") -> None:
+        super().__init__(message, "embedding")
+
+
+class ForwardInterrupted(Exception):
+    """Raised inside a forward pass that `interrupt` stopped (interpreter exit)."""
+
+
+@dataclass(eq=False)
+class _Request:
+    texts: list[str]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    vectors: np.ndarray | None = None
+    truncated: list[bool] = field(default_factory=list)
+    remaining: int = 0
+    cancelled: bool = False  # set by the caller's loop; read by the threads (a bool store is atomic)
+    finished: bool = False  # resolved or failed: nothing more to do for it
+
+    def __post_init__(self) -> None:
+        self.truncated = [False] * len(self.texts)
+        self.remaining = len(self.texts)
+
+    @property
+    def dropped(self) -> bool:
+        return self.cancelled or self.finished
+
+
+@dataclass(eq=False)
+class _Tokenized:
+    """One text, tokenized: its request, its position there, its ids (≤ window)."""
+
+    request: _Request
+    position: int
+    ids: list[int]
+
+
+@dataclass(eq=False)
+class _Batch:
+    items: list[_Tokenized]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+
+def _resolve(request: _Request) -> None:  # on the caller's loop
+    if not request.future.done():
+        request.future.set_result(Encoded(request.vectors, request.truncated))
+
+
+def _fail(request: _Request, exc: BaseException) -> None:  # on the caller's loop
+    if not request.future.done():
+        request.future.set_exception(exc)
+
+
+def _call_on_loop(request: _Request, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        request.loop.call_soon_threadsafe(fn, request, *args)
+    except RuntimeError:  # that loop is closed: nobody is waiting any more
+        pass
 
 
 _live_stages: "weakref.WeakSet[EncodeStage]" = weakref.WeakSet()
@@ -167,6 +225,11 @@ class EncodeStage:
             with self._cond:
                 self._live.discard(request)
             raise
+
+    def waiting(self) -> int:
+        """Texts tokenized and waiting for a forward pass: the depth of the encode queue."""
+        with self._cond:
+            return len(self._ready) + sum(map(len, self._plan)) + sum(len(b.items) for b in self._batches)
 
     def encoded_seconds(self) -> float:
         with self._cond:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 
 import psycopg
 
 from daemon.errors import describe
+from daemon.runtime.backoff import RECONNECT, Backoff
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,8 @@ CHANNEL = "outboxd"  # the channel db/migrations' notify_outbox() uses
 
 class Wakeup:
     """A broadcast signal. Take a ticket before looking for work, then wait on
-    it: a wake-up that fires in between is not missed."""
+    it (with the stop event: batch_policy.wait_for_any): a wake-up that fires
+    in between is not missed."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
@@ -32,26 +33,18 @@ class Wakeup:
         self._event.set()
         self._event = asyncio.Event()
 
-    @staticmethod
-    async def wait(ticket: asyncio.Event, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(ticket.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
-
 
 class Listener:
-    def __init__(self, dsn: str, application_name: str, wakeup: Wakeup, *, max_backoff: float = 30.0) -> None:
+    def __init__(self, dsn: str, application_name: str, wakeup: Wakeup, *, backoff: Backoff = RECONNECT) -> None:
         self._dsn = dsn
         self._application_name = application_name
         self._wakeup = wakeup
-        self._max_backoff = max_backoff
+        self._backoff = backoff
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with backoff and jitter."""
-        delay = 0.5
+        attempts = self._backoff.attempts()
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -59,7 +52,7 @@ class Listener:
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.connected.set()
-                    delay = 0.5
+                    attempts.reset()
                     # Anything committed while we were away sent its NOTIFY to nobody.
                     self._wakeup.fire()
                     async for _ in conn.notifies():
@@ -68,9 +61,12 @@ class Listener:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
                 self.connected.clear()
+                delay = attempts.next_delay()
                 log.warning(
                     "LISTEN connection lost; polling covers the gap",
                     extra={"error": describe(exc), "retry_in": round(delay, 2)},
                 )
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            delay = min(delay * 2, self._max_backoff)
+                await asyncio.sleep(delay)
+                continue
+            # the notifications ended without an error (the server closed the stream): reconnect
+            await asyncio.sleep(attempts.next_delay())

@@ -14,6 +14,7 @@ from daemon.core.batch import Targets
 from daemon.core.catalog import Catalog
 from daemon.core.writer import QdrantWriter
 from daemon.embedding.embedder import Embedder
+from daemon.embedding.fingerprint import settings_for
 from daemon.errors import CollectionRetiredError
 from daemon.outbox.queue import Event
 from daemon.outbox.service import OutboxService
@@ -45,7 +46,8 @@ class NotifyDaemon(OutboxService):
         if live.name != collection:  # another daemon registered another model first
             raise CollectionRetiredError(
                 f"the live collection of {s.collection!r} is {live.name!r} ({live.fingerprint}), not "
-                f"{collection!r}; start outboxd with OUTBOXD_MODEL={live.model_name}"
+                f"{collection!r}; start outboxd with the settings that make its vectors: "
+                f"{settings_for(live.fingerprint)}"
             )
         return collection
 

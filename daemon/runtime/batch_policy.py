@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception
 
 from daemon.core.batch import Outcome, Targets
 from daemon.errors import ConfigError, dependency_of, describe, is_transient, refusal
+from daemon.runtime.backoff import OUTAGE
 from daemon.runtime.health import Heartbeat
 from daemon.telemetry import Metrics
 
@@ -74,10 +75,12 @@ def apportion(total: int, weights: dict[str, int]) -> dict[str, int]:
     return {k: n for k, n in shares.items() if n}
 
 
-async def wait_for_any(events: list[asyncio.Event], timeout: float | None) -> None:
+async def wait_for_any(events: list[asyncio.Event], timeout: float | None) -> bool:
+    """Until one of the events is set (True) or the timeout passes (False)."""
     waiters = [asyncio.ensure_future(e.wait()) for e in events]
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return bool(done)
     finally:
         for w in waiters:
             w.cancel()
@@ -114,7 +117,7 @@ class BatchPolicy:
 
         return AsyncRetrying(
             retry=retry_if_exception(is_transient),
-            wait=wait_exponential_jitter(multiplier=0.5, max=30.0),
+            wait=OUTAGE.wait(),
             stop=lambda _state: self.stop.is_set(),
             sleep=lambda seconds: wait_for_any([self.stop], seconds),
             before_sleep=before_sleep,

@@ -14,6 +14,12 @@ every few seconds, so an outage shows on a graph even while no batch runs.
 SIGTERM/SIGINT set the stop event: the work in flight gets drain_timeout to
 finish, and the process is gone a few seconds later whatever is still running
 (a forward pass, a pool, an exporter): a shutdown deadline ends it.
+
+One supervisor: the transport's work (run()) and every side task (readiness
+gauges, watchdog, stats, and the transport's own: the LISTEN wake-up, the
+backlog gauges) are watched. Whatever fails first, a worker or a side task,
+goes through fail(): its exit code is recorded before the stop begins, so
+neither the drain nor the shutdown deadline can end the process with 0.
 """
 from __future__ import annotations
 
@@ -27,13 +33,23 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from dataclasses import replace
 from typing import Any
 
 from pydantic import SecretStr
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_any
 
 from daemon.config import Settings
-from daemon.errors import ConfigError, ServiceUnavailableError, describe, is_transient, refusal
+from daemon.errors import (
+    EXIT_FAILURE,
+    ConfigError,
+    OutboxdError,
+    ServiceUnavailableError,
+    describe,
+    is_transient,
+    refusal,
+)
+from daemon.runtime.backoff import STARTUP
 from daemon.runtime.batch_policy import BatchPolicy, Stats
 from daemon.runtime.health import HealthServer, Heartbeat, run_check
 from daemon.runtime.systemd import SystemdNotifier
@@ -50,6 +66,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DEPENDENCY_OF_CHECK = {"postgresql": "postgresql", "qdrant": "qdrant", "kafka": "kafka", "model": "embedding"}
 
 Check = Callable[[], Awaitable[None]]
+SideTask = Callable[[], Awaitable[None]]
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code a failure stops the process with (daemon.errors: the contract)."""
+    if isinstance(exc, OutboxdError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return EXIT_FAILURE
 
 
 class Service:
@@ -89,10 +115,48 @@ class Service:
     def stats_extra(self) -> dict[str, Any]:
         return {}
 
+    def side_tasks(self) -> dict[str, SideTask]:
+        """Long-running helpers, started once start() is done and watched like the
+        work: one that fails or ends on its own stops the service (fail()). A
+        subclass adds its own (super().side_tasks() | {...})."""
+        return {"stats": self.report_stats}
+
     def on_second_signal(self) -> None:
         """A second SIGTERM/SIGINT: stop now (the transport cancels its work in flight)."""
 
     # --- provided ------------------------------------------------------------------------
+    def fail(self, exc: BaseException, where: str) -> int:
+        """Stop because `where` failed: its exit code first (the first failure's
+        wins; a deadline that fires later exits with it), then the stop."""
+        code = exit_code_of(exc)
+        if not self.exit_code:
+            self.exit_code = code
+        if isinstance(exc, OutboxdError):  # an operator-facing stop, e.g. a refused key, a reindex switched models
+            log.error(str(exc), extra={"exit_code": code, "where": where})
+        else:
+            log.error(f"{where} crashed; stopping", extra={"error": describe(exc), "exit_code": code},
+                      exc_info=exc)
+        self.stop.set()
+        self.arm_exit_deadline()
+        return code
+
+    def watch(self, name: str, side_task: SideTask) -> asyncio.Task:
+        """Run a side task; if it fails, or ends while the service is not stopping, the service stops."""
+        task = asyncio.create_task(side_task(), name=name)
+
+        def ended(t: asyncio.Task) -> None:
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is None:
+                if self.stop.is_set():
+                    return
+                exc = RuntimeError(f"the {name} task ended on its own")
+            self.fail(exc, f"side task {name!r}")
+
+        task.add_done_callback(ended)
+        return task
+
     async def _ready_running(self) -> None:
         if self.stop.is_set():
             raise ServiceUnavailableError("stopping")
@@ -128,11 +192,12 @@ class Service:
             )
 
         timeout = self.settings.startup_timeout
+        backoff = replace(STARTUP, deadline=timeout)
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(is_transient),
-                wait=wait_exponential_jitter(multiplier=0.5, max=10.0),
-                stop=stop_any(stop_after_delay(timeout), lambda _: self.stop.is_set()),
+                wait=backoff.wait(),
+                stop=stop_any(backoff.stop(), lambda _: self.stop.is_set()),
                 before_sleep=log_retry,
                 reraise=True,
             ):
@@ -213,11 +278,11 @@ class Service:
 
 # --- the lifecycle -------------------------------------------------------------------
 async def run_service(service: Service, *, exit_deadline: bool = False, **run_kwargs: Any) -> int:
-    """Start, run until stopped, close; with health, systemd and the gauges
-    around it. exit_deadline (the CLI's processes, not an embedding
-    application or a test): once stopping, end the process after
-    drain_timeout + SHUTDOWN_GRACE whatever is still running, interpreter exit
-    included."""
+    """Start, run until stopped, close; with health, systemd, the gauges and the
+    service's side tasks around it, all watched. exit_deadline (the CLI's
+    processes, not an embedding application or a test): once stopping, end the
+    process after drain_timeout + SHUTDOWN_GRACE whatever is still running,
+    interpreter exit included."""
     service.install_signals()
     started = time.perf_counter()
     beating = asyncio.create_task(_beat(service.heartbeat), name="heartbeat")
@@ -225,18 +290,19 @@ async def run_service(service: Service, *, exit_deadline: bool = False, **run_kw
     service.exit_deadline = exit_deadline
     service.metrics.set_ready(False)
     if service.notifier.watchdog_interval:
-        side.append(asyncio.create_task(_watchdog(service), name="watchdog"))
+        side.append(service.watch("watchdog", lambda: _watchdog(service)))
     health = None
     try:
         service.notifier.status("starting")
         health = await start_health(service)
         await service.start()
         beating.cancel()
-        side.append(asyncio.create_task(_readiness_gauges(service), name="readiness"))
+        tasks = {"readiness": lambda: _readiness_gauges(service), **service.side_tasks()}
+        side += [service.watch(name, task) for name, task in tasks.items()]
         log.debug("started", extra={"seconds": round(time.perf_counter() - started, 3)})
         if service.stop.is_set():
             log.info("stopped during start-up; nothing was claimed")
-            return 0
+            return service.exit_code
         service.notifier.ready()
         service._cpu_at_start = time.process_time()  # the work's CPU, not the start-up's (model loading)
         if exit_deadline:
@@ -244,8 +310,15 @@ async def run_service(service: Service, *, exit_deadline: bool = False, **run_kw
             # keep it out of every later full collection, which would walk it each time.
             gc.collect()
             gc.freeze()
-        service.exit_code = await service.run(**run_kwargs)
+        code = await service.run(**run_kwargs)
+        if not service.exit_code:
+            service.exit_code = code
         return service.exit_code
+    except BaseException as exc:
+        # recorded before the finally below arms the deadline: a crash never ends the process with 0
+        if not service.exit_code and not isinstance(exc, asyncio.CancelledError):
+            service.exit_code = exit_code_of(exc)
+        raise
     finally:
         service.stop.set()
         service.arm_exit_deadline()  # on every way out: a crash, an error at start

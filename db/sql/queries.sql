@@ -225,25 +225,25 @@ GROUP BY 1
 ORDER BY 1;
 
 -- live_collection --
-SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at
+SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at, variant
 FROM outboxd.collections
 WHERE alias = %(alias)s AND status = 'live';
 
 -- register_live_collection --
 -- First writer for an alias records its collection as live; a concurrent
 -- starter loses on the one-live-per-alias index and reads the winner instead.
-INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status)
-VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, 'live')
+INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, variant)
+VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, 'live', %(variant)s)
 ON CONFLICT DO NOTHING;
 
 -- upsert_collection --
-INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status)
-VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, %(status)s)
-ON CONFLICT (name) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
-RETURNING name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at;
+INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, variant)
+VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, %(status)s, %(variant)s)
+ON CONFLICT (name) DO UPDATE SET status = EXCLUDED.status, variant = EXCLUDED.variant, updated_at = now()
+RETURNING name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at, variant;
 
 -- list_collections --
-SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at
+SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at, variant
 FROM outboxd.collections
 WHERE %(alias)s::text IS NULL OR alias = %(alias)s
 ORDER BY alias, created_at;

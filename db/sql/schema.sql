@@ -287,7 +287,8 @@ CREATE TABLE outboxd.collections (
     fingerprint_id TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('building', 'live', 'retired')),
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    variant TEXT  -- the fingerprint's backend variant (NULL: agrees with the reference; 'onnx-int8', ...)
 );
 CREATE UNIQUE INDEX collections_one_live_per_alias ON outboxd.collections (alias) WHERE status = 'live';
 

@@ -1,8 +1,9 @@
-"""Two things an operator sees of a real `outboxd run` process: how long SIGTERM
+"""What an operator sees of a real `outboxd run` process: how long SIGTERM
 takes with a slow encode in flight (the drain timeout plus a few seconds, not
-"stopped" and then half a minute more), and a PostgreSQL outage with a batch in
-flight showing on /metrics (retries per dependency, dependency and readiness
-gauges) instead of a quiet wait."""
+"stopped" and then half a minute more), a worker that crashes beside a slow
+batch (a non-zero exit whatever ends the process), and a PostgreSQL outage
+with a batch in flight showing on /metrics (retries per dependency,
+dependency and readiness gauges) instead of a quiet wait."""
 from __future__ import annotations
 
 import re
@@ -52,6 +53,27 @@ def test_sigterm_with_a_slow_encode_in_flight_exits_within_the_drain_timeout(spa
     assert code == 0, daemon.describe()
     assert took <= DRAIN_TIMEOUT + SHUTDOWN_GRACE + 3, f"exited {took:.1f}s after SIGTERM\n{daemon.describe()}"
     assert outbox_counts(dsn) == (256, 0), "the claims of the batch in flight were not released"
+
+
+def test_a_worker_crash_beside_a_slow_batch_exits_non_zero(spawn, conn, dsn, collection, tmp_path):
+    """Worker A is in a forward pass far longer than the drain timeout; worker B's next
+    claim fails with an error that is no outage (the outbox table is renamed under it:
+    a bug, not a network). The process stops and exits 1, never 0, whichever ends it:
+    the drain, or the shutdown deadline while the forward pass still runs."""
+    insert_backlog(conn, long_texts(64, words=200, seed=6), per_document=64)
+    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=64, OUTBOXD_EMBED_BATCH_SIZE=64,
+                     OUTBOXD_CONCURRENCY=2, OUTBOXD_DRAIN_TIMEOUT=1, OUTBOXD_LEASE_SECONDS=60)
+    daemon = spawn("run", env=env, name="worker-crash")
+    daemon.wait_running()
+    daemon.wait_for(lambda: outbox_counts(dsn)[1] == 64, "worker A's slow batch to be claimed", 30, 0.05)
+    conn.execute("ALTER TABLE outboxd.outbox RENAME TO outbox_gone")  # B's next claim: UndefinedTable
+    try:
+        code = daemon.wait(1 + SHUTDOWN_GRACE + 30)
+    finally:
+        conn.execute("ALTER TABLE outboxd.outbox_gone RENAME TO outbox")
+    assert code == 1, daemon.describe()
+    crash = next((d for d in daemon.logs() if "crashed; stopping" in d.get("msg", "")), None)
+    assert crash is not None and "UndefinedTable" in crash["error"] and crash["exit_code"] == 1, daemon.describe()
 
 
 async def test_a_postgresql_outage_shows_in_the_metrics(spawn, conn, dsn, collection, tmp_path):

@@ -19,6 +19,7 @@ from daemon.core.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState, metadata_has
 from daemon.errors import ConfigError, InvalidChunkError, describe, is_transient, refusal
 from daemon.logs import JsonFormatter
 from daemon.outbox.listener import Wakeup
+from daemon.runtime.batch_policy import wait_for_any
 
 PAYLOAD_KEYS = {
     "document_id", "source_id", "chunk_index", "text", "token_count", "content_hash",
@@ -219,38 +220,40 @@ def test_describe_is_one_line_with_type_and_message():
     assert len(describe(RuntimeError("x" * 10_000))) <= 2000
 
 
-# --- Wakeup --------------------------------------------------------------------------------
-async def test_wakeup_between_ticket_and_wait_is_not_missed():
-    """A fire() after ticket() but before wait() still wakes the waiter."""
-    wakeup = Wakeup()
+# --- the wake-up, as a claim loop waits for it (Wakeup ticket + wait_for_any) ------------
+async def test_a_wakeup_between_ticket_and_wait_is_not_missed():
+    """A fire() after the loop took its ticket, before it waits, still wakes it at once."""
+    wakeup, stop = Wakeup(), asyncio.Event()
     ticket = wakeup.ticket()
     wakeup.fire()
-    assert await Wakeup.wait(ticket, timeout=0.1) is True
+    assert await asyncio.wait_for(wait_for_any([ticket, stop], timeout=30), 5) is True
 
 
-async def test_wakeup_wait_times_out_when_nothing_fires():
-    """wait returns False after its timeout when nothing fired."""
-    wakeup = Wakeup()
+async def test_the_poll_interval_passes_when_nothing_fires():
+    wakeup, stop = Wakeup(), asyncio.Event()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    assert await Wakeup.wait(wakeup.ticket(), timeout=0.1) is False
+    assert await wait_for_any([wakeup.ticket(), stop], timeout=0.1) is False
     assert loop.time() - started >= 0.09
 
 
-async def test_wakeup_fire_before_ticket_does_not_wake_a_later_ticket():
-    """A fire() that happened before the ticket was taken is not replayed to it."""
+async def test_a_fire_before_the_ticket_does_not_wake_a_later_ticket():
     wakeup = Wakeup()
     wakeup.fire()
-    assert await Wakeup.wait(wakeup.ticket(), timeout=0.05) is False
+    assert await wait_for_any([wakeup.ticket()], timeout=0.05) is False
 
 
-async def test_wakeup_fire_wakes_every_waiter():
-    """fire() is a broadcast: all workers waiting on tickets wake up."""
-    wakeup = Wakeup()
-    waiters = [asyncio.create_task(Wakeup.wait(wakeup.ticket(), timeout=2)) for _ in range(3)]
-    await asyncio.sleep(0.01)
+async def test_one_fire_wakes_every_waiting_loop_and_the_stop_wakes_them_too():
+    """fire() is a broadcast: every worker waiting on a ticket wakes; so does the stop event."""
+    wakeup, stop = Wakeup(), asyncio.Event()
+    waiters = [asyncio.create_task(wait_for_any([wakeup.ticket(), stop], timeout=30)) for _ in range(3)]
+    await asyncio.sleep(0)  # let them start waiting
     wakeup.fire()
-    assert await asyncio.gather(*waiters) == [True, True, True]
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == [True, True, True]
+    stopping = asyncio.create_task(wait_for_any([wakeup.ticket(), stop], timeout=30))
+    await asyncio.sleep(0)
+    stop.set()
+    assert await asyncio.wait_for(stopping, 5) is True
 
 
 # --- logs ------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from daemon.embedding.backend import Backend, BackendInfo, Encoded
 from daemon.embedding.embedder import Embedder
 from daemon.embedding.embedder import ModelFingerprint as ReExported
 from daemon.embedding.fingerprint import ModelFingerprint
-from daemon.embedding.stage import EncoderClosedError, EncodeStage, pad, plan_batches
+from daemon.embedding.stage import EncoderClosedError, EncodeStage
+from daemon.embedding.tokens import pad, plan_batches
 from daemon.embedding.torch_backend import decide_precision
 from daemon.errors import ConfigError, is_transient
 
@@ -143,7 +144,7 @@ async def test_waiting_callers_are_batched_together():
         await wait_for(forward.started.is_set)  # the forward thread is busy with the first caller
         second = asyncio.create_task(stage.encode([text_of(5, 10), text_of(1, 20)]))
         third = asyncio.create_task(stage.encode([text_of(2, 30), text_of(9, 40)]))
-        await asyncio.sleep(0.2)  # both tokenized and waiting
+        await wait_for(lambda: stage.waiting() == 4)  # both tokenized and waiting for the forward thread
         forward.release.set()
         a, b, c = await asyncio.gather(first, second, third)
     finally:
@@ -215,7 +216,7 @@ async def test_cancelled_caller_is_not_forwarded():
         await wait_for(forward.started.is_set)
         doomed = asyncio.create_task(stage.encode([text_of(3, 150), text_of(4, 160)]))
         kept = asyncio.create_task(stage.encode([text_of(3, 100)]))
-        await asyncio.sleep(0.1)
+        await wait_for(lambda: stage.waiting() == 3)  # tokenized, batched, not yet forwarded
         doomed.cancel()
         with pytest.raises(asyncio.CancelledError):
             await doomed
@@ -253,10 +254,13 @@ EXIT_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     from tests.unit.test_encode_stage import tiny_tokenizer
     from daemon.embedding.stage import EncodeStage
+    import threading
     mode = sys.argv[1]
     interrupt = None
+    running = threading.Event()
     if mode == "sleep":
         def forward(ids, mask):
+            running.set()
             time.sleep(120)
     else:  # torch: a forward pass in C++ operators for minutes, as a model's is
         import torch
@@ -266,13 +270,15 @@ EXIT_SCRIPT = textwrap.dedent(
         x = torch.randn(256, 512)
         interrupt = ModuleInterrupter(model)
         def forward(ids, mask):
+            running.set()
             with torch.inference_mode():
                 for _ in range(10 ** 6):
                     model(x)
     stage = EncodeStage(tiny_tokenizer(), forward, window=16, dimension=3, max_batch=4, interrupt=interrupt)
     async def main():
         task = asyncio.create_task(stage.encode(["w1 w2"]))
-        await asyncio.sleep(1.0)  # the forward pass is running (it would for minutes)
+        while not running.is_set():  # until the forward pass runs (it would for minutes)
+            await asyncio.sleep(0.01)
         if len(sys.argv) > 2:
             stage.close()
         print("exiting", flush=True)
