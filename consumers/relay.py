@@ -31,7 +31,7 @@ from daemon.errors import describe, is_transient
 from daemon.outbox.queue import Event
 from daemon.outbox.service import OutboxService
 from daemon.telemetry import inject_headers
-from db.queries import fetch
+from db.gateway import fetch
 
 log = logging.getLogger(__name__)
 

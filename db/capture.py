@@ -98,9 +98,23 @@ CAPTURE_MODES = ("origin", "always")
 CAPTURE_STATES = (*CAPTURE_MODES, "mixed", "disabled")
 
 
-def capture_mode(conn: psycopg.Connection) -> str:
-    """The capture mode now: one of CAPTURE_STATES. Any role may ask."""
-    return _one(conn, "capture_mode")["mode"]
+def capture_mode(conn: psycopg.Connection) -> str | None:
+    """The capture mode now: one of CAPTURE_STATES; None on a schema from before
+    capture modes (0005: run `outboxd migrate`). Any role may ask."""
+    try:
+        return _one(conn, "capture_mode")["mode"]
+    except psycopg.errors.UndefinedFunction:
+        return None
+
+
+async def read_capture_mode(pool) -> str | None:
+    """capture_mode() through a process's pool."""
+    from db.gateway import fetch
+
+    try:
+        return (await fetch(pool, "capture_mode"))[0]["mode"]
+    except psycopg.errors.UndefinedFunction:
+        return None
 
 
 def capture_triggers(conn: psycopg.Connection) -> list[dict[str, str]]:

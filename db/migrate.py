@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-
 from pathlib import Path
 
 import psycopg
@@ -12,11 +11,14 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from db.gateway import connect, fetch
+
 VERSION_TABLE = "outboxd_alembic_version"
 # Two `outboxd migrate` at once (a Job retried, several hosts at deploy) would
 # race on CREATE: the second waits for this lock, then finds the schema at head.
 MIGRATE_LOCK = 0x6F7574626F7864  # "outboxd"
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATE_CONNECT_TIMEOUT = 30.0  # seconds
 
 
 def _config() -> Config:
@@ -26,9 +28,12 @@ def _config() -> Config:
 
 
 def _engine(dsn: str) -> sqlalchemy.Engine:
-    # psycopg parses the DSN (URLs, key=value, unix sockets) exactly as the daemon does.
+    # psycopg parses the DSN (URLs, key=value, unix sockets) exactly as the daemon does; Alembic
+    # runs its own transactions, so the connection is not autocommit
     return sqlalchemy.create_engine(
-        "postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=sqlalchemy.NullPool
+        "postgresql+psycopg://", poolclass=sqlalchemy.NullPool,
+        creator=lambda: connect(dsn, application_name="outboxd:migrate", timeout=MIGRATE_CONNECT_TIMEOUT,
+                                autocommit=False, row_factory=None),
     )
 
 
@@ -62,8 +67,6 @@ def head_revision() -> str:
 async def schema_revision(pool) -> str | None:
     """The database's schema revision, through a running process's pool: what its
     readiness asks every few seconds, without an engine or a connection of its own."""
-    from db.queries import fetch
-
     try:
         rows = await fetch(pool, "schema_revision")
     except psycopg.errors.UndefinedTable:

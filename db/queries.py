@@ -1,6 +1,6 @@
 """The named SQL queries in sql/queries.sql (the daemon's and the operator
 commands') and sql/demo.sql (`outboxd demo`'s), loaded once. A name is
-defined once across all the files."""
+defined once across all the files. db.gateway runs them."""
 from __future__ import annotations
 
 import re
@@ -32,14 +32,6 @@ def _all() -> dict[str, str]:
                 raise ValueError(f"query {name!r} is defined twice: again in {path}")
             queries[name] = body
     return queries
-
-
-async def fetch(pool, name: str, /, **params) -> list[dict]:
-    """Run a named query on a connection from an async pool (its own short
-    autocommit transaction) and return its rows, if it returns any."""
-    async with pool.connection() as conn:
-        cur = await conn.execute(query(name), params)
-        return await cur.fetchall() if cur.description else []
 
 
 def query(name: str) -> str:

@@ -197,7 +197,7 @@ def conn(dsn):
 async def make_outbox(dsn):
     """Outbox(worker, lease) on its own pool, as a separate daemon would have."""
     from daemon.outbox.queue import Outbox
-    from db.pool import make_pool
+    from db.gateway import make_pool
 
     pools = []
 
@@ -215,7 +215,7 @@ async def make_outbox(dsn):
 @pytest.fixture
 async def pool(dsn):
     """An open pool on the test database, for the parts that take one."""
-    from db.pool import make_pool
+    from db.gateway import make_pool
 
     p = make_pool(dsn, application_name="outboxd:test", min_size=1, max_size=4)
     await p.open(wait=True)

@@ -32,7 +32,7 @@ from daemon.core.chunk_state import METADATA_HASH, ChunkState
 from daemon.core.plan import POINT_KEYS, plan
 from daemon.errors import InvalidChunkError
 from daemon.outbox.queue import read_chunk_states
-from db.queries import fetch
+from db.gateway import fetch
 
 KINDS = ("missing", "orphaned", "stale", "wrong_model")
 # Points per scroll request. A Qdrant server pages through an index; qdrant-client's

@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient
 
 from daemon.admin.drift import SERVER_QDRANT_PAGE, Reconciler, Repair
+from daemon.admin.scan import CheckpointedScan
 from daemon.core.apply import Applier
 from daemon.core.catalog import Catalog
 from daemon.core.chunk_state import ChunkState
@@ -34,7 +35,7 @@ from daemon.core.qdrant_store import QdrantStore, physical_name
 from daemon.embedding.embedder import Embedder
 from daemon.errors import ConfigError
 from daemon.outbox.queue import read_chunk_states
-from db.queries import fetch
+from db.gateway import fetch
 
 log = logging.getLogger(__name__)
 
@@ -126,29 +127,20 @@ class Reindexer:
 
     async def _build(self, applier: Applier, job: str) -> int:
         """Apply every chunk to the new collection, resuming from the checkpoint."""
-        progress = next(iter(await fetch(self.pool, "scan_progress", job=job)), None)
-        if progress and progress["completed_at"]:
-            return 0
-        after = progress["last_chunk_id"] if progress else None
-        if progress:
-            self.progress(progress["done"])
-        built = 0
-        while True:
-            rows = await fetch(
-                self.pool, "reconcile_chunks", after=after, limit=self.page_size, source_id=None, document_id=None
-            )
-            if rows:
-                states = {r["chunk_id"]: ChunkState.from_row(r) for r in rows}
-                applied = await applier.apply(states)
-                if applied.failed:
-                    log.warning("reindex: chunks the daemon cannot write either", extra={"failed": len(applied.failed)})
-                after = rows[-1]["chunk_id"]
-                await fetch(self.pool, "scan_progress_save", job=job, last_chunk_id=after, done=len(rows))
-                built += len(rows)
-                self.progress(len(rows))
-            if len(rows) < self.page_size:
-                await fetch(self.pool, "scan_progress_complete", job=job)
-                return built
+        scan = CheckpointedScan(self.pool, job, self.page_size)
+
+        async def page(after: UUID | None, limit: int) -> tuple[int, UUID | None]:
+            rows = await fetch(self.pool, "reconcile_chunks", after=after, limit=limit, source_id=None, document_id=None)
+            if not rows:
+                return 0, after
+            applied = await applier.apply({r["chunk_id"]: ChunkState.from_row(r) for r in rows})
+            if applied.failed:
+                log.warning("reindex: chunks the daemon cannot write either", extra={"failed": len(applied.failed)})
+            last = rows[-1]["chunk_id"]
+            await scan.save(last, len(rows))
+            return len(rows), last
+
+        return (await scan.run(page, advance=self.progress)).scanned
 
     async def _catch_up_rounds(self, applier: Applier, result: ReindexResult, *, trust_pending: bool) -> bool:
         """Reconcile the new collection and apply its drift directly, until a

@@ -1,11 +1,5 @@
-"""`outboxd backfill`: enqueue chunks that existed before outboxd did.
-
-For adopting outboxd on a database that already holds data: every chunk in
-scope gets an outbox event (unless one is already pending), page by page in
-id order, with a checkpoint in outboxd.scan_progress so an interrupted run
-resumes where it stopped. The daemon then applies them; chunks whose point is
-already right cost a payload comparison, not an embedding.
-"""
+"""`outboxd backfill`: enqueue chunks that existed before outboxd did
+(daemon.admin.backfill does the work; this parses the options and prints)."""
 from __future__ import annotations
 
 from uuid import UUID
@@ -44,50 +38,14 @@ def command(settings, source: UUID | None, document: UUID | None, page_size: int
     return 0
 
 
-def job_name(source: UUID | None, document: UUID | None) -> str:
-    if document:
-        return f"backfill:document:{document}"
-    if source:
-        return f"backfill:source:{source}"
-    return "backfill:all"
-
-
 async def backfill(settings, source, document, page_size: int, restart: bool, quiet: bool = True) -> dict:
     import sys
 
+    from daemon.admin import backfill as work
     from daemon.commands.common import open_services, progress_bar
-    from db.queries import query
 
-    job = job_name(source, document)
-    result = {"job": job, "scanned": 0, "enqueued": 0, "resumed": False, "already_complete": False}
     async with open_services(settings, qdrant=False) as (pool, _):
-        async with pool.connection() as conn:
-            if restart:
-                await conn.execute(query("scan_progress_reset"), {"job": job})
-            progress = await (await conn.execute(query("scan_progress"), {"job": job})).fetchone()
-            if progress and progress["completed_at"]:
-                result["already_complete"] = True
-                return result
-            after = progress["last_chunk_id"] if progress else None
-            result["resumed"] = after is not None
-            scope = {"source_id": source, "document_id": document}
-            tty = sys.stderr.isatty() and not quiet
-            # a count of every chunk in scope is a full scan: only for a bar someone watches
-            total = (await (await conn.execute(query("count_chunks"), scope)).fetchone())["n"] if tty else None
-            with progress_bar(total, job, tty) as advance:
-                if progress:
-                    advance(progress["done"])
-                while True:
-                    row = await (
-                        await conn.execute(
-                            query("backfill_page"), {"job": job, "after": after, "limit": page_size, **scope}
-                        )
-                    ).fetchone()
-                    result["scanned"] += row["scanned"]
-                    result["enqueued"] += row["enqueued"]
-                    advance(row["scanned"])
-                    if row["scanned"] < page_size:
-                        break
-                    after = row["last_id"]
-            await conn.execute(query("scan_progress_complete"), {"job": job})
-    return result
+        tty = sys.stderr.isatty() and not quiet
+        total = await work.count_in_scope(pool, source, document) if tty else None
+        with progress_bar(total, work.job_name(source, document), tty) as advance:
+            return await work.backfill(pool, source, document, page_size, restart, advance)

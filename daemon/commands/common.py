@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
-from psycopg.rows import dict_row
 
 from daemon.config import Settings
 from daemon.errors import ConfigError, ServiceUnavailableError, describe
@@ -41,11 +40,9 @@ def connect(settings: Settings) -> psycopg.Connection:
     """A short-lived autocommit connection for an operator command; a server
     that does not answer fails it after OUTBOXD_STARTUP_TIMEOUT (unless the
     DSN sets its own connect_timeout)."""
-    from psycopg.conninfo import conninfo_to_dict
+    from db.gateway import connect as connect_once
 
-    dsn = resolve_dsn(settings)
-    extra = {} if "connect_timeout" in conninfo_to_dict(dsn) else {"connect_timeout": max(2, round(settings.startup_timeout))}
-    return psycopg.connect(dsn, autocommit=True, row_factory=dict_row, application_name="outboxd:cli", **extra)
+    return connect_once(resolve_dsn(settings), application_name="outboxd:cli", timeout=settings.startup_timeout)
 
 
 def print_json(doc: Any) -> None:
@@ -67,7 +64,7 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: s
 async def open_services(settings: Settings, *, qdrant: bool = True):
     """A small pool and (optionally) a Qdrant client for an operator command."""
     from daemon.core.qdrant_connect import make_client
-    from db.pool import make_pool
+    from db.gateway import make_pool
 
     dsn = resolve_dsn(settings)
     pool = make_pool(dsn, application_name="outboxd:cli", min_size=1, max_size=2)
@@ -96,8 +93,10 @@ async def open_services(settings: Settings, *, qdrant: bool = True):
 async def _why_not(dsn: str, timeout: Exception) -> str:
     """Why the pool could not connect: the server's or the network's own words
     (PoolTimeout only says that it timed out)."""
+    from db.gateway import connect_async
+
     try:
-        conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=2, application_name="outboxd:cli")
+        conn = await connect_async(dsn, application_name="outboxd:cli", timeout=2)
     except psycopg.Error as exc:
         return describe(exc)
     await conn.close()

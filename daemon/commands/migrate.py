@@ -18,10 +18,9 @@ log = logging.getLogger("outboxd")
               help="after upgrading, set the capture mode (kept until changed; `outboxd status` shows it)")
 @settings_options()
 def command(settings, downgrade: str | None, capture_triggers: str | None) -> int:
-    import psycopg
-
     from daemon.commands.common import resolve_dsn
     from db import capture, migrate
+    from db.gateway import connect
 
     if downgrade and capture_triggers:
         raise click.UsageError("--capture-triggers sets the mode after an upgrade; not with --downgrade")
@@ -32,7 +31,7 @@ def command(settings, downgrade: str | None, capture_triggers: str | None) -> in
         return 0
     if settings.database_url is not None:  # resolve_dsn upgraded the embedded one
         migrate.upgrade(dsn)
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn, application_name="outboxd:migrate", timeout=settings.startup_timeout, row_factory=None) as conn:
         mode = capture.set_capture_mode(conn, capture_triggers) if capture_triggers else capture.capture_mode(conn)
     log.info("schema migrated", extra={"revision": migrate.current_revision(dsn), "capture_triggers": mode})
     return 0

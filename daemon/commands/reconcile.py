@@ -54,6 +54,7 @@ def command(settings, check: bool, repair: bool, deep: bool, as_json: bool, sour
 async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, document, page_size: int):
     from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, Reconciler, Scope, enqueue_repair
     from daemon.commands.common import live_collection, open_services, progress_bar
+    from db.capture import read_capture_mode
 
     async with open_services(settings) as (pool, client):
         live = await live_collection(settings, pool, client)
@@ -84,18 +85,6 @@ async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, do
                     f"recommends a server above {LOCAL_MODE_POINTS:,} points: set QDRANT_URL"
                 )
     return report, extra
-
-
-async def read_capture_mode(pool) -> str | None:
-    """origin, always, mixed or disabled (db.capture); None on a schema without capture modes."""
-    import psycopg
-
-    from db.queries import fetch
-
-    try:
-        return (await fetch(pool, "capture_mode"))[0]["mode"]
-    except psycopg.errors.UndefinedFunction:
-        return None
 
 
 def _print(report, extra: dict[str, Any], *, repaired: bool) -> None:

@@ -86,9 +86,9 @@ def render(writer: str = DEFAULT_WRITER, worker: str = DEFAULT_WORKER):
 
 def apply_roles(dsn: str, writer: str = DEFAULT_WRITER, worker: str = DEFAULT_WORKER) -> None:
     """Create the roles if missing and (re)grant, in one transaction."""
-    import psycopg
+    from db.gateway import connect
 
-    with psycopg.connect(dsn, application_name="outboxd:cli") as conn:
+    with connect(dsn, application_name="outboxd:cli", timeout=30, autocommit=False, row_factory=None) as conn:
         conn.execute(render(writer, worker))
 
 

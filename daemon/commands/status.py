@@ -78,10 +78,7 @@ def read_database(settings) -> dict[str, Any]:
                 f"the outboxd schema is missing or out of date ({describe(exc)}); run `outboxd migrate`"
             ) from exc
         processes = conn.execute(query("status_processes"), {}).fetchall()
-        try:
-            mode = capture.capture_mode(conn)
-        except psycopg.errors.UndefinedFunction:  # a schema from before capture modes (0005)
-            mode = None
+        mode = capture.capture_mode(conn)
     return {"outbox": outbox, "leases": leases, "catalog": catalog, "processes": processes, "capture": mode}
 
 

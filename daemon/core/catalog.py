@@ -15,7 +15,8 @@ from datetime import datetime
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.embedding.embedder import ModelFingerprint
-from db.queries import fetch, query
+from db.gateway import fetch
+from db.queries import query
 
 
 @dataclass(frozen=True, slots=True)

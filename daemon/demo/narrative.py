@@ -20,6 +20,7 @@ from typing import Any
 from daemon.commands.search import excerpt
 from daemon.demo.embedded import EmbeddedStores, cancel_on_sigterm, shown, stop_on_sigterm
 from daemon.errors import EXIT_OK, EXIT_UNAVAILABLE, ConfigError, OutboxdError
+from db.gateway import connect
 from db.queries import query
 
 # Example searches, each showing something off: both sides agreeing, an exact
@@ -124,13 +125,12 @@ class Demo:
             stop_on_sigterm()  # closing the loop reset it
 
     def load_corpus(self) -> None:
-        import psycopg
         from psycopg.rows import dict_row
 
         from daemon.corpus import load_corpus
 
         t = time.perf_counter()
-        with psycopg.connect(self.dsn, autocommit=True, application_name="outboxd:demo") as conn:
+        with connect(self.dsn, application_name="outboxd:demo", timeout=30, row_factory=None) as conn:
             loaded = conn.execute(query("demo_document_count")).fetchone()[0] == 0
             if loaded:
                 load_corpus(conn)  # one transaction

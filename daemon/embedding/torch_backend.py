@@ -29,9 +29,8 @@ from daemon.embedding.model_source import quiet_transformers, resolve_model
 from daemon.embedding.samples import AGREEMENT, AGREEMENT_SAMPLE, cosine_min
 from daemon.embedding.settings import SentenceTransformersSettings
 from daemon.embedding.stage import EncodeStage, ForwardInterrupted
-from daemon.embedding.tokens import pad, plan_batches
 from daemon.embedding.threads import cpu_workers
-from daemon.embedding.tokens import window_tokenizer
+from daemon.embedding.tokens import pad, plan_batches, window_tokenizer
 from daemon.errors import ConfigError
 
 if TYPE_CHECKING:

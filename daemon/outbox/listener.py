@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import psycopg
-
 from daemon.errors import describe
 from daemon.runtime.backoff import RECONNECT, Backoff
+from db.gateway import connect_async
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "outboxd"  # the channel db/migrations' notify_outbox() uses
+CONNECT_TIMEOUT = 10.0  # seconds; then the attempt counts as failed and is retried with backoff
 
 
 class Wakeup:
@@ -47,9 +47,8 @@ class Listener:
         attempts = self._backoff.attempts()
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, application_name=self._application_name
-                ) as conn:
+                async with await connect_async(self._dsn, application_name=self._application_name,
+                                               timeout=CONNECT_TIMEOUT) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.connected.set()
                     attempts.reset()

@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from daemon.core.chunk_state import ChunkState
 from daemon.errors import CollectionRetiredError
-from db.queries import fetch
+from db.gateway import fetch
 
 
 async def read_chunk_states(pool: AsyncConnectionPool, chunk_ids: list[UUID]) -> dict[UUID, ChunkState]:

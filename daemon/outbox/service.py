@@ -38,8 +38,7 @@ from daemon.runtime.batch_policy import wait_for_any
 from daemon.runtime.service import READINESS_TIMEOUT, Service
 from daemon.telemetry import record_span, span
 from db import migrate
-from db.pool import make_pool
-from db.queries import fetch
+from db.gateway import fetch, make_pool
 
 log = logging.getLogger(__name__)
 

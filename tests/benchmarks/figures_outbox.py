@@ -13,8 +13,16 @@ from daemon.config import Settings
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
 from tests.benchmarks import e2e_throughput
-from tests.benchmarks.services import (Postgres, QdrantTarget, add_chunks, drain, new_document, settings_for, sql,
-                                       NO_QDRANT)
+from tests.benchmarks.services import (
+    NO_QDRANT,
+    Postgres,
+    QdrantTarget,
+    add_chunks,
+    drain,
+    new_document,
+    settings_for,
+    sql,
+)
 
 CAPTURE_TRIGGERS = ["outboxd_capture_insert", "outboxd_capture_update", "outboxd_capture_delete", "outboxd_capture_truncate"]
 

@@ -24,8 +24,17 @@ import psycopg
 
 from daemon.embedding.backend import BackendInfo
 from tests.benchmarks import kafka_transport
-from tests.benchmarks.services import (NEEDS_SERVER, Postgres, QdrantTarget, add_chunks, converge, load_average,
-                                       outbox_pending, settings_for, update_metadata)
+from tests.benchmarks.services import (
+    NEEDS_SERVER,
+    Postgres,
+    QdrantTarget,
+    add_chunks,
+    converge,
+    load_average,
+    outbox_pending,
+    settings_for,
+    update_metadata,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 300.0  # seconds for N processes to load the model and start (N at once on few cores)

@@ -24,8 +24,17 @@ from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
 from tests.benchmarks import kafka_transport
 from tests.benchmarks.qdrant_counter import CountingQdrant, WireBytes
-from tests.benchmarks.services import (Postgres, QdrantTarget, add_chunks, drain, free_embedder,
-                                       load_average, settings_for, sql, update_metadata)
+from tests.benchmarks.services import (
+    Postgres,
+    QdrantTarget,
+    add_chunks,
+    drain,
+    free_embedder,
+    load_average,
+    settings_for,
+    sql,
+    update_metadata,
+)
 
 NO_GRPC = "not measured: needs a Qdrant server (local mode speaks no gRPC)"
 

@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from qdrant_client import AsyncQdrantClient
 
 from consumers.qdrant_consumer import QdrantConsumer
-from daemon.embedding.embedder import Embedder
 from consumers.relay import Relay
+from daemon.embedding.embedder import Embedder
 
 
 @contextmanager

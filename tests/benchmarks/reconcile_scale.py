@@ -23,12 +23,12 @@ import orjson
 import psycopg
 from qdrant_client import AsyncQdrantClient, models
 
-from daemon.core.chunk_state import ChunkState
-from daemon.embedding.embedder import ModelFingerprint
-from daemon.core.qdrant_store import QdrantStore
 from daemon.admin.drift import LOCAL_QDRANT_PAGE, Reconciler
+from daemon.core.chunk_state import ChunkState
+from daemon.core.qdrant_store import QdrantStore
+from daemon.embedding.embedder import ModelFingerprint
 from db import migrate
-from db.pool import make_pool
+from db.gateway import make_pool
 
 FINGERPRINT = ModelFingerprint("bench/model", 8, True, 256)
 

@@ -19,7 +19,16 @@ import orjson
 import pytest
 
 from daemon import cli
-from tests.processes import MODEL_LOAD_S, base_env, health_port, insert_backlog, long_texts, outbox_counts, run_drain, sample
+from tests.processes import (
+    MODEL_LOAD_S,
+    base_env,
+    health_port,
+    insert_backlog,
+    long_texts,
+    outbox_counts,
+    run_drain,
+    sample,
+)
 from tests.qdrant_server import QdrantServer, Tls, find_binary
 from tests.support import (
     add_document,

@@ -25,7 +25,7 @@ from daemon.core.apply import Applier
 from daemon.core.qdrant_store import QdrantStore
 from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.outbox.queue import Outbox
-from db.pool import make_pool
+from db.gateway import make_pool
 from tests.processes import daemon_env
 from tests.support import add_document, all_points, assert_converged, drain, open_qdrant, outbox_rows, require_server
 

@@ -9,7 +9,7 @@ import pytest
 from db.queries import QUERIES_FILE, QUERY_FILES, _all, parse, query
 
 REPO = Path(__file__).resolve().parents[2]
-QUERY_FUNCTIONS = {"query", "fetch", "_fetch"}  # db.queries.query / fetch, and Outbox._fetch
+QUERY_FUNCTIONS = {"query", "fetch", "_fetch"}  # db.queries.query, db.gateway.fetch, and Outbox._fetch
 
 
 def names_used_in_code() -> set[str]:
