@@ -1,16 +1,19 @@
 """Reaching Qdrant: a server (QDRANT_URL, REST or gRPC) or qdrant-client's
-local mode (a folder, or ':memory:'), and the readiness checks of a process
-that embeds and writes."""
+local mode (a folder, or ':memory:') behind a thread of its own, and the
+readiness checks of a process that embeds and writes."""
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
-from qdrant_client import AsyncQdrantClient
+from qdrant_client import AsyncQdrantClient, QdrantClient
 
 from daemon.config import Settings
 from daemon.errors import ConfigError, ServiceUnavailableError
@@ -19,8 +22,9 @@ LOCKED = "is already accessed by another instance of Qdrant client"
 KEEPALIVE_S = 3.0
 
 
-def make_client(settings: Settings) -> AsyncQdrantClient:
-    """A client for the configured Qdrant. Local mode admits one process per
+def make_client(settings: Settings) -> "AsyncQdrantClient | LocalQdrant":
+    """A client for the configured Qdrant: a server's AsyncQdrantClient, or local
+    mode on a thread of its own (LocalQdrant). Local mode admits one process per
     folder: a second one is a configuration that cannot work (exit 78), not a bug."""
     if settings.qdrant_url:
         key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
@@ -44,9 +48,9 @@ def make_client(settings: Settings) -> AsyncQdrantClient:
         )
     path = settings.local_qdrant_path
     if path == ":memory:":
-        return AsyncQdrantClient(location=":memory:")
+        return LocalQdrant(QdrantClient(location=":memory:"))
     try:
-        return AsyncQdrantClient(path=path)
+        return LocalQdrant(QdrantClient(path=path))
     except RuntimeError as exc:
         if LOCKED not in str(exc):
             raise
@@ -56,6 +60,32 @@ def make_client(settings: Settings) -> AsyncQdrantClient:
             "Qdrant server: set QDRANT_URL. Otherwise stop the other process, or give this one its own "
             "OUTBOXD_QDRANT_PATH."
         ) from None
+
+
+class LocalQdrant:
+    """qdrant-client's local mode (a folder, or ':memory:'), whose every call computes
+    in the caller's thread (a search scans every point): each call runs on one thread
+    of its own, one at a time and in order, so the event loop keeps serving leases,
+    NOTIFY wake-ups, health checks and embedding requests meanwhile. It answers the
+    methods of AsyncQdrantClient, awaitable."""
+
+    def __init__(self, client: QdrantClient) -> None:
+        self._client = client
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outboxd-qdrant-local")
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, partial(attr, *args, **kwargs))
+
+        return call
+
+    async def close(self, **kwargs: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, partial(self._client.close, **kwargs))
+        self._thread.shutdown(wait=False)
 
 
 def _tls(settings: Settings) -> dict[str, Any]:

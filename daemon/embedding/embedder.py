@@ -20,7 +20,6 @@ from daemon.config import Settings
 from daemon.embedding.backend import Backend, BackendInfo
 from daemon.embedding.fingerprint import ModelFingerprint
 from daemon.embedding.model_source import resolve_model
-from daemon.errors import ConfigError
 
 __all__ = ["Embedder", "Embedding", "ModelFingerprint", "make_backend", "resolve_model"]
 
@@ -34,23 +33,8 @@ class Embedding:
 
 
 def make_backend(settings: Settings) -> Backend:
-    """The backend OUTBOXD_EMBEDDING__BACKEND names (imported only when chosen)."""
-    kind = settings.embedding.backend
-    if kind == "sentence-transformers":
-        from daemon.embedding.torch_backend import SentenceTransformersBackend
-
-        return SentenceTransformersBackend(settings)
-    if kind == "onnx":
-        from daemon.embedding.onnx_backend import OnnxBackend
-
-        return OnnxBackend(settings)
-    if kind == "http":
-        try:
-            from daemon.embedding.http_backend import HttpBackend
-        except ImportError as exc:
-            raise ConfigError(f"the http embedding backend is not available in this build: {exc}") from exc
-        return HttpBackend(settings)
-    raise ConfigError(f"unknown embedding backend {kind!r}")  # pragma: no cover - the settings refuse it
+    """The backend OUTBOXD_EMBEDDING__BACKEND names, built by its own settings."""
+    return settings.embedding.build(settings)
 
 
 class Embedder:

@@ -52,7 +52,6 @@ from daemon.embedding.http_protocol import (
     plan_batches,
     rejected_texts,
 )
-from daemon.embedding.loop_thread import LoopThread
 from daemon.embedding.settings import HttpSettings
 from daemon.errors import ConfigError, InvalidChunkError
 from daemon.runtime.backoff import Backoff
@@ -79,6 +78,7 @@ class HttpBackend(Backend):
     def __init__(
         self,
         settings: "Settings",
+        http: HttpSettings,
         *,
         retry_budget: float = RETRY_BUDGET,
         retry_after_max: float = RETRY_AFTER_MAX,
@@ -86,9 +86,6 @@ class HttpBackend(Backend):
         backoff_max: float = BACKOFF_MAX,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        http = settings.embedding
-        if not isinstance(http, HttpSettings):
-            raise ConfigError(f"HttpBackend needs OUTBOXD_EMBEDDING__BACKEND=http, not {http.backend!r}")
         self._http = http
         self._normalize = settings.normalize
         self._max_seq_length = settings.max_seq_length
@@ -103,11 +100,10 @@ class HttpBackend(Backend):
         self._backoff = Backoff(base=backoff_initial, cap=backoff_max).wait()
         self._transport = transport
         self._dimension: int | None = None
-        # the requests run on an event loop of their own, in its own thread (daemon.embedding.loop_thread)
-        self._io = LoopThread("outboxd-http-embed")
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop the client was made on
         self._client: httpx.AsyncClient | None = None
         self._semaphore: asyncio.Semaphore | None = None
-        self._resume_at = 0.0  # I/O loop time before which no request is sent (a Retry-After)
+        self._resume_at = 0.0  # monotonic time before which no request is sent (a Retry-After)
         self._in_flight = 0
         self._busy_since = 0.0
         self._busy_seconds = 0.0
@@ -121,28 +117,25 @@ class HttpBackend(Backend):
 
     # --- the Backend interface ------------------------------------------------------
     async def load(self) -> BackendInfo:
-        return await self._io.run(self._load())
+        return await self._load()
 
     async def encode(self, texts: list[str]) -> Encoded:
         if not texts:
             return Encoded(np.zeros((0, self._dimension or 0), dtype=np.float32), [])
-        return await self._io.run(self._encode(texts))
+        return await self._encode(texts)
 
     async def close(self) -> None:
-        await self._io.close(self._close_client)
-
-    async def _close_client(self) -> None:
         client, self._client = self._client, None
         self._semaphore = None
-        if client is not None:
-            await client.aclose()
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.aclose()  # a client of a loop that is gone went with it
 
     def encoded_seconds(self) -> float:
         if self._in_flight:
             return self._busy_seconds + time.perf_counter() - self._busy_since
         return self._busy_seconds
 
-    # --- on the I/O loop ------------------------------------------------------------------------
+    # --- the requests ------------------------------------------------------------------------------
     async def _load(self) -> BackendInfo:
         if self._secret is not None and httpx.URL(self.url).scheme == "http" and not self._loopback():
             log.warning(
@@ -370,8 +363,11 @@ class HttpBackend(Backend):
 
     # --- plumbing ------------------------------------------------------------------------------
     def _session(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        """The client and the semaphore, made on the I/O loop they belong to."""
-        if self._client is None or self._semaphore is None:
+        """The client and the semaphore, made on the event loop that uses them: a caller
+        on another loop (an embedding application's asyncio.run per call) gets its own."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._semaphore is None or self._loop is not loop:
+            self._loop = loop
             self._semaphore = asyncio.Semaphore(self._http.max_concurrency)
             headers = {"Content-Type": "application/json", "Accept": "application/json"}
             if self._secret is not None:

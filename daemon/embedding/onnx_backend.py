@@ -62,10 +62,9 @@ SPIN = False
 class OnnxBackend(StagedBackend):
     kind = "onnx"
 
-    def __init__(self, settings: "Settings") -> None:
+    def __init__(self, settings: "Settings", own: OnnxSettings) -> None:
         self._settings = settings
-        embedding = settings.embedding
-        self._onnx = embedding if isinstance(embedding, OnnxSettings) else OnnxSettings()
+        self._onnx = own
         self.name, self._source = resolve_model(settings.model)
         self.cache_root = Path(settings.data_dir) / "models"
         self.entry: Path | None = None  # the cache entry in use

@@ -4,17 +4,25 @@
     OUTBOXD_EMBEDDING__URL=http://tei:8080     (http)
 
 What every backend shares (the model name, the window, normalisation, the
-forward-pass size, the cache) stays in daemon.config.Settings.
+forward-pass size, the cache) stays in daemon.config.Settings. Each member
+builds its own backend from its own fields (build()), imported only when chosen.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
+    from daemon.embedding.backend import Backend
 
 
 class _Backend(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def build(self, settings: "Settings") -> "Backend":
+        raise NotImplementedError
 
 
 class SentenceTransformersSettings(_Backend):
@@ -24,6 +32,11 @@ class SentenceTransformersSettings(_Backend):
         description="auto: fp16 on CUDA where its vectors agree with fp32 (cosine >= 0.999 on a sample), "
         "else fp32. fp16/bf16 are refused where they do not agree.",
     )
+
+    def build(self, settings: "Settings") -> "Backend":
+        from daemon.embedding.torch_backend import SentenceTransformersBackend
+
+        return SentenceTransformersBackend(settings, self)
 
 
 class OnnxSettings(_Backend):
@@ -37,6 +50,11 @@ class OnnxSettings(_Backend):
         None, ge=1, description="One forward pass on this many intra-op threads (default: on a CPU, one "
         "single-threaded pass per core side by side, which measured faster for small batches)."
     )
+
+    def build(self, settings: "Settings") -> "Backend":
+        from daemon.embedding.onnx_backend import OnnxBackend
+
+        return OnnxBackend(settings, self)
 
 
 class HttpSettings(_Backend):
@@ -53,6 +71,15 @@ class HttpSettings(_Backend):
     max_batch_texts: int = Field(64, ge=1, description="Texts per request at most.")
     max_batch_chars: int = Field(100_000, ge=1, description="Characters per request at most (a longer text goes alone).")
     timeout: float = Field(60.0, gt=0, description="Seconds one request may take.")
+
+    def build(self, settings: "Settings") -> "Backend":
+        from daemon.errors import ConfigError
+
+        try:
+            from daemon.embedding.http_backend import HttpBackend
+        except ImportError as exc:
+            raise ConfigError(f"the http embedding backend is not available in this build: {exc}") from exc
+        return HttpBackend(settings, self)
 
 
 EmbeddingSettings = Annotated[

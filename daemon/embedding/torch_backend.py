@@ -154,12 +154,9 @@ def encode_now(forward, tokenizer, texts: list[str], window: int, batch: int = 1
 class SentenceTransformersBackend(StagedBackend):
     kind = "sentence-transformers"
 
-    def __init__(self, settings: "Settings") -> None:
+    def __init__(self, settings: "Settings", own: SentenceTransformersSettings) -> None:
         self._settings = settings
-        embedding = settings.embedding
-        self._precision_setting = (
-            embedding.precision if isinstance(embedding, SentenceTransformersSettings) else "auto"
-        )
+        self._precision_setting = own.precision
         _, self._source = resolve_model(settings.model)
         self.model = None  # the SentenceTransformer, once loaded (benchmarks compare with its own encode())
         self.precision: str | None = None  # what runs: fp32, fp16 or bf16

@@ -101,7 +101,8 @@ def http_settings(url: str, n_concurrent: int, batch_texts: int, **top) -> Setti
 
 async def backend_rate(url: str, texts: list[str], n_concurrent: int, batch_texts: int) -> tuple[float, float]:
     """(texts/s of HttpBackend.encode over all texts in one call, busy share of that time)"""
-    backend = HttpBackend(http_settings(url, n_concurrent, batch_texts, database_url=None))
+    settings = http_settings(url, n_concurrent, batch_texts, database_url=None)
+    backend = HttpBackend(settings, settings.embedding)
     try:
         await backend.load()
         await backend.encode(texts[:batch_texts])  # warm
@@ -170,7 +171,7 @@ class HttpEmbedderShim:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.backend = HttpBackend(settings)
+        self.backend = HttpBackend(settings, settings.embedding)
         self.fingerprint = None
         self.encoded = self.cache_hits = 0
 

@@ -40,8 +40,9 @@ async def backends():
 
     def make(target, *, retry_budget=5.0, backoff_initial=0.02, backoff_max=0.2, **settings) -> HttpBackend:
         url = target if isinstance(target, str) else target.url
+        own = make_settings(url, **settings)
         b = HttpBackend(
-            make_settings(url, **settings),
+            own, own.embedding,
             retry_budget=retry_budget, backoff_initial=backoff_initial, backoff_max=backoff_max,
         )
         made.append(b)
@@ -125,7 +126,8 @@ async def test_normalised_here_when_asked_whatever_the_endpoint_does(backends):
 
 def test_a_backend_moves_between_event_loops(server):
     """load() in one asyncio.run, encode() in another (a session-wide embedder, the benchmarks)."""
-    backend = HttpBackend(make_settings(server.url))
+    settings = make_settings(server.url)
+    backend = HttpBackend(settings, settings.embedding)
     asyncio.run(backend.load())
     assert asyncio.run(backend.encode(["one", "two"])).vectors.shape == (2, 384)
     asyncio.run(backend.close())
@@ -444,7 +446,7 @@ async def test_the_key_from_embedding_api_key_file(tmp_path, monkeypatch, backen
     with EmbeddingServer(api_key=KEY) as server:
         settings = Settings(database_url=None, embedding={"backend": "http", "url": server.url})
         assert settings.embedding_api_key is not None and KEY not in repr(settings)
-        backend = HttpBackend(settings)
+        backend = HttpBackend(settings, settings.embedding)
         try:
             assert (await backend.load()).dimension == 384
             await backend.encode(["with the key from a file"])
