@@ -5,27 +5,33 @@
 
 What every backend shares (the model name, the window, normalisation, the
 forward-pass size, the cache) stays in daemon.config.Settings. Each member
-builds its own backend from its own fields (build()), imported only when chosen.
+builds its own backend from its own fields (build()): the backend class is
+named (`builder`, module:attribute) and imported only when chosen, as the CLI
+finds its commands, so choosing one never loads another's libraries.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+import importlib
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 if TYPE_CHECKING:
-    from daemon.config import Settings
     from daemon.embedding.backend import Backend
 
 
 class _Backend(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    builder: ClassVar[str]  # module:class of the backend these settings build
 
-    def build(self, settings: "Settings") -> "Backend":
-        raise NotImplementedError
+    def build(self, settings: Any) -> "Backend":
+        """This backend, from the shared settings (daemon.config.Settings) and these."""
+        module, _, name = self.builder.partition(":")
+        return getattr(importlib.import_module(module), name)(settings, self)
 
 
 class SentenceTransformersSettings(_Backend):
+    builder: ClassVar[str] = "daemon.embedding.torch_backend:SentenceTransformersBackend"
     backend: Literal["sentence-transformers"] = "sentence-transformers"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto",
@@ -33,13 +39,9 @@ class SentenceTransformersSettings(_Backend):
         "else fp32. fp16/bf16 are refused where they do not agree.",
     )
 
-    def build(self, settings: "Settings") -> "Backend":
-        from daemon.embedding.torch_backend import SentenceTransformersBackend
-
-        return SentenceTransformersBackend(settings, self)
-
 
 class OnnxSettings(_Backend):
+    builder: ClassVar[str] = "daemon.embedding.onnx_backend:OnnxBackend"
     backend: Literal["onnx"] = "onnx"
     quantize: bool = Field(
         False,
@@ -51,13 +53,9 @@ class OnnxSettings(_Backend):
         "single-threaded pass per core side by side, which measured faster for small batches)."
     )
 
-    def build(self, settings: "Settings") -> "Backend":
-        from daemon.embedding.onnx_backend import OnnxBackend
-
-        return OnnxBackend(settings, self)
-
 
 class HttpSettings(_Backend):
+    builder: ClassVar[str] = "daemon.embedding.http_backend:HttpBackend"
     backend: Literal["http"] = "http"
     url: HttpUrl = Field(
         description="Base URL of an OpenAI-compatible endpoint; outboxd POSTs to <url>/v1/embeddings "
@@ -72,14 +70,13 @@ class HttpSettings(_Backend):
     max_batch_chars: int = Field(100_000, ge=1, description="Characters per request at most (a longer text goes alone).")
     timeout: float = Field(60.0, gt=0, description="Seconds one request may take.")
 
-    def build(self, settings: "Settings") -> "Backend":
+    def build(self, settings: Any) -> "Backend":
         from daemon.errors import ConfigError
 
         try:
-            from daemon.embedding.http_backend import HttpBackend
+            return super().build(settings)
         except ImportError as exc:
             raise ConfigError(f"the http embedding backend is not available in this build: {exc}") from exc
-        return HttpBackend(settings, self)
 
 
 EmbeddingSettings = Annotated[
