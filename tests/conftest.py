@@ -4,11 +4,14 @@ container, else local mode: tests/qdrant_server.py) and the real MiniLM model.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -46,6 +49,7 @@ def pytest_collection_modifyitems(config, items):
 
 # --- Qdrant: one for the session (tests/qdrant_server.py says which) --------------------
 _qdrant_session = pytest.StashKey()
+_qdrant_server = pytest.StashKey()
 
 
 def pytest_collection_finish(session):
@@ -78,7 +82,8 @@ def _start_session_qdrant(config) -> str:
             raise pytest.UsageError(str(exc)) from exc
         if binary is not None:
             server = QdrantServer(binary).start()
-            config.add_cleanup(server.close)
+            config.stash[_qdrant_server] = server  # stopped at the session's end (pytest_sessionfinish)
+            config.add_cleanup(server.close)  # and here too, should the session end before it began
             os.environ["QDRANT_URL"] = server.url
             os.environ["OUTBOXD_QDRANT_GRPC_PORT"] = str(server.grpc_port)
             return f"a real {server.describe()}"
@@ -106,7 +111,40 @@ def _start_session_qdrant(config) -> str:
     return f"qdrant-client local mode ({why})"
 
 
+# --- nothing a test started outlives the session -----------------------------------------
+SERVER_FOLDERS = ("outboxd-test-pg-", "outboxd-bench-pg-", "outboxd-test-qdrant-")
+_leaks = pytest.StashKey()
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_leaks] = ([], time.time())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Once every fixture is torn down: a PostgreSQL server of a test folder this
+    session made, still running, is a leak (a fixture or the harness did not stop
+    it). It is reported, stopped, and fails the run."""
+    found, started = session.config.stash[_leaks]
+    server = session.config.stash.get(_qdrant_server, None)
+    if server is not None:
+        server.close()
+    for proc in psutil.process_iter(["name", "cmdline", "create_time"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["name"] not in ("postgres", "qdrant") or proc.info["create_time"] < started:
+            continue
+        if any(folder in cmdline for folder in SERVER_FOLDERS) and (
+                proc.info["name"] == "qdrant" or " -D " in cmdline):
+            found.append(f"{proc.info['name']} {proc.pid}: {cmdline[:160]}")
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    if found:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    found, _ = config.stash.get(_leaks, ([], 0))
+    for line in found:
+        terminalreporter.write_line(f"LEAKED SERVER (stopped now): {line}", red=True)
     label = config.stash.get(_qdrant_session, None)
     if label is None:
         return
