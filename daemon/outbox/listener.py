@@ -59,13 +59,10 @@ class Listener:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
-                self.connected.clear()
-                delay = attempts.next_delay()
-                log.warning(
-                    "LISTEN connection lost; polling covers the gap",
-                    extra={"error": describe(exc), "retry_in": round(delay, 2)},
-                )
-                await asyncio.sleep(delay)
-                continue
-            # the notifications ended without an error (the server closed the stream): reconnect
-            await asyncio.sleep(attempts.next_delay())
+                error = describe(exc)
+            else:  # the server ended the stream without an error (a terminated backend can)
+                error = "the server closed the LISTEN connection"
+            self.connected.clear()
+            delay = attempts.next_delay()
+            log.warning("LISTEN connection lost; polling covers the gap", extra={"error": error, "retry_in": round(delay, 2)})
+            await asyncio.sleep(delay)

@@ -28,7 +28,11 @@ CATALOG_QUERIES = {
         SELECT n.nspname, c.relname, c.relkind, c.relpersistence, c.relacl::text
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_NS}""",
     "columns": f"""
-        SELECT n.nspname, c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+        -- the column's place among the live ones, not attnum: a column dropped by a
+        -- downgrade and added again by the upgrade comes back last, with a new attnum
+        SELECT n.nspname, c.relname,
+               row_number() OVER (PARTITION BY a.attrelid ORDER BY a.attnum) AS position,
+               a.attname, format_type(a.atttypid, a.atttypmod),
                a.attnotnull, pg_get_expr(d.adbin, d.adrelid), a.attgenerated, a.attidentity, a.attcollation
         FROM pg_attribute a
         JOIN pg_class c ON c.oid = a.attrelid

@@ -25,6 +25,7 @@ from daemon.core.apply import Applier
 from daemon.core.qdrant_store import QdrantStore
 from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.outbox.queue import Outbox
+from daemon.runtime.service import run_service
 from db.gateway import make_pool
 from tests.processes import daemon_env
 from tests.support import add_document, all_points, assert_converged, drain, open_qdrant, outbox_rows, require_server
@@ -251,10 +252,10 @@ async def test_postgres_outage_ends_in_convergence(conn, dsn, qdrant, collection
     while; writes made before and after converge with no manual step."""
     dbname = conn.info.dbname
     daemon = NotifyDaemon(make_settings(), dsn, embedder=embedder, qdrant=qdrant)
-    await daemon.start()
-    run = asyncio.create_task(daemon.run())
+    run = asyncio.create_task(run_service(daemon))  # the supervisor: the listener runs beside the workers
     admin = psycopg.connect(dsn, autocommit=True, dbname="postgres")
     try:
+        await wait_until(lambda: daemon.started)
         add_document(conn, [f"before the outage {i}" for i in range(10)])
         await wait_until(lambda: not outbox_rows(conn))
         add_document(conn, [f"just before the outage {i}" for i in range(40)])
@@ -273,7 +274,6 @@ async def test_postgres_outage_ends_in_convergence(conn, dsn, qdrant, collection
         admin.close()
         daemon.stop.set()
         assert await run == 0
-        await daemon.close()
     assert "LISTEN connection lost; polling covers the gap" in caplog.text  # the outage was real
     assert await assert_converged(dsn, qdrant, collection, embedder) == 60
 
