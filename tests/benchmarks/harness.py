@@ -48,7 +48,7 @@ __all__ = ["FIGURES", "FULL", "QUICK", "main"]
 
 FULL = dict(pipeline_chunks=1000, claim_batches=[16, 64, 256], backend_chunks=500, backend_rounds=2,
             ceiling_chunks=20_000, write_rows=100_000, freshness_seconds=60.0, freshness_rate=10.0, wasted_chunks=300,
-            transport_chunks=5000, cpu_events=10_000, cpu_repeats=2, scale_events=60_000, scale_counts=[1, 2, 4],
+            transport_chunks=5000, cpu_events=30_000, cpu_repeats=2, scale_events=60_000, scale_counts=[1, 2, 4],
             scale_repeats=2, grpc_points=20_000, large_sizes=[50_000, 100_000, 200_000], local_reconcile=50_000)
 QUICK = dict(pipeline_chunks=24, claim_batches=[8, 64], backend_chunks=24, backend_rounds=1, ceiling_chunks=300,
              write_rows=1000, freshness_seconds=2.0, freshness_rate=10.0, wasted_chunks=12, transport_chunks=200,

@@ -9,8 +9,10 @@
 6. Reconcile of the result: `outboxd reconcile --check --json`, a process.
 
 Each process's rate is its own work over its own time, and its peak RSS is
-its own (ru_maxrss from os.wait4), so growth from the smallest N to the
-largest is the figure: flat memory means the scans stream.
+its own (VmHWM, through tests.benchmarks.peak_rss), so growth from the
+smallest N to the largest is the figure: flat memory means the scans stream.
+Each size starts once the server's optimizers are idle, so one size's index
+builds do not slow the next one's work.
 
     python -m tests.benchmarks.large_collection drain     # the child, environment as `outboxd run`
 """
@@ -20,7 +22,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,21 +35,19 @@ TIMEOUT = 1800
 
 
 def _child(args: list[str], env: dict[str, str]) -> tuple[dict, float, float]:
-    """Run `python -m ARGS`; (its JSON document on stdout, wall seconds, its own peak RSS in MiB).
-    The child is reaped here with os.wait4, which gives that child's rusage alone."""
+    """Run `python -m ARGS` under tests.benchmarks.peak_rss; (its JSON document on
+    stdout, wall seconds, its own peak RSS in MiB)."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=err)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        proc.stdout.close()
-        seconds = time.perf_counter() - started
-        if proc.returncode not in (0, 3):
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{err.read().decode(errors='replace')[-3000:]}")
+    done = subprocess.run([sys.executable, "-m", "tests.benchmarks.peak_rss", *args], env=env, cwd=REPO,
+                          capture_output=True, timeout=TIMEOUT)
+    seconds = time.perf_counter() - started
+    if done.returncode not in (0, 3):
+        raise RuntimeError(f"{' '.join(args)} exited {done.returncode}:\n{done.stderr.decode(errors='replace')[-3000:]}")
+    peak = next((orjson.loads(line)["peak_rss_kib"] for line in reversed(done.stderr.splitlines())
+                 if line.startswith(b'{"peak_rss_kib"')), 0)
+    out = done.stdout
     doc = orjson.loads(out[out.index(b"{"):]) if b"{" in out else {}
-    return doc, seconds, usage.ru_maxrss / 1024  # KiB on Linux
+    return doc, seconds, peak / 1024
 
 
 def _env(dsn: str, target: QdrantTarget, collection: str) -> dict[str, str]:
@@ -58,7 +57,9 @@ def _env(dsn: str, target: QdrantTarget, collection: str) -> dict[str, str]:
     return env
 
 
-def measure(pg: Postgres, target: QdrantTarget, n: int) -> dict:
+def measure(pg: Postgres, target: QdrantTarget, n: int, previous: str | None = None) -> dict:
+    if previous is not None:
+        asyncio.run(target.settle(previous))
     dsn = pg.fresh()
     collection = target.name(f"large_{n}")
     reconcile_scale.populate(dsn, n)  # written before capture: nothing in the outbox
@@ -72,6 +73,7 @@ def measure(pg: Postgres, target: QdrantTarget, n: int) -> dict:
     assert report["drift"] == 0 and report["chunks"] == n == report["points"], report
     return {
         "chunks": n,
+        "collection": collection,
         "backfill_enqueue_chunks_per_s": round(n / backfill_s),
         "backfill_enqueue_peak_rss_mib": round(backfill_rss, 1),
         "drain_chunks_per_s": round(n / drained["seconds"]),
@@ -87,7 +89,9 @@ def measure(pg: Postgres, target: QdrantTarget, n: int) -> dict:
 def figure_large_collection(pg: Postgres, target: QdrantTarget, sizes: list[int]) -> dict | str:
     if not target.is_server:
         return NEEDS_SERVER
-    runs = [measure(pg, target, n) for n in sorted(sizes)]
+    runs: list[dict] = []
+    for n in sorted(sizes):
+        runs.append(measure(pg, target, n, previous=runs[-1]["collection"] if runs else None))
     first, last = runs[0], runs[-1]
     growth = {key: round(last[key] / first[key], 3) for key in
               ("drain_chunks_per_s", "drain_peak_rss_mib", "reconcile_chunks_per_s", "reconcile_peak_rss_mib")}

@@ -218,23 +218,30 @@ class QdrantTarget:
             out[name] = out.get(name, 0.0) + t.user_time + t.system_time
         return out
 
-    async def settle(self, collection: str, timeout: float = 600.0) -> float:
-        """Wait until the collection's optimizers are idle (status green), so a figure
-        does not time the index builds its previous writes set off; the seconds waited."""
+    async def settle(self, collection: str, timeout: float = 600.0, quiet: float = 2.0) -> float:
+        """Wait until the collection's optimizers are idle, so a figure does not time the
+        index builds its previous writes set off; the seconds waited. Idle: status green
+        for `quiet` seconds on end (an optimization is scheduled a moment after the
+        writes that call for it, so one green answer right after them proves nothing)."""
         if self.url is None:
             return 0.0
         client = self.client(prefer_grpc=False)
         started = time.perf_counter()
+        green_since: float | None = None
         try:
-            while time.perf_counter() - started < timeout:
-                if not await client.collection_exists(collection):
-                    break
-                if (await client.get_collection(collection)).status == "green":
+            if not await client.collection_exists(collection):
+                return 0.0
+            while (now := time.perf_counter()) - started < timeout:
+                if (await client.get_collection(collection)).status != "green":
+                    green_since = None
+                elif green_since is None:
+                    green_since = now
+                elif now - green_since >= quiet:
                     break
                 await asyncio.sleep(0.2)
         finally:
             await client.close()
-        return round(time.perf_counter() - started, 2)
+        return round(time.perf_counter() - started - quiet, 2)
 
     def cleanup(self) -> list[str]:
         """Delete this run's aliases and collections (a server only); their names."""
