@@ -172,22 +172,26 @@ class Metrics:
 
 
 class Telemetry:
-    """What setup_telemetry built: the metrics, and the providers to flush."""
+    """What setup_telemetry built: the metrics, and what pushes them (OTLP) to flush."""
 
-    def __init__(self, metrics: Metrics, meter_provider: Any = None, tracer_provider: Any = None) -> None:
+    def __init__(
+        self, metrics: Metrics, push_readers: list[Any] | None = None, tracer_provider: Any = None
+    ) -> None:
         self.metrics = metrics
-        self.meter_provider = meter_provider
+        self.push_readers = push_readers or []
         self.tracer_provider = tracer_provider
 
     def render_prometheus(self) -> tuple[bytes, str]:
         return self.metrics.render_prometheus()
 
     def flush(self, timeout_seconds: float = 5.0) -> None:
-        """Push what the OTLP exporters hold (at exit; a no-op without them)."""
-        for provider in (self.tracer_provider, self.meter_provider):
-            if provider is not None:
+        """Push what the OTLP exporters hold (at exit; a no-op without them). Only the
+        push readers: a collect by the Prometheus reader outside a scrape is queued
+        and served again with the next scrape's, as stale duplicate samples."""
+        for flushable in (self.tracer_provider, *self.push_readers):
+            if flushable is not None:
                 try:
-                    provider.force_flush(int(timeout_seconds * 1000))
+                    flushable.force_flush(int(timeout_seconds * 1000))
                 except Exception as exc:  # noqa: BLE001 - telemetry never stops the daemon
                     log.debug("telemetry flush failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
@@ -258,6 +262,7 @@ def _build(service_name: str) -> Telemetry:
 
     resource = _resource(service_name)
     readers: list[Any] = []
+    push_readers: list[Any] = []  # OTLP: what flush() pushes at exit
     registry = None
     note = None
     try:
@@ -281,7 +286,8 @@ def _build(service_name: str) -> Telemetry:
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
             if _otlp_wanted("METRICS"):
-                readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+                push_readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+                readers.append(push_readers[-1])
             if _otlp_wanted("TRACES"):
                 span_exporter = OTLPSpanExporter()
             log.info("OTLP export on", extra={"metrics": _otlp_wanted("METRICS"), "traces": _otlp_wanted("TRACES")})
@@ -301,7 +307,7 @@ def _build(service_name: str) -> Telemetry:
     # Spans exist (and logs carry their ids) without an exporter too.
     trace.set_tracer_provider(tracer_provider)
     metrics = Metrics(meter_provider.get_meter("outboxd"), registry, note=note)
-    return Telemetry(metrics, meter_provider, tracer_provider)
+    return Telemetry(metrics, push_readers, tracer_provider)
 
 
 # --- tracing -------------------------------------------------------------------------------------

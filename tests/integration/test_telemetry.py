@@ -221,6 +221,20 @@ def test_consumer_lag_and_backlog_gauges():
     assert sample(text, "outboxd_events_pending") == 0 and sample(text, "outboxd_lag_seconds") == 0
 
 
+def test_a_flush_leaves_no_stale_samples_for_the_next_scrape():
+    """Flushing at exit pushes OTLP only: a Prometheus collect outside a scrape would
+    be served again with the next scrape, as duplicate series holding old values."""
+    telemetry = setup_telemetry("outboxd")
+    telemetry.metrics.set_consumer_lag({0: 1})
+    telemetry.flush()
+    telemetry.metrics.set_consumer_lag({0: 9})
+    text = telemetry.render_prometheus()[0].decode()
+    assert [line for line in text.splitlines() if line.startswith('outboxd_consumer_lag{partition="0"}')] == [
+        'outboxd_consumer_lag{partition="0"} 9.0'
+    ]
+    assert text.count("# TYPE outboxd_consumer_lag gauge") == 1
+
+
 @pytest.mark.parametrize(
     "total, weights, expected",
     [
