@@ -3,8 +3,8 @@
 A transport hands it one Target per chunk, already coalesced (the latest state
 winning, so duplicated and reordered events are harmless). It reads the small
 keys of their points, asks daemon.core.plan what each chunk needs (delete,
-embed and upsert, set some payload keys, or nothing), embeds only the texts
-that changed, and sends all of it to Qdrant as one confirmed batch. It knows
+embed and upsert, set some payload keys, write a point again with the vector
+it holds, or nothing), embeds only the texts that changed, and sends all of it to Qdrant as one confirmed batch. It knows
 nothing about transports: where targets carry versions (Kafka), a point that
 already reflects a newer version is left alone and written points record theirs.
 """
@@ -73,6 +73,7 @@ class Applier:
         deletes: list[str] = []
         to_embed: dict[str, tuple[str, dict[str, Any]]] = {}  # point id -> (text, payload)
         payload_updates: list[tuple[str, dict[str, Any]]] = []
+        rewrites: dict[str, tuple[UUID, Target]] = {}  # point id -> its chunk; written again with its vector
         model_id = self.model_id
         for chunk_id, target in targets.items():
             point_id = point_ids[chunk_id]
@@ -92,15 +93,36 @@ class Applier:
             elif todo.action is Action.SET:
                 payload_updates.append((point_id, todo.payload))
                 result.payload_only += 1
+            elif todo.action is Action.REWRITE:
+                rewrites[point_id] = (chunk_id, target)
             elif target.state is not None and target.state.has_text:
                 result.unchanged += 1
 
-        upserts = await self._embed(to_embed, result) if to_embed else None
+        upserts = Upserts()
+        if rewrites:
+            held = await self.store.vectors(list(rewrites), keys=POINT_KEYS)
+            for point_id, (chunk_id, target) in rewrites.items():
+                vector, point = held.get(point_id, (None, None))
+                # planned again on what the point holds now: a vector is only ever kept with the text it embeds
+                todo = plan(target.state, point, model_id, target.version)
+                if todo.action is Action.REWRITE:
+                    todo.payload["truncated"] = vector.truncated
+                    upserts.add(point_id, vector.vector, todo.payload)
+                    result.payload_only += 1
+                elif todo.action is Action.UPSERT:
+                    to_embed[point_id] = (target.state.text, todo.payload)
+                elif todo.action is Action.OLDER:
+                    del result.written[chunk_id]
+                    result.older += 1
+                else:
+                    result.unchanged += 1
+        if to_embed:
+            await self._embed(to_embed, result, upserts)
         await self.store.write(upserts, payload_updates, deletes)
         result.deleted = len(deletes)
         return result
 
-    async def _embed(self, to_embed: dict[str, tuple[str, dict[str, Any]]], result: ApplyResult) -> Upserts:
+    async def _embed(self, to_embed: dict[str, tuple[str, dict[str, Any]]], result: ApplyResult, upserts: Upserts) -> None:
         texts = {payload["content_hash"]: text for text, payload in to_embed.values()}
         reused = {}
         if self.reuse_vectors:
@@ -111,10 +133,8 @@ class Applier:
             vectors, result.embedded = await self.embedder.embed(wanted)
         vectors.update(reused)
         result.reused = len(reused)
-        upserts = Upserts()
         for point_id, (_text, payload) in to_embed.items():
             emb = vectors[payload["content_hash"]]
             payload["truncated"] = emb.truncated
             upserts.add(point_id, emb.vector, payload)
-        result.upserted = len(upserts)
-        return upserts
+        result.upserted = len(to_embed)

@@ -12,11 +12,15 @@ the point (POINT_KEYS), so they can never disagree about the same point.
     has text                none                       upsert   missing
     has text                of another model           upsert   wrong_model
     has text                other content_hash         upsert   stale
-    has text                payload keys differ        set      stale
+    has text                payload keys differ        set      stale   (rewrite where versioned)
     has text                all keys agree             nothing  -
 
 A versioned target (Kafka) whose point already reflects a newer version is
-left alone (`older`). Bulky keys are judged by the key that stands for them:
+left alone (`older`); where its text is unchanged but other keys differ, the
+point is written again whole with the vector it holds (`rewrite`): each
+point's version differs, so one payload-set operation could not serve several
+points, and a server applies hundreds of one-point operations far slower than
+one upsert of as many points. Bulky keys are judged by the key that stands for them:
 text by content_hash, metadata by metadata_hash; where the point holds the
 bulky key itself (a deep check reads it), its value is compared too.
 """
@@ -42,6 +46,7 @@ class Action(str, Enum):
     DELETE = "delete"
     UPSERT = "upsert"  # embed (or reuse a vector) and write the whole point
     SET = "set"  # set these payload keys; the vector stays
+    REWRITE = "rewrite"  # write the whole payload again with the vector the point holds (versioned targets)
     OLDER = "older"  # the point reflects a newer version than this target
 
 
@@ -49,7 +54,7 @@ class Action(str, Enum):
 class Plan:
     action: Action
     drift: str | None = None  # missing, orphaned, stale, wrong_model; None: the point agrees
-    payload: dict[str, Any] | None = None  # UPSERT: the whole payload; SET: the keys to set
+    payload: dict[str, Any] | None = None  # UPSERT, REWRITE: the whole payload; SET: the keys to set
 
 
 AGREES = Plan(Action.NOTHING)
@@ -76,7 +81,9 @@ def plan(state: ChunkState | None, point: dict[str, Any] | None, model_id: str, 
     if point.get("content_hash") != state.content_hash:
         return Plan(Action.UPSERT, "stale", payload)
     changed = changed_keys(point, payload)
-    return Plan(Action.SET, "stale", changed) if changed else AGREES
+    if not changed:
+        return AGREES
+    return Plan(Action.REWRITE, "stale", payload) if version is not None else Plan(Action.SET, "stale", changed)
 
 
 def changed_keys(point: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:

@@ -249,6 +249,18 @@ class QdrantStore:
         records = await self.client.retrieve(self.collection, point_ids, with_payload=selector, with_vectors=False)
         return {str(r.id): (r.payload or {}) for r in records}
 
+    async def vectors(self, point_ids: list[str], keys: list[str]) -> dict[str, tuple[Embedding, dict[str, Any]]]:
+        """The vector each existing point holds now, with these keys of its payload, by point id."""
+        records = await self.client.retrieve(
+            self.collection, point_ids, with_payload=[*keys, "truncated"], with_vectors=True
+        )
+        return {
+            str(r.id): (Embedding(list(r.vector), bool(payload.get("truncated"))), payload)
+            for r in records
+            if r.vector is not None
+            for payload in [r.payload or {}]
+        }
+
     async def vectors_by_hash(self, hashes: list[str], model_id: str) -> dict[str, Embedding]:
         """Vectors this model already made for these texts (any point with the same
         content_hash), so identical text is not encoded again."""

@@ -92,6 +92,7 @@ async def test_changes_converge_through_relay_and_consumer(conn, dsn, qdrant, co
         await wait_until_matches(dsn, qdrant, collection)
         embedded_before = consumer.stats.embedded
         assert embedded_before == 6
+        before = (await all_points(qdrant, collection))[str(ids[1])]
 
         conn.execute("UPDATE chunks SET text = %s WHERE id = %s", ("Rewritten text about vector search.", ids[0]))
         conn.execute("UPDATE documents SET title = 'Renamed', metadata = %s WHERE id = %s", (Jsonb({"l": 1}), doc_id))
@@ -102,6 +103,11 @@ async def test_changes_converge_through_relay_and_consumer(conn, dsn, qdrant, co
         # only the rewritten text was embedded; title and metadata changes were payload-only
         assert consumer.stats.embedded - embedded_before == 1
         assert consumer.stats.payload_only >= 2
+    # a retitled chunk is written again whole, with the vector it held and the newer version
+    after = (await all_points(qdrant, collection))[str(ids[1])]
+    assert after.payload["title"] == "Renamed" and after.vector == before.vector
+    assert after.payload["version"] > before.payload["version"]
+    assert after.payload["truncated"] is before.payload["truncated"] is False
     assert outbox_rows(conn) == []
     assert await assert_converged(dsn, qdrant, collection, embedder) == 3
 

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import signal
 import time
+import uuid
+from dataclasses import replace
 
 import httpx
 import orjson
@@ -22,6 +24,8 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from daemon import cli
 from daemon.core.apply import Applier
+from daemon.core.batch import Target
+from daemon.core.chunk_state import ChunkState
 from daemon.core.qdrant_store import QdrantStore
 from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.outbox.queue import Outbox
@@ -112,6 +116,57 @@ def _edit_rounds(dsn: str, ids: list, rounds: int = 5, pause: float = 0.3) -> No
                 for cid in ids[round_ * 20 : round_ * 20 + 60]:
                     writer.execute("UPDATE chunks SET text = text || ' (edit ' || %s || ')' WHERE id = %s", (round_, cid))
             time.sleep(pause)
+
+
+class MovedOnBetweenReads(QdrantStore):
+    """A store where another writer changes each point after apply read its keys,
+    before it reads the vector to keep (the window a rebalanced Kafka partition opens)."""
+
+    def __init__(self, client, collection, other_write):
+        super().__init__(client, collection)
+        self.other_write = other_write
+
+    async def vectors(self, point_ids, keys):
+        await self.other_write()
+        return await super().vectors(point_ids, keys)
+
+
+async def test_a_versioned_rewrite_is_planned_again_on_the_point_it_reads(qdrant, collection, embedder):
+    """A retitled chunk of a versioned target is written again whole with the vector its
+    point holds. Where the point moved on between the two reads, it is planned again:
+    a vector is never kept beside another text, and a newer point is left alone."""
+    store = QdrantStore(qdrant, collection)
+    await store.ensure_collection(embedder.fingerprint)
+    cid = uuid.uuid4()
+    first = ChunkState(chunk_id=cid, document_id=uuid.uuid4(), source_id=uuid.uuid4(), chunk_index=0,
+                       text="Vectors kept in step with rows.", token_count=6, content_hash="h-first", metadata={},
+                       title="A title", url=None, document_type=None, state_hash="s1")
+    await Applier(embedder, store).apply({cid: Target(first, version=1)})
+
+    # a newer text lands in between: the retitled older text is embedded, not paired with the newer vector
+    newer = replace(first, text="A different text altogether.", content_hash="h-newer")
+    moved = MovedOnBetweenReads(qdrant, collection, lambda: Applier(embedder, store).apply({cid: Target(newer, 2)}))
+    result = await Applier(embedder, moved).apply({cid: Target(replace(first, title="Retitled"), version=3)})
+    assert (result.upserted, result.payload_only) == (1, 0)
+    (point,) = await qdrant.retrieve(collection, [str(cid)], with_payload=True, with_vectors=True)
+    vectors, _ = await embedder.embed({"h-first": first.text})
+    assert point.payload["content_hash"] == "h-first" and point.payload["title"] == "Retitled"
+    assert point.payload["version"] == 3 and point.vector == pytest.approx(vectors["h-first"].vector, abs=1e-6)
+
+    # a newer version lands in between: the older target is left alone, and not acknowledged as written
+    moved = MovedOnBetweenReads(qdrant, collection,
+                                lambda: Applier(embedder, store).apply({cid: Target(first, version=9)}))
+    result = await Applier(embedder, moved).apply({cid: Target(replace(first, title="Older"), version=4)})
+    assert (result.older, result.written) == (1, {})
+    (point,) = await qdrant.retrieve(collection, [str(cid)], with_payload=True)
+    assert (point.payload["version"], point.payload["title"]) == (9, first.title)
+
+    # nothing in between: one upsert of the vector the point holds, nothing embedded
+    kept = await all_points(qdrant, collection)
+    result = await Applier(embedder, store).apply({cid: Target(replace(first, title="Kept"), version=10)})
+    assert (result.payload_only, result.embedded, result.upserted) == (1, 0, 0)
+    after = (await all_points(qdrant, collection))[str(cid)]
+    assert after.vector == kept[str(cid)].vector and after.payload["title"] == "Kept"
 
 
 async def test_two_daemon_instances_in_one_process_share_the_work_under_concurrent_writes(

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from daemon.core.chunk_state import ChunkState
-from daemon.core.plan import POINT_KEYS, VERSION_KEY, Action, plan
+from daemon.core.plan import AGREES, POINT_KEYS, VERSION_KEY, Action, plan
 from daemon.errors import InvalidChunkError
 
 MODEL = "model-a"
@@ -91,13 +91,19 @@ def test_a_set_carries_only_what_differs():
     assert edited == {"text": "Some chunk text."}
 
 
-@pytest.mark.parametrize("applied, version, action", [(7, 5, Action.OLDER), (5, 7, Action.SET), (None, 7, Action.SET)])
+@pytest.mark.parametrize("applied, version, action", [(7, 5, Action.OLDER), (5, 7, Action.REWRITE), (None, 7, Action.REWRITE)])
 def test_a_point_of_a_newer_version_is_left_alone(applied, version, action):
     point = point_of(state(), **({VERSION_KEY: applied} if applied is not None else {}))
     got = plan(state(), point, MODEL, version)
     assert got.action is action
-    if action is Action.SET:
-        assert got.payload == {VERSION_KEY: version}
+    if action is Action.REWRITE:  # the whole payload, so one upsert carries every point's own version
+        assert got.payload == {**state().payload(MODEL), VERSION_KEY: version}
+
+
+def test_a_versioned_change_of_the_text_is_still_an_upsert_and_an_agreeing_one_nothing():
+    s = state()
+    assert plan(state(text="Other text.", content_hash="h2"), point_of(s, **{VERSION_KEY: 3}), MODEL, 4).action is Action.UPSERT
+    assert plan(s, point_of(s, **{VERSION_KEY: 4}), MODEL, 4) is AGREES
 
 
 def test_a_chunk_no_point_can_be_made_of_raises_by_name():
