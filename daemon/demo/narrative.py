@@ -83,7 +83,7 @@ class Edits:
 
 class Demo:
     def __init__(self, settings, stores: EmbeddedStores, *, hint: tuple[list[str], list[str]]) -> None:
-        from rich.console import Console
+        from daemon.commands.common import console
 
         self.settings = settings
         self.stores = stores
@@ -91,7 +91,7 @@ class Demo:
         # (VARIABLE=value words before the command, flags after it) that point another command at the demo
         self.hint_env, self.hint_flags = hint
         # Piped (a CI log, a README), tables get a fixed, readable width.
-        self.console = Console(width=None if sys.stdout.isatty() else 100, highlight=False)
+        self.console = console(highlight=False)
 
     @property
     def dsn(self) -> str | None:
