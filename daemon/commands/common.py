@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 
 def resolve_dsn(settings: Settings, announce_to=None) -> str:
-    """DATABASE_URL, or the embedded PostgreSQL (migrated, and its URL printed:
-    on stderr by default, so that --json output on stdout stays clean)."""
+    """DATABASE_URL, or the embedded PostgreSQL (migrated). The daemons (`run`,
+    `relay`) print its URL to announce_to: where an application writes. The
+    other commands use it without a word (db.embedded logs it at DEBUG)."""
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
     from db import migrate
@@ -30,11 +31,9 @@ def resolve_dsn(settings: Settings, announce_to=None) -> str:
 
     dsn = start_embedded_postgres(settings.data_dir.resolve())
     migrate.upgrade(dsn)
-    print(
-        f"outboxd: embedded PostgreSQL is ready; write your chunks to DATABASE_URL={dsn}",
-        file=announce_to or sys.stderr,
-        flush=True,
-    )
+    if announce_to is not None:
+        print(f"outboxd: embedded PostgreSQL is ready; write your chunks to DATABASE_URL={dsn}",
+              file=announce_to, flush=True)
     return dsn
 
 

@@ -28,7 +28,6 @@ def command(settings, fresh: bool) -> int:
     import asyncio
     import logging
     import sys
-    import warnings
 
     from daemon.demo.embedded import EmbeddedStores, stop_on_sigterm
     from daemon.demo.narrative import Demo
@@ -52,7 +51,6 @@ def command(settings, fresh: bool) -> int:
 
     if "log_level" not in settings.model_fields_set:  # neither --log-level, OUTBOXD_LOG_LEVEL nor a config key
         logging.getLogger().setLevel(logging.WARNING)  # the demo tells its own story; logs only for trouble
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")  # platformdirs, imported by pgserver
 
     stores = EmbeddedStores(settings.data_dir / "demo")
     problem = stores.prepare(fresh=fresh)
