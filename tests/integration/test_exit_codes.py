@@ -138,6 +138,8 @@ def test_an_unknown_variable_is_a_warning_and_the_command_runs_as_normal(argv, c
     (["tail", "-n", "0"], "-n"),
     (["tail", "--document", "nope"], "is not a valid UUID"),
     (["no-such-command"], "No such command"),
+    (["stauts"], "No such command 'stauts'. Did you mean 'status'?"),
+    (["dead-leters", "list"], "Did you mean 'dead-letters'?"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_a_usage_error_exits_2(argv, says, unreachable, tmp_path):
     result = outboxd(argv, unreachable, tmp_path)
