@@ -10,6 +10,7 @@ import pty
 import re
 import select
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from qdrant_client import AsyncQdrantClient
 from daemon.commands.demo import DEMO_BATCH_SIZE
 from daemon.corpus import corpus_documents, document_url
 from daemon.demo import narrative as demo
+from tests.folders import server_folder
 from tests.processes import on_this_checkout
 
 pytestmark = [pytest.mark.slow]
@@ -61,19 +63,29 @@ def postgres_processes(pgdata: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.fixture
+def workdir():
+    """Where a demo runs (its cwd and --data-dir's parent), outside pytest's tmp_path: the
+    demo's PostgreSQL runs as another user (pgserver, under root) that must reach its data,
+    and a pytest session starting beside this one resets /tmp/pytest-of-<user> to 0700."""
+    folder = server_folder("test-pg")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 INSTALL_S = 3  # what a `pip install ... &&` before the demo takes, in the shell that then execs it
 
 
-async def test_demo_end_to_end(tmp_path):
+async def test_demo_end_to_end(workdir):
     """The demo as `pip install -e . && outboxd demo` runs it: the shell does something
     first (INSTALL_S), then execs the demo in its own process. Read line by line, as a
     user reads it: when it says PostgreSQL stopped, the server's process is gone."""
-    demo_dir = (tmp_path / "data" / "demo").resolve()
+    demo_dir = (workdir / "data" / "demo").resolve()
     pgdata = demo_dir / "postgres"
-    demo_cmd = shlex.join([sys.executable, "-m", "daemon.cli", "demo", "--data-dir", str(tmp_path / "data")])
+    demo_cmd = shlex.join([sys.executable, "-m", "daemon.cli", "demo", "--data-dir", str(workdir / "data")])
     started = time.monotonic()
     proc = subprocess.Popen(["bash", "-c", f"sleep {INSTALL_S} && exec {demo_cmd}"],  # the install, then the demo
-                            env=clean_env(PYTHONUNBUFFERED="1"), cwd=tmp_path, stdout=subprocess.PIPE,
+                            env=clean_env(PYTHONUNBUFFERED="1"), cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines, postmaster, at_done = [], None, None
     try:
@@ -92,7 +104,7 @@ async def test_demo_end_to_end(tmp_path):
     out = "".join(lines)
     report = f"exit={proc.returncode} after {wall:.0f}s\n--- stdout ---\n{out}\n--- stderr ---\n{proc.stderr.read()[-5000:]}"
     assert proc.returncode == 0, report
-    assert str(tmp_path / "data" / "demo") in out or "data/demo" in out, report
+    assert str(workdir / "data" / "demo") in out or "data/demo" in out, report
 
     # converged, with every chunk embedded once, in claims small enough for the progress to move
     corpus = corpus_documents()
@@ -176,15 +188,15 @@ async def test_demo_end_to_end(tmp_path):
     assert sum(text in demo.EDIT_TEXTS for _, text, _, _ in rows) == 1
 
 
-def test_the_progress_bar_moves_on_a_terminal(tmp_path):
+def test_the_progress_bar_moves_on_a_terminal(workdir):
     """On a terminal (a real pseudo-terminal here) the demo shows the chunks converging as
     the claims are applied: counts between none and all, not 0 and then everything."""
     chunks = sum(1 for d in corpus_documents() for p in d["paragraphs"] if p.strip())
     terminal, child_side = pty.openpty()
     fcntl.ioctl(child_side, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "demo", "--data-dir", str(tmp_path / "data")],
-        env=clean_env(TERM="xterm"), cwd=tmp_path, stdin=child_side, stdout=child_side, stderr=child_side,
+        [sys.executable, "-m", "daemon.cli", "demo", "--data-dir", str(workdir / "data")],
+        env=clean_env(TERM="xterm"), cwd=workdir, stdin=child_side, stdout=child_side, stderr=child_side,
     )
     os.close(child_side)
     screen = bytearray()
