@@ -7,7 +7,6 @@ or source apply to deletes too once the chunk's upsert was seen in this run
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, TextIO
 from uuid import UUID
@@ -16,6 +15,7 @@ import orjson
 
 from consumers import contract
 from consumers.stream_consumer import StreamConsumer
+from daemon.commands.options import reader_gone
 from daemon.config import Settings
 
 
@@ -50,8 +50,10 @@ class TailConsumer(StreamConsumer):
             try:
                 print(line, file=self.out, flush=True)
             except BrokenPipeError:
-                # the reader went away (`outboxd tail | head`): end quietly, like a Unix filter
-                self._silence_output()
+                # the reader went away (`outboxd tail | head`): stop the stream; the
+                # process then ends quietly like every command (daemon.cli)
+                if not reader_gone((self.out,)):
+                    raise
                 self.stop.set()
                 break
             self.printed += 1
@@ -59,15 +61,6 @@ class TailConsumer(StreamConsumer):
                 self.stop.set()
                 break
         return []  # an operator's view: a bad message is shown, never parked
-
-    def _silence_output(self) -> None:
-        """Point the closed stream at /dev/null, so the interpreter's last flush
-        at exit does not complain about the broken pipe either."""
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.out.fileno())
-        except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO)
-            pass
 
     def matches(self, chunk_id: UUID) -> bool:
         if not (self.documents or self.sources):

@@ -11,11 +11,14 @@ Exit codes: daemon.errors (one contract for every command).
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
 
 import click
+
+from daemon.commands.options import ended_by_reader, reader_gone
 
 # name -> (module:attribute of the click command, one line for `outboxd --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -55,6 +58,15 @@ class LazyGroup(click.Group):
         module, _, attribute = COMMANDS[name][0].partition(":")
         return getattr(importlib.import_module(module), attribute)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """A mistyped command (`outboxd stauts`) is a usage error naming the closest one."""
+        name = args[0] if args else ""
+        if name not in COMMANDS and not name.startswith("-") and not ctx.resilient_parsing:
+            close = difflib.get_close_matches(name, COMMANDS, n=1)
+            if close:
+                ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
+        return super().resolve_command(ctx, args)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, help_line) for name, (_, help_line) in COMMANDS.items()])
@@ -79,16 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     # every fork; outboxd says what matters itself. GRPC_VERBOSITY in the environment wins.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
-        code = cli.main(args=argv, prog_name="outboxd", standalone_mode=False)
-    except click.exceptions.Exit as done:  # --help, --version
-        return done.exit_code
-    except click.ClickException as exc:  # usage: an unknown command or option, a bad value
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:  # Ctrl-C at a prompt
-        click.echo("", err=True)
-        return 130
-    return code if isinstance(code, int) else 0
+        try:
+            code = cli.main(args=argv, prog_name="outboxd", standalone_mode=False)
+        except click.exceptions.Exit as done:  # --help, --version
+            return done.exit_code
+        except click.ClickException as exc:  # usage: an unknown command or option, a bad value
+            exc.show()
+            return exc.exit_code
+        except click.exceptions.Abort:  # Ctrl-C at a prompt
+            click.echo("", err=True)
+            return 130
+        finally:
+            sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is caught below
+        return code if isinstance(code, int) else 0
+    except (BrokenPipeError, SystemExit):
+        # The reader of our output went away (`outboxd status | head -1`): end quietly,
+        # like a Unix filter. A command's own output is caught in run_command (and
+        # `tail` stops its stream); this is the last flush, and output click writes
+        # itself (--help, completion), where click exits 1 on a closed pipe.
+        if not reader_gone():
+            raise
+        return ended_by_reader()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 3  # no failure shares it: a probe tells drift from an outage from a crash
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a service stayed unreachable through startup
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration cannot work; restarting will not help
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
 
 
 class OutboxdError(Exception):

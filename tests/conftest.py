@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from daemon.config import Settings
 from daemon.embedding.embedder import Embedder
 from db import migrate
+from tests.folders import server_folder, session_prefixes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,6 @@ def _start_session_qdrant(config) -> str:
 
 
 # --- nothing a test started outlives the session -----------------------------------------
-SERVER_FOLDERS = ("outboxd-test-pg-", "outboxd-bench-pg-", "outboxd-test-qdrant-")
 _leaks = pytest.StashKey()
 
 
@@ -121,9 +120,10 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Once every fixture is torn down: a PostgreSQL server of a test folder this
-    session made, still running, is a leak (a fixture or the harness did not stop
-    it). It is reported, stopped, and fails the run."""
+    """Once every fixture is torn down: a PostgreSQL or Qdrant server of a folder this
+    session made (tests/folders.py), still running, is a leak (a fixture or the
+    harness did not stop it). It is reported, stopped, and fails the run. Another
+    session's servers, running beside this one, are none of its business."""
     found, started = session.config.stash[_leaks]
     server = session.config.stash.get(_qdrant_server, None)
     if server is not None:
@@ -132,7 +132,7 @@ def pytest_sessionfinish(session, exitstatus):
         cmdline = " ".join(proc.info["cmdline"] or [])
         if proc.info["name"] not in ("postgres", "qdrant") or proc.info["create_time"] < started:
             continue
-        if any(folder in cmdline for folder in SERVER_FOLDERS) and (
+        if any(folder in cmdline for folder in session_prefixes()) and (
                 proc.info["name"] == "qdrant" or " -D " in cmdline):
             found.append(f"{proc.info['name']} {proc.pid}: {cmdline[:160]}")
             with contextlib.suppress(psutil.Error):
@@ -195,7 +195,7 @@ def pg_server() -> str:
 
     # Not under pytest's tmp_path: a concurrent pytest run prunes old numbered
     # folders there, which would pull the data directory from under the server.
-    pgdata = Path(tempfile.mkdtemp(prefix="outboxd-test-pg-"))
+    pgdata = server_folder("test-pg")
     server = pgserver.get_server(pgdata, cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()

@@ -75,14 +75,24 @@ def outbox_counts(dsn: str) -> tuple[int, int]:
     return total, claimed
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def on_this_checkout(env: dict[str, str]) -> dict[str, str]:
+    """env with this checkout first on PYTHONPATH: a child `python -m daemon.cli`
+    started in another folder (tmp_path) runs the code under test, not whatever
+    checkout the virtualenv's editable install points at."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(CHECKOUT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
 def base_env(**settings: Any) -> dict[str, str]:
     """The test runner's environment without any outboxd, PostgreSQL or Qdrant
-    setting, plus the given ones."""
-    env = {
+    setting, plus the given ones; on this checkout."""
+    env = on_this_checkout({
         k: v
         for k, v in os.environ.items()
         if not k.startswith("OUTBOXD_") and k not in ("DATABASE_URL", "QDRANT_URL", "QDRANT_API_KEY")
-    }
+    })
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OUTBOXD_LOG_FORMAT="json")
     env.update({k: str(v) for k, v in settings.items()})
     return env
@@ -133,7 +143,8 @@ class DaemonProcess:
         self.stderr_path = cwd / f"{name}.stderr"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", *args], env=env, cwd=cwd, stdout=out, stderr=err
+                [sys.executable, "-m", "daemon.cli", *args], env=on_this_checkout(env), cwd=cwd, stdout=out,
+                stderr=err,
             )
         self.pid = self.popen.pid
 

@@ -25,13 +25,14 @@ import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.folders import server_folder
 
 REPO = Path(__file__).resolve().parents[1]
 BINARY_VARIABLE = "OUTBOXD_TEST_QDRANT_BIN"
@@ -110,7 +111,7 @@ class QdrantServer:
     ) -> None:
         self.binary = binary
         self._own_folder = folder is None
-        self.folder = Path(folder or tempfile.mkdtemp(prefix="outboxd-test-qdrant-"))
+        self.folder = Path(folder) if folder else server_folder("test-qdrant")
         self.api_key = api_key
         self.read_only_api_key = read_only_api_key
         self.tls = tls

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,8 +21,9 @@ if TYPE_CHECKING:
 
 
 def resolve_dsn(settings: Settings, announce_to=None) -> str:
-    """DATABASE_URL, or the embedded PostgreSQL (migrated, and its URL printed:
-    on stderr by default, so that --json output on stdout stays clean)."""
+    """DATABASE_URL, or the embedded PostgreSQL (migrated). The daemons (`run`,
+    `relay`) print its URL to announce_to: where an application writes. The
+    other commands use it without a word (db.embedded logs it at DEBUG)."""
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
     from db import migrate
@@ -28,11 +31,9 @@ def resolve_dsn(settings: Settings, announce_to=None) -> str:
 
     dsn = start_embedded_postgres(settings.data_dir.resolve())
     migrate.upgrade(dsn)
-    print(
-        f"outboxd: embedded PostgreSQL is ready; write your chunks to DATABASE_URL={dsn}",
-        file=announce_to or sys.stderr,
-        flush=True,
-    )
+    if announce_to is not None:
+        print(f"outboxd: embedded PostgreSQL is ready; write your chunks to DATABASE_URL={dsn}",
+              file=announce_to, flush=True)
     return dsn
 
 
@@ -49,15 +50,52 @@ def print_json(doc: Any) -> None:
     sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
 
 
-def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+PIPED_WIDTH = 100  # columns of a table printed to a pipe or a file, unless COLUMNS says otherwise
+WHOLE_WORD = 40  # a cell that is one word up to this long (an id, a number) is never folded
 
-    table = Table(*columns, title=title)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    # Piped output is for grep and scripts: never cut ids to fit 80 columns.
-    Console(width=None if sys.stdout.isatty() else 1000).print(table)
+
+def output_width(stream=None) -> int | None:
+    """The width to print at: COLUMNS where set, the terminal's own (None), else
+    PIPED_WIDTH (a pipe, a file: a CI log, a README; --json is the machine format)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return None if (stream or sys.stdout).isatty() else PIPED_WIDTH
+
+
+@functools.cache
+def _console_class():
+    from rich.console import Console
+
+    class PipedConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise  # the BrokenPipeError rich caught: daemon.cli ends quietly, where rich would exit 1
+
+    return PipedConsole
+
+
+def console(*, stderr: bool = False, **options: Any):
+    """A rich Console on stdout (or stderr) at output_width(), for which a reader
+    that went away is a BrokenPipeError like any other write's."""
+    return _console_class()(stderr=stderr, width=output_width(sys.stderr if stderr else sys.stdout), **options)
+
+
+def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
+    from rich.table import Column, Table
+
+    cells = [["" if row.get(c) is None else str(row.get(c)) for c in columns] for row in rows]
+
+    def column(i: int, name: str) -> Column:
+        # Ids stay whole, for grep; longer values wrap, and a word wider than its
+        # column (a path) is folded onto the next line, never cut.
+        whole = all(len(row[i]) <= WHOLE_WORD and " " not in row[i] for row in cells)
+        return Column(name, overflow="fold", no_wrap=whole)
+
+    table = Table(*(column(i, name) for i, name in enumerate(columns)), title=title)
+    for row in cells:
+        table.add_row(*row)
+    console().print(table)
 
 
 @contextlib.asynccontextmanager
@@ -123,7 +161,6 @@ def progress_bar(total: int | None, description: str, enabled: bool):
     """A rich progress bar on a terminal (stderr); a no-op otherwise."""
     if not enabled:
         return contextlib.nullcontext(lambda n: None)
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     @contextlib.contextmanager
@@ -133,7 +170,7 @@ def progress_bar(total: int | None, description: str, enabled: bool):
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            console=console(stderr=True),
             transient=True,
         ) as progress:
             task = progress.add_task(description, total=total)

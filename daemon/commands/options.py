@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import select
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +22,46 @@ log = logging.getLogger("outboxd")
 
 # OUTBOXD_ variables the CLI itself reads (not settings): never "unknown"
 CLI_VARIABLES = {"OUTBOXD_CONFIG", "OUTBOXD_STRICT"}
+
+# what became of the command's output: the exit code it decided before printing
+# its result (verdict()), and whether the reader went away (reader_gone())
+_output = {"verdict": 0, "reader_gone": False}
+
+
+def verdict(code: int) -> int:
+    """Record the exit code a command has decided before it prints its result
+    (`reconcile --check` found drift: 3), so that a reader that goes away
+    mid-print (`| head -1`) does not turn it into 0. Returns code."""
+    _output["verdict"] = code
+    return code
+
+
+def reader_gone(streams=None) -> bool:
+    """Whether the reader of stdout or stderr went away (`outboxd status | head -1`).
+    Each such stream is pointed at /dev/null, so nothing more that is written
+    (a log line, the interpreter's last flush) meets the broken pipe again. A
+    BrokenPipeError that is not about our output (a socket) is not this."""
+    for stream in streams or (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            poller = select.poll()
+            poller.register(fd, 0)  # POLLERR is always reported: a pipe with no reader left
+            if not any(events & select.POLLERR for _, events in poller.poll(0)):
+                continue
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        except (AttributeError, OSError, ValueError):  # not a real file (a test's StringIO)
+            continue
+        _output["reader_gone"] = True
+    return _output["reader_gone"]
+
+
+def ended_by_reader() -> int:
+    """The exit code once the reader of our output went away: what the command had
+    decided (verdict()), else 0; the command ends quietly, as a Unix filter does
+    under `| head`."""
+    return _output["verdict"]
 
 
 # settings a command may take as its own flags (besides the common ones), with the
@@ -119,6 +162,7 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict) -
     )
     from daemon.logs import setup_logging
 
+    _output.update(verdict=0, reader_gone=False)
     try:
         settings, problems = load_settings(config_file, flags, strict)
     except ValidationError as exc:
@@ -141,6 +185,8 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict) -
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and reader_gone():  # `outboxd status | head -1`
+            return ended_by_reader()
         if (refused := refusal(exc)) is not None:  # a key or certificate the server will not accept
             log.error(str(refused), extra={"exit_code": refused.exit_code})
             return refused.exit_code

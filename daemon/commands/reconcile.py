@@ -13,7 +13,7 @@ from uuid import UUID
 
 import click
 
-from daemon.commands.options import json_option, settings_options
+from daemon.commands.options import json_option, settings_options, verdict
 
 # qdrant-client's local mode keeps every point in memory; Qdrant recommends a
 # server above this many points
@@ -42,13 +42,14 @@ def command(settings, check: bool, repair: bool, deep: bool, as_json: bool, sour
     from daemon.errors import EXIT_CHECK_FAILED
 
     report, extra = asyncio.run(_reconcile(settings, repair, deep, as_json, source, document, page_size))
+    code = verdict(EXIT_CHECK_FAILED if check and report.drift else 0)  # even if the reader goes away mid-print
     for warning in extra["warnings"]:
         print(f"outboxd reconcile: warning: {warning}", file=sys.stderr)
     if as_json:
         print_json({**report.as_dict(), **extra})
     else:
         _print(report, extra, repaired=repair)
-    return EXIT_CHECK_FAILED if check and report.drift else 0
+    return code
 
 
 async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, document, page_size: int):

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from daemon.commands.options import json_option, settings_options
+from daemon.commands.options import json_option, settings_options, verdict
 
 CAPTURE_NOTES = {
     "mixed": "the capture triggers match neither mode: some changes are missed or captured twice. "
@@ -42,6 +42,8 @@ def command(settings, as_json: bool, max_lag: float | None, max_pending: int | N
 
     limits = {"max_lag": max_lag, "max_pending": max_pending, "max_dead_letters": max_dead_letters}
     report = collect(settings, limits)
+    exceeded = [t["message"] for t in report["thresholds"].values() if t["exceeded"]]
+    code = verdict(EXIT_CHECK_FAILED if exceeded else 0)  # even if the reader goes away mid-print
     if as_json:
         print_json(report)
     else:
@@ -49,10 +51,9 @@ def command(settings, as_json: bool, max_lag: float | None, max_pending: int | N
     note = report["capture"]["note"]
     if note and as_json:  # the tables say it on stdout
         print(f"outboxd status: capture mode {report['capture']['mode']}: {note}", file=sys.stderr)
-    exceeded = [t["message"] for t in report["thresholds"].values() if t["exceeded"]]
     for message in exceeded:
         print(f"outboxd status: {message}", file=sys.stderr)
-    return EXIT_CHECK_FAILED if exceeded else 0
+    return code
 
 
 # --- PostgreSQL ------------------------------------------------------------------------

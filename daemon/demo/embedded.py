@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import time
 from pathlib import Path
 
+POSTGRES_GONE_TIMEOUT = 10.0  # seconds to wait for the stopped server's process to be gone
 MARKER = ".outboxd-demo"  # written into the demo folder: --fresh wipes only a folder that has it
 
 
@@ -70,14 +72,24 @@ class EmbeddedStores:
     def stop_postgres(self) -> int | None:
         """Let go of the embedded PostgreSQL now: pgserver stops it when the last
         handle closes. Returns its pid if it is still up (another process, e.g. an
-        `outboxd run` on the same folder, holds a handle), else None."""
+        `outboxd run` on the same folder, holds a handle), else None once its
+        process is gone: `pg_ctl stop` returns when the server has removed its pid
+        file, and its process lingers (a zombie, still in `ps`) until its parent,
+        init, collects it: in a container that can take seconds."""
         if self.dsn is None:  # never started
             return None
+        import psutil
         import pgserver
 
         pgdata = self.pgdata.resolve()
+        pid = postmaster_pid(pgdata)
         pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
-        return postmaster_pid(pgdata)
+        still_up = postmaster_pid(pgdata)
+        if still_up is None and pid is not None:
+            deadline = time.monotonic() + POSTGRES_GONE_TIMEOUT
+            while psutil.pid_exists(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return still_up
 
 
 # --- signals ------------------------------------------------------------------------------

@@ -82,16 +82,18 @@ class Edits:
 
 
 class Demo:
-    def __init__(self, settings, stores: EmbeddedStores, *, hint: tuple[list[str], list[str]]) -> None:
-        from rich.console import Console
+    def __init__(self, settings, stores: EmbeddedStores, *, hint: tuple[list[str], list[str]],
+                 started: float | None = None) -> None:
+        from daemon.commands.common import console
 
         self.settings = settings
         self.stores = stores
+        self.started = time.monotonic() if started is None else started  # for "Done in"
         self.demo_dir = stores.demo_dir
         # (VARIABLE=value words before the command, flags after it) that point another command at the demo
         self.hint_env, self.hint_flags = hint
         # Piped (a CI log, a README), tables get a fixed, readable width.
-        self.console = Console(width=None if sys.stdout.isatty() else 100, highlight=False)
+        self.console = console(highlight=False)
 
     @property
     def dsn(self) -> str | None:
@@ -379,9 +381,7 @@ class Demo:
         self.say(f"   Start over: {_prog()} demo --fresh")
 
     def finish(self, still_up: int | None) -> None:
-        import psutil
-
-        elapsed = time.time() - psutil.Process().create_time()  # the whole command, imports included
+        elapsed = time.monotonic() - self.started
         self.say()
         if still_up is None:
             self.say(f"Done in {elapsed:.0f} s. Nothing is left running: PostgreSQL stopped, Qdrant closed.")

@@ -56,6 +56,7 @@ class OutboxService(Service):
         self.pool: AsyncConnectionPool | None = None
         self.outbox: Outbox | None = None
         self._tasks: list[asyncio.Task] = []
+        self.first_batch_seen = False  # the first batch is logged at INFO
 
     # --- what differs between the notify daemon and the relay --------------------------
     async def start_sink(self) -> str | None:
@@ -332,8 +333,12 @@ class ClaimLoop:
             for cid, error in outcome.failed.items():
                 await self._fail(cid, error, [e.id for e in events_of[cid]], svc.result_type.op_for(targets[cid]))
         svc.policy.record(outcome, acked=acked, released=released)
-        log.debug(
-            "batch applied",
+        # The first batch at INFO, once per process: a new daemon shows that it works
+        # before the first `progress` line (STATS_EVERY); the rest at DEBUG.
+        first, svc.first_batch_seen = not svc.first_batch_seen, True
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "first batch applied" if first else "batch applied",
             extra={"worker": self.name, "events": len(events), "chunks": len(events_of), "acked": acked,
                    "released": released, "failed": len(outcome.failed), **outcome.counts(),
                    "seconds": round(time.perf_counter() - started, 4)},

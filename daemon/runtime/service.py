@@ -13,7 +13,9 @@ every few seconds, so an outage shows on a graph even while no batch runs.
 
 SIGTERM/SIGINT set the stop event: the work in flight gets drain_timeout to
 finish, and the process is gone a few seconds later whatever is still running
-(a forward pass, a pool, an exporter): a shutdown deadline ends it.
+(a forward pass, a pool, an exporter): a shutdown deadline ends it. A second
+signal stops at once: the work in flight is cancelled, and the process exits
+130 (interrupted) within SECOND_SIGNAL_GRACE.
 
 One supervisor: the transport's work (run()) and every side task (readiness
 gauges, watchdog, stats, and the transport's own: the LISTEN wake-up, the
@@ -42,6 +44,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_any
 from daemon.config import Settings
 from daemon.errors import (
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     ConfigError,
     OutboxdError,
     ServiceUnavailableError,
@@ -61,6 +64,7 @@ READINESS_TIMEOUT = 5.0  # seconds each /readyz check may take
 READINESS_EVERY = 5.0  # seconds between readiness evaluations for the gauges
 STATS_EVERY = 30.0  # seconds between `progress` log lines (when something changed)
 SHUTDOWN_GRACE = 5.0  # seconds after drain_timeout before the process is ended regardless
+SECOND_SIGNAL_GRACE = 3.0  # seconds a second SIGINT/SIGTERM leaves to release the claims in flight and close
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # readiness check -> the dependency its gauge reports
 DEPENDENCY_OF_CHECK = {"postgresql": "postgresql", "qdrant": "qdrant", "kafka": "kafka", "model": "embedding"}
@@ -74,7 +78,7 @@ def exit_code_of(exc: BaseException) -> int:
     if isinstance(exc, OutboxdError):
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
-        return 130
+        return EXIT_INTERRUPTED
     return EXIT_FAILURE
 
 
@@ -95,6 +99,7 @@ class Service:
         self.exit_code = 0  # what the process exits with if the shutdown deadline has to end it
         self.exit_deadline = False  # run_service(exit_deadline=True): the CLI's processes
         self._deadline: threading.Timer | None = None
+        self._deadline_due = 0.0  # time.monotonic() when the armed deadline ends the process
         self._cpu_at_start = time.process_time()
 
     # --- what a transport supplies --------------------------------------------------
@@ -230,19 +235,25 @@ class Service:
                 self.log_stats("progress")
                 last = now
 
-    def arm_exit_deadline(self) -> None:
+    def arm_exit_deadline(self, limit: float | None = None) -> None:
         """Once stopping, the process has drain_timeout + SHUTDOWN_GRACE seconds
-        to exit; then a thread ends it, needing neither the event loop nor the
-        work in flight to cooperate (a forward pass, an exporter's retries, a
-        hung close, interpreter exit waiting on a thread). Only where
-        run_service(exit_deadline=True) asked for it: never in a test process."""
-        if not self.exit_deadline or self._deadline is not None:
+        (or limit, where sooner) to exit; then a thread ends it, needing neither
+        the event loop nor the work in flight to cooperate (a forward pass, an
+        exporter's retries, a hung close, interpreter exit waiting on a thread).
+        Only where run_service(exit_deadline=True) asked for it: never in a test process."""
+        if not self.exit_deadline:
             return
-        limit = self.settings.drain_timeout + SHUTDOWN_GRACE
+        limit = self.settings.drain_timeout + SHUTDOWN_GRACE if limit is None else limit
+        due = time.monotonic() + limit
+        if self._deadline is not None:
+            if due >= self._deadline_due:
+                return
+            self._deadline.cancel()  # a second signal: sooner
+        self._deadline_due = due
 
         def end() -> None:
             alive = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
-            log.error("shutdown took longer than the drain timeout allows; exiting now",
+            log.error("shutdown took longer than allowed (the drain timeout, or a second signal); exiting now",
                       extra={"seconds": limit, "threads": alive})
             with suppress(Exception):
                 logging.shutdown()
@@ -259,12 +270,20 @@ class Service:
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: int) -> None:
+            name = signal.Signals(signum).name
             if not self.stop.is_set():
-                log.info("stopping: finishing the work in flight", extra={"signal": signal.Signals(signum).name})
+                again = "Ctrl-C" if signum == signal.SIGINT else name
+                log.info(f"stopping: finishing the work in flight (a second {again} stops at once)",
+                         extra={"signal": name})
                 self.stop.set()
                 self.arm_exit_deadline()
             else:
-                log.warning("second signal: stopping now")
+                # interrupted: the work in flight is cancelled (its claims released), the
+                # process exits 130 within SECOND_SIGNAL_GRACE whatever still runs
+                if not self.exit_code:
+                    self.exit_code = EXIT_INTERRUPTED
+                log.warning("second signal: stopping now", extra={"signal": name, "exit_code": self.exit_code})
+                self.arm_exit_deadline(SECOND_SIGNAL_GRACE)
                 self.on_second_signal()
 
         for sig in STOP_SIGNALS:

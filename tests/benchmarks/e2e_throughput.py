@@ -15,7 +15,6 @@ import asyncio
 import os
 import platform
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from daemon.config import Settings
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
 from db import migrate
+from tests.folders import server_folder
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ra", "to", "vi", "su", "de", "pa", "ri", "mo", "ta", "shi", "en", "or"]
 LENGTHS = [20] * 5 + [60] * 4 + [200]  # words: mostly short and medium chunks, some long ones
@@ -109,7 +109,7 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     texts = make_texts(args.chunks)
-    pgdata = Path(tempfile.mkdtemp(prefix="outboxd-bench-pg-"))
+    pgdata = server_folder("bench-pg")
     server = pgserver.get_server(pgdata, cleanup_mode="delete")
     dsn = server.get_uri()
     migrate.upgrade(dsn)

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import random
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -29,6 +28,7 @@ from daemon.core.qdrant_store import QdrantStore
 from daemon.embedding.embedder import ModelFingerprint
 from db import migrate
 from db.gateway import make_pool
+from tests.folders import server_folder
 
 FINGERPRINT = ModelFingerprint("bench/model", 8, True, 256)
 
@@ -109,7 +109,7 @@ def main() -> None:
 
     import pgserver
 
-    server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="outboxd-bench-pg-")), cleanup_mode="delete")
+    server = pgserver.get_server(server_folder("bench-pg"), cleanup_mode="delete")
     dsn = server.get_uri()
     migrate.upgrade(dsn)
     results = {

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import time
 import uuid
 from contextlib import ExitStack
@@ -36,6 +35,7 @@ from daemon.embedding.backend import Backend, BackendInfo, Encoded
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
 from db import migrate
+from tests.folders import server_folder
 from tests.qdrant_server import QdrantServer, find_binary
 
 LOCAL_LABEL = "qdrant-client local mode, in memory"
@@ -68,7 +68,7 @@ class Postgres:
         else:
             import pgserver
 
-            self._server = pgserver.get_server(Path(tempfile.mkdtemp(prefix="outboxd-bench-pg-")), cleanup_mode="delete")
+            self._server = pgserver.get_server(server_folder("bench-pg"), cleanup_mode="delete")
             self.base = self._server.get_uri()
         self.template = f"outboxd_bench_tpl_{os.getpid()}"
         migrate.upgrade(self._create(self.template))

@@ -4,10 +4,17 @@ try next, and leave nothing running; what it leaves on disk must be converged.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
+import select
+import shlex
+import shutil
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -16,8 +23,11 @@ import psycopg
 import pytest
 from qdrant_client import AsyncQdrantClient
 
+from daemon.commands.demo import DEMO_BATCH_SIZE
 from daemon.corpus import corpus_documents, document_url
 from daemon.demo import narrative as demo
+from tests.folders import server_folder
+from tests.processes import on_this_checkout
 
 pytestmark = [pytest.mark.slow]
 
@@ -32,7 +42,7 @@ def clean_env(**extra: str) -> dict[str, str]:
         if not k.startswith("OUTBOXD_") and k not in ("DATABASE_URL", "QDRANT_URL", "QDRANT_API_KEY")
     }
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
+    return on_this_checkout(env)
 
 
 def run_demo(tmp_path: Path, env: dict[str, str], *args: str, timeout: float = DEMO_TIMEOUT):
@@ -53,21 +63,55 @@ def postgres_processes(pgdata: Path) -> list[psutil.Process]:
     return found
 
 
-async def test_demo_end_to_end(tmp_path):
-    started = time.monotonic()
-    result = run_demo(tmp_path, clean_env())
-    wall = time.monotonic() - started
-    out = result.stdout
-    report = f"exit={result.returncode} after {wall:.0f}s\n--- stdout ---\n{out}\n--- stderr ---\n{result.stderr[-5000:]}"
-    assert result.returncode == 0, report
-    demo_dir = (tmp_path / "data" / "demo").resolve()
-    assert str(tmp_path / "data" / "demo") in out or "data/demo" in out, report
+@pytest.fixture
+def workdir():
+    """Where a demo runs (its cwd and --data-dir's parent), outside pytest's tmp_path: the
+    demo's PostgreSQL runs as another user (pgserver, under root) that must reach its data,
+    and a pytest session starting beside this one resets /tmp/pytest-of-<user> to 0700."""
+    folder = server_folder("test-pg")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
-    # converged, with every chunk embedded once
+
+INSTALL_S = 3  # what a `pip install ... &&` before the demo takes, in the shell that then execs it
+
+
+async def test_demo_end_to_end(workdir):
+    """The demo as `pip install -e . && outboxd demo` runs it: the shell does something
+    first (INSTALL_S), then execs the demo in its own process. Read line by line, as a
+    user reads it: when it says PostgreSQL stopped, the server's process is gone."""
+    demo_dir = (workdir / "data" / "demo").resolve()
+    pgdata = demo_dir / "postgres"
+    demo_cmd = shlex.join([sys.executable, "-m", "daemon.cli", "demo", "--data-dir", str(workdir / "data")])
+    started = time.monotonic()
+    proc = subprocess.Popen(["bash", "-c", f"sleep {INSTALL_S} && exec {demo_cmd}"],  # the install, then the demo
+                            env=clean_env(PYTHONUNBUFFERED="1"), cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines, postmaster, at_done = [], None, None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if postmaster is None and "schema migrated" in line:
+                postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+            if line.startswith("Done in"):
+                at_done = time.monotonic() - started, postmaster is not None and psutil.pid_exists(postmaster)
+        proc.wait(DEMO_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wall = time.monotonic() - started
+    out = "".join(lines)
+    report = f"exit={proc.returncode} after {wall:.0f}s\n--- stdout ---\n{out}\n--- stderr ---\n{proc.stderr.read()[-5000:]}"
+    assert proc.returncode == 0, report
+    assert str(workdir / "data" / "demo") in out or "data/demo" in out, report
+
+    # converged, with every chunk embedded once, in claims small enough for the progress to move
     corpus = corpus_documents()
     chunks = sum(1 for d in corpus for p in d["paragraphs"] if p.strip())
     assert f"converged: {chunks} points for {chunks} chunks" in out, report
-    assert f"({chunks} texts embedded, {chunks} events acknowledged" in out, report
+    converged = re.search(rf"\({chunks} texts embedded, {chunks} events acknowledged in (\d+) batches\)", out)
+    assert converged and int(converged.group(1)) >= chunks // DEMO_BATCH_SIZE, report
 
     # the example searches, with hits from the corpus (rank, score, both component ranks, title)
     titles = {d["title"] for d in corpus}
@@ -100,8 +144,14 @@ async def test_demo_end_to_end(tmp_path):
     assert f"host={demo_dir / 'postgres'}" in out, report  # the DATABASE_URL to write to
     assert "Nothing is left running" in out, report
 
+    # "Done in N s": the demo's own time, without the install before it; by then PostgreSQL is gone
+    assert at_done is not None and postmaster is not None, report
+    seconds_at_done, postgres_alive_at_done = at_done
+    done = int(re.search(r"^Done in (\d+) s", out, re.M).group(1))
+    assert done <= seconds_at_done - INSTALL_S + 0.5, f"{done} s claimed, {seconds_at_done:.1f} s since the shell began\n{report}"
+    assert not postgres_alive_at_done, f"'PostgreSQL stopped' while its process {postmaster} was still there\n{report}"
+
     # nothing left running
-    pgdata = demo_dir / "postgres"
     assert not postgres_processes(pgdata), f"a PostgreSQL for {pgdata} outlived the demo"
     assert not (pgdata / "postmaster.pid").exists()
 
@@ -136,6 +186,42 @@ async def test_demo_end_to_end(tmp_path):
         if url == document_url(demo.TITLE_EDIT_DOC):
             assert title == retitled["title"] + demo.TITLE_SUFFIX
     assert sum(text in demo.EDIT_TEXTS for _, text, _, _ in rows) == 1
+
+
+def test_the_progress_bar_moves_on_a_terminal(workdir):
+    """On a terminal (a real pseudo-terminal here) the demo shows the chunks converging as
+    the claims are applied: counts between none and all, not 0 and then everything."""
+    chunks = sum(1 for d in corpus_documents() for p in d["paragraphs"] if p.strip())
+    terminal, child_side = pty.openpty()
+    fcntl.ioctl(child_side, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "demo", "--data-dir", str(workdir / "data")],
+        env=clean_env(TERM="xterm"), cwd=workdir, stdin=child_side, stdout=child_side, stderr=child_side,
+    )
+    os.close(child_side)
+    screen = bytearray()
+    deadline = time.monotonic() + DEMO_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([terminal], [], [], 1.0)[0]:
+                continue
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the demo exited, and the terminal has no writer left
+                break
+            if not chunk:
+                break
+            screen += chunk
+        assert proc.wait(30) == 0, screen.decode(errors="replace")[-5000:]
+    finally:
+        os.close(terminal)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = screen.decode(errors="replace")
+    shown = {int(n) for n in re.findall(rf"\b(\d+)/{chunks}\b", text)}
+    between = sorted(n for n in shown if 0 < n < chunks)
+    assert len(between) >= 2, f"the bar showed {sorted(shown)} of {chunks}\n{text[-3000:]}"
 
 
 @pytest.mark.parametrize("variable, value", [

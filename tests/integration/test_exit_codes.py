@@ -2,8 +2,9 @@
 command, as a supervisor, a probe or a shell sees it: `outboxd` as a real
 process. 69: a service is unreachable (one line, no traceback); 78: the
 configuration cannot work (an invalid value, an unknown name with --strict);
-2: usage; 3: a check found a problem; 0: all is well. Plus `outboxd tail |
-head`: a real pipe whose reader goes away ends tail quietly with 0.
+2: usage; 3: a check found a problem; 0: all is well. Plus a real pipe whose
+reader goes away (`outboxd status | head -1`, `outboxd tail | head`): the
+command ends quietly with the exit code it would have had.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def outboxd(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 12
 
 
 def report(result: subprocess.CompletedProcess) -> str:
-    return f"exit={result.returncode}\n--- stdout ---\n{result.stdout[-2000:]}\n--- stderr ---\n{result.stderr[-4000:]}"
+    out, err = result.stdout or "", result.stderr or ""
+    return f"exit={result.returncode}\n--- stdout ---\n{out[-2000:]}\n--- stderr ---\n{err[-4000:]}"
 
 
 @pytest.fixture
@@ -136,6 +138,8 @@ def test_an_unknown_variable_is_a_warning_and_the_command_runs_as_normal(argv, c
     (["tail", "-n", "0"], "-n"),
     (["tail", "--document", "nope"], "is not a valid UUID"),
     (["no-such-command"], "No such command"),
+    (["stauts"], "No such command 'stauts'. Did you mean 'status'?"),
+    (["dead-leters", "list"], "Did you mean 'dead-letters'?"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_a_usage_error_exits_2(argv, says, unreachable, tmp_path):
     result = outboxd(argv, unreachable, tmp_path)
@@ -211,3 +215,59 @@ def test_tail_ends_quietly_when_its_reader_goes_away(conn, dsn, make_settings, k
     first = result.stdout.split("\n", 1)[0]
     assert " upsert " in first and "chunk=" in first, describe  # what head passed on: tail's first line
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, describe
+
+
+# --- outboxd status | head -1 --------------------------------------------------------------------
+def outboxd_into_a_closed_pipe(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """outboxd with stdout a real pipe whose reader has gone already (a `| head -1` that
+    read its line): every write outboxd makes to stdout meets the broken pipe."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        env = {**env, "PYTHONPATH": str(REPO)}
+        return subprocess.run([sys.executable, "-m", "daemon.cli", *argv], env=env, cwd=cwd, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.slow
+def test_a_reader_that_goes_away_ends_a_command_quietly(conn, dsn, collection, embedder, make_settings, tmp_path):
+    """`outboxd status | head -1` and `outboxd reconcile --check | head -1` under pipefail: a
+    reader that closes early ends the command quietly, with the exit code it would have had
+    (0; 3 for a check that found drift before printing it), never 1 (a bug) or 69 (the pipe
+    taken for an outage), and with no traceback."""
+    path = tmp_path / "qdrant"
+    _, ids = add_document(conn, ["the first chunk", "the second chunk"])
+
+    async def converge(lose: str | None = None):
+        client = open_qdrant(path)
+        try:
+            await drain(make_settings(**qdrant_choice(path)), dsn, embedder, client)
+            if lose:
+                target = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}[collection]
+                await client.delete(target, models.PointIdsList(points=[lose]))
+        finally:
+            await client.close()
+
+    asyncio.run(converge())
+    env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, **qdrant_env(path))
+    for argv, code in [(["status"], 0), (["reconcile", "--check"], 0), (["status", "--json"], 0),
+                       (["--help"], 0)]:
+        result = outboxd_into_a_closed_pipe(argv, env, tmp_path)
+        describe = f"{' '.join(argv)}: {report(result)}"
+        assert result.returncode == code, describe
+        assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, describe
+        assert "unreachable" not in result.stderr, describe
+
+    asyncio.run(converge(lose=str(ids[1])))
+    drift = outboxd_into_a_closed_pipe(["reconcile", "--check"], env, tmp_path)
+    assert drift.returncode == EXIT_CHECK_FAILED, report(drift)
+    assert "Traceback" not in drift.stderr, report(drift)
+
+    # the same through a shell pipeline, as a user types it
+    script = (f"set -o pipefail; {shlex.join([sys.executable, '-m', 'daemon.cli', 'status'])} | head -1 > /dev/null; "
+              'echo "status ${PIPESTATUS[*]}"')
+    shell = subprocess.run(["bash", "-c", script], env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert shell.stdout.strip() == "status 0 0", report(shell)

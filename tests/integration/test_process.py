@@ -183,6 +183,11 @@ async def test_run_drain_empties_backlog_and_embeds_each_text_once(spawn, conn, 
     assert stopped["upserted"] == len(texts)
     assert stopped["events_acked"] == len(texts)
     assert stopped["dead_letters"] == 0
+    # at INFO, the first of its 5+ batches says so once (a new user sees it work at once);
+    # the others stay at DEBUG, below the default level
+    firsts = [d for d in proc.logs() if d.get("msg") == "first batch applied"]
+    assert len(firsts) == 1 and firsts[0]["level"] == "info" and firsts[0]["acked"] > 0, proc.describe()
+    assert stopped["batches"] >= 5 and proc.log("batch applied") is None, proc.describe()
 
     client = open_qdrant(qpath)
     try:

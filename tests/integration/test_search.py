@@ -265,6 +265,7 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
     assert {h["chunk_id"] for h in doc["hits"]} == recipes and doc["vector_weight"] is None
     assert doc["filters"]["metadata"] == {"paragraph": 1}
 
+    monkeypatch.setenv("COLUMNS", "200")  # room for each title on one line (piped, tables are 100 wide)
     assert cli.main(base + ["--limit", "2", "transactional outbox dual write"]) == 0
     out = capsys.readouterr().out
     for column in ("rank", "score", "vector rank", "keyword rank", "title", "excerpt"):

@@ -14,7 +14,7 @@ import httpx
 import psycopg
 import pytest
 
-from daemon.runtime.service import SHUTDOWN_GRACE
+from daemon.runtime.service import SECOND_SIGNAL_GRACE, SHUTDOWN_GRACE
 from tests.processes import daemon_env, health_port, insert_backlog, long_texts, outbox_counts
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
@@ -53,6 +53,34 @@ def test_sigterm_with_a_slow_encode_in_flight_exits_within_the_drain_timeout(spa
     assert code == 0, daemon.describe()
     assert took <= DRAIN_TIMEOUT + SHUTDOWN_GRACE + 3, f"exited {took:.1f}s after SIGTERM\n{daemon.describe()}"
     assert outbox_counts(dsn) == (256, 0), "the claims of the batch in flight were not released"
+
+
+def test_a_second_ctrl_c_stops_at_once_with_130(spawn, conn, dsn, collection, tmp_path):
+    """Ctrl-C (SIGINT) with a forward pass in flight that would take far longer than a user
+    waits: the first starts the drain (the daemon keeps running, and says that a second
+    Ctrl-C stops at once); the second stops it within the second-signal grace, exit 130
+    (interrupted), the claims released."""
+    insert_backlog(conn, long_texts(256, words=200, seed=7), per_document=64)
+    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=256, OUTBOXD_EMBED_BATCH_SIZE=256,
+                     OUTBOXD_CONCURRENCY=1, OUTBOXD_DRAIN_TIMEOUT=120, OUTBOXD_LEASE_SECONDS=60)
+    daemon = spawn("run", env=env, name="ctrl-c")
+    daemon.wait_running()
+    daemon.wait_for(lambda: outbox_counts(dsn)[1] == 256, "the batch to be claimed", 30, 0.05)
+
+    daemon.popen.send_signal(signal.SIGINT)
+    first = daemon.wait_for(lambda: next((d for d in daemon.logs() if d.get("signal") == "SIGINT"), None),
+                            "the first Ctrl-C to be logged", 10)
+    assert first["level"] == "info" and "a second Ctrl-C stops at once" in first["msg"], daemon.describe()
+    assert daemon.popen.poll() is None, "the first Ctrl-C must drain, not stop\n" + daemon.describe()
+
+    daemon.popen.send_signal(signal.SIGINT)
+    signalled = time.monotonic()
+    code = daemon.wait(SECOND_SIGNAL_GRACE + 20)
+    took = time.monotonic() - signalled
+    assert code == 130, daemon.describe()
+    assert took <= SECOND_SIGNAL_GRACE + 2, f"exited {took:.1f}s after the second Ctrl-C\n{daemon.describe()}"
+    assert outbox_counts(dsn) == (256, 0), "the claims of the batch in flight were not released"
+    assert "Traceback" not in daemon.stderr, daemon.describe()
 
 
 def test_a_worker_crash_beside_a_slow_batch_exits_non_zero(spawn, conn, dsn, collection, tmp_path):

@@ -102,7 +102,7 @@ async def test_systemd_notifications_health_and_metrics_of_a_real_daemon(
         assert sample(text, "outboxd_dead_letters_total") == 0
         assert 'service_name="outboxd"' in text  # target_info carries the resource
 
-    batch_lines = [d for d in daemon.logs() if d.get("msg") == "batch applied"]
+    batch_lines = [d for d in daemon.logs() if d.get("msg") in ("first batch applied", "batch applied")]
     assert batch_lines, daemon.describe()
     for line in batch_lines:
         assert re.fullmatch(r"[0-9a-f]{32}", line["trace_id"]) and re.fullmatch(r"[0-9a-f]{16}", line["span_id"])

@@ -35,9 +35,9 @@ class Probe(Service):
     def side_tasks(self):
         return super().side_tasks() | self._side
 
-    def arm_exit_deadline(self) -> None:
+    def arm_exit_deadline(self, limit=None) -> None:
         self.code_when_deadline_armed.append(self.exit_code)
-        super().arm_exit_deadline()
+        super().arm_exit_deadline(limit)
 
 
 async def test_a_side_task_that_dies_stops_the_service_with_its_error(caplog):
