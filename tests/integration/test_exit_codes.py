@@ -192,9 +192,9 @@ def test_tail_ends_quietly_when_its_reader_goes_away(conn, dsn, make_settings, k
     for i in range(8):
         add_document(conn, [f"Paragraph {i}-{j}: the outbox carries every change to the stream." for j in range(100)],
                      title=f"Document {i}")
-    asyncio.run(relay_drain(make_settings(kafka_bootstrap_servers=kafka_bootstrap, **names), dsn))
+    asyncio.run(relay_drain(make_settings(kafka={"bootstrap_servers": kafka_bootstrap, **names}), dsn))
 
-    env = base_env(KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, OUTBOXD_KAFKA_TOPIC=names["kafka_topic"],
+    env = base_env(KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, OUTBOXD_KAFKA__TOPIC=names["topic"],
                    PYTHONPATH=str(REPO))
     err = tmp_path / "tail.stderr"
     tail = shlex.join([sys.executable, "-m", "daemon.cli", "tail", "--from-beginning"])
