@@ -28,11 +28,13 @@ from daemon.config_sources import (
     SecretFileSource,
     dotenv_entries,
     setting,
+    suggest_choice,
 )
 from daemon.embedding.settings import EmbeddingSettings, SentenceTransformersSettings
 from daemon.runtime.settings import HealthSettings
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+LOG_LEVELS = ("debug", "info", "warning", "error")  # as --log-level takes them; either case is read
 
 
 def env_name(name: str) -> str:
@@ -218,7 +220,9 @@ class Settings(BaseSettings):
 
     @field_validator("log_level", mode="before")
     @classmethod
-    def _upper(cls, v: object) -> object:
+    def _log_level(cls, v: object) -> object:
+        if isinstance(v, str) and v.lower() not in LOG_LEVELS:
+            raise ValueError(f"{v!r} is not one of {', '.join(LOG_LEVELS)}{suggest_choice(v, list(LOG_LEVELS))}")
         return v.upper() if isinstance(v, str) else v
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -411,7 +412,8 @@ def where_set(s: Setting, given: Given) -> str:
 
 
 def describe_validation(exc, settings_cls, given: Given) -> str:
-    """Each problem of a pydantic ValidationError, named where the operator set it."""
+    """Each problem of a pydantic ValidationError, named where the operator set
+    it; a choice among fixed values lists them and suggests the closest."""
     problems = []
     for error in exc.errors():
         s, table = _setting_of(settings_cls, error)
@@ -443,17 +445,31 @@ def _setting_of(settings_cls, error) -> tuple[Setting | None, str | None]:
     if len(settings) == 1 and len(settings[0].path) == 1:
         return settings[0], None
     inner = next((part for part in loc[1:] if any(part == s.path[1] for s in settings)), None)
+    if inner is None and error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        inner = error["ctx"]["discriminator"].strip("'")
     if inner is None and error["type"] == "extra_forbidden" and len(loc) > 1:  # a key the table does not have
         return Setting((name, loc[-1]), (f"{PREFIX}{name.upper()}__{loc[-1].upper()}",), False), None
     found = next((s for s in settings if s.path[1] == inner), None)
     return (found, None) if found is not None else (None, name)
 
 
+def _choices(expected: str) -> list[str]:
+    return re.findall(r"'([^']*)'", expected)
+
+
 def _message(error, *, secret: bool) -> str:
-    kind = error["type"]
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in ("union_tag_invalid", "literal_error"):
+        given = ctx["tag"] if kind == "union_tag_invalid" else error["input"]
+        choices = _choices(ctx["expected_tags"] if kind == "union_tag_invalid" else ctx["expected"])
+        return f"{given!r} is not one of {', '.join(choices)}{suggest_choice(given, choices)}"
     message = error["msg"].removeprefix("Value error, ")
     value = error.get("input")
     if kind != "value_error" and not secret and isinstance(value, str | int | float) and not isinstance(value, bool):
         message += f" (given: {value!r})"
     return message
 
+
+def suggest_choice(given: object, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(given).lower(), [c.lower() for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {choices[[c.lower() for c in choices].index(close[0])]}?" if close else ""

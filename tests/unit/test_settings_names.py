@@ -4,7 +4,7 @@ in its wing. Each flat name a deployment already sets (OUTBOXD_KAFKA_TOPIC,
 OUTBOXD_HEALTH_PORT, kafka_topic in the config file) keeps working with a
 warning naming the new one; old and new set to different values is exit 78;
 the name check knows every table's names for every command; a bad value is
-named where it was set."""
+named where it was set, with the choices where there are some."""
 from __future__ import annotations
 
 import json
@@ -263,12 +263,32 @@ def test_every_new_and_old_name_is_known_to_the_name_check():
 
 
 # --- a bad value, named where it was set ----------------------------------------------------
+def test_a_mistyped_embedding_backend_lists_the_choices_and_suggests_one(monkeypatch, capsys):
+    monkeypatch.setenv("OUTBOXD_EMBEDDING__BACKEND", "onxx")
+    assert cli.main(["roles"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "OUTBOXD_EMBEDDING__BACKEND: 'onxx' is not one of sentence-transformers, onnx, http; did you mean onnx?" in err
+    assert "Input tag" not in err and "OUTBOXD_EMBEDDING:" not in err
+
+
 def test_a_bad_value_inside_a_backend_table_names_its_variable(monkeypatch, capsys):
     monkeypatch.setenv("OUTBOXD_EMBEDDING__BACKEND", "onnx")
     monkeypatch.setenv("OUTBOXD_EMBEDDING__THREADS", "0")
     assert cli.main(["roles"]) == EXIT_CONFIG
     assert "OUTBOXD_EMBEDDING__THREADS: Input should be greater than or equal to 1 (given: '0')" in (
         capsys.readouterr().err)
+
+
+def test_the_log_level_is_read_in_either_case_and_its_choices_shown_as_the_flag_takes_them(monkeypatch, capsys):
+    for given in ("debug", "DEBUG", "Warning"):
+        monkeypatch.setenv("OUTBOXD_LOG_LEVEL", given)
+        assert Settings().log_level == given.upper()
+    monkeypatch.setenv("OUTBOXD_LOG_LEVEL", "verbose")
+    assert cli.main(["roles"]) == EXIT_CONFIG
+    assert "OUTBOXD_LOG_LEVEL: 'verbose' is not one of debug, info, warning, error" in capsys.readouterr().err
+    monkeypatch.setenv("OUTBOXD_LOG_LEVEL", "warn")
+    assert cli.main(["roles"]) == EXIT_CONFIG
+    assert "did you mean warning?" in capsys.readouterr().err
 
 
 def test_a_bad_value_in_the_config_file_is_named_by_its_key_and_path(monkeypatch, tmp_path, capsys):
@@ -289,6 +309,25 @@ def test_a_bad_value_in_the_config_file_is_named_by_its_key_and_path(monkeypatch
     assert "OUTBOXD_KAFKA_PARTITIONS in .env: Input should be a valid integer" in capsys.readouterr().err
 
 
+def test_a_bad_kafka_choice_lists_the_choices(monkeypatch, capsys):
+    monkeypatch.setenv("OUTBOXD_KAFKA__SECURITY_PROTOCOL", "SASL_SSl")
+    assert cli.main(["tail"]) == EXIT_CONFIG
+    assert ("OUTBOXD_KAFKA__SECURITY_PROTOCOL: 'SASL_SSl' is not one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL; "
+            "did you mean SASL_SSL?") in capsys.readouterr().err
+
+
+HEAVY = ("qdrant_client", "torch", "sentence_transformers", "psycopg", "numpy", "aiokafka", "httpx")
+INVALID = """
+import contextlib, io, json, sys
+from daemon import cli
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = cli.main(sys.argv[1:])
+print(json.dumps({{"code": code, "err": err.getvalue(), "heavy": sorted(m for m in {heavy!r} if m in sys.modules)}}))
+"""
+
+
+@pytest.mark.parametrize("command", ["status", "run", "relay"])
 def test_an_invalid_setting_is_reported_before_anything_heavy_is_imported(tmp_path, command):
     """A real process (nothing loaded by other tests): the message comes before
     qdrant-client, torch or psycopg are imported, so it comes at once."""
