@@ -97,7 +97,7 @@ def test_an_invalid_setting_exits_78_naming_the_variable(argv, unreachable, tmp_
     result = outboxd(argv, {**unreachable, "OUTBOXD_BATCH_SIZE": "0"}, tmp_path)
     assert result.returncode == EXIT_CONFIG, report(result)
     assert result.stderr.strip().splitlines() == [
-        "outboxd: invalid settings: OUTBOXD_BATCH_SIZE: Input should be greater than or equal to 1"
+        "outboxd: invalid settings: OUTBOXD_BATCH_SIZE: Input should be greater than or equal to 1 (given: '0')"
     ], report(result)
 
 
