@@ -16,7 +16,7 @@ import pytest
 
 from consumers.settings import KafkaSettings, StreamSettings
 from daemon import cli
-from daemon.commands.options import every_settings_class, load_settings
+from daemon.commands.options import every_settings_class, load_settings, settings_class
 from daemon.config import Settings
 from daemon.config_sources import check_names, settings_of
 from daemon.errors import EXIT_CONFIG, ConfigError
@@ -50,6 +50,18 @@ def test_the_core_settings_have_no_kafka_setting_and_the_wing_has_them_all():
         "ssl_cafile", "ssl_certfile", "ssl_keyfile",
     }
     assert set(Settings.model_fields["health"].annotation.model_fields) == {"port", "host", "heartbeat_timeout"}
+
+
+def test_a_command_names_its_settings_class_and_status_falls_back_without_the_wing(monkeypatch):
+    """relay, consume and tail build the wing's class; `status` asks for it by name and
+    builds the core's where the wing is not installed, and the name check then knows
+    only the core's names."""
+    assert settings_class() is Settings and settings_class(STREAM) is StreamSettings
+    assert settings_class("stream_settings") is StreamSettings
+    assert every_settings_class() == [Settings, StreamSettings]
+    monkeypatch.setitem(cli.PLUGINS, "stream_settings", "no_such_wing.settings:StreamSettings")
+    assert settings_class("stream_settings") is Settings
+    assert every_settings_class() == [Settings]
 
 
 def test_the_derived_kafka_values():
