@@ -10,12 +10,14 @@ import click
 
 from daemon.commands.options import settings_options
 
+SETTINGS = "consumers.settings:StreamSettings"  # the core's settings and the [kafka] table
+
 
 @click.command(help="Claim outbox events like `outboxd run` and publish each changed chunk's state to "
-               "OUTBOXD_KAFKA_TOPIC (key = chunk id), acknowledging them once the brokers confirmed, until "
+               "OUTBOXD_KAFKA__TOPIC (key = chunk id), acknowledging them once the brokers confirmed, until "
                "SIGTERM/SIGINT. Several relays may run side by side. Needs KAFKA_BOOTSTRAP_SERVERS.")
 @click.option("--drain", is_flag=True, help="exit 0 once no event is pending (dead letters aside)")
-@settings_options()
+@settings_options(settings=SETTINGS)
 def relay(settings, drain: bool) -> int:
     import asyncio
     import sys
@@ -30,11 +32,11 @@ def relay(settings, drain: bool) -> int:
     return asyncio.run(run_service(Relay(settings, dsn), exit_deadline=True, drain=drain))
 
 
-@click.command(help="Join consumer group OUTBOXD_KAFKA_GROUP on OUTBOXD_KAFKA_TOPIC and apply each event to "
+@click.command(help="Join consumer group OUTBOXD_KAFKA__GROUP on OUTBOXD_KAFKA__TOPIC and apply each event to "
                "the Qdrant collection through the same apply core as `outboxd run`, until SIGTERM/SIGINT; "
                "offsets are committed after Qdrant confirmed. Needs no database. A new group starts at the "
                "beginning of the (compacted) topic and rebuilds the collection from it.")
-@settings_options(qdrant=True)
+@settings_options(qdrant=True, settings=SETTINGS)
 def consume(settings) -> int:
     import asyncio
 
@@ -46,7 +48,7 @@ def consume(settings) -> int:
     return asyncio.run(run_service(QdrantConsumer(settings), exit_deadline=True))
 
 
-@click.command(help="Read OUTBOXD_KAFKA_TOPIC without a consumer group (nothing committed, no effect on other "
+@click.command(help="Read OUTBOXD_KAFKA__TOPIC without a consumer group (nothing committed, no effect on other "
                "readers) and print one line per event as it arrives. Ends quietly when its reader goes away "
                "(`outboxd tail | head`).")
 @click.option("--from-beginning", is_flag=True, help="start at the oldest event kept, not the newest")
@@ -54,7 +56,7 @@ def consume(settings) -> int:
 @click.option("--source", type=click.UUID, multiple=True, metavar="ID", help="only this source (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print each event as its JSON message")
 @click.option("-n", "--limit", type=click.IntRange(min=1), metavar="N", help="exit after printing this many events")
-@settings_options()
+@settings_options(settings=SETTINGS)
 def tail(settings, from_beginning: bool, document: tuple, source: tuple, as_json: bool, limit: int | None) -> int:
     import asyncio
 

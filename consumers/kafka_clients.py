@@ -1,12 +1,12 @@
-"""Kafka clients from the one settings model: connection and security options,
-and the topics outboxd needs, created when missing (or a clear error)."""
+"""Kafka clients from the [kafka] settings (consumers.settings): connection and
+security options, and the topics outboxd needs, created when missing (or a clear error)."""
 from __future__ import annotations
 
 import logging
 import time
 from typing import Any
 
-from daemon.config import Settings
+from consumers.settings import StreamSettings
 from daemon.errors import ConfigError, ServiceUnavailableError
 from daemon.runtime.backoff import Backoff
 
@@ -15,50 +15,51 @@ log = logging.getLogger(__name__)
 TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
 
 
-def require_bootstrap(settings: Settings) -> str:
-    if not settings.kafka_bootstrap_servers:
+def require_bootstrap(settings: StreamSettings) -> str:
+    if not settings.kafka.bootstrap_servers:
         raise ConfigError(
             "KAFKA_BOOTSTRAP_SERVERS is not set: the Kafka transport needs the brokers' host:port "
             "(for a local broker: `bash ops/kafka/kafka.sh start`)"
         )
-    return settings.kafka_bootstrap_servers
+    return settings.kafka.bootstrap_servers
 
 
-def client_options(settings: Settings, *, suffix: str = "") -> dict[str, Any]:
+def client_options(settings: StreamSettings, *, suffix: str = "") -> dict[str, Any]:
     """Options every aiokafka client (producer, consumer, admin) takes."""
+    kafka = settings.kafka
     options: dict[str, Any] = {
         "bootstrap_servers": require_bootstrap(settings).split(","),
-        "client_id": settings.kafka_client + suffix,
-        "security_protocol": settings.kafka_security_protocol,
+        "client_id": kafka.client_id + suffix,
+        "security_protocol": kafka.security_protocol,
     }
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
         from aiokafka.helpers import create_ssl_context
 
         options["ssl_context"] = create_ssl_context(
-            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
-            certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
-            keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+            cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None,
+            certfile=str(kafka.ssl_certfile) if kafka.ssl_certfile else None,
+            keyfile=str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
         )
-    if settings.kafka_security_protocol.startswith("SASL"):
-        if not (settings.kafka_sasl_mechanism and settings.kafka_sasl_username and settings.kafka_sasl_password):
+    if kafka.security_protocol.startswith("SASL"):
+        if not (kafka.sasl_mechanism and kafka.sasl_username and kafka.sasl_password):
             raise ConfigError(
-                f"OUTBOXD_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} needs "
-                "OUTBOXD_KAFKA_SASL_MECHANISM, OUTBOXD_KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD "
+                f"OUTBOXD_KAFKA__SECURITY_PROTOCOL={kafka.security_protocol} needs "
+                "OUTBOXD_KAFKA__SASL_MECHANISM, OUTBOXD_KAFKA__SASL_USERNAME and KAFKA_SASL_PASSWORD "
                 "(or KAFKA_SASL_PASSWORD_FILE)"
             )
-        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        options["sasl_plain_username"] = settings.kafka_sasl_username
-        options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+        options["sasl_mechanism"] = kafka.sasl_mechanism
+        options["sasl_plain_username"] = kafka.sasl_username
+        options["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
     return options
 
 
-def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
+def topic_specs(settings: StreamSettings) -> dict[str, dict[str, str]]:
     """The topics outboxd uses and the configs it creates them with. The chunk
     topic is compacted: the newest event per chunk (or its tombstone) is kept,
     so the topic is a replayable snapshot of the index."""
     return {
-        settings.kafka_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
-        settings.dead_letter_topic: {"cleanup.policy": "delete", "retention.ms": str(14 * 24 * 3600 * 1000)},
+        settings.kafka.topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        settings.kafka.dead_letter_topic: {"cleanup.policy": "delete", "retention.ms": str(14 * 24 * 3600 * 1000)},
     }
 
 
@@ -74,12 +75,12 @@ async def kafka_ready(client) -> None:
         raise ServiceUnavailableError("no Kafka broker is reachable")
 
 
-def describe_brokers(settings: Settings) -> str:
-    return f"Kafka ({settings.kafka_bootstrap_servers})"
+def describe_brokers(settings: StreamSettings) -> str:
+    return f"Kafka ({settings.kafka.bootstrap_servers})"
 
 
-async def ensure_topics(settings: Settings, names: list[str] | None = None) -> None:
-    """Create the missing topics (OUTBOXD_KAFKA_CREATE_TOPICS), or say which are missing."""
+async def ensure_topics(settings: StreamSettings, names: list[str] | None = None) -> None:
+    """Create the missing topics (OUTBOXD_KAFKA__CREATE_TOPICS), or say which are missing."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     specs = topic_specs(settings)
@@ -91,14 +92,15 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None) -> N
         missing = [t for t in wanted if t not in existing]
         if not missing:
             return
-        if not settings.kafka_create_topics:
+        kafka = settings.kafka
+        if not kafka.create_topics:
             raise ConfigError(
-                f"Kafka topic(s) {', '.join(missing)} do not exist and OUTBOXD_KAFKA_CREATE_TOPICS is false; "
+                f"Kafka topic(s) {', '.join(missing)} do not exist and OUTBOXD_KAFKA__CREATE_TOPICS is false; "
                 f"create them (the chunk topic with cleanup.policy=compact) or allow outboxd to"
             )
         response = await admin.create_topics(
             [
-                NewTopic(t, settings.kafka_partitions, settings.kafka_replication_factor, topic_configs=specs.get(t, {}))
+                NewTopic(t, kafka.partitions, kafka.replication_factor, topic_configs=specs.get(t, {}))
                 for t in missing
             ]
         )
@@ -109,22 +111,22 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None) -> N
             "kafka topics created",
             extra={
                 "topics": missing,
-                "partitions": settings.kafka_partitions,
-                "replication_factor": settings.kafka_replication_factor,
+                "partitions": kafka.partitions,
+                "replication_factor": kafka.replication_factor,
             },
         )
     finally:
         await admin.close()
 
 
-async def group_lag(settings: Settings) -> dict[str, Any]:
+async def group_lag(settings: StreamSettings) -> dict[str, Any]:
     """How far the consumer group is behind the topic: per partition, the
     messages after its committed offset (all of them where it committed none)."""
     from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.structs import TopicPartition
 
-    topic, group = settings.kafka_topic, settings.kafka_group
+    topic, group = settings.kafka.topic, settings.kafka.group
     admin = AIOKafkaAdminClient(**client_options(settings, suffix="-status"))
     reader = AIOKafkaConsumer(**client_options(settings, suffix="-status"), group_id=None)
     await admin.start()
@@ -150,7 +152,7 @@ async def group_lag(settings: Settings) -> dict[str, Any]:
 STATUS_BUDGET = 20.0  # seconds `outboxd status` keeps asking a broker that answers "not yet"
 
 
-def consumer_group_status(settings: Settings) -> dict[str, Any]:
+def consumer_group_status(settings: StreamSettings) -> dict[str, Any]:
     """`outboxd status`'s Kafka section: the consumer group's lag (the relay's own
     lag is the outbox's: it claims from it), or the error that kept status from it."""
     import asyncio
@@ -175,4 +177,4 @@ def consumer_group_status(settings: Settings) -> dict[str, Any]:
     try:
         return asyncio.run(lag())
     except Exception as exc:  # status reports what it can reach
-        return {"topic": settings.kafka_topic, "group": settings.kafka_group, "error": describe(exc)}
+        return {"topic": settings.kafka.topic, "group": settings.kafka.group, "error": describe(exc)}

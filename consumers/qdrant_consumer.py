@@ -16,8 +16,8 @@ from typing import Any
 from uuid import UUID
 
 from consumers import contract
+from consumers.settings import StreamSettings
 from consumers.stream_consumer import StreamConsumer
-from daemon.config import Settings
 from daemon.core.apply import ApplyResult
 from daemon.core.batch import Target
 from daemon.core.chunk_state import ChunkState
@@ -34,8 +34,8 @@ DELETED_VERSIONS_KEPT = 100_000  # about 10 MB
 class QdrantConsumer(StreamConsumer):
     role = "outboxd consume"
 
-    def __init__(self, settings: Settings, *, embedder: Embedder | None = None, qdrant=None) -> None:
-        super().__init__(settings, group=settings.kafka_group, from_beginning=True)
+    def __init__(self, settings: StreamSettings, *, embedder: Embedder | None = None, qdrant=None) -> None:
+        super().__init__(settings, group=settings.kafka.group, from_beginning=True)
         self.writer = QdrantWriter(settings, embedder=embedder, qdrant=qdrant)
         # A deleted point keeps no payload, so no version: the versions of recent
         # deletes are kept here, so a stale upsert published late by another relay

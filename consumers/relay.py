@@ -120,7 +120,7 @@ class Relay(OutboxService):
         s = self.settings
         await self.until_reachable(describe_brokers(s), lambda: ensure_topics(s))
         await self.until_reachable(describe_brokers(s), self._start_producer)
-        self.publisher = Publisher(self.producer, self.pool, s.kafka_topic, self.metrics)
+        self.publisher = Publisher(self.producer, self.pool, s.kafka.topic, self.metrics)
         return None
 
     async def deliver(self, targets: Targets, events: dict[UUID, list[Event]]) -> PublishResult:
@@ -148,7 +148,7 @@ class Relay(OutboxService):
 
     def describe(self) -> dict:
         s = self.settings
-        return {"kafka": s.kafka_bootstrap_servers, "topic": s.kafka_topic}
+        return {"kafka": s.kafka.bootstrap_servers, "topic": s.kafka.topic}
 
     def readiness_checks(self):
         return super().readiness_checks() | {"kafka": self._ready_kafka}

@@ -31,7 +31,7 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener
 
 from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
-from daemon.config import Settings
+from consumers.settings import StreamSettings
 from daemon.errors import describe, is_transient
 from daemon.runtime.backoff import OUTAGE
 from daemon.runtime.batch_policy import wait_for_any
@@ -55,7 +55,7 @@ class StreamConsumer(Service):
 
     def __init__(
         self,
-        settings: Settings,
+        settings: StreamSettings,
         *,
         group: str | None,
         topics: list[str] | None = None,
@@ -64,7 +64,7 @@ class StreamConsumer(Service):
     ) -> None:
         super().__init__(settings)
         self.group = group
-        self.topics = topics or [settings.kafka_topic]
+        self.topics = topics or [settings.kafka.topic]
         self.from_beginning = from_beginning
         self.dead_letters = dead_letters
         self.consumer = None
@@ -96,7 +96,7 @@ class StreamConsumer(Service):
     # --- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        topics = list(self.topics) + ([s.dead_letter_topic] if self.dead_letters else [])
+        topics = list(self.topics) + ([s.kafka.dead_letter_topic] if self.dead_letters else [])
         await self.until_reachable(describe_brokers(s), lambda: ensure_topics(s, topics))
         await self.open()
         await self.until_reachable(describe_brokers(s), self._start_clients)
@@ -143,7 +143,7 @@ class StreamConsumer(Service):
     async def run(self) -> int:
         log.info(
             f"{self.role} running",
-            extra={"group": self.group, "topics": self.topics, "kafka": self.settings.kafka_bootstrap_servers},
+            extra={"group": self.group, "topics": self.topics, "kafka": self.settings.kafka.bootstrap_servers},
         )
         try:
             while not self.stop.is_set():
@@ -242,7 +242,7 @@ class StreamConsumer(Service):
             (H_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
             (H_GROUP, (self.group or "").encode()),
         ]
-        await self.producer.send_and_wait(self.settings.dead_letter_topic, record.value, record.key, headers=headers)
+        await self.producer.send_and_wait(self.settings.kafka.dead_letter_topic, record.value, record.key, headers=headers)
 
 
 class _WaitForBatch(ConsumerRebalanceListener):

@@ -14,9 +14,9 @@ from uuid import UUID
 import orjson
 
 from consumers import contract
+from consumers.settings import StreamSettings
 from consumers.stream_consumer import StreamConsumer
 from daemon.commands.options import reader_gone
-from daemon.config import Settings
 
 
 class TailConsumer(StreamConsumer):
@@ -24,7 +24,7 @@ class TailConsumer(StreamConsumer):
 
     def __init__(
         self,
-        settings: Settings,
+        settings: StreamSettings,
         *,
         from_beginning: bool = False,
         documents: set[UUID] | None = None,

@@ -1,31 +1,45 @@
-"""One settings model for the whole process.
+"""The core's settings: what every command of daemon/ reads.
 
-Every field is an environment variable (OUTBOXD_<NAME>, or the conventional
-name where one exists, e.g. DATABASE_URL) and a key of the optional TOML
-config file (`--config FILE`); a few common ones are also command-line flags.
-Precedence, highest first: a flag, a secret's *_FILE, the environment, .env,
-the config file, the default. Where the sources come from and how a mistyped
-name is caught: daemon.config_sources.
+Every setting is an environment variable (OUTBOXD_<NAME>, OUTBOXD_<TABLE>__<NAME>
+inside a table such as [embedding] or [health], or the conventional name where
+one exists, e.g. DATABASE_URL) and a key of the optional TOML config file
+(`--config FILE`); a few common ones are also command-line flags. Precedence,
+highest first: a flag, a secret's *_FILE, the environment, .env, the config
+file, the default. Where the sources come from, the deprecated names, and how
+a mistyped name is caught: daemon.config_sources.
+
+A wing extends this class with its own table (the Kafka transport's
+consumers.settings.StreamSettings); a command names the class it builds.
 """
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from daemon.config_sources import ConfigFileSource, SecretFileError, SecretFileSource, env_variables
+from daemon.config_sources import (
+    ConfigFileSource,
+    OtherNamesSource,
+    SecretFileError,
+    SecretFileSource,
+    dotenv_entries,
+    setting,
+    suggest_choice,
+)
 from daemon.embedding.settings import EmbeddingSettings, SentenceTransformersSettings
+from daemon.runtime.settings import HealthSettings
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+LOG_LEVELS = ("debug", "info", "warning", "error")  # as --log-level takes them; either case is read
 
 
 def env_name(name: str) -> str:
-    """The environment variable an operator sets for the setting `name`."""
-    return env_variables(name, Settings.model_fields[name])[0]
+    """The environment variable an operator sets for the setting `name` ("batch_size", "health.port")."""
+    return setting(Settings, name).variable
 
 
 def _default_worker_name() -> str:
@@ -42,6 +56,14 @@ class Settings(BaseSettings):
         populate_by_name=True,
         validate_default=True,
     )
+
+    # settings that moved into a table: their old flat name (OUTBOXD_HEALTH_PORT, health_port
+    # in the config file) -> the new one; the old name is still read, with a warning
+    renamed: ClassVar[dict[str, str]] = {
+        "health_port": "health.port",
+        "health_host": "health.host",
+        "heartbeat_timeout": "health.heartbeat_timeout",
+    }
 
     # --- PostgreSQL -------------------------------------------------------
     database_url: SecretStr | None = Field(
@@ -147,50 +169,11 @@ class Settings(BaseSettings):
         description="Name of this worker in leases and pg_stat_activity (default: host-pid); printable ASCII.",
     )
 
-    # --- Kafka transport (outboxd relay / consume / tail) ------------------------------
-    kafka_bootstrap_servers: str | None = Field(
-        None,
-        validation_alias=AliasChoices(
-            "KAFKA_BOOTSTRAP_SERVERS", "OUTBOXD_KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"
-        ),
-        description="Kafka brokers, host:port[,host:port]; needed by relay, consume and tail.",
-    )
-    kafka_topic: str = Field(
-        "outboxd.chunks", min_length=1, description="Topic the relay publishes chunk events to (compacted)."
-    )
-    kafka_dead_letter_topic: str | None = Field(
-        None, description="Topic for messages a consumer cannot apply (default: <topic>.dlq)."
-    )
-    kafka_group: str = Field("outboxd-qdrant", min_length=1, description="Consumer group of `outboxd consume`.")
-    kafka_client_id: str | None = Field(None, description="Kafka client id (default: outboxd-<worker name>).")
-    kafka_create_topics: bool = Field(
-        True, description="Create missing topics at start; false: a missing topic is an error."
-    )
-    kafka_partitions: int = Field(6, ge=1, description="Partitions of a topic outboxd creates.")
-    kafka_replication_factor: int = Field(1, ge=1, description="Replication factor of a topic outboxd creates.")
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="How to reach the brokers."
-    )
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
-        None, description="SASL mechanism (with SASL_PLAINTEXT or SASL_SSL)."
-    )
-    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
-    kafka_sasl_password: SecretStr | None = Field(
-        None,
-        validation_alias=AliasChoices("KAFKA_SASL_PASSWORD", "OUTBOXD_KAFKA_SASL_PASSWORD", "kafka_sasl_password"),
-        description="SASL password.",
-    )
-    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle that signs the brokers' certificates.")
-    kafka_ssl_certfile: Path | None = Field(None, description="Client certificate (mutual TLS).")
-    kafka_ssl_keyfile: Path | None = Field(None, description="Client certificate's private key (mutual TLS).")
-
     # --- health and telemetry --------------------------------------------------------
-    health_port: int | None = Field(
-        None, ge=0, le=65535, description="Serve /healthz, /readyz and /metrics on this port (unset: off)."
-    )
-    health_host: str = Field("0.0.0.0", description="Address the health endpoint listens on.")
-    heartbeat_timeout: float = Field(
-        120.0, gt=0, description="/healthz fails when the main loop has not beaten for this many seconds."
+    health: HealthSettings = Field(
+        default_factory=HealthSettings,
+        description="The health endpoint: /healthz, /readyz and /metrics (OUTBOXD_HEALTH__PORT, __HOST, "
+        "__HEARTBEAT_TIMEOUT; the [health] table of the config file).",
     )
 
     # --- process ----------------------------------------------------------------
@@ -214,9 +197,19 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         # Flags first (they win), then *_FILE before the environment, so that a
         # conflict between a variable and its *_FILE is reported, not resolved;
-        # the config file below everything the environment says.
-        return (init_settings, SecretFileSource(settings_cls), env_settings, dotenv_settings,
-                ConfigFileSource(settings_cls), file_secret_settings)
+        # a table's conventional and deprecated names at the rank of the place
+        # that set them; the config file below everything the environment says.
+        env_file = settings_cls.model_config.get("env_file")
+        return (
+            init_settings,
+            SecretFileSource(settings_cls),
+            env_settings,
+            OtherNamesSource(settings_cls, lambda: dict(os.environ), "in the environment"),
+            dotenv_settings,
+            OtherNamesSource(settings_cls, lambda: dotenv_entries(Path(env_file)) if env_file else {}, "in .env"),
+            ConfigFileSource(settings_cls),
+            file_secret_settings,
+        )
 
     @field_validator("*", mode="before")  # only a secret's *_FILE can be a SecretFileError
     @classmethod
@@ -227,7 +220,9 @@ class Settings(BaseSettings):
 
     @field_validator("log_level", mode="before")
     @classmethod
-    def _upper(cls, v: object) -> object:
+    def _log_level(cls, v: object) -> object:
+        if isinstance(v, str) and v.lower() not in LOG_LEVELS:
+            raise ValueError(f"{v!r} is not one of {', '.join(LOG_LEVELS)}{suggest_choice(v, list(LOG_LEVELS))}")
         return v.upper() if isinstance(v, str) else v
 
     @model_validator(mode="after")
@@ -259,13 +254,19 @@ class Settings(BaseSettings):
         return self.reuse_vectors if self.reuse_vectors is not None else self.qdrant_url is not None
 
     @property
-    def dead_letter_topic(self) -> str:
-        return self.kafka_dead_letter_topic or f"{self.kafka_topic}.dlq"
-
-    @property
-    def kafka_client(self) -> str:
-        return self.kafka_client_id or f"outboxd-{self.worker_name}"[:200]
-
-    @property
     def local_qdrant_path(self) -> str:
         return str(self.qdrant_path) if self.qdrant_path else str(self.data_dir / "qdrant")
+
+    def secret_values(self) -> list[str]:
+        """The value of every secret setting that is set, those inside tables included."""
+        found: list[str] = []
+        models: list[BaseModel] = [self]
+        while models:
+            model = models.pop()
+            for name in type(model).model_fields:
+                value = getattr(model, name)
+                if isinstance(value, SecretStr):
+                    found.append(value.get_secret_value())
+                elif isinstance(value, BaseModel):
+                    models.append(value)
+        return [v for v in found if v]

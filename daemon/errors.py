@@ -12,14 +12,12 @@ Exit codes, one contract for every command (README: "Exit codes"):
 
 They follow sysexits(3) where it has a code, so supervisors can tell a bad
 configuration (do not restart) from an unreachable service (restart later).
+
+The CLI imports this module before it validates the settings, so it imports
+the clients whose errors it classifies (psycopg, httpx, qdrant-client: about a
+second) only where it classifies one: a bad setting is reported at once.
 """
 from __future__ import annotations
-
-import ssl
-
-import httpx
-import psycopg
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -67,6 +65,10 @@ class DependencyDown(OutboxdError):
         self.dependency = dependency
 
 
+class InvalidSettings(ConfigError):
+    """A setting's value cannot work; the message names where it was set."""
+
+
 class InvalidChunkError(OutboxdError):
     """One chunk cannot be projected to a point; retrying it unchanged will not help."""
 
@@ -106,6 +108,10 @@ def refusal(exc: BaseException) -> ConfigError | None:
     """A failure that no waiting heals, as the configuration error it is (exit
     78): Qdrant refusing the API key (401) or the request (403), or a server
     certificate that does not verify. None for anything else."""
+    import ssl
+
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
     status = _grpc_status(exc)
     if status is not None:
         import grpc
@@ -135,6 +141,10 @@ def is_transient(exc: BaseException) -> bool:
     """True for failures of the infrastructure (network, restarts, overload) rather
     than of the event: those are retried without counting against the event.
     A refusal (a key or a certificate the server will not accept) is not one."""
+    import httpx
+    import psycopg
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
     if isinstance(exc, DependencyDown):
         return True
     if refusal(exc) is not None:
@@ -171,6 +181,10 @@ def _is_transient_kafka(exc: BaseException) -> bool:
 def dependency_of(exc: BaseException) -> str:
     """Which service an error came from, for logs and the per-dependency metrics:
     postgresql, qdrant, kafka, embedding (the http backend), or other."""
+    import httpx
+    import psycopg
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
     if isinstance(exc, DependencyDown):
         return exc.dependency
     if isinstance(exc, psycopg.Error):  # PoolTimeout too

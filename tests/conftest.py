@@ -307,6 +307,8 @@ def reference():
 
 @pytest.fixture
 def make_settings(dsn, collection, tmp_path):
+    """Settings for an in-process test; given kafka={...}, the Kafka wing's (StreamSettings)."""
+
     def make(**overrides) -> Settings:
         values = dict(
             database_url=dsn,
@@ -323,6 +325,10 @@ def make_settings(dsn, collection, tmp_path):
         if not os.environ.get("QDRANT_URL") and "qdrant_url" not in overrides:
             values["qdrant_path"] = tmp_path / "qdrant"  # local mode, unless the suite runs against a server
         values.update(overrides)
+        if "kafka" in values:
+            from consumers.settings import StreamSettings
+
+            return StreamSettings(**values)
         return Settings(**values)
 
     return make

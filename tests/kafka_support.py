@@ -18,9 +18,9 @@ from tests.support import all_points
 
 
 def kafka_names() -> dict[str, str]:
-    """A topic and group of the test's own, so tests never see each other's events."""
+    """A topic and group of the test's own ([kafka] topic and group), so tests never see each other's events."""
     tag = uuid.uuid4().hex[:8]
-    return {"kafka_topic": f"outboxd.test.{tag}", "kafka_group": f"outboxd-test-{tag}"}
+    return {"topic": f"outboxd.test.{tag}", "group": f"outboxd-test-{tag}"}
 
 
 @asynccontextmanager

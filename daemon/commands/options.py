@@ -1,7 +1,7 @@
 """What every command shares on the command line: the common options (where
 the settings come from, where data lives, how loud to be), how they become
-one Settings, and one exit-code contract (daemon.errors) for whatever the
-command raises.
+the settings of the class the command names, and one exit-code contract
+(daemon.errors) for whatever the command raises.
 
 This module is imported by every command module at `--help` time: it must
 stay light (click only; pydantic and the rest are imported when a command runs).
@@ -70,11 +70,13 @@ MODEL_SETTINGS = ("model", "max_seq_length", "normalize")
 FLAG_SETTINGS = ("data_dir", "log_level", "qdrant_url", "qdrant_path", *MODEL_SETTINGS)
 
 
-def settings_options(*, qdrant: bool = False, model: bool = False) -> Callable:
+def settings_options(*, qdrant: bool = False, model: bool = False, settings: str | None = None) -> Callable:
     """Add the common options to a command; its callback then receives a
     built `settings` first, and its return value (or error) becomes the exit code.
     qdrant: --qdrant-url and --qdrant-path (commands that open Qdrant); model:
-    --model, --max-seq-length and --normalize/--no-normalize (`reindex`)."""
+    --model, --max-seq-length and --normalize/--no-normalize (`reindex`);
+    settings: the class the command builds, by name (settings_class), so that
+    --help imports nothing of it."""
 
     def decorate(f: Callable) -> Callable:
         @functools.wraps(f)
@@ -84,7 +86,7 @@ def settings_options(*, qdrant: bool = False, model: bool = False) -> Callable:
                 value = kwargs.pop(name, None)
                 if value is not None:  # qdrant_path beats QDRANT_URL from the environment (daemon.config.Settings)
                     flags[name] = value
-            return run_command(lambda settings: f(settings, **kwargs), config_file, flags, strict)
+            return run_command(lambda built: f(built, **kwargs), config_file, flags, strict, settings)
 
         options = [
             click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -118,38 +120,72 @@ def settings_options(*, qdrant: bool = False, model: bool = False) -> Callable:
     return decorate
 
 
-def load_settings(config_file: Path | None, flags: dict[str, Any], strict: bool):
-    """Settings from the flags, the environment, .env and the config file;
-    unknown OUTBOXD_ names are warned about, or refused with strict."""
-    from daemon.config import Settings
+CORE_SETTINGS = "daemon.config:Settings"
+
+
+def settings_class(name: str | None = None) -> type:
+    """The settings class a command builds: the core's (daemon.config.Settings) by
+    default; a "module:Class"; or a wing's by its name in daemon.cli.PLUGINS, the
+    core's where that wing is not installed (`status` reports Kafka where it can)."""
+    import importlib
+
+    from daemon.cli import PLUGINS, installed
+
+    if name in PLUGINS:
+        return installed(name) or settings_class()
+    module, _, attribute = (name or CORE_SETTINGS).partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def every_settings_class() -> list[type]:
+    """The core's settings class and every installed wing's: a variable that one
+    of them reads is never "unknown", whichever command reads the environment."""
+    from daemon.cli import WING_SETTINGS, installed
+
+    return [settings_class(), *filter(None, map(installed, WING_SETTINGS))]
+
+
+def load_settings(config_file: Path | None, flags: dict[str, Any], strict: bool, settings: str | None = None):
+    """Settings of the class named `settings` (settings_class) from the flags, the
+    environment, .env and the config file. Returns them with the warnings to log:
+    unknown OUTBOXD_ names (refused with strict) and deprecated names. A bad value
+    raises InvalidSettings naming where it was set."""
+    from pydantic import ValidationError
+
     from daemon.config_sources import (
+        Given,
+        check_names,
+        describe_validation,
         dotenv_entries,
         environment,
         read_config,
-        unknown_settings,
         using_config,
     )
-    from daemon.errors import ConfigError
+    from daemon.errors import ConfigError, InvalidSettings
 
-    config = read_config(config_file, Settings) if config_file is not None else {}
+    cls = settings_class(settings)
+    known = every_settings_class()
+    config = read_config(config_file, known) if config_file is not None else {}
     environ = {k: v for k, v in environment().items() if k not in CLI_VARIABLES}
-    problems = unknown_settings(Settings, environ, dotenv_entries(), config)
-    if problems and strict:
-        raise ConfigError("; ".join(problems) + " (--strict)")
-    token = using_config(config)
+    dotenv = dotenv_entries()
+    names = check_names(known, environ, dotenv, config, config_file)
+    if names.unknown and strict:
+        raise ConfigError("; ".join(names.unknown) + " (--strict)")
+    token = using_config(config, config_file)
     try:
-        settings = Settings(**flags)
+        built = cls(**flags)
+    except ValidationError as exc:
+        given = Given(flags, environ, dotenv, config, config_file)
+        raise InvalidSettings(f"invalid settings: {describe_validation(exc, cls, given)}") from None
     finally:
         token.var.reset(token)
-    return settings, problems
+    return built, [f"{problem} (ignored; --strict refuses it)" for problem in names.unknown] + names.deprecated
 
 
-def run_command(body: Callable[[Any], int | None], config_file, flags, strict) -> int:
+def run_command(body: Callable[[Any], int | None], config_file, flags, strict, settings: str | None = None) -> int:
     """Build the settings, set up logging, run the command; map what it raises
-    to the exit-code contract (daemon.errors)."""
-    from pydantic import ValidationError
-
-    from daemon.config_sources import ConfigFileError
+    to the exit-code contract (daemon.errors). A bad setting is reported before
+    anything heavy is imported (daemon.errors imports its clients lazily)."""
     from daemon.errors import (
         EXIT_CONFIG,
         EXIT_FAILURE,
@@ -160,22 +196,20 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict) -
         is_transient,
         refusal,
     )
-    from daemon.logs import setup_logging
 
     _output.update(verdict=0, reader_gone=False)
     try:
-        settings, problems = load_settings(config_file, flags, strict)
-    except ValidationError as exc:
-        click.echo(f"outboxd: invalid settings: {describe_validation(exc)}", err=True)
-        return EXIT_CONFIG
-    except (ConfigFileError, OutboxdError) as exc:
+        built, warnings = load_settings(config_file, flags, strict, settings)
+    except OutboxdError as exc:  # an invalid setting, a broken config file, --strict
         click.echo(f"outboxd: {exc}", err=True)
         return getattr(exc, "exit_code", EXIT_CONFIG)
-    setup_logging(settings.log_level, settings.log_format)
-    for problem in problems:
-        log.warning(f"{problem} (ignored; --strict refuses it)")
+    from daemon.logs import setup_logging
+
+    setup_logging(built.log_level, built.log_format)
+    for warning in warnings:
+        log.warning(warning)
     try:
-        code = body(settings)
+        code = body(built)
         return 0 if code is None else code
     except (click.ClickException, click.exceptions.Abort, click.exceptions.Exit):
         raise  # a usage error the command found (exit 2: daemon.cli shows it with the usage line), or a prompt aborted
@@ -199,19 +233,6 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict) -
             return EXIT_UNAVAILABLE
         log.exception("unexpected error", extra={"error": type(exc).__name__, "exit_code": EXIT_FAILURE})
         return EXIT_FAILURE
-
-
-def describe_validation(exc) -> str:
-    """Name each bad setting the way the operator sets it: its environment variable."""
-    from daemon.config import Settings, env_name
-
-    problems = []
-    for e in exc.errors():
-        field = e["loc"][0] if e["loc"] else None
-        inner = ".".join(str(part) for part in e["loc"][1:])  # within a table: [embedding] onnx.quantise
-        where = f"{env_name(field)}{f' ({inner})' if inner else ''}: " if field in Settings.model_fields else ""
-        problems.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(problems)
 
 
 def json_option(f: Callable) -> Callable:

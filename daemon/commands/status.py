@@ -34,7 +34,7 @@ CAPTURE_NOTES = {
 @click.option("--max-pending", type=click.IntRange(min=0), metavar="N", help="exit 3 if more than N events are pending")
 @click.option("--max-dead-letters", type=click.IntRange(min=0), metavar="N",
               help="exit 3 if there are more than N dead letters")
-@settings_options(qdrant=True)
+@settings_options(qdrant=True, settings="stream_settings")  # the Kafka wing's, where it is installed
 def command(settings, as_json: bool, max_lag: float | None, max_pending: int | None,
             max_dead_letters: int | None) -> int:
     from daemon.commands.common import print_json
@@ -95,7 +95,8 @@ def relay_section(settings, outbox: dict[str, Any], leases: list[dict], processe
     leases are relays; each is `connected` when a session named after its worker
     (application_name outboxd:<worker name>) is open, so a lease of a relay that
     died shows as not connected until it expires."""
-    if not settings.kafka_bootstrap_servers:
+    kafka = kafka_of(settings)
+    if kafka is None:
         return {"transport": "notify", "backlog": None, "lag_seconds": None, "workers": [], "connected": [],
                 "note": "no relay: `outboxd run` applies the outbox itself (KAFKA_BOOTSTRAP_SERVERS is unset)"}
     connected = sorted(p["worker"] for p in processes)
@@ -104,7 +105,7 @@ def relay_section(settings, outbox: dict[str, Any], leases: list[dict], processe
          "connected": f"outboxd:{lease['worker']}"[:63][len("outboxd:"):] in connected}
         for lease in leases
     ]
-    return {"transport": "kafka", "topic": settings.kafka_topic, "backlog": outbox["backlog"],
+    return {"transport": "kafka", "topic": kafka.topic, "backlog": outbox["backlog"],
             "lag_seconds": outbox["lag_seconds"], "workers": workers, "connected": connected, "note": None}
 
 
@@ -180,10 +181,17 @@ async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
 
 
 # --- Kafka -------------------------------------------------------------------------------
+def kafka_of(settings):
+    """The [kafka] table where the Kafka wing is installed (its settings class is
+    what this command builds then) and KAFKA_BOOTSTRAP_SERVERS is set, else None."""
+    kafka = getattr(settings, "kafka", None)
+    return kafka if kafka is not None and kafka.bootstrap_servers else None
+
+
 def read_kafka(settings) -> dict[str, Any] | None:
     """The consumer group's lag, where KAFKA_BOOTSTRAP_SERVERS is set: the Kafka
     wing's report, found by name (the core never imports consumers/)."""
-    if not settings.kafka_bootstrap_servers:
+    if kafka_of(settings) is None:
         return None
     from daemon.cli import plugin
 

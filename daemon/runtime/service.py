@@ -38,7 +38,6 @@ from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
-from pydantic import SecretStr
 from tenacity import AsyncRetrying, retry_if_exception, stop_any
 
 from daemon.config import Settings
@@ -171,18 +170,13 @@ class Service:
     def secret_values(self) -> list[str]:
         """Values no log line or health response may contain: every secret setting,
         plus what a subclass adds (a password inside a DSN)."""
-        values = []
-        for name in type(self.settings).model_fields:
-            value = getattr(self.settings, name)
-            if isinstance(value, SecretStr):
-                values.append(value.get_secret_value())
-        return [v for v in values + self.extra_secrets() if v]
+        return self.settings.secret_values() + [v for v in self.extra_secrets() if v]
 
     def extra_secrets(self) -> list[str]:
         return []
 
     def stuck_workers(self) -> list[str]:
-        return self.heartbeat.stuck(self.settings.heartbeat_timeout)
+        return self.heartbeat.stuck(self.settings.health.heartbeat_timeout)
 
     async def until_reachable(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
         """Run fn until it stops failing with an outage, for up to startup_timeout
@@ -378,7 +372,7 @@ async def _readiness_gauges(service: Service) -> None:
 async def _watchdog(service: Service) -> None:
     """WATCHDOG=1 every watchdog_interval while the heartbeat is fresh: a wedged
     loop or a stuck worker stops the pings, and systemd restarts the service."""
-    interval, timeout = service.notifier.watchdog_interval, service.settings.heartbeat_timeout
+    interval, timeout = service.notifier.watchdog_interval, service.settings.health.heartbeat_timeout
     withheld = False
     while True:
         if service.heartbeat.fresh(timeout):
@@ -394,13 +388,13 @@ async def _watchdog(service: Service) -> None:
 
 
 async def start_health(service: Service) -> HealthServer | None:
-    """/healthz, /readyz and /metrics on health_host:health_port (None: off)."""
-    s = service.settings
-    if s.health_port is None:
+    """/healthz, /readyz and /metrics on [health] host:port (port None: off)."""
+    s = service.settings.health
+    if s.port is None:
         return None
     server = HealthServer(
-        s.health_host,
-        s.health_port,
+        s.host,
+        s.port,
         service.heartbeat,
         s.heartbeat_timeout,
         service.readiness_checks(),
@@ -412,8 +406,8 @@ async def start_health(service: Service) -> HealthServer | None:
         await server.start()
     except OSError as exc:
         raise ConfigError(
-            f"cannot serve health checks on {s.health_host}:{s.health_port}: {exc.strerror or exc}. "
-            "Set OUTBOXD_HEALTH_PORT to a free port, or unset it"
+            f"cannot serve health checks on {s.host}:{s.port}: {exc.strerror or exc}. "
+            "Set OUTBOXD_HEALTH__PORT to a free port, or unset it"
         ) from exc
-    log.info("health endpoint listening", extra={"host": s.health_host, "port": server.port})
+    log.info("health endpoint listening", extra={"host": s.host, "port": server.port})
     return server

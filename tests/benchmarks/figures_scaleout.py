@@ -298,13 +298,15 @@ def _consumers_round(dsn: str, qdrant: QdrantTarget, collection: str, bootstrap:
 
     tag = uuid.uuid4().hex[:8]
     staging, topic, group = f"outboxd.bench.stage.{tag}", f"outboxd.bench.scale.{tag}", f"bench-scale-{tag}"
-    common = dict(collection=collection, kafka_bootstrap_servers=bootstrap, kafka_partitions=partitions, batch_size=batch)
-    relay_seconds = asyncio.run(kafka_transport._relay(settings_for(dsn, qdrant, kafka_topic=staging, **common), dsn))
+    common = dict(collection=collection, batch_size=batch)
+    kafka = dict(bootstrap_servers=bootstrap, partitions=partitions)
+    relay_seconds = asyncio.run(kafka_transport._relay(
+        settings_for(dsn, qdrant, kafka={**kafka, "topic": staging}, **common), dsn))
     records = asyncio.run(_read_topic(bootstrap, staging))
-    asyncio.run(ensure_topics(settings_for(dsn, qdrant, kafka_topic=topic, **common), [topic, f"{topic}.dlq"]))
+    asyncio.run(ensure_topics(settings_for(dsn, qdrant, kafka={**kafka, "topic": topic}, **common), [topic, f"{topic}.dlq"]))
     env = process_env(dsn, qdrant, collection, tempfile.mkdtemp(prefix="outboxd-bench-data-"),
-                      KAFKA_BOOTSTRAP_SERVERS=bootstrap, OUTBOXD_KAFKA_TOPIC=topic, OUTBOXD_KAFKA_GROUP=group,
-                      OUTBOXD_KAFKA_PARTITIONS=str(partitions), OUTBOXD_BATCH_SIZE=str(batch))
+                      KAFKA_BOOTSTRAP_SERVERS=bootstrap, OUTBOXD_KAFKA__TOPIC=topic, OUTBOXD_KAFKA__GROUP=group,
+                      OUTBOXD_KAFKA__PARTITIONS=str(partitions), OUTBOXD_BATCH_SIZE=str(batch))
     procs = [OutboxdProcess(["consume"], env) for _ in range(count)]
     try:
         wait_until("the group holding every partition", lambda: _group_stable(procs, partitions), procs, START_TIMEOUT)

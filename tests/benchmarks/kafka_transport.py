@@ -44,8 +44,8 @@ def relay_process(settings, dsn: str):
     do not share an event loop), started and waiting for events; SIGTERM at exit."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOXD_")}
     env.update(
-        DATABASE_URL=dsn, KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
-        OUTBOXD_KAFKA_TOPIC=settings.kafka_topic, OUTBOXD_BATCH_SIZE=str(settings.batch_size),
+        DATABASE_URL=dsn, KAFKA_BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,
+        OUTBOXD_KAFKA__TOPIC=settings.kafka.topic, OUTBOXD_BATCH_SIZE=str(settings.batch_size),
         OUTBOXD_LOG_FORMAT="json", OUTBOXD_LOG_LEVEL="INFO",
     )
     with tempfile.TemporaryFile() as err:
@@ -90,8 +90,9 @@ async def measure(dsn: str, embedder: Embedder, n: int, bootstrap: str, settings
     settings_overrides: more keywords for settings_for (the collection, the Qdrant target)."""
     tag = uuid.uuid4().hex[:8]
     settings = settings_for(
-        dsn, kafka_bootstrap_servers=bootstrap, kafka_topic=f"outboxd.bench.{tag}", kafka_group=f"bench-{tag}",
-        kafka_partitions=6, batch_size=500, **settings_overrides,
+        dsn, kafka={"bootstrap_servers": bootstrap, "topic": f"outboxd.bench.{tag}", "group": f"bench-{tag}",
+                    "partitions": 6},
+        batch_size=500, **settings_overrides,
     )
     qdrant = qdrant if qdrant is not None else AsyncQdrantClient(location=":memory:")
     consumer = QdrantConsumer(settings, embedder=embedder, qdrant=qdrant)
@@ -133,7 +134,7 @@ async def measure(dsn: str, embedder: Embedder, n: int, bootstrap: str, settings
         "consume_events_per_s": round(n / consume_seconds),
         "events_per_s": round(n / path_seconds),
         "encodes_in_update_rounds": embedded,  # payload-only: 0
-        "partitions": settings.kafka_partitions,
+        "partitions": settings.kafka.partitions,
         "consumers": 1,
         "what": "payload-only updates of converged chunks: relay alone, consumer alone (in this process), then "
         "both at once as deployed, the relay a separate `outboxd relay` process (events/s of the path = n ÷ "

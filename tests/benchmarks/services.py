@@ -271,9 +271,14 @@ class QdrantTarget:
 
 # --- PostgreSQL helpers -------------------------------------------------------------
 def settings_for(dsn: str, target: QdrantTarget | None = None, **overrides) -> Settings:
+    """Settings of a benchmark; given kafka={...}, the Kafka wing's (StreamSettings)."""
     base = dict(database_url=dsn, collection="bench", log_level="WARNING")
     if target is not None:
         base.update(target.settings())
+    if "kafka" in overrides:
+        from consumers.settings import StreamSettings
+
+        return StreamSettings(**{**base, **overrides})
     return Settings(**{**base, **overrides})
 
 

@@ -99,7 +99,7 @@ def test_an_invalid_setting_exits_78_naming_the_variable(argv, unreachable, tmp_
     result = outboxd(argv, {**unreachable, "OUTBOXD_BATCH_SIZE": "0"}, tmp_path)
     assert result.returncode == EXIT_CONFIG, report(result)
     assert result.stderr.strip().splitlines() == [
-        "outboxd: invalid settings: OUTBOXD_BATCH_SIZE: Input should be greater than or equal to 1"
+        "outboxd: invalid settings: OUTBOXD_BATCH_SIZE: Input should be greater than or equal to 1 (given: '0')"
     ], report(result)
 
 
@@ -196,9 +196,9 @@ def test_tail_ends_quietly_when_its_reader_goes_away(conn, dsn, make_settings, k
     for i in range(8):
         add_document(conn, [f"Paragraph {i}-{j}: the outbox carries every change to the stream." for j in range(100)],
                      title=f"Document {i}")
-    asyncio.run(relay_drain(make_settings(kafka_bootstrap_servers=kafka_bootstrap, **names), dsn))
+    asyncio.run(relay_drain(make_settings(kafka={"bootstrap_servers": kafka_bootstrap, **names}), dsn))
 
-    env = base_env(KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, OUTBOXD_KAFKA_TOPIC=names["kafka_topic"],
+    env = base_env(KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, OUTBOXD_KAFKA__TOPIC=names["topic"],
                    PYTHONPATH=str(REPO))
     err = tmp_path / "tail.stderr"
     tail = shlex.join([sys.executable, "-m", "daemon.cli", "tail", "--from-beginning"])

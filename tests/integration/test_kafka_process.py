@@ -23,8 +23,8 @@ def kafka_env(dsn: str, bootstrap: str, names: dict[str, str], **settings) -> di
     return base_env(
         DATABASE_URL=dsn,
         KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-        OUTBOXD_KAFKA_TOPIC=names["kafka_topic"],
-        OUTBOXD_KAFKA_GROUP=names["kafka_group"],
+        OUTBOXD_KAFKA__TOPIC=names["topic"],
+        OUTBOXD_KAFKA__GROUP=names["group"],
         OUTBOXD_LEASE_SECONDS=3,
         OUTBOXD_POLL_INTERVAL=0.5,
         OUTBOXD_STARTUP_TIMEOUT=30,
@@ -60,7 +60,7 @@ async def test_consumer_killed_mid_batch_is_replaced_and_converges(
     STOPPING=1, /readyz with Kafka, Qdrant and the model, /metrics)."""
     names = kafka_names()
     insert_backlog(conn, long_texts(160, words=40, seed=7))
-    settings = make_settings(kafka_bootstrap_servers=kafka_bootstrap, **names)
+    settings = make_settings(kafka={"bootstrap_servers": kafka_bootstrap, **names})
     await relay_drain(settings, dsn)
     qpath = tmp_path / "qdrant"
     env = kafka_env(dsn, kafka_bootstrap, names, **qdrant_env(qpath), OUTBOXD_COLLECTION=collection,
@@ -70,7 +70,7 @@ async def test_consumer_killed_mid_batch_is_replaced_and_converges(
     first.wait_for(lambda: first.log("outboxd consume running"), "running", MODEL_LOAD_S)
     deadline = time.monotonic() + MODEL_LOAD_S
     while True:
-        committed, end = await committed_and_end(kafka_bootstrap, names["kafka_topic"], names["kafka_group"])
+        committed, end = await committed_and_end(kafka_bootstrap, names["topic"], names["group"])
         if committed > 0:
             break
         assert time.monotonic() < deadline, first.describe()
@@ -79,12 +79,12 @@ async def test_consumer_killed_mid_batch_is_replaced_and_converges(
     first.popen.wait(10)
     assert 0 < committed < end, f"killed after {committed} of {end} offsets: not mid-stream"
 
-    supervised = {**env, "NOTIFY_SOCKET": notify.path, "OUTBOXD_HEALTH_PORT": "0", "OUTBOXD_HEALTH_HOST": "127.0.0.1"}
+    supervised = {**env, "NOTIFY_SOCKET": notify.path, "OUTBOXD_HEALTH__PORT": "0", "OUTBOXD_HEALTH__HOST": "127.0.0.1"}
     second = spawn("consume", env=supervised, name="replacement")
     port = health_port(second)
     second.wait_for(lambda: second.log("outboxd consume running"), "running", MODEL_LOAD_S)
     deadline = time.monotonic() + MODEL_LOAD_S + 120
-    while (await committed_and_end(kafka_bootstrap, names["kafka_topic"], names["kafka_group"]))[0] < end:
+    while (await committed_and_end(kafka_bootstrap, names["topic"], names["group"]))[0] < end:
         assert time.monotonic() < deadline and second.popen.poll() is None, second.describe()
         await asyncio.sleep(0.3)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
@@ -134,14 +134,14 @@ async def test_relay_killed_mid_batch_loses_nothing(
     assert replacement.wait(120) == 0, replacement.describe()
     assert outbox_rows(conn) == []
 
-    records = await read_topic(kafka_bootstrap, names["kafka_topic"], timeout=30)
+    records = await read_topic(kafka_bootstrap, names["topic"], timeout=30)
     assert len({r.key for r in records}) == total
     # only the dead relay's claimed batch can have been published and not acknowledged, so
     # only it can appear twice; anything more would be a relay publishing what it had acked
     duplicates = len(records) - total
     assert 0 <= duplicates <= leased, (duplicates, leased)
 
-    settings = make_settings(kafka_bootstrap_servers=kafka_bootstrap, batch_size=500, **names)
+    settings = make_settings(kafka={"bootstrap_servers": kafka_bootstrap, **names}, batch_size=500)
     async with running(QdrantConsumer(settings, embedder=embedder, qdrant=qdrant)) as consumer:
         await wait_until_matches(dsn, qdrant, collection, timeout=180)
     assert consumer.stats.embedded <= 40  # duplicates and repeated texts cost no encode

@@ -38,10 +38,9 @@ TEXTS = [
 def kafka_settings(make_settings, kafka_bootstrap):
     names = kafka_names()
 
-    def make(**overrides):
-        return make_settings(**{
-            "kafka_bootstrap_servers": kafka_bootstrap, "kafka_partitions": 6, "batch_size": 16, **names, **overrides
-        })
+    def make(kafka=None, **overrides):
+        kafka = {"bootstrap_servers": kafka_bootstrap, "partitions": 6, **names, **(kafka or {})}
+        return make_settings(**{"kafka": kafka, "batch_size": 16, **overrides})
 
     return make
 
@@ -56,7 +55,7 @@ async def test_relay_publishes_self_contained_events_keyed_by_chunk(conn, dsn, k
     conn.execute("UPDATE chunks SET text = 'A new text.' WHERE id = %s", (ids[1],))
     await relay_drain(settings, dsn)
 
-    records = await read_topic(kafka_bootstrap, settings.kafka_topic)
+    records = await read_topic(kafka_bootstrap, settings.kafka.topic)
     by_chunk: dict[uuid.UUID, list] = {}
     for r in records:
         by_chunk.setdefault(uuid.UUID(r.key.decode()), []).append(r)
@@ -163,9 +162,9 @@ async def test_bad_messages_go_to_the_dead_letter_topic(
     await producer.start()
     bad_key = str(uuid.uuid4()).encode()
     try:
-        await producer.send_and_wait(settings.kafka_topic, b"{not json", key=bad_key)
-        await producer.send_and_wait(settings.kafka_topic, orjson.dumps({"schema": 99, "op": "upsert"}), key=bad_key)
-        await producer.send_and_wait(settings.kafka_topic, orjson.dumps({"op": "upsert", "chunk_id": "x"}), key=bad_key)
+        await producer.send_and_wait(settings.kafka.topic, b"{not json", key=bad_key)
+        await producer.send_and_wait(settings.kafka.topic, orjson.dumps({"schema": 99, "op": "upsert"}), key=bad_key)
+        await producer.send_and_wait(settings.kafka.topic, orjson.dumps({"op": "upsert", "chunk_id": "x"}), key=bad_key)
     finally:
         await producer.stop()
     add_document(conn, ["Written after the bad messages."])
@@ -179,14 +178,14 @@ async def test_bad_messages_go_to_the_dead_letter_topic(
             await asyncio.sleep(0.3)
     assert str(ids[0]) not in points and len(points) == 4
 
-    dead = await read_topic(kafka_bootstrap, settings.dead_letter_topic)
+    dead = await read_topic(kafka_bootstrap, settings.kafka.dead_letter_topic)
     errors = {contract.header(r.headers, H_ERROR) for r in dead}
     assert len(dead) == 4 and consumer.stats.dead_letters == 4
     assert any("not JSON" in e for e in errors)
     assert any("schema 99" in e and "upgrade the consumer" in e for e in errors)
     assert any("chunk_id" in e for e in errors)
     assert any("metadata is a JSON list" in e for e in errors)
-    assert all(contract.header(r.headers, H_SOURCE).startswith(settings.kafka_topic + "/") for r in dead)
+    assert all(contract.header(r.headers, H_SOURCE).startswith(settings.kafka.topic + "/") for r in dead)
 
 
 async def test_a_new_group_rebuilds_the_collection_from_the_compacted_topic(
@@ -206,7 +205,7 @@ async def test_a_new_group_rebuilds_the_collection_from_the_compacted_topic(
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
-        [described] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, settings.kafka_topic)])
+        [described] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, settings.kafka.topic)])
         configs = {c[0]: c[1] for c in described.resources[0][4]}
     finally:
         await admin.close()
@@ -214,7 +213,7 @@ async def test_a_new_group_rebuilds_the_collection_from_the_compacted_topic(
 
     rebuilt = open_qdrant(":memory:")  # a Qdrant without this collection, a group that never ran
     try:
-        fresh = settings.model_copy(update={"kafka_group": settings.kafka_group + "-rebuild"})
+        fresh = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"group": settings.kafka.group + "-rebuild"})})
         async with running(QdrantConsumer(fresh, embedder=embedder, qdrant=rebuilt)):
             await wait_until_matches(dsn, rebuilt, collection)
         assert await assert_converged(dsn, rebuilt, collection, embedder) == 3
@@ -232,7 +231,7 @@ async def test_an_older_event_never_overwrites_a_newer_one(
     settings = kafka_settings()
     _, [cid] = add_document(conn, ["The current text."])
     await relay_drain(settings, dsn)
-    [current] = await read_topic(kafka_bootstrap, settings.kafka_topic)
+    [current] = await read_topic(kafka_bootstrap, settings.kafka.topic)
     newest = contract.decode(current.value)
     older = newest.model_copy(
         update={"version": newest.version - 1, "chunk": newest.chunk.model_copy(update={"text": "A stale text."})}
@@ -247,7 +246,7 @@ async def test_an_older_event_never_overwrites_a_newer_one(
             for seen, event in enumerate((older, stale_delete), start=2):
                 await wait_for(lambda: consumer.stats.records >= seen - 1)
                 await producer.send_and_wait(
-                    settings.kafka_topic, contract.encode(event), str(cid).encode(), headers=contract.headers(event)
+                    settings.kafka.topic, contract.encode(event), str(cid).encode(), headers=contract.headers(event)
                 )
             await wait_for(lambda: consumer.stats.records >= 3)
     finally:
@@ -268,8 +267,8 @@ def test_status_reports_the_consumer_groups_lag(conn, dsn, kafka_settings, capsy
     asyncio.run(relay_drain(settings, dsn))
     for variable, value in {
         "DATABASE_URL": dsn, "OUTBOXD_COLLECTION": settings.collection,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers, "OUTBOXD_KAFKA_TOPIC": settings.kafka_topic,
-        "OUTBOXD_KAFKA_GROUP": settings.kafka_group,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers, "OUTBOXD_KAFKA__TOPIC": settings.kafka.topic,
+        "OUTBOXD_KAFKA__GROUP": settings.kafka.group,
     }.items():
         monkeypatch.setenv(variable, value)
     capsys.readouterr()
@@ -278,10 +277,10 @@ def test_status_reports_the_consumer_groups_lag(conn, dsn, kafka_settings, capsy
     kafka = doc["kafka"]
     assert "error" not in kafka, kafka
     assert kafka["consumer_lag"] == 3 and sum(kafka["partitions"].values()) == 3  # nothing consumed yet
-    assert kafka["topic"] == settings.kafka_topic and kafka["group"] == settings.kafka_group
+    assert kafka["topic"] == settings.kafka.topic and kafka["group"] == settings.kafka.group
     relay = doc["relay"]  # the relay published everything: nothing left for it, no leases held
     assert (relay["transport"], relay["topic"], relay["backlog"], relay["lag_seconds"], relay["workers"]) == (
-        "kafka", settings.kafka_topic, 0, 0.0, [])
+        "kafka", settings.kafka.topic, 0, 0.0, [])
 
     add_document(conn, ["A chunk the relay has not published yet."])
     assert cli.main(["status", "--json", *qdrant_flags(settings.local_qdrant_path), "--max-lag", "0"]) == 3
@@ -314,12 +313,12 @@ async def test_a_missing_topic_is_an_error_when_creation_is_off(dsn, kafka_setti
     from consumers.relay import Relay
     from daemon.errors import ConfigError
 
-    settings = kafka_settings(kafka_create_topics=False)
+    settings = kafka_settings(kafka={"create_topics": False})
     relay = Relay(settings, dsn)
     try:
-        with pytest.raises(ConfigError, match=r"do not exist and OUTBOXD_KAFKA_CREATE_TOPICS is false") as err:
+        with pytest.raises(ConfigError, match=r"do not exist and OUTBOXD_KAFKA__CREATE_TOPICS is false") as err:
             await relay.start()
-        assert settings.kafka_topic in str(err.value)
+        assert settings.kafka.topic in str(err.value)
     finally:
         await relay.close()
 
@@ -393,7 +392,7 @@ async def test_a_stale_upsert_after_a_delete_does_not_bring_the_point_back(
     settings = kafka_settings()
     _, [cid] = add_document(conn, ["Soon deleted."])
     await relay_drain(settings, dsn)
-    [published] = await read_topic(kafka_bootstrap, settings.kafka_topic)
+    [published] = await read_topic(kafka_bootstrap, settings.kafka.topic)
     upsert = contract.decode(published.value)
     delete = contract.ChunkDeleted(**{**upsert.model_dump(exclude={"op", "chunk"}), "version": upsert.version + 10})
     stale = upsert.model_copy(update={"version": upsert.version + 5})
@@ -405,7 +404,7 @@ async def test_a_stale_upsert_after_a_delete_does_not_bring_the_point_back(
             for seen, event in enumerate((delete, stale), start=2):
                 await wait_for(lambda: consumer.stats.records >= seen - 1, what=f"record {seen - 1} applied")
                 await producer.send_and_wait(
-                    settings.kafka_topic, contract.encode(event), str(cid).encode(), headers=contract.headers(event)
+                    settings.kafka.topic, contract.encode(event), str(cid).encode(), headers=contract.headers(event)
                 )
             await wait_for(lambda: consumer.stats.records >= 3, what="the stale upsert consumed")
     finally:

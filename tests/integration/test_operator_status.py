@@ -210,7 +210,7 @@ async def test_status_reports_the_relay_as_the_outbox_backlog(dsn, conn, tmp_pat
     gone = await make_outbox("relay-gone", 30, application_name="outboxd:cli")  # no session of its own name
     await gone.claim(1)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")  # nothing listens: the kafka section says so
-    monkeypatch.setenv("OUTBOXD_KAFKA_TOPIC", "docs.chunks")
+    monkeypatch.setenv("OUTBOXD_KAFKA__TOPIC", "docs.chunks")
     code, doc, err = await status_json(capsys, dsn, tmp_path, collection)
     assert code == 0, err
     relay = doc["relay"]

@@ -217,7 +217,7 @@ async def test_server_killed_mid_batch_and_restarted_converges(spawn, conn, dsn,
     texts = long_texts(192, words=40, seed=5)
     insert_backlog(conn, texts, per_document=48)
     env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, OUTBOXD_BATCH_SIZE=16, OUTBOXD_LEASE_SECONDS=5,
-                   OUTBOXD_POLL_INTERVAL=0.5, OUTBOXD_HEALTH_PORT=0, OUTBOXD_HEALTH_HOST="127.0.0.1",
+                   OUTBOXD_POLL_INTERVAL=0.5, OUTBOXD_HEALTH__PORT=0, OUTBOXD_HEALTH__HOST="127.0.0.1",
                    OUTBOXD_RETRY_BACKOFF_MAX=2, **own_server.env())
     daemon = spawn("run", env=env, name="through-a-crash")
     port = health_port(daemon)

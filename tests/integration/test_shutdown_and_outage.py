@@ -109,7 +109,7 @@ async def test_a_postgresql_outage_shows_in_the_metrics(spawn, conn, dsn, collec
     retries for dependency="postgresql", outboxd_dependency_up and outboxd_ready
     drop to 0; afterwards they are back at 1 and the backlog drains."""
     insert_backlog(conn, long_texts(64, words=120, seed=9), per_document=16)
-    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_HEALTH_PORT=0, OUTBOXD_HEALTH_HOST="127.0.0.1",
+    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_HEALTH__PORT=0, OUTBOXD_HEALTH__HOST="127.0.0.1",
                      OUTBOXD_BATCH_SIZE=16, OUTBOXD_CONCURRENCY=1)
     daemon = spawn("run", env=env, name="outage")
     port = health_port(daemon)

@@ -47,7 +47,7 @@ async def test_systemd_notifications_health_and_metrics_of_a_real_daemon(
     env = daemon_env(
         dsn, qpath, collection,
         NOTIFY_SOCKET=notify.path, WATCHDOG_USEC=200_000,
-        OUTBOXD_HEALTH_PORT=0, OUTBOXD_HEALTH_HOST="127.0.0.1",
+        OUTBOXD_HEALTH__PORT=0, OUTBOXD_HEALTH__HOST="127.0.0.1",
         OUTBOXD_BATCH_SIZE=4, OUTBOXD_LOG_LEVEL="DEBUG",
     )
     env.pop("WATCHDOG_PID", None)
@@ -131,7 +131,7 @@ def test_unreachable_postgresql_fails_readiness_and_never_leaks_the_password(spa
     env = daemon_env(
         url, tmp_path / "qdrant", collection,
         QDRANT_API_KEY=API_KEY, OUTBOXD_STARTUP_TIMEOUT=8, OUTBOXD_LOG_LEVEL="DEBUG",
-        OUTBOXD_HEALTH_PORT=0, OUTBOXD_HEALTH_HOST="127.0.0.1", NOTIFY_SOCKET=notify.path,
+        OUTBOXD_HEALTH__PORT=0, OUTBOXD_HEALTH__HOST="127.0.0.1", NOTIFY_SOCKET=notify.path,
     )
     proc = spawn("run", env=env, name="unreachable")
     port = health_port(proc)
@@ -166,7 +166,7 @@ def test_health_port_in_use_is_a_configuration_error(spawn, collection, tmp_path
         taken = holder.getsockname()[1]
         env = daemon_env(
             f"postgresql://outboxd:{PASSWORD}@127.0.0.1:1/outboxd", tmp_path / "qdrant", collection,
-            OUTBOXD_HEALTH_PORT=taken, OUTBOXD_HEALTH_HOST="127.0.0.1",
+            OUTBOXD_HEALTH__PORT=taken, OUTBOXD_HEALTH__HOST="127.0.0.1",
         )
         proc = spawn("run", env=env, name="port-taken")
         assert proc.wait(60) == 78, proc.describe()

@@ -26,7 +26,7 @@ UNPREFIXED = ("DATABASE_URL", "QDRANT_URL", "QDRANT_API_KEY", "KAFKA_BOOTSTRAP_S
               "EMBEDDING_API_KEY")
 HEAVY = ("pydantic", "pydantic_settings", "psycopg", "psycopg_pool", "qdrant_client", "numpy", "torch",
          "sentence_transformers", "aiokafka", "sqlalchemy", "rich")
-SECRETS = ("database_url", "qdrant_api_key", "kafka_sasl_password", "embedding_api_key")
+SECRETS = ("database_url", "qdrant_api_key", "sasl_password", "embedding_api_key")
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +98,7 @@ def test_env_names_are_the_documented_ones():
     assert env_name("qdrant_api_key") == "QDRANT_API_KEY"
     assert env_name("batch_size") == "OUTBOXD_BATCH_SIZE"
     assert env_name("retry_backoff_max") == "OUTBOXD_RETRY_BACKOFF_MAX"
+    assert env_name("health.port") == "OUTBOXD_HEALTH__PORT"  # a table's: OUTBOXD_<TABLE>__<NAME>
 
 
 def test_precedence_flag_environment_dotenv_config_default(monkeypatch, tmp_path):
@@ -123,7 +124,7 @@ def test_config_file_through_the_cli(monkeypatch, tmp_path, capsys):
     good = tmp_path / "good.toml"
     good.write_text('collection = "from_config"\nbatch_size = 0\n')
     assert cli.main(["roles", "--config", str(good)]) == EXIT_CONFIG  # batch_size = 0 is invalid: it was read
-    assert "OUTBOXD_BATCH_SIZE" in capsys.readouterr().err
+    assert f"batch_size in {good}" in capsys.readouterr().err  # named as the file names it
 
     bad = tmp_path / "bad.toml"
     bad.write_text("batch_size = = 3\n")

@@ -12,7 +12,7 @@ import pytest
 from consumers import contract
 from consumers.kafka_clients import client_options, topic_specs
 from consumers.qdrant_consumer import UNVERSIONED, parse
-from daemon.config import Settings
+from consumers.settings import StreamSettings
 from daemon.core.chunk_state import ChunkState
 from daemon.errors import ConfigError, is_transient
 
@@ -86,22 +86,22 @@ def test_the_consumer_reads_tombstones_and_refuses_mismatched_keys():
 
 
 def test_kafka_options_come_from_the_settings():
-    s = Settings(kafka_bootstrap_servers="a:9092,b:9092", worker_name="w1")
+    s = StreamSettings(kafka={"bootstrap_servers": "a:9092,b:9092"}, worker_name="w1")
     opts = client_options(s, suffix="-relay")
     assert opts["bootstrap_servers"] == ["a:9092", "b:9092"] and opts["client_id"] == "outboxd-w1-relay"
-    sasl = Settings(
-        kafka_bootstrap_servers="a:9092", kafka_security_protocol="SASL_PLAINTEXT",
-        kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="u", kafka_sasl_password="p",
-    )
+    sasl = StreamSettings(kafka={
+        "bootstrap_servers": "a:9092", "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "u", "sasl_password": "p",
+    })
     assert client_options(sasl)["sasl_plain_password"] == "p"
     with pytest.raises(ConfigError, match="KAFKA_SASL_PASSWORD"):
-        client_options(Settings(kafka_bootstrap_servers="a:9092", kafka_security_protocol="SASL_SSL"))
+        client_options(StreamSettings(kafka={"bootstrap_servers": "a:9092", "security_protocol": "SASL_SSL"}))
     with pytest.raises(ConfigError, match="KAFKA_BOOTSTRAP_SERVERS is not set"):
-        client_options(Settings(kafka_bootstrap_servers=None))
+        client_options(StreamSettings(kafka={"bootstrap_servers": None}))
 
 
 def test_the_chunk_topic_is_compacted_and_the_dead_letters_are_not():
-    s = Settings(kafka_topic="chunks.v1")
+    s = StreamSettings(kafka={"topic": "chunks.v1"})
     specs = topic_specs(s)
     assert specs["chunks.v1"]["cleanup.policy"] == "compact"
     assert specs["chunks.v1.dlq"]["cleanup.policy"] == "delete"

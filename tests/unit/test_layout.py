@@ -110,3 +110,20 @@ def test_every_package_data_pattern_matches_a_file():
     empty = [f"{package}/{pattern}" for package, patterns in data.items() for pattern in patterns
              if not list((REPO / package).glob(pattern))]
     assert empty == []
+
+
+def test_the_core_settings_hold_nothing_of_the_kafka_wing():
+    """The Kafka settings are the wing's ([kafka], consumers.settings): the core's
+    Settings has no Kafka field, and building it loads nothing of consumers/ (a
+    real process: nothing loaded by other tests)."""
+    import subprocess
+    import sys
+
+    from daemon.config import Settings
+
+    assert not [name for name in Settings.model_fields if "kafka" in name.lower()]
+    script = ("import sys\nfrom daemon.config import Settings\nSettings()\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'consumers'))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

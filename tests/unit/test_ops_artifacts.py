@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import SecretStr
-
+from consumers.settings import StreamSettings
 from daemon.cli import COMMANDS
-from daemon.config import Settings, env_name
+from daemon.config import Settings
+from daemon.config_sources import settings_of
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
@@ -65,23 +65,27 @@ def test_parses_knows_a_removed_flag():
     assert not parses(["run", "--database-url", "postgresql:///x"]) and not parses(["nope"])
 
 
-def _secret_fields() -> list[str]:
-    return [n for n, f in Settings.model_fields.items() if f.annotation == SecretStr | None]
+# the artifacts run the core's commands and the Kafka wing's: StreamSettings is both
+SETTINGS = settings_of(StreamSettings)
+
+
+def _secrets() -> list:
+    return [s for s in SETTINGS if s.secret]
+
+
+def secret_variables() -> set[str]:
+    """Every name a secret is set by directly (never in an artifact: they use *_FILE)."""
+    return {name for s in _secrets() for name in s.names}
 
 
 @cache
 def known_env() -> frozenset[str]:
-    """Every variable a Settings field is read from (env_name() and its other
-    upper-case aliases), plus <VAR>_FILE for the secret ones (what
-    daemon.config.SecretFileSource reads)."""
-    names = {env_name(n) for n in Settings.model_fields}
-    for name in Settings.model_fields:
-        alias = Settings.model_fields[name].validation_alias
-        if alias is not None:
-            names |= {a for a in alias.choices if isinstance(a, str) and a.isupper()}
-    for name in _secret_fields():
-        alias = Settings.model_fields[name].validation_alias
-        names |= {f"{a}_FILE" for a in alias.choices if isinstance(a, str) and a.isupper()}
+    """Every current variable a setting is read from (OUTBOXD_<NAME>,
+    OUTBOXD_<TABLE>__<NAME>, the conventional names), plus <VAR>_FILE for the
+    secret ones (what daemon.config_sources.SecretFileSource reads). Not the
+    deprecated flat names: the artifacts show the names to use."""
+    names = {v for s in SETTINGS for v in s.variables}
+    names |= {f"{v}_FILE" for s in _secrets() for v in s.variables}
     return frozenset(names)
 
 
@@ -94,12 +98,14 @@ def unknown_env(names) -> list[str]:
 
 
 def test_the_env_rule_knows_the_conventional_names():
-    # a guard on the helper itself: if env_name() changes, the checks below must follow
+    # a guard on the helper itself: if the names change, the checks below must follow
     for name in ("DATABASE_URL", "QDRANT_URL", "QDRANT_API_KEY", "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SASL_PASSWORD",
                  "DATABASE_URL_FILE", "QDRANT_API_KEY_FILE", "KAFKA_SASL_PASSWORD_FILE", "OUTBOXD_DRAIN_TIMEOUT",
-                 "OUTBOXD_HEALTH_PORT", "OUTBOXD_WORKER_NAME", "OUTBOXD_DATA_DIR", "OTEL_SERVICE_NAME", "HF_HUB_OFFLINE"):
+                 "OUTBOXD_HEALTH__PORT", "OUTBOXD_KAFKA__TOPIC", "OUTBOXD_KAFKA__SASL_PASSWORD_FILE",
+                 "OUTBOXD_WORKER_NAME", "OUTBOXD_DATA_DIR", "OTEL_SERVICE_NAME", "HF_HUB_OFFLINE"):
         assert env_allowed(name), name
-    for name in ("OUTBOXD_NO_SUCH_SETTING", "QDRANT_URL_FILE", "OUTBOXD_COLLECTION_FILE", "HOME"):
+    for name in ("OUTBOXD_NO_SUCH_SETTING", "QDRANT_URL_FILE", "OUTBOXD_COLLECTION_FILE", "HOME",
+                 "OUTBOXD_HEALTH_PORT", "OUTBOXD_KAFKA_TOPIC"):  # deprecated: not in the artifacts
         assert not env_allowed(name), name
     assert {"run", "migrate"} <= subcommands()
 
@@ -246,20 +252,19 @@ def test_every_env_var_in_the_manifests_is_a_setting():
                 assert source["configMapRef"]["name"] == k8s("ConfigMap")[0]["metadata"]["name"]
     assert not problems, f"not settings outboxd reads: {problems}"
     # the ConfigMap holds no secrets
-    secrets = {env_name(n) for n in _secret_fields()}
-    assert not secrets & set(configmap())
+    assert not secret_variables() & set(configmap())
 
 
 def test_the_configmap_values_are_valid_settings(monkeypatch):
     for key, value in configmap().items():
         monkeypatch.setenv(key, value)
-    settings = Settings()
-    assert settings.health_port == HEALTH_PORT
+    settings = StreamSettings()
+    assert settings.health.port == HEALTH_PORT
     assert settings.log_format == "json"
 
 
 def test_probes_hit_the_health_endpoints():
-    assert configmap()["OUTBOXD_HEALTH_PORT"] == str(HEALTH_PORT)
+    assert configmap()["OUTBOXD_HEALTH__PORT"] == str(HEALTH_PORT)
     for d in k8s("Deployment"):
         name = d["metadata"]["name"]
         (c,) = d["spec"]["template"]["spec"]["containers"]
@@ -311,7 +316,7 @@ def test_secrets_arrive_as_files():
     secret is ever an environment value."""
     (secret,) = k8s("Secret")
     secret_keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
-    direct = {env_name(n) for n in _secret_fields()} | {f"OUTBOXD_{n.upper()}" for n in _secret_fields()}
+    direct = secret_variables()
     for name, spec in pod_specs():
         volumes = {v["name"]: v for v in spec["volumes"]}
         (c,) = spec["containers"]
@@ -441,7 +446,7 @@ def test_compose_env_vars_are_settings(monkeypatch):
         with monkeypatch.context() as m:
             for key, value in env.items():
                 m.setenv(key, str(value))
-            Settings()  # the values parse, too
+            StreamSettings()  # the values parse, too
     consumers = [_environment(s)["OUTBOXD_WORKER_NAME"] for n, s in outboxd_services().items() if n.startswith("consumer")]
     assert len(set(consumers)) == len(consumers) == 2
 
@@ -588,8 +593,7 @@ def test_unit_environment_is_settings(unit_file):
     unit = parse_unit(unit_file)
     env = environment(unit)
     assert not unknown_env(env), f"{unit_file.name}: {unknown_env(env)}"
-    direct = {env_name(n) for n in _secret_fields()}
-    assert not direct & set(env), "secrets come from credentials, not Environment="
+    assert not secret_variables() & set(env), "secrets come from credentials, not Environment="
     credentials = {v.split(":", 1)[0] for v in unit["Service"].get("LoadCredential", [])}
     for key, value in env.items():
         if key.endswith("_FILE"):
@@ -650,13 +654,12 @@ def env_example() -> dict[str, str]:
 def test_env_example_sets_only_settings_and_no_secrets(monkeypatch):
     example = env_example()
     assert not unknown_env(example), unknown_env(example)
-    secrets = {env_name(n) for n in _secret_fields()}
-    assert not secrets & set(example), "secrets belong in credentials"
+    assert not secret_variables() & set(example), "secrets belong in credentials"
     assert "OUTBOXD_WORKER_NAME" not in example  # it would override every unit's own
-    assert "OUTBOXD_HEALTH_PORT" not in example  # each unit on a host needs its own
+    assert "OUTBOXD_HEALTH__PORT" not in example  # each unit on a host needs its own
     for key, value in example.items():
         monkeypatch.setenv(key, value)
-    Settings()
+    StreamSettings()
 
 
 def _units_for_analyze(tmp_path: Path) -> tuple[str, list[str]]:
@@ -776,7 +779,7 @@ def test_dockerfile_environment():
             env[key] = value
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["OUTBOXD_LOG_FORMAT"] == "json"
-    assert env["OUTBOXD_HEALTH_PORT"] == str(HEALTH_PORT)
+    assert env["OUTBOXD_HEALTH__PORT"] == str(HEALTH_PORT)
     outboxd_vars = [k for k in env if k.startswith("OUTBOXD_") or k in known_env()]
     assert not unknown_env(outboxd_vars)
 

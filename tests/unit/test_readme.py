@@ -9,9 +9,8 @@ import click
 import pytest
 
 from daemon import cli
-from daemon.commands.options import load_settings
-from daemon.config import Settings, env_name
-from daemon.config_sources import _nested_models
+from daemon.commands.options import every_settings_class, load_settings
+from daemon.config_sources import _nested_models, settings_of
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -45,13 +44,16 @@ def help_text(argv: list[str], capsys) -> str:
 
 
 def test_every_setting_is_in_the_settings_table():
-    """Each Settings field's environment variable has a row in the Configuration table
-    (a nested backend table as OUTBOXD_<NAME>__BACKEND); nothing else does."""
+    """Each setting's environment variable, the core's and every installed wing's,
+    has a row in the Configuration table (a table's settings each their own row,
+    the embedding backend's union as OUTBOXD_EMBEDDING__BACKEND); nothing else does."""
     rows = set(re.findall(r"^\| `([A-Z_]+)` \|", section("Configuration"), re.M))
     expected = set()
-    for name, field in Settings.model_fields.items():
-        nested = _nested_models(field.annotation)
-        expected.add(f"{env_name(name)}__BACKEND" if nested else env_name(name))
+    for cls in every_settings_class():
+        for s in settings_of(cls):
+            union = len(_nested_models(cls.model_fields[s.path[0]].annotation)) > 1
+            if not union or s.path[1] == "backend":
+                expected.add(s.variable)
     assert rows == expected
 
 
@@ -94,9 +96,11 @@ def test_the_config_file_example_loads_without_a_warning(tmp_path, monkeypatch):
     (toml,) = re.findall(r"```toml\n(.*?)```", COMMANDS, re.S)
     path = tmp_path / "outboxd.toml"
     path.write_text(toml)
-    settings, problems = load_settings(path, {}, strict=True)
+    settings, problems = load_settings(path, {}, strict=True, settings="consumers.settings:StreamSettings")
     assert problems == []
     assert settings.collection == "docs" and settings.embedding.backend == "onnx"
+    assert settings.kafka.topic == "docs.chunks"
+    assert load_settings(path, {}, strict=True)[1] == []  # the core's commands know the wing's table too
 
 
 def test_the_exit_code_table_matches_daemon_errors():

@@ -133,7 +133,7 @@ async def test_watchdog_pings_only_while_the_heartbeat_is_fresh(notify_socket):
     daemon = SimpleNamespace(
         notifier=SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}),
         heartbeat=heartbeat,
-        settings=SimpleNamespace(heartbeat_timeout=1.0),
+        settings=SimpleNamespace(health=SimpleNamespace(heartbeat_timeout=1.0)),
         stuck_workers=lambda: [],
     )
 
