@@ -1,6 +1,6 @@
 """The Kafka transport's settings: the [kafka] table, and StreamSettings, the
 core settings (daemon.config.Settings) with it, which relay, consume and tail
-build (and `outboxd status`, where this wing is installed; daemon.cli finds
+build (and `outboxd status`, where this wing is installed; daemon.wings finds
 this class by name).
 
     KAFKA_BOOTSTRAP_SERVERS=broker:9092      (conventional; also OUTBOXD_KAFKA__BOOTSTRAP_SERVERS)

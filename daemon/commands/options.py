@@ -125,11 +125,11 @@ CORE_SETTINGS = "daemon.config:Settings"
 
 def settings_class(name: str | None = None) -> type:
     """The settings class a command builds: the core's (daemon.config.Settings) by
-    default; a "module:Class"; or a wing's by its name in daemon.cli.PLUGINS, the
+    default; a "module:Class"; or a wing's by its name in daemon.wings.PLUGINS, the
     core's where that wing is not installed (`status` reports Kafka where it can)."""
     import importlib
 
-    from daemon.cli import PLUGINS, installed
+    from daemon.wings import PLUGINS, installed
 
     if name in PLUGINS:
         return installed(name) or settings_class()
@@ -140,7 +140,7 @@ def settings_class(name: str | None = None) -> type:
 def every_settings_class() -> list[type]:
     """The core's settings class and every installed wing's: a variable that one
     of them reads is never "unknown", whichever command reads the environment."""
-    from daemon.cli import WING_SETTINGS, installed
+    from daemon.wings import WING_SETTINGS, installed
 
     return [settings_class(), *filter(None, map(installed, WING_SETTINGS))]
 

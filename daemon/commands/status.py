@@ -193,7 +193,7 @@ def read_kafka(settings) -> dict[str, Any] | None:
     wing's report, found by name (the core never imports consumers/)."""
     if kafka_of(settings) is None:
         return None
-    from daemon.cli import plugin
+    from daemon.wings import plugin
 
     return plugin("kafka_status")(settings)
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from consumers.settings import KafkaSettings, StreamSettings
-from daemon import cli
+from daemon import cli, wings
 from daemon.commands.options import every_settings_class, load_settings, settings_class
 from daemon.config import Settings
 from daemon.config_sources import check_names, settings_of
@@ -59,7 +59,7 @@ def test_a_command_names_its_settings_class_and_status_falls_back_without_the_wi
     assert settings_class() is Settings and settings_class(STREAM) is StreamSettings
     assert settings_class("stream_settings") is StreamSettings
     assert every_settings_class() == [Settings, StreamSettings]
-    monkeypatch.setitem(cli.PLUGINS, "stream_settings", "no_such_wing.settings:StreamSettings")
+    monkeypatch.setitem(wings.PLUGINS, "stream_settings", "no_such_wing.settings:StreamSettings")
     assert settings_class("stream_settings") is Settings
     assert every_settings_class() == [Settings]
 
@@ -331,7 +331,7 @@ def test_a_bad_kafka_choice_lists_the_choices(monkeypatch, capsys):
 HEAVY = ("qdrant_client", "torch", "sentence_transformers", "psycopg", "numpy", "aiokafka", "httpx")
 INVALID = """
 import contextlib, io, json, sys
-from daemon import cli
+from daemon import cli, wings
 err = io.StringIO()
 with contextlib.redirect_stderr(err):
     code = cli.main(sys.argv[1:])
