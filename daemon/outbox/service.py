@@ -115,7 +115,12 @@ class OutboxService(Service):
         self.started = True
 
     async def _open_pool(self) -> None:
-        await self.pool.open(wait=True, timeout=min(10.0, self.settings.startup_timeout))
+        # Not open(wait=True): a pool that times out waiting closes for good, so a
+        # PostgreSQL back within the start-up timeout would never be reached again.
+        # The open pool keeps connecting in the background; each try asks it for one.
+        await self.pool.open()
+        async with self.pool.connection(timeout=min(10.0, self.settings.startup_timeout)) as conn:
+            await conn.execute("SELECT 1")
 
     async def _check_schema(self) -> None:
         current, head = await self._revisions()

@@ -333,6 +333,32 @@ async def test_postgres_outage_ends_in_convergence(conn, dsn, qdrant, collection
     assert await assert_converged(dsn, qdrant, collection, embedder) == 60
 
 
+async def test_postgres_down_at_start_longer_than_one_try_is_waited_for(conn, dsn, qdrant, collection, embedder,
+                                                                       make_settings, caplog):
+    """PostgreSQL refuses connections when the daemon starts, for longer than one
+    try of the pool (10 s): the daemon keeps trying within OUTBOXD_STARTUP_TIMEOUT
+    and converges once it is back, instead of giving up on a pool that closed."""
+    dbname = conn.info.dbname
+    add_document(conn, [f"written before the start {i}" for i in range(5)])
+    admin = psycopg.connect(dsn, autocommit=True, dbname="postgres")
+    admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+    daemon = NotifyDaemon(make_settings(startup_timeout=60), dsn, embedder=embedder, qdrant=qdrant)
+    run = asyncio.create_task(run_service(daemon))
+    try:
+        await wait_until(lambda: "PostgreSQL not reachable yet; retrying" in caplog.text, timeout=30)
+        assert not daemon.started
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        await wait_until(lambda: daemon.started, timeout=45)
+        with psycopg.connect(dsn, autocommit=True) as fresh:
+            await wait_until(lambda: not outbox_rows(fresh), timeout=60)
+    finally:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        admin.close()
+        daemon.stop.set()
+        assert await run == 0
+    assert await assert_converged(dsn, qdrant, collection, embedder) == 5
+
+
 # --- invariant 6: poison isolation and dead letters ----------------------------------------
 async def test_poison_chunk_becomes_a_dead_letter_and_others_converge(conn, dsn, qdrant, collection, embedder, make_settings, capsys):
     """A chunk whose metadata cannot be a payload object is retried, then parked
