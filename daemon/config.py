@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.config_sources import ConfigFileSource, SecretFileError, SecretFileSource, env_variables
@@ -30,6 +30,30 @@ def env_name(name: str) -> str:
 
 def _default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class VerifySettings(BaseModel):
+    """The continuous verifier of `outboxd run` (docs/verification.md): one daemon of
+    the fleet at a time walks chunk ids and point ids in order, a range at a time,
+    and enqueues a repair event for whatever differs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chunks_per_second: float = Field(
+        50.0, ge=0, description="Chunk ids the verifier checks per second at most (0: no verifier in this daemon)."
+    )
+    range_size: int = Field(
+        500, ge=1, le=10_000,
+        description="Chunk ids per checked range: one PostgreSQL page and one Qdrant scroll, then a checkpoint.",
+    )
+    lease_seconds: float = Field(
+        30.0, gt=0,
+        description="Another daemon takes over the verifier when its holder has not renewed it for this long.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.chunks_per_second > 0
 
 
 class Settings(BaseSettings):
@@ -183,6 +207,13 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = Field(None, description="CA bundle that signs the brokers' certificates.")
     kafka_ssl_certfile: Path | None = Field(None, description="Client certificate (mutual TLS).")
     kafka_ssl_keyfile: Path | None = Field(None, description="Client certificate's private key (mutual TLS).")
+
+    # --- continuous verification ------------------------------------------------------
+    verify: VerifySettings = Field(
+        default_factory=VerifySettings,
+        description="The continuous verifier (OUTBOXD_VERIFY__CHUNKS_PER_SECOND, __RANGE_SIZE, __LEASE_SECONDS; "
+        "the [verify] table of the config file).",
+    )
 
     # --- health and telemetry --------------------------------------------------------
     health_port: int | None = Field(

@@ -46,12 +46,18 @@ def help_text(argv: list[str], capsys) -> str:
 
 def test_every_setting_is_in_the_settings_table():
     """Each Settings field's environment variable has a row in the Configuration table
-    (a nested backend table as OUTBOXD_<NAME>__BACKEND); nothing else does."""
+    (a nested backend table as OUTBOXD_<NAME>__BACKEND, another nested group as each
+    of its OUTBOXD_<NAME>__<KEY>); nothing else does."""
     rows = set(re.findall(r"^\| `([A-Z_]+)` \|", section("Configuration"), re.M))
     expected = set()
     for name, field in Settings.model_fields.items():
         nested = _nested_models(field.annotation)
-        expected.add(f"{env_name(name)}__BACKEND" if nested else env_name(name))
+        if not nested:
+            expected.add(env_name(name))
+        elif any("backend" in model.model_fields for _, model in nested):
+            expected.add(f"{env_name(name)}__BACKEND")
+        else:
+            expected |= {f"{env_name(name)}__{key.upper()}" for _, model in nested for key in model.model_fields}
     assert rows == expected
 
 
