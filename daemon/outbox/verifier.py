@@ -24,10 +24,12 @@ catches them when someone runs it. The verifier runs all the time, slowly:
 - at most one range of `range_size` ids every range_size / chunks_per_second
   seconds, so the work is bounded whatever the collection holds.
 
-It never stops the daemon: a failure of its own (an outage, an error) is
-logged and retried with the one backoff, while the daemon goes on applying
-events; a verifier that stays stuck shows as a pass that never completes
-(outboxd_verify_pass_started_timestamp_seconds, alert OutboxdVerifyPassOverdue).
+A failure of its own (an outage, an error) is logged and retried with the one
+backoff while the daemon goes on applying events; a verifier that stays stuck
+shows as a pass that never completes (outboxd_verify_pass_started_timestamp_seconds,
+alert OutboxdVerifyPassOverdue). Only what no waiting heals stops the daemon, as
+it would the apply path: a configuration error (exit 78), such as Qdrant
+refusing the key, or the collection retired by a reindex.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from daemon.admin.drift import KINDS, Reconciler, Repair
 from daemon.config import VerifySettings
-from daemon.errors import describe, is_transient
+from daemon.errors import ConfigError, describe, is_transient, refusal
 from daemon.runtime.backoff import OUTAGE
 from daemon.runtime.batch_policy import wait_for_any
 from daemon.telemetry import Metrics
@@ -185,7 +187,11 @@ class Verifier:
                         self.holding = False
                         await wait_for_any([self.stop], self.poll_seconds)
                     failures.reset()
+                except ConfigError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - the daemon's real work goes on without it
+                    if (refused := refusal(exc)) is not None:
+                        raise refused from exc
                     delay = failures.next_delay()
                     level = logging.WARNING if is_transient(exc) else logging.ERROR
                     log.log(level, "verifier failed; retrying", exc_info=None if is_transient(exc) else exc,

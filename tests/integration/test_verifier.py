@@ -27,6 +27,9 @@ from qdrant_client import models
 
 from daemon import cli
 from daemon.admin.drift import KINDS, Reconciler, enqueue_repair
+from daemon.config import VerifySettings
+from daemon.errors import CollectionRetiredError
+from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.outbox.verifier import VerifierLease
 from tests.processes import daemon_env, health_port, sample
 from tests.support import add_document, assert_converged, drain, open_qdrant, outbox_rows, require_server
@@ -158,6 +161,27 @@ async def test_the_lease_row_hands_the_verifier_on_with_its_checkpoint(dsn, pool
     await b.release()  # handed on at once
     assert (await a.take()).held
     assert not (await VerifierLease(pool, "another-alias", "worker-a", 5).take()).after  # one row per alias
+
+
+async def test_a_verifier_of_a_retired_collection_stops_instead_of_repairing(conn, dsn, qdrant, collection, embedder,
+                                                                             make_settings):
+    """Once a reindex retired the daemon's collection, its drift is no one's to repair: the
+    verifier enqueues nothing and stops the daemon (exit 78), as its acknowledgement would."""
+    settings = make_settings(verify=VerifySettings(chunks_per_second=1000, range_size=8))
+    _, ids = add_document(conn, ["one text", "another text"])
+    daemon = NotifyDaemon(settings, dsn, embedder=embedder, qdrant=qdrant)
+    await daemon.start()
+    try:
+        assert await daemon.run(drain=True) == 0
+        target = await physical(qdrant, collection)
+        await qdrant.delete(target, models.PointIdsList(points=[str(ids[0])]), wait=True)
+        conn.execute("UPDATE outboxd.collections SET status = 'retired' WHERE alias = %s", (collection,))
+        with pytest.raises(CollectionRetiredError, match="no longer the live collection") as stopped:
+            await asyncio.wait_for(daemon.verifier().run(), 30)
+        assert stopped.value.exit_code == 78
+        assert outbox_rows(conn) == []
+    finally:
+        await daemon.close()
 
 
 # --- the daemon as a process ----------------------------------------------------------------------
