@@ -31,6 +31,7 @@ from daemon.config_sources import (
     suggest_choice,
 )
 from daemon.embedding.settings import EmbeddingSettings, SentenceTransformersSettings
+from daemon.outbox.settings import VerifySettings
 from daemon.runtime.settings import HealthSettings
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -167,6 +168,13 @@ class Settings(BaseSettings):
         default_factory=_default_worker_name,
         pattern=r"^[\x21-\x7e]{1,200}$",
         description="Name of this worker in leases and pg_stat_activity (default: host-pid); printable ASCII.",
+    )
+
+    # --- continuous verification ------------------------------------------------------
+    verify: VerifySettings = Field(
+        default_factory=VerifySettings,
+        description="The continuous verifier (OUTBOXD_VERIFY__CHUNKS_PER_SECOND, __RANGE_SIZE, __LEASE_SECONDS; "
+        "the [verify] table of the config file).",
     )
 
     # --- health and telemetry --------------------------------------------------------

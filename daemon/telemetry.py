@@ -84,6 +84,23 @@ INSTRUMENTS: dict[str, tuple[str, str, str]] = {
         "counter", "s",
         "Seconds spent waiting for an unreachable dependency (label dependency), during start-up and while running.",
     ),
+    "verify_chunks_checked": ("counter", "{chunk}", "Chunks the continuous verifier checked against their points."),
+    "verify_drift": (
+        "counter", "{chunk}",
+        "Drift the continuous verifier found and confirmed, by kind (missing, orphaned, stale, wrong_model).",
+    ),
+    "verify_repaired": ("counter", "{event}", "Repair events the continuous verifier enqueued."),
+    "verify_holder": ("gauge", "1", "1 in the daemon that holds the verifier's lease (verifies now), else 0."),
+    "verify_position": (
+        "gauge", "1", "How far the current verification pass is, 0 to 1 (the share of the chunk id space passed).",
+    ),
+    "verify_pass_started_timestamp_seconds": (
+        "gauge", "s", "Unix time the current verification pass started (the previous one ended then).",
+    ),
+    "verify_last_pass_timestamp_seconds": ("gauge", "s", "Unix time the last full verification pass completed."),
+    "verify_expected_pass_seconds": (
+        "gauge", "s", "Seconds a full verification pass should take at this daemon's rate (its chunks ÷ rate).",
+    ),
 }
 PREFIX = "outboxd_"
 
@@ -109,6 +126,7 @@ class Metrics:
         self._consumer_lag: dict[int, int] = {}
         self._ready: bool | None = None
         self._dependency_up: dict[str, bool] = {}
+        self._verify: dict[str, float] = {}  # verify gauge name -> value (absent: not known)
         for name, (kind, unit, description) in INSTRUMENTS.items():
             setattr(self, name, self._make(meter, name, kind, unit, description))
         self.dead_letters.add(0)  # a series from the start, so increase() sees the first one
@@ -124,13 +142,14 @@ class Metrics:
             return meter.create_histogram(
                 full, unit=unit, description=description, explicit_bucket_boundaries_advisory=list(buckets)
             )
-        callback = {
+        callbacks = {
             "events_pending": self._observe_pending,
             "lag_seconds": self._observe_lag,
             "consumer_lag": self._observe_consumer_lag,
             "ready": self._observe_ready,
             "dependency_up": self._observe_dependency_up,
-        }[name]
+        }
+        callback = callbacks[name] if name in callbacks else self._observe_verify(name)
         return meter.create_observable_gauge(full, callbacks=[callback], unit=unit, description=description)
 
     # --- gauges --------------------------------------------------------------------------------
@@ -145,6 +164,26 @@ class Metrics:
 
     def set_dependency_up(self, name: str, up: bool) -> None:
         self._dependency_up[str(name)] = bool(up)
+
+    def set_verify(self, **values: float | None) -> None:
+        """The verifier's gauges (holder, position, pass_started_timestamp_seconds,
+        last_pass_timestamp_seconds, expected_pass_seconds); None: not known."""
+        for key, value in values.items():
+            if value is None:
+                self._verify.pop(key, None)
+            else:
+                self._verify[key] = float(value)
+
+    def _observe_verify(self, name: str):
+        if not name.startswith("verify_"):
+            raise KeyError(f"gauge {name!r} has no callback")
+        key = name.removeprefix("verify_")
+
+        def observe(_options) -> list:
+            value = self._verify.get(key)
+            return [] if value is None else [Observation(value)]
+
+        return observe
 
     def _observe_pending(self, _options) -> list:
         return [] if self._backlog is None else [Observation(self._backlog[0])]

@@ -16,11 +16,16 @@ A running daemon may be applying a change while the scan passes it, so each
 candidate is confirmed before it is reported: a chunk with an event still
 pending is "in flight", not drift; the rest are read again from both sides and
 reported only if they still differ.
+
+`Reconciler.run` walks everything at once (`outboxd reconcile`);
+`Reconciler.check_range` one bounded range of ids after a checkpoint (the
+continuous verifier of `outboxd run`, daemon.outbox.verifier). Both merge the
+two sides with merge_by_id and judge and confirm each pair the same way.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -111,6 +116,69 @@ def classify(state: ChunkState | None, payload: dict[str, Any] | None, model_id:
         return "missing" if payload is None else "stale"
 
 
+async def merge_by_id(
+    chunks: AsyncIterable[tuple[str, ChunkState]], points: AsyncIterable[tuple[str, dict[str, Any]]]
+) -> AsyncIterator[tuple[str, ChunkState | None, dict[str, Any] | None]]:
+    """Merge the two sides, each in ascending id order, into (id, chunk state,
+    point payload) with None for the side that has no such id.
+
+    Ids compare as their canonical strings: PostgreSQL's uuid order and Qdrant's
+    are both the order of the 128-bit value, which lower-case hex keeps."""
+    chunk_iter, point_iter = aiter(chunks), aiter(points)
+    chunk = await anext(chunk_iter, None)
+    point = await anext(point_iter, None)
+    while chunk is not None or point is not None:
+        if point is None or (chunk is not None and chunk[0] < point[0]):
+            yield chunk[0], chunk[1], None
+            chunk = await anext(chunk_iter, None)
+        elif chunk is None or point[0] < chunk[0]:
+            yield point[0], None, point[1]
+            point = await anext(point_iter, None)
+        else:
+            yield chunk[0], chunk[1], point[1]
+            chunk = await anext(chunk_iter, None)
+            point = await anext(point_iter, None)
+
+
+async def _each(items: Iterable) -> AsyncIterator:
+    for item in items:
+        yield item
+
+
+def range_end(chunk_ids: list[str], more_chunks: bool, point_ids: list[str], more_points: bool) -> str | None:
+    """The last id of a range after a checkpoint, given what one read of each side
+    returned (ascending ids after the checkpoint, and whether that side may hold
+    more): the lower of the last ids read of the sides that may hold more, since
+    both sides are known completely up to it. None: both sides were read to
+    their end, and the range runs to the highest id (the pass is complete)."""
+    ends = [ids[-1] for ids, more in ((chunk_ids, more_chunks), (point_ids, more_points)) if more and ids]
+    return min(ends) if ends else None
+
+
+def bound_range(chunks: list[tuple[str, Any]], more_chunks: bool, points: list[tuple[str, Any]], more_points: bool,
+                ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], str | None]:
+    """(the chunks, the points, the end) of one range, from one read of each side:
+    what was read past the end is left for the next range, which reads it again."""
+    end = range_end([c[0] for c in chunks], more_chunks, [p[0] for p in points], more_points)
+    if end is None:
+        return chunks, points, None
+    return [c for c in chunks if c[0] <= end], [p for p in points if p[0] <= end], end
+
+
+@dataclass
+class RangeCheck:
+    """One checked range of ids: (after, end], end None meaning to the highest id."""
+
+    after: UUID | None
+    end: UUID | None
+    report: ReconcileReport
+
+    @property
+    def complete(self) -> bool:
+        """The range reached the highest id: a pass that took it is complete."""
+        return self.end is None
+
+
 class Reconciler:
     def __init__(
         self,
@@ -145,37 +213,45 @@ class Reconciler:
     async def run(self, repair: Repair | None = None, progress: Callable[[int], None] | None = None) -> ReconcileReport:
         started = time.perf_counter()
         report = ReconcileReport(self.collection, self.model_id, self.scope.sql())
+        await self._judge(merge_by_id(self._chunks(), self._points()), report, repair, progress)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    async def check_range(self, after: UUID | None, size: int, repair: Repair | None = None) -> RangeCheck:
+        """Check the ids after `after` (None: from the lowest) up to a bounded end:
+        at most `size` chunks and about as many points, each side read once (one
+        keyset page, one scroll from `after`), so neither many chunks nor many
+        orphan points make one range large. The next range starts after its end."""
+        started = time.perf_counter()
+        rows = await fetch(self.pool, "reconcile_chunks", after=after, limit=size, **self.scope.sql())
+        chunks = [(str(state.chunk_id), state) for state in map(ChunkState.from_row, rows)]
+        points, more_points = await self._points_after(after, size)
+        chunks, points, end = bound_range(chunks, len(rows) == size, points, more_points)
+        report = ReconcileReport(self.collection, self.model_id, self.scope.sql())
+        await self._judge(merge_by_id(_each(chunks), _each(points)), report, repair)
+        report.seconds = time.perf_counter() - started
+        return RangeCheck(after, UUID(end) if end is not None else None, report)
+
+    async def _judge(self, pairs: AsyncIterator[tuple[str, ChunkState | None, dict[str, Any] | None]],
+                     report: ReconcileReport, repair: Repair | None,
+                     progress: Callable[[int], None] | None = None) -> None:
+        """Judge each merged pair by the plan, and confirm (and repair) the drift in batches."""
         candidates: dict[UUID, str] = {}
-        chunks = self._chunks()
-        points = self._points()
-        chunk = await anext(chunks, None)
-        point = await anext(points, None)
-        # ids compare as their canonical strings: PostgreSQL's uuid order and Qdrant's are
-        # both the order of the 128-bit value, which lower-case hex keeps
-        while chunk is not None or point is not None:
-            if point is None or (chunk is not None and chunk[0] < point[0]):
-                pid, kind = chunk[0], classify(chunk[1], None, self.model_id)
-                chunk, report.chunks = await anext(chunks, None), report.chunks + 1
+        async for pid, state, payload in pairs:
+            if state is not None:
+                report.chunks += 1
                 if progress:
                     progress(1)
-            elif chunk is None or point[0] < chunk[0]:
-                pid, kind = point[0], classify(None, point[1], self.model_id)
-                point, report.points = await anext(points, None), report.points + 1
-            else:
-                pid, kind = chunk[0], classify(chunk[1], point[1], self.model_id)
-                chunk, report.chunks = await anext(chunks, None), report.chunks + 1
-                point, report.points = await anext(points, None), report.points + 1
-                if progress:
-                    progress(1)
+            if payload is not None:
+                report.points += 1
+            kind = classify(state, payload, self.model_id)
             if kind is not None:
                 candidates[UUID(pid)] = kind
                 if len(candidates) >= CONFIRM_BATCH:
-                    await self._confirm(candidates, report, repair)
+                    await self.confirm(candidates, report, repair)
                     candidates = {}
         if candidates:
-            await self._confirm(candidates, report, repair)
-        report.seconds = time.perf_counter() - started
-        return report
+            await self.confirm(candidates, report, repair)
 
     async def _chunks(self) -> AsyncIterator[tuple[str, ChunkState]]:
         after = None
@@ -191,27 +267,34 @@ class Reconciler:
     async def _points(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         offset, previous = None, ""
         while True:
-            batch, offset = await self.qdrant.scroll(
-                self.collection,
-                scroll_filter=self.scope.qdrant_filter(),
-                limit=self.qdrant_page_size,
-                offset=offset,
-                with_payload=self.point_keys,
-                with_vectors=False,
-            )
-            for p in batch:
-                pid = p.id if isinstance(p.id, str) else str(UUID(int=p.id))
-                if pid <= previous:
-                    raise RuntimeError(
-                        f"Qdrant scrolled {pid} after {previous}: points are not in id order, so a "
-                        "streaming comparison is impossible against this Qdrant"
-                    )
+            batch, offset = await self._scroll(offset, self.qdrant_page_size)
+            for pid, payload in in_id_order(batch, previous):
                 previous = pid
-                yield pid, p.payload or {}
+                yield pid, payload
             if offset is None:
                 return
 
-    async def _confirm(self, candidates: dict[UUID, str], report: ReconcileReport, repair: Repair | None) -> None:
+    async def _points_after(self, after: UUID | None, size: int) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+        """The points with ids after `after`, about `size` of them, and whether more follow.
+        A scroll's offset is the first id it returns, so the point at `after` itself
+        (checked by the range before) is read once more and dropped."""
+        if after is None:
+            batch, offset = await self._scroll(None, size)
+            return in_id_order(batch), offset is not None
+        batch, offset = await self._scroll(str(after), size + 1)
+        return in_id_order(batch, str(after)), offset is not None
+
+    async def _scroll(self, offset: str | None, limit: int) -> tuple[list, Any]:
+        return await self.qdrant.scroll(
+            self.collection,
+            scroll_filter=self.scope.qdrant_filter(),
+            limit=limit,
+            offset=offset,
+            with_payload=self.point_keys,
+            with_vectors=False,
+        )
+
+    async def confirm(self, candidates: dict[UUID, str], report: ReconcileReport, repair: Repair | None) -> None:
         """Keep only drift that is real now: read both sides again, twice, and
         skip chunks with a pending event (the daemon has not applied it yet).
         Pending events are read after the two sides, so a change that commits
@@ -246,6 +329,25 @@ class Reconciler:
             else:
                 drift[cid] = kind
         return drift, in_flight
+
+
+def in_id_order(batch: list, after: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """(id, payload) of each scrolled point with an id above `after`, checked to come
+    in ascending order: the merge is only as right as that order."""
+    out = []
+    previous = after
+    for p in batch:
+        pid = p.id if isinstance(p.id, str) else str(UUID(int=p.id))
+        if pid == after:
+            continue
+        if pid <= previous:
+            raise RuntimeError(
+                f"Qdrant scrolled {pid} after {previous}: points are not in id order, so a "
+                "streaming comparison is impossible against this Qdrant"
+            )
+        previous = pid
+        out.append((pid, p.payload or {}))
+    return out
 
 
 async def count_chunks(pool: AsyncConnectionPool, scope: Scope = Scope()) -> int:

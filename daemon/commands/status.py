@@ -1,7 +1,8 @@
 """`outboxd status`: what an operator (or a probe) needs at a glance: the
 backlog and its lag, the relay's share of it, leases by worker, retries and
-dead letters, the capture-trigger mode, the catalog of collections, and the
-live Qdrant collection with its point count and model.
+dead letters, the capture-trigger mode, the continuous verifier (its holder,
+how far its pass is, its last full pass, the drift it found), the catalog of
+collections, and the live Qdrant collection with its point count and model.
 
 With --max-lag / --max-pending / --max-dead-letters it exits 3 (a check found
 a problem) when a limit is passed, and says which on stderr, so cron or a
@@ -26,7 +27,8 @@ CAPTURE_NOTES = {
 
 
 @click.command(help="Show the outbox backlog and lag, the relay (Kafka transport), leases by worker, retries, "
-               "dead letters, the capture-trigger mode, the collection catalog and the live Qdrant collection. "
+               "dead letters, the capture-trigger mode, the continuous verifier, the collection catalog and the "
+               "live Qdrant collection. "
                "With a --max-* limit, exit 3 when it is passed.")
 @json_option
 @click.option("--max-lag", type=click.FloatRange(min=0), metavar="SECONDS",
@@ -74,19 +76,38 @@ def read_database(settings) -> dict[str, Any]:
             outbox = conn.execute(query("status_outbox")).fetchone()
             leases = conn.execute(query("status_leases")).fetchall()
             catalog = conn.execute(query("list_collections"), {"alias": None}).fetchall()
+            verifier = conn.execute(query("verify_status"), {"collection": settings.collection}).fetchone()
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
             raise SchemaNotReadyError(
                 f"the outboxd schema is missing or out of date ({describe(exc)}); run `outboxd migrate`"
             ) from exc
         processes = conn.execute(query("status_processes"), {}).fetchall()
         mode = capture.capture_mode(conn)
-    return {"outbox": outbox, "leases": leases, "catalog": catalog, "processes": processes, "capture": mode}
+    return {"outbox": outbox, "leases": leases, "catalog": catalog, "processes": processes, "capture": mode,
+            "verifier": verifier}
 
 
 def capture_section(mode: str | None) -> dict[str, Any]:
     if mode is None:
         return {"mode": None, "note": "this schema predates capture modes; run `outboxd migrate`"}
     return {"mode": mode, "note": CAPTURE_NOTES.get(mode)}
+
+
+def verifier_section(settings, row: dict[str, Any] | None) -> dict[str, Any]:
+    """The continuous verifier of settings.collection, as its row in PostgreSQL has it:
+    every daemon of the fleet shares the one row."""
+    from daemon.outbox.verifier import position_of
+
+    if row is None:
+        return {"collection": settings.collection, "holder": None, "lease_live": False,
+                "note": "no daemon has verified this collection yet: `outboxd run` verifies it while "
+                        "OUTBOXD_VERIFY__CHUNKS_PER_SECOND is above 0 (the default)"}
+    section = {k: v for k, v in row.items() if k not in ("db_now", "lease_until", "updated_at")}
+    section["position"] = round(position_of(row["after_id"]), 4)
+    section["note"] = None if row["lease_live"] else (
+        f"the lease of {row['holder']} ran out and no daemon holds it: no `outboxd run` verifies now "
+        "(every one stopped, or OUTBOXD_VERIFY__CHUNKS_PER_SECOND=0)")
+    return section
 
 
 def relay_section(settings, outbox: dict[str, Any], leases: list[dict], processes: list[dict]) -> dict[str, Any]:
@@ -225,6 +246,7 @@ def collect(settings, limits: dict[str, Any]) -> dict[str, Any]:
         "outbox": outbox,
         "relay": relay_section(settings, outbox, db["leases"], db["processes"]),
         "capture": capture_section(db["capture"]),
+        "verifier": verifier_section(settings, db["verifier"]),
         "leases": db["leases"],
         "kafka": read_kafka(settings),
         "catalog": db["catalog"],
@@ -243,6 +265,42 @@ def _relay_value(relay: dict[str, Any]) -> str:
     gone = sum(not w["connected"] for w in relay["workers"])
     return (f"{_seconds(relay['lag_seconds'])} ({len(relay['workers'])} relay(s) holding leases"
             + (f", {gone} of them not connected: their leases expire" if gone else "") + ")")
+
+
+def _drift(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "—"
+    found = {k: n for k, n in counts.items() if n}
+    return ", ".join(f"{n} {k}" for k, n in sorted(found.items())) if found else "none"
+
+
+def render_verifier(v: dict[str, Any]) -> None:
+    from daemon.commands.common import print_table
+
+    if v["holder"] is None:
+        print(f"Verifier: {v['note']}")
+        return
+    lease = (f"lease ends in {_seconds(v['lease_expires_in_seconds'])}" if v["lease_live"]
+             else "lease ran out: nobody verifies now")
+    last = "none yet"
+    if v["last_pass_completed_at"] is not None:
+        last = (f"{v['last_pass_completed_at']:%Y-%m-%d %H:%M:%S %Z}, {v['last_pass_checked']} chunks in "
+                f"{_seconds(v['last_pass_seconds'])}")
+    print_table(
+        [
+            {"": "holder", "value": f"{v['holder']} ({lease})"},
+            {"": "position", "value": f"{v['position']:.1%} of the pass ({v['pass_checked']} chunks checked, "
+                                      f"started {v['pass_started_at']:%Y-%m-%d %H:%M:%S %Z})"},
+            {"": "drift found this pass", "value": _drift(v["pass_drift"])},
+            {"": "last full pass", "value": last},
+            {"": "drift found in it", "value": _drift(v["last_pass_drift"])},
+            {"": "full passes", "value": v["passes"]},
+        ],
+        ["", "value"],
+        title=f"Verifier of {v['collection']!r}",
+    )
+    if v["note"]:
+        print(f"note: verifier: {v['note']}")
 
 
 def render(report: dict[str, Any]) -> None:
@@ -268,6 +326,7 @@ def render(report: dict[str, Any]) -> None:
     )
     if report["capture"]["note"]:
         print(f"note: capture mode {report['capture']['mode']}: {report['capture']['note']}")
+    render_verifier(report["verifier"])
     kafka = report["kafka"]
     if kafka is not None:
         value = kafka.get("error") or f"{kafka['consumer_lag']} messages behind"

@@ -1,13 +1,17 @@
 """`outboxd run`, the notify transport: an outbox service whose batches go
 through the apply core, so events are embedded and written to Qdrant in this
-process. Its Kafka counterpart, which publishes instead, is consumers.relay."""
+process. Its Kafka counterpart, which publishes instead, is consumers.relay.
+Beside the claim loops runs the continuous verifier (daemon.outbox.verifier),
+a side task, when this daemon runs as a daemon (not --drain)."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from uuid import UUID
 
 from qdrant_client import AsyncQdrantClient
 
+from daemon.admin.drift import Reconciler, Repair, enqueue_repair
 from daemon.config import Settings
 from daemon.core.apply import ApplyResult
 from daemon.core.batch import Targets
@@ -18,6 +22,7 @@ from daemon.embedding.fingerprint import settings_for
 from daemon.errors import CollectionRetiredError
 from daemon.outbox.queue import Event
 from daemon.outbox.service import OutboxService
+from daemon.outbox.verifier import Verifier, VerifierLease
 
 
 class NotifyDaemon(OutboxService):
@@ -34,6 +39,7 @@ class NotifyDaemon(OutboxService):
         super().__init__(settings, dsn)
         self.writer = QdrantWriter(settings, embedder=embedder, qdrant=qdrant)
         self._encode_seen = self.writer.embedder.encode_seconds
+        self._continuous = asyncio.Event()  # set once run() runs as a daemon: the verifier waits for it
 
     async def start_sink(self) -> str | None:
         """Load the model and check that the live collection is this model's."""
@@ -50,6 +56,47 @@ class NotifyDaemon(OutboxService):
                 f"{settings_for(live.fingerprint)}"
             )
         return collection
+
+    async def run(self, *, drain: bool = False) -> int:
+        if not drain:  # a drain catches up and exits; verifying is the running daemon's work
+            self._continuous.set()
+        return await super().run(drain=drain)
+
+    def side_tasks(self):
+        tasks = super().side_tasks()
+        if self.settings.verify.enabled:
+            tasks["verifier"] = self._verify
+        return tasks
+
+    async def _verify(self) -> None:
+        await self._continuous.wait()
+        await self.verifier().run()
+
+    def verifier(self) -> Verifier:
+        """The continuous verifier of this daemon's live collection (once started)."""
+        s = self.settings
+        reconciler = Reconciler(self.pool, self.writer.qdrant, self.outbox.collection,
+                                self.writer.embedder.fingerprint.id)
+        lease = VerifierLease(self.pool, s.collection, s.worker_name, s.verify.lease_seconds)
+        return Verifier(reconciler, lease, s.verify, self.metrics, self._repair_while_live(), self.stop)
+
+    def _repair_while_live(self) -> Repair:
+        """Repair events, as reconcile --repair enqueues them, while the catalog still
+        calls this daemon's collection live: once a reindex retired it, its drift
+        is no one's to repair, and the daemon stops as its acknowledgement would."""
+        enqueue, catalog = enqueue_repair(self.pool), Catalog(self.pool)
+
+        async def repair(drift) -> int:
+            live = await catalog.live(self.settings.collection)
+            if live is None or live.name != self.outbox.collection:
+                raise CollectionRetiredError(
+                    f"Qdrant collection {self.outbox.collection!r} is no longer the live collection of "
+                    f"{self.settings.collection!r} (a reindex switched it); the verifier stopped repairing it. "
+                    "Restart outboxd with the model the live collection uses (see `outboxd status`)."
+                )
+            return await enqueue(drift)
+
+        return repair
 
     async def deliver(self, targets: Targets, events: dict[UUID, list[Event]]) -> ApplyResult:
         result = await self.writer.applier.apply(targets)

@@ -413,3 +413,60 @@ FROM outboxd.capture_triggers() t;
 -- resulting mode. Needs EXECUTE on outboxd.set_capture_mode, which only its
 -- owner (the migrating role) has unless granted: not the worker.
 SELECT outboxd.set_capture_mode(%(mode)s) AS mode;
+
+-- verify_lease --
+-- Take or renew the continuous verifier's lease of a collection, in one statement:
+-- taken where this worker holds it already or the holder's lease ran out (it died,
+-- stalled or stopped). The row comes back either way, held saying whether this
+-- worker holds it now, so every daemon reports the same pass (metrics, status).
+WITH taken AS (
+    INSERT INTO outboxd.verifier AS v (collection, holder, lease_until)
+    VALUES (%(collection)s, %(worker)s, now() + make_interval(secs => %(lease_seconds)s))
+    ON CONFLICT (collection) DO UPDATE
+    SET holder = EXCLUDED.holder, lease_until = EXCLUDED.lease_until, updated_at = now()
+    WHERE v.holder = EXCLUDED.holder OR v.lease_until <= now()
+    RETURNING v.*
+)
+SELECT t.*, true AS held, now() AS db_now FROM taken t
+UNION ALL
+SELECT v.*, false AS held, now() AS db_now
+FROM outboxd.verifier v
+WHERE v.collection = %(collection)s AND NOT EXISTS (SELECT 1 FROM taken);
+
+-- verify_checkpoint --
+-- The holder records a range it checked: the checkpoint moves to the range's last
+-- id, with what the pass has checked and found so far, and the lease is renewed.
+-- No row: another daemon took the lease over, and this one stops verifying.
+UPDATE outboxd.verifier
+SET after_id = %(after)s, pass_checked = %(checked)s, pass_drift = %(drift)s::jsonb,
+    lease_until = now() + make_interval(secs => %(lease_seconds)s), updated_at = now()
+WHERE collection = %(collection)s AND holder = %(worker)s
+RETURNING *, true AS held, now() AS db_now;
+
+-- verify_pass_complete --
+-- The holder reached the highest id: the pass is recorded (when, how long, what it
+-- checked and found) and the next one starts at the lowest id.
+UPDATE outboxd.verifier
+SET after_id = NULL, passes = passes + 1, last_pass_completed_at = now(),
+    last_pass_seconds = extract(epoch FROM now() - pass_started_at)::float8,
+    last_pass_checked = %(checked)s, last_pass_drift = %(drift)s::jsonb,
+    pass_started_at = now(), pass_checked = 0, pass_drift = '{}'::jsonb,
+    lease_until = now() + make_interval(secs => %(lease_seconds)s), updated_at = now()
+WHERE collection = %(collection)s AND holder = %(worker)s
+RETURNING *, true AS held, now() AS db_now;
+
+-- verify_release --
+-- A holder that stops hands the lease on at once: another daemon need not wait for it to run out.
+UPDATE outboxd.verifier
+SET lease_until = now(), updated_at = now()
+WHERE collection = %(collection)s AND holder = %(worker)s AND lease_until > now();
+
+-- verify_status --
+-- The verifier of a collection as `outboxd status` shows it (lease_live: its holder's
+-- lease has not run out).
+SELECT collection, holder, lease_until, lease_until > now() AS lease_live,
+       extract(epoch FROM lease_until - now())::float8 AS lease_expires_in_seconds,
+       after_id, pass_started_at, pass_checked, pass_drift, passes, last_pass_completed_at,
+       last_pass_seconds, last_pass_checked, last_pass_drift, updated_at, now() AS db_now
+FROM outboxd.verifier
+WHERE collection = %(collection)s;

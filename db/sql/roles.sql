@@ -49,4 +49,5 @@ GRANT USAGE ON SCHEMA outboxd TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outboxd.outbox TO {worker};
 GRANT SELECT ON outboxd.chunk_state TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outboxd.collections, outboxd.scan_progress TO {worker};
+GRANT SELECT, INSERT, UPDATE, DELETE ON outboxd.verifier TO {worker};  -- the verifier's lease and checkpoint
 GRANT USAGE ON SEQUENCE outboxd.event_version TO {worker};  -- the Kafka relay's versions

@@ -82,6 +82,9 @@ FIGURES: dict[str, tuple] = {
     "8_backfill_rate_growth": ("8. backfill apply rate, largest N ÷ smallest N", "flat (≥ 0.8)", lambda v, f, m: v >= 0.8, "large"),
     "8_backfill_rss_growth": ("8. backfill daemon peak RSS, largest N ÷ smallest N", "flat (≤ 1.2)", lambda v, f, m: v <= 1.2, "large"),
     "8_backfill_enqueue_chunks_per_s": ("8. `outboxd backfill` enqueue rate at the largest N (chunks/s)", "", None, "large"),
+    "9_verifier_cpu_per_10k": ("9. continuous verifier: its CPU per 10,000 chunks checked (CPU-s, one full pass, unthrottled)", "", None, "verifier"),
+    "9_verifier_core_share_default_rate": ("9. continuous verifier at its default rate (50 chunks/s): share of one core", "< 0.02", lambda v, f, m: v < 0.02, "verifier"),
+    "9_verifier_throughput_ratio": ("9. pipeline throughput with the verifier at its defaults ÷ without (real model)", "> 0.97", lambda v, f, m: v > 0.97, "verifier"),
     "7_gpu_pipeline_efficiency": ("7. pipeline efficiency with the model on the GPU", "≥ 0.90", lambda v, f, m: v >= 0.90, "gpu"),
     "7_gpu_pipeline_vs_limit": ("7. pipeline ÷ limit on the GPU (fp16 recipe)", "≥ 0.9", lambda v, f, m: v >= 0.9, "gpu"),
 }
@@ -188,6 +191,10 @@ def collect_figures(d: dict) -> tuple[dict, dict]:
                     "8_backfill_rate_growth", "8_backfill_rss_growth", "8_backfill_enqueue_chunks_per_s"):
             f[key] = large
     f["6_reconcile_chunks_per_s_local"] = d["reconcile_local"]["chunks_per_s"]
+    v = d["verifier"]
+    f["9_verifier_cpu_per_10k"] = v["pass"]["cpu_s_per_10k"]
+    f["9_verifier_core_share_default_rate"] = v["pass"]["core_share_at_default_rate"]
+    f["9_verifier_throughput_ratio"] = v["throughput"]["ratio"]
     gpu = d["gpu"]
     if isinstance(gpu, dict) and gpu.get("ran_on") == "cuda":
         f["7_gpu_pipeline_efficiency"] = gpu["efficiency"]

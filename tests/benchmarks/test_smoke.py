@@ -9,7 +9,8 @@ from tests.benchmarks import harness
 
 TINY = dict(harness.QUICK, pipeline_chunks=8, claim_batches=[4, 16], backend_chunks=8, ceiling_chunks=100,
             write_rows=200, freshness_seconds=1.0, wasted_chunks=4, transport_chunks=40, cpu_events=100,
-            scale_events=300, scale_repeats=1, grpc_points=100, large_sizes=[100, 200], local_reconcile=100)
+            scale_events=300, scale_repeats=1, grpc_points=100, large_sizes=[100, 200], local_reconcile=100,
+            verify_chunks=100, verify_pipeline_chunks=8, verify_base=50)
 
 
 def test_quick_run_writes_every_figure(tmp_path, monkeypatch):
@@ -26,6 +27,7 @@ def test_quick_run_writes_every_figure(tmp_path, monkeypatch):
     for key, value in figures.items():
         assert isinstance(value, (int, float)) or (isinstance(value, str) and value.startswith("not measured: ")), (key, value)
     assert figures["5_transport_events_per_s_kafka"] > 0 and figures["5_relay_events_per_s"] > 0
+    assert figures["9_verifier_cpu_per_10k"] > 0 and figures["9_verifier_throughput_ratio"] > 0
     assert set(result["qdrant_of_figure"]) == set(harness.FIGURES)
     assert all(result["qdrant_of_figure"].values())
     if server:  # the figures of several processes ran on it, scaled to 4, and a growing collection was measured

@@ -142,7 +142,7 @@ PARAMS = dict(
     error_pattern="boom", alias="a", name="n", model_name="m", dimension=3, normalized=True,
     max_seq_length=None, fingerprint_id="f", status="building", after=None, source_id=None,
     document_id=None, limit=10, job="j", last_chunk_id=None, done=1, query="chunk", document_type=None,
-    metadata=None, mode="origin", variant="{}",
+    metadata=None, mode="origin", variant="{}", checked=0, drift="{}",
 )
 # Named queries for the operator (the migrating role), which the worker must NOT be able to run.
 OPERATOR_ONLY = {"set_capture_mode"}

@@ -54,6 +54,9 @@ COUNTER_LABELS: dict[str, dict[str, str]] = {
     "dead_letters": {},
     "relay_published": {},
     "consumer_applied": {},
+    "verify_chunks_checked": {},
+    "verify_drift": {"kind": "stale"},
+    "verify_repaired": {},
 }
 GAUGE_SETTERS = {
     "events_pending": lambda m: m.set_backlog(12, 34.5),
@@ -61,6 +64,10 @@ GAUGE_SETTERS = {
     "consumer_lag": lambda m: m.set_consumer_lag({0: 5, 1: 7}),
     "ready": lambda m: m.set_ready(True),
     "dependency_up": lambda m: m.set_dependency_up("qdrant", True),
+    **{name: lambda m: m.set_verify(holder=1, position=0.25, pass_started_timestamp_seconds=1.7e9,
+                                    last_pass_timestamp_seconds=1.7e9, expected_pass_seconds=200.0)
+       for name in ("verify_holder", "verify_position", "verify_pass_started_timestamp_seconds",
+                    "verify_last_pass_timestamp_seconds", "verify_expected_pass_seconds")},
 }
 
 
