@@ -232,6 +232,7 @@ def test_a_secret_in_a_table_is_refused_in_the_config_file(tmp_path, capsys, lin
 @pytest.mark.parametrize("variable, meant", [
     ("OUTBOXD_KAFKA__TOPPIC", "OUTBOXD_KAFKA__TOPIC"),
     ("OUTBOXD_HEALTH__PROT", "OUTBOXD_HEALTH__PORT"),
+    ("OUTBOXD_VERIFY__CHUNKS_PER_SECONDS", "OUTBOXD_VERIFY__CHUNKS_PER_SECOND"),
     ("OUTBOXD_KAFKA_TOPPIC", "OUTBOXD_KAFKA__TOPIC"),  # close to an old name: the new one is suggested
     ("OUTBOXD_HEALTH_PORTT", "OUTBOXD_HEALTH__PORT"),
 ])
