@@ -14,7 +14,8 @@ arithmetic (Bucket) is the same wherever the bucket lives:
   cost is taken (a count below zero is a turn reserved ahead) and the caller
   waits until its turn; else nothing is taken and the caller asks again when
   its turn is half a horizon away;
-- a pause (a 429's Retry-After) holds every turn back until it ends.
+- a pause (a 429's Retry-After) holds every turn back until it ends, a turn
+  reserved before it began too (checked once its wait is over).
 
 Capacity is a tenth of a second of the budget and at least one unit, and the
 rate is (limit - capacity + 1) per minute, so that no window of a minute ever
@@ -211,6 +212,10 @@ class Budget(ABC):
     async def settle(self, tokens: int) -> None:
         """Charge `tokens` more than the estimate taken (fewer, when negative)."""
 
+    @abstractmethod
+    async def paused(self) -> float:
+        """Seconds the pause in force has left (0: none)."""
+
     async def admit(self, texts: list[str]) -> Ticket:
         """Wait for the turn of one request of these texts; its cost is taken."""
         chars = sum(len(t) for t in texts)
@@ -221,7 +226,12 @@ class Budget(ABC):
             if grant.wait > 0:
                 waited += await self._sleep(grant)
             if grant.taken:
-                return Ticket(chars, tokens, waited)
+                break
+        # a turn reserved ahead: a pause may have begun meanwhile (another worker's 429); the turn is kept for after it
+        while grant.wait > 0 and (left := await self.paused()) > 0:
+            grant = Grant(True, left, True)
+            waited += await self._sleep(grant)
+        return Ticket(chars, tokens, waited)
 
     async def answered(self, ticket: Ticket, prompt_tokens: int | None) -> None:
         """The endpoint answered the request of `ticket`, counting `prompt_tokens`
@@ -269,3 +279,6 @@ class LocalBudget(Budget):
 
     async def settle(self, tokens: int) -> None:
         self.bucket.settle(self.rates, tokens)
+
+    async def paused(self) -> float:
+        return max(0.0, self.bucket.paused_until - self._clock())
