@@ -474,12 +474,6 @@ UPDATE outboxd.embedding_budget
 SET tokens = least(%(token_capacity)s::float8, tokens - %(tokens)s::float8)
 WHERE endpoint = %(endpoint)s;
 
--- embedding_budget --
--- The shared budgets, for operators and tests.
-SELECT endpoint, requests, tokens, updated_at, paused_until, granted, rate_limited
-FROM outboxd.embedding_budget
-ORDER BY endpoint;
-
 -- backlog --
 -- What the daemon reports every few seconds (metrics, systemd STATUS=): pending
 -- events (dead letters aside) and the age of the oldest, by the database clock.
