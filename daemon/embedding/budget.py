@@ -43,6 +43,7 @@ waiting (a slow budget is not a stuck worker).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from abc import ABC, abstractmethod
@@ -50,7 +51,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from daemon.errors import describe
 from daemon.telemetry import get_metrics
+
+log = logging.getLogger(__name__)
 
 BURST_SECONDS = 0.1  # a bucket holds this much of its budget (at least one request, one token)
 HORIZON = 1.0  # seconds ahead a request may reserve its turn; further out it asks again later
@@ -240,7 +244,11 @@ class Budget(ABC):
             return
         self.estimate.learn(ticket.chars, prompt_tokens)
         if self.rates.tokens and prompt_tokens != ticket.tokens:
-            await self.settle(prompt_tokens - ticket.tokens)
+            try:
+                await self.settle(prompt_tokens - ticket.tokens)
+            except Exception as exc:  # noqa: BLE001 - the vectors are good; the bucket keeps the estimate
+                log.warning("cannot settle the embedding budget's tokens; the estimate stands",
+                            extra={"endpoint": self.endpoint, "error": describe(exc)})
 
     async def _sleep(self, grant: Grant) -> float:
         if self.progress is not None:
