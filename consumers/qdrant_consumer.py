@@ -44,6 +44,10 @@ class QdrantConsumer(StreamConsumer):
         self.deleted = RecentVersions(DELETED_VERSIONS_KEPT)
 
     async def open(self) -> None:
+        # No outbox database to share a budget through: an http endpoint's budget is this process's own.
+        budget = self.writer.embedder.backend.budget
+        if budget is not None:
+            budget.progress = self.heartbeat.progress  # a request waiting its turn is pace, not a hang
         await self.writer.ensure_collection(self.until_reachable)
 
     def readiness_checks(self) -> dict:

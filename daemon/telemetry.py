@@ -101,6 +101,12 @@ INSTRUMENTS: dict[str, tuple[str, str, str]] = {
     "verify_expected_pass_seconds": (
         "gauge", "s", "Seconds a full verification pass should take at this daemon's rate (its chunks ÷ rate).",
     ),
+    "embedding_budget_wait_seconds": (
+        "counter", "s",
+        "Seconds requests to the embedding endpoint waited for their turn of its budget (reason: budget = the "
+        "requests or tokens per minute, retry_after = a 429's Retry-After; scope: database = shared by the "
+        "daemons of one database, process = this process's own). Neither an attempt nor an outage.",
+    ),
 }
 PREFIX = "outboxd_"
 

@@ -29,9 +29,17 @@ without `Authorization: Bearer <api_key>` gets a 401 that echoes the key it was
 given, as OpenAI does (a client must not copy it into its own errors); a path
 other than `path` gets a 404. GET /stats returns the counters as JSON.
 
+Rate limit: with rate_limit=N (and rate_window, seconds, 60 by default), a
+request that would be the (N+1)-th answered within the last rate_window seconds
+is refused with 429 and a Retry-After of the seconds until the oldest of those
+leaves the window (fractional, to the millisecond, so a test can use a window of
+a few seconds), as a provider's requests-per-minute limit does. Only answered
+requests count against the window.
+
 Records (server.stats): requests served (all POSTs, faults included), texts per
 request, the most requests in flight at once, Authorization headers, models and
-request bodies' extra fields seen.
+request bodies' extra fields seen; `answers`, (arrival, status) of every POST;
+`answered` and `refused`, the requests the rate limit let through and refused.
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ import hashlib
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -64,6 +73,9 @@ class Stats:
     arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each POST
     busy_at_start: list[int] = field(default_factory=list)  # requests in flight as each one began (itself included)
     service_seconds: list[float] = field(default_factory=list)  # from the request read to the answer ready
+    answers: list[tuple[float, int]] = field(default_factory=list)  # (time.monotonic() of arrival, status) per POST
+    answered: int = 0  # embeddings answers (200) the rate limit let through
+    refused: int = 0  # 429s of the rate limit (not the injected ones)
 
     def as_dict(self) -> dict:
         return {
@@ -74,6 +86,9 @@ class Stats:
             "busy_at_start": self.busy_at_start,
             "service_seconds": self.service_seconds,
             "arrivals": self.arrivals,
+            "answers": self.answers,
+            "answered": self.answered,
+            "refused": self.refused,
         }
 
 
@@ -100,6 +115,8 @@ class EmbeddingServer:
         model: Any = None,
         model_name: str = "sentence-transformers/all-MiniLM-L6-v2",
         path: str = "/v1/embeddings",
+        rate_limit: int | None = None,
+        rate_window: float = 60.0,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -115,6 +132,9 @@ class EmbeddingServer:
         self.honour_dimensions = honour_dimensions
         self.model_name = model_name
         self.path = path
+        self.rate_limit = rate_limit
+        self.rate_window = rate_window
+        self._window: deque[float] = deque()  # when each answer the rate limit let through in the window came
         self.stats = Stats()
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
@@ -182,6 +202,7 @@ class EmbeddingServer:
     def reset_stats(self) -> None:
         with self._lock:
             self.stats = Stats()
+            self._window.clear()
 
     def vector_for(self, text: str) -> np.ndarray:
         """What this server answers for text (hash mode)."""
@@ -214,11 +235,33 @@ class EmbeddingServer:
         if method == "GET" and path == "/stats":
             with self._lock:
                 return 200, {}, orjson.dumps(self.stats.as_dict())
+        arrived = time.monotonic()
+        answer = self._handle(method, path, headers, raw, arrived)
+        with self._lock:
+            self.stats.answers.append((arrived, answer[0]))
+        return answer
+
+    def _over_the_limit(self, now: float) -> float | None:
+        """Seconds until the rate limit lets a request through, if it refuses this one
+        (else it is counted in the window)."""
+        if self.rate_limit is None:
+            return None
+        with self._lock:
+            while self._window and self._window[0] <= now - self.rate_window:
+                self._window.popleft()
+            if len(self._window) >= self.rate_limit:
+                self.stats.refused += 1
+                return self._window[0] + self.rate_window - now
+            self._window.append(now)
+            self.stats.answered += 1
+            return None
+
+    def _handle(self, method: str, path: str, headers: Any, raw: bytes, arrived: float) -> tuple[int, dict[str, str], bytes]:
         auth = headers.get("Authorization")
         with self._lock:
             self.stats.requests += 1
             self.stats.auth_headers.append(auth)
-            self.stats.arrivals.append(time.monotonic())
+            self.stats.arrivals.append(arrived)
         if method != "POST" or path != self.path:
             return 404, {}, _error(f"no route for {method} {path}", "not_found", 404)
         if self.api_key is not None and auth != f"Bearer {self.api_key}":
@@ -242,6 +285,10 @@ class EmbeddingServer:
                 extra["Retry-After"] = str(fault["retry_after"])
             message = fault["message"] or f"injected fault {fault['status']}"
             return fault["status"], extra, _error(message, "rate_limit_exceeded" if fault["status"] == 429 else "server_error", fault["status"])
+        if (retry_after := self._over_the_limit(arrived)) is not None:
+            return 429, {"Retry-After": f"{max(retry_after, 0.001):.3f}"}, _error(
+                f"Rate limit reached: {self.rate_limit} requests per {self.rate_window:g}s", "rate_limit_exceeded", 429
+            )
         for i, text in enumerate(texts):
             if self.reject_marker and self.reject_marker in text:
                 return 400, {}, _error(
@@ -349,11 +396,13 @@ def main() -> None:
     parser.add_argument("--base", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--per-text", type=float, default=0.0, help="seconds per text of a request")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--rate-limit", type=int, default=None, help="answer at most N requests per window, 429 above")
+    parser.add_argument("--rate-window", type=float, default=60.0, help="the rate limit's window (seconds)")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     server = EmbeddingServer(
         mode=args.mode, dimension=args.dimension, base_seconds=args.base, per_text_seconds=args.per_text,
-        api_key=args.api_key, port=args.port,
+        api_key=args.api_key, rate_limit=args.rate_limit, rate_window=args.rate_window, port=args.port,
     )
     print(server.url, flush=True)
     try:

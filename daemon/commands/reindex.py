@@ -54,6 +54,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
     from daemon.embedding.embedder import Embedder
     from daemon.embedding.fingerprint import settings_for
     from daemon.errors import ConfigError
+    from daemon.outbox.budget import share
 
     async with open_services(settings) as (pool, client):
         if rollback:
@@ -66,6 +67,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
             )
         embedder = Embedder(settings)
         try:
+            await share(embedder.backend, pool)  # a reindex beside running daemons keeps to their budget
             await embedder.load()
             if rollback and embedder.fingerprint != fp:
                 raise ConfigError(

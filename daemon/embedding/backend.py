@@ -22,10 +22,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from daemon.embedding.threads import run_in_thread
+
+if TYPE_CHECKING:
+    from daemon.embedding.budget import Budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,8 @@ class Encoded:
 
 class Backend(ABC):
     kind: str  # the discriminator value: "sentence-transformers", "onnx", "http"
+    # how fast a remote backend may send requests (daemon.embedding.budget); None: a local model, no budget
+    budget: "Budget | None" = None
 
     @abstractmethod
     async def load(self) -> BackendInfo:

@@ -21,6 +21,13 @@ not an embeddings answer: ConfigError (78).
 one. Its numerics and window are not outboxd's to prove, so the vectors get
 their own fingerprint (variant "remote:<model>").
 
+Every request, retries and the probe included, first takes its turn from the
+backend's budget (daemon.embedding.budget): OUTBOXD_EMBEDDING__REQUESTS_PER_MINUTE
+and __TOKENS_PER_MINUTE, this process's own until the daemon gives it the one
+its database keeps for every daemon (daemon.outbox.budget). A Retry-After
+pauses that budget: this process's requests, or the whole fleet's. Time spent
+waiting for a turn is not failing time: the retry budget below does not count it.
+
 encoded_seconds() is the time at least one request was in flight. The API key
 lives only in the client's headers (never logged); endpoint text that reaches
 an error message has it replaced by "<redacted>".
@@ -39,6 +46,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from daemon.embedding.backend import Backend, BackendInfo, Encoded
+from daemon.embedding.budget import Budget, LocalBudget, Rates
 from daemon.embedding.http_protocol import (
     EndpointUnavailableError,
     Malformed,
@@ -62,7 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRY_BUDGET = 60.0  # seconds of failures one request retries before the batch is handed back (transient)
-RETRY_AFTER_MAX = 30.0  # longest Retry-After honoured; a longer one waits this long, then asks again
+RETRY_AFTER_MAX = 30.0  # longest Retry-After honoured (and shared); a longer one waits this long, then asks again
 BACKOFF_INITIAL = 0.5  # first wait without a Retry-After; doubles per attempt, plus jitter
 BACKOFF_MAX = 10.0
 MESSAGE_CHARS = 300  # of the endpoint's error text, in our messages
@@ -103,7 +111,10 @@ class HttpBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop the client was made on
         self._client: httpx.AsyncClient | None = None
         self._semaphore: asyncio.Semaphore | None = None
-        self._resume_at = 0.0  # monotonic time before which no request is sent (a Retry-After)
+        self.budget: Budget = LocalBudget(
+            f"{self.display_url} {self.model}", Rates(http.requests_per_minute, http.tokens_per_minute),
+            share=http.budget_scope == "database",
+        )
         self._in_flight = 0
         self._busy_since = 0.0
         self._busy_seconds = 0.0
@@ -181,7 +192,8 @@ class HttpBackend(Backend):
         )
         log.info(
             "embedding endpoint reached",
-            extra={"url": self.display_url, "model": self.model, "dimension": dimension},
+            extra={"url": self.display_url, "model": self.model, "dimension": dimension,
+                   "budget": self.budget.rates.describe(), "budget_scope": self.budget.scope},
         )
         return info
 
@@ -262,15 +274,18 @@ class HttpBackend(Backend):
 
     async def _request(self, texts: list[str]) -> np.ndarray:
         """One request's vectors, retried through outages and rate limits for up
-        to retry_budget seconds from its first failure."""
+        to retry_budget seconds from its first failure (waiting for a turn of the
+        budget is not failing: that time is left out)."""
         first_failure: float | None = None
+        waited = [0.0]  # seconds the attempts waited for their turn
 
         def stop(state: RetryCallState) -> bool:
             nonlocal first_failure
             now = time.monotonic()
             if first_failure is None:
                 first_failure = now
-            return now - first_failure + state.upcoming_sleep > self.retry_budget
+                waited[0] = 0.0
+            return now - first_failure - waited[0] + state.upcoming_sleep > self.retry_budget
 
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(Retryable),
@@ -282,7 +297,7 @@ class HttpBackend(Backend):
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._attempt(texts)
+                    return await self._attempt(texts, waited=waited)
         except Retryable as exc:
             attempts = retrying.statistics.get("attempt_number", 1)
             raise EndpointUnavailableError(
@@ -310,18 +325,19 @@ class HttpBackend(Backend):
             extra={"status": status, "retry_in": wait, "attempt": state.attempt_number, "texts": texts},
         )
 
-    async def _attempt(self, texts: list[str], *, probe: bool = False) -> np.ndarray:
-        """One POST: the vectors (not normalised), or Retryable, Rejected,
-        NonFinite, ConfigError; and Malformed for the probe of load() (a
-        garbled answer there means a wrong URL, not a passing fault)."""
+    async def _attempt(self, texts: list[str], *, probe: bool = False, waited: list[float] | None = None) -> np.ndarray:
+        """One POST, in its turn of the budget (the seconds waited for it are
+        added to waited[0]): the vectors (not normalised), or Retryable,
+        Rejected, NonFinite, ConfigError; and Malformed for the probe of load()
+        (a garbled answer there means a wrong URL, not a passing fault)."""
         body: dict[str, Any] = {"model": self.model, "input": texts, "encoding_format": "float"}
         if self._http.dimensions is not None:
             body["dimensions"] = self._http.dimensions
         client, semaphore = self._session()
-        loop = asyncio.get_running_loop()
         async with semaphore:
-            while (delay := self._resume_at - loop.time()) > 0:  # another request was told to wait
-                await asyncio.sleep(delay)
+            ticket = await self.budget.admit(texts)
+            if waited is not None:
+                waited[0] += ticket.waited
             self._busy(+1)
             try:
                 self.requests += 1
@@ -330,16 +346,15 @@ class HttpBackend(Backend):
                 raise Retryable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
             finally:
                 self._busy(-1)
-        return self._vectors(response, len(texts), probe)
-
-    def _vectors(self, response: httpx.Response, n: int, probe: bool) -> np.ndarray:
         status = response.status_code
         if 200 <= status < 300:
-            return self._checked(parse_embeddings(response, n, probe), probe)
+            vectors, used = parse_embeddings(response, len(texts), probe)
+            await self.budget.answered(ticket, used)
+            return self._checked(vectors, probe)
         failure = classify_failure(response, self.display_url, self.model, self._secret is not None, self._clip)
-        if isinstance(failure, Retryable) and failure.retry_after is not None:
-            loop = asyncio.get_running_loop()  # holds back this backend's other requests too
-            self._resume_at = max(self._resume_at, loop.time() + min(failure.retry_after, self.retry_after_max))
+        if isinstance(failure, Retryable) and (failure.retry_after is not None or failure.status == 429):
+            # holds back the budget's other requests too: this process's, or every daemon's
+            await self.budget.pause(min(failure.retry_after or 0.0, self.retry_after_max))
         raise failure
 
     def _checked(self, vectors: np.ndarray, probe: bool) -> np.ndarray:

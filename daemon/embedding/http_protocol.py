@@ -8,7 +8,8 @@ What is retried, and what it becomes (daemon.errors):
 - 429, 408, 5xx, transport errors (refused, reset, timeout) and, after start-up,
   a malformed answer: retried with exponential backoff and jitter (tenacity),
   or after the endpoint's Retry-After (seconds or an HTTP date, capped at
-  RETRY_AFTER_MAX), which also holds back every other request of this backend.
+  RETRY_AFTER_MAX), which also pauses the backend's budget: every other
+  request of this process, or of every daemon sharing the database's budget.
   Each retry is logged at WARNING with the status and the wait. After
   RETRY_BUDGET seconds of failures a request raises EndpointUnavailableError
   (a DependencyDown, dependency "embedding": is_transient() is true, exit 69),
@@ -195,9 +196,10 @@ def classify_failure(response: httpx.Response, where: str, model: str, key_set: 
     )
 
 
-def parse_embeddings(response: httpx.Response, n: int, probe: bool) -> np.ndarray:
+def parse_embeddings(response: httpx.Response, n: int, probe: bool) -> tuple[np.ndarray, int | None]:
     """The vectors of a 2xx answer for n texts, in the order of data[*].index (not
-    normalised); Malformed at the probe, Retryable later; NonFinite rows."""
+    normalised), and the tokens the endpoint counted (usage.prompt_tokens, None
+    where it does not say); Malformed at the probe, Retryable later; NonFinite rows."""
     def malformed(what: str) -> Exception:
         """At load: the URL is not an embeddings endpoint (a ConfigError there).
         Later: it spoke the protocol at start, so a garbled answer is its (or a
@@ -236,7 +238,14 @@ def parse_embeddings(response: httpx.Response, n: int, probe: bool) -> np.ndarra
     finite = np.isfinite(vectors).all(axis=1)
     if not finite.all():
         raise NonFinite([int(i) for i in np.flatnonzero(~finite)])
-    return vectors
+    return vectors, prompt_tokens(body)
+
+
+def prompt_tokens(body: dict) -> int | None:
+    """usage.prompt_tokens of an answer (OpenAI, TEI, vLLM and Ollama report it), if it is a count."""
+    usage = body.get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None
 
 
 def rejected_texts(texts: list[str], rows: list[int], status: int | None, message: str) -> InvalidChunkError:

@@ -69,6 +69,19 @@ class HttpSettings(_Backend):
     max_batch_texts: int = Field(64, ge=1, description="Texts per request at most.")
     max_batch_chars: int = Field(100_000, ge=1, description="Characters per request at most (a longer text goes alone).")
     timeout: float = Field(60.0, gt=0, description="Seconds one request may take.")
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="The endpoint's budget of requests per minute, shared by every daemon of the "
+        "database (unset: no limit). Fractions are allowed: 0.5 is one request every two minutes."
+    )
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="The endpoint's budget of tokens per minute, as the endpoint counts them "
+        "(usage.prompt_tokens), shared like requests_per_minute (unset: no limit)."
+    )
+    budget_scope: Literal["database", "process"] = Field(
+        "database", description="database: the daemons of one database share one budget (kept in PostgreSQL); "
+        "process: each process keeps the whole budget for itself (one API key per process). A process without "
+        "a database (outboxd consume) keeps its own either way."
+    )
 
     def build(self, settings: Any) -> "Backend":
         from daemon.errors import ConfigError

@@ -20,6 +20,7 @@ from daemon.core.writer import QdrantWriter
 from daemon.embedding.embedder import Embedder
 from daemon.embedding.fingerprint import settings_for
 from daemon.errors import CollectionRetiredError
+from daemon.outbox.budget import share
 from daemon.outbox.queue import Event
 from daemon.outbox.service import OutboxService
 from daemon.outbox.verifier import Verifier, VerifierLease
@@ -42,8 +43,11 @@ class NotifyDaemon(OutboxService):
         self._continuous = asyncio.Event()  # set once run() runs as a daemon: the verifier waits for it
 
     async def start_sink(self) -> str | None:
-        """Load the model and check that the live collection is this model's."""
+        """Take the embedding budget this database keeps for every daemon (an
+        endpoint's, before its probe), load the model and check that the live
+        collection is this model's."""
         s = self.settings
+        await share(self.writer.embedder.backend, self.pool, progress=self.heartbeat.progress)
         catalog = Catalog(self.pool)
         live = await catalog.live(s.collection)
         collection = await self.writer.ensure_collection(self.until_reachable, live.name if live else None)

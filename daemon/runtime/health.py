@@ -48,6 +48,12 @@ class Heartbeat:
     def busy(self, name: str) -> None:
         self._busy[name] = time.monotonic()
 
+    def progress(self) -> None:
+        """Every work in progress moved on (each waits its turn of a shared budget, which is pace, not a hang)."""
+        now = time.monotonic()
+        for name in list(self._busy):
+            self._busy[name] = now
+
     def idle(self, name: str) -> None:
         self._busy.pop(name, None)
 

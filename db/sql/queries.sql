@@ -390,6 +390,90 @@ WHERE c.id = ANY(%(chunk_ids)s::uuid[])
 SELECT c.chunk_id, nextval('outboxd.event_version') AS version
 FROM unnest(%(chunk_ids)s::uuid[]) AS c(chunk_id);
 
+-- embedding_budget_open --
+-- The endpoint's shared budget, made full on first use (daemon.outbox.budget).
+INSERT INTO outboxd.embedding_budget (endpoint, requests, tokens)
+VALUES (%(endpoint)s, coalesce(%(request_capacity)s::float8, 0), coalesce(%(token_capacity)s::float8, 0))
+ON CONFLICT (endpoint) DO NOTHING;
+
+-- embedding_budget_take --
+-- One request's turn from the endpoint's shared bucket, in one statement whose
+-- row lock ends with it (never across a request): refill both counts by the
+-- time elapsed, up to their capacity; then, when the bucket covers one request
+-- and its tokens now or within horizon seconds, take them (a count below zero is
+-- a turn reserved ahead; wait_seconds: until the turn), else take nothing and
+-- say when to ask again (half a horizon before the turn); at: the time it
+-- counted from. A pause (a 429's
+-- Retry-After) holds every turn back until it ends. A NULL rate is no limit. A
+-- cost over the capacity goes when the bucket is full and leaves it in debt.
+-- The arithmetic is daemon.embedding.budget.Bucket.take's, on the server's clock
+-- (the same for every daemon; greatest(): never behind the last update).
+WITH locked AS (
+    SELECT endpoint, requests, tokens, updated_at, paused_until,
+           greatest(clock_timestamp(), updated_at) AS at
+    FROM outboxd.embedding_budget
+    WHERE endpoint = %(endpoint)s
+    FOR UPDATE
+),
+refilled AS (
+    SELECT endpoint, at,
+           CASE WHEN %(request_rate)s::float8 IS NULL THEN requests
+                ELSE least(%(request_capacity)s::float8,
+                           requests + %(request_rate)s::float8 * extract(epoch FROM at - updated_at)::float8) END
+               AS requests,
+           CASE WHEN %(token_rate)s::float8 IS NULL THEN tokens
+                ELSE least(%(token_capacity)s::float8,
+                           tokens + %(token_rate)s::float8 * extract(epoch FROM at - updated_at)::float8) END
+               AS tokens,
+           greatest(0, coalesce(extract(epoch FROM paused_until - at)::float8, 0)) AS paused
+    FROM locked
+),
+decided AS (
+    SELECT r.*,
+           greatest(r.paused,
+                    coalesce(greatest(0, least(1, %(request_capacity)s::float8) - r.requests)
+                             / %(request_rate)s::float8, 0),
+                    coalesce(greatest(0, least(%(tokens)s::float8, %(token_capacity)s::float8) - r.tokens)
+                             / %(token_rate)s::float8, 0)) AS wait
+    FROM refilled r
+)
+UPDATE outboxd.embedding_budget b
+SET requests = d.requests - CASE WHEN d.wait <= %(horizon)s::float8 AND %(request_rate)s::float8 IS NOT NULL
+                                 THEN 1 ELSE 0 END,
+    tokens = d.tokens - CASE WHEN d.wait <= %(horizon)s::float8 AND %(token_rate)s::float8 IS NOT NULL
+                             THEN %(tokens)s::float8 ELSE 0 END,
+    updated_at = d.at,
+    granted = b.granted + (d.wait <= %(horizon)s::float8)::int
+FROM decided d
+WHERE b.endpoint = d.endpoint
+RETURNING d.wait <= %(horizon)s::float8 AS taken,
+          CASE WHEN d.wait <= %(horizon)s::float8 THEN d.wait ELSE d.wait - %(horizon)s::float8 / 2 END
+              AS wait_seconds,
+          d.paused > 0 AND d.paused >= d.wait AS paused,
+          d.at;
+
+-- embedding_budget_pause --
+-- A daemon was answered 429: count it, and with a Retry-After hold every
+-- daemon's turns back until then (a shorter pause never shortens the one in force).
+UPDATE outboxd.embedding_budget
+SET paused_until = greatest(paused_until, clock_timestamp() + make_interval(secs => %(seconds)s::float8)),
+    rate_limited = rate_limited + 1
+WHERE endpoint = %(endpoint)s;
+
+-- embedding_budget_paused --
+-- Seconds the endpoint's pause has left: a turn reserved ahead checks it before
+-- its request goes, so a 429 that came meanwhile holds it back too.
+SELECT greatest(0, coalesce(extract(epoch FROM paused_until - clock_timestamp())::float8, 0)) AS seconds
+FROM outboxd.embedding_budget
+WHERE endpoint = %(endpoint)s;
+
+-- embedding_budget_settle --
+-- The endpoint counted `tokens` more tokens than were taken for a request
+-- (fewer, when negative: given back, up to the capacity).
+UPDATE outboxd.embedding_budget
+SET tokens = least(%(token_capacity)s::float8, tokens - %(tokens)s::float8)
+WHERE endpoint = %(endpoint)s;
+
 -- backlog --
 -- What the daemon reports every few seconds (metrics, systemd STATUS=): pending
 -- events (dead letters aside) and the age of the oldest, by the database clock.

@@ -37,9 +37,10 @@ REVOKE ALL ON SCHEMA outboxd FROM {writer};
 
 -- The daemon and the operator commands: read the content (chunk_state, count,
 -- backfill and search queries), claim, acknowledge, fail, release and requeue
--- outbox events, keep the collection catalog and scan checkpoints (reindex
--- --drop-retired deletes catalog rows, backfill --restart deletes a checkpoint),
--- and read the schema revision at start. It never modifies content.
+-- outbox events, take turns of the shared embedding budget, keep the collection
+-- catalog and scan checkpoints (reindex --drop-retired deletes catalog rows,
+-- backfill --restart deletes a checkpoint), and read the schema revision at
+-- start. It never modifies content.
 GRANT USAGE ON SCHEMA public TO {worker};
 GRANT SELECT ON public.sources, public.documents, public.chunks, public.crawl_jobs TO {worker};
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER
@@ -50,4 +51,5 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outboxd.outbox TO {worker};
 GRANT SELECT ON outboxd.chunk_state TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outboxd.collections, outboxd.scan_progress TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outboxd.verifier TO {worker};  -- the verifier's lease and checkpoint
+GRANT SELECT, INSERT, UPDATE ON outboxd.embedding_budget TO {worker};  -- the shared embedding budget
 GRANT USAGE ON SEQUENCE outboxd.event_version TO {worker};  -- the Kafka relay's versions

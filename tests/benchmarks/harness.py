@@ -18,8 +18,8 @@ measures nothing worth publishing.
 
 Figures by theme: figures_embedding (1, 1b, 1c, 1d, 7), figures_outbox (2, 3,
 4), figures_transport (5, 5b, 5c, 5f), figures_scaleout (5d, 5e),
-large_collection (6, 8), figures_verifier (9); services holds the set-up, report
-the table and plots.
+large_collection (6, 8), figures_verifier (9), http_backend (10: a fleet's
+embedding budget); services holds the set-up, report the table and plots.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from tests.benchmarks import figures_outbox as outbox
 from tests.benchmarks import figures_scaleout as scale
 from tests.benchmarks import figures_transport as transport
 from tests.benchmarks import figures_verifier as verifier
+from tests.benchmarks import http_backend as http_figures
 from tests.benchmarks import kafka_transport
 from tests.benchmarks import large_collection as large
 from tests.benchmarks.report import FIGURES, NO_GPU, collect_figures, markdown, plots
@@ -52,11 +53,12 @@ FULL = dict(pipeline_chunks=1000, claim_batches=[16, 64, 256], backend_chunks=50
             ceiling_chunks=20_000, write_rows=100_000, freshness_seconds=60.0, freshness_rate=10.0, wasted_chunks=300,
             transport_chunks=5000, cpu_events=30_000, cpu_repeats=2, scale_events=60_000, scale_counts=[1, 2, 4],
             scale_repeats=2, grpc_points=20_000, large_sizes=[50_000, 100_000, 200_000], local_reconcile=50_000,
-            verify_chunks=20_000, verify_pipeline_chunks=400, verify_base=5000)
+            verify_chunks=20_000, verify_pipeline_chunks=400, verify_base=5000, budget_chunks=960)
 QUICK = dict(pipeline_chunks=24, claim_batches=[8, 64], backend_chunks=24, backend_rounds=1, ceiling_chunks=300,
              write_rows=1000, freshness_seconds=2.0, freshness_rate=10.0, wasted_chunks=12, transport_chunks=200,
              cpu_events=300, cpu_repeats=1, scale_events=2000, scale_counts=[1, 2, 4], scale_repeats=1, grpc_points=1000,
-             large_sizes=[200, 600], local_reconcile=600, verify_chunks=1000, verify_pipeline_chunks=24, verify_base=200)
+             large_sizes=[200, 600], local_reconcile=600, verify_chunks=1000, verify_pipeline_chunks=24, verify_base=200,
+             budget_chunks=96)
 
 
 def say(what: str) -> None:
@@ -98,6 +100,8 @@ def run_figures(sizes: dict, device: str, quick: bool, pg: Postgres, target: Qdr
                                             sizes["scale_repeats"])
         say("figure 5f: gRPC against REST")
         d["grpc"] = transport.figure_grpc(target, sizes["grpc_points"])
+        say("figure 10: three daemons on one embedding budget, shared and per process")
+        d["fleet_budget"] = http_figures.figure_fleet_budget(pg, target, sizes["budget_chunks"])
         with kafka_transport.kafka_bootstrap() as bootstrap:
             say("figure 5: transport through Kafka")
             d["transport_kafka"] = transport.transport_kafka(pg, target, embedder, sizes["transport_chunks"], bootstrap)

@@ -3,6 +3,7 @@
     python -m tests.benchmarks.http_backend [--texts 12000] [--concurrent 4] [--batch-texts 64]
                                             [--base 0.2] [--per-text 0.002] [--claim-batch 512]
                                             [--concurrency 2] [--no-pipeline] [--out FILE]
+    python -m tests.benchmarks.http_backend --fleet-budget [--texts 480] [--out FILE]
 
 The endpoint is tests.embedding_server in its own process (so that its JSON work
 does not share this process's GIL), in hash mode with a service time per request
@@ -35,6 +36,18 @@ Measured on a shared 2-core x86_64 VM (load average 6-7 from other work), the
 defaults, 12,000 texts: endpoint alone 735-745/s, backend 713-735/s (0.96-1.0),
 pipeline 699-725/s (0.94-0.99 of the endpoint alone). With 6,000 texts the
 fixed start and tail weigh more: 0.88-0.95.
+
+Figure 10, a fleet's embedding budget (figure_fleet_budget, --fleet-budget):
+three `outboxd run` processes on one database and one Qdrant server, against
+the endpoint in its rate-limited mode (FLEET_LIMIT requests in any FLEET_WINDOW
+seconds), each configured with the budget FLEET_BUDGET_PER_S (0.8 of the
+endpoint's limit, in requests per minute), twice: the budget shared through
+PostgreSQL (OUTBOXD_EMBEDDING__BUDGET_SCOPE=database), and each process keeping
+it for itself (=process, per-process limits only). The endpoint records every
+request; per run: requests over the budget (those that found more than the
+budget's turns in the FLEET_WINDOW seconds up to them: budget x window + one of
+capacity), its 429s, and the fleet's answered requests per second over the
+budget.
 """
 from __future__ import annotations
 
@@ -42,6 +55,7 @@ import argparse
 import asyncio
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,11 +69,19 @@ from tests.benchmarks.services import Postgres
 from tests.processes import serving
 
 TARGET = 0.9
+FLEET_DAEMONS = 3
+FLEET_WINDOW = 2.0  # seconds the endpoint's rate limit counts over (a minute, scaled down)
+FLEET_LIMIT = 12  # requests the endpoint answers in any FLEET_WINDOW: 6 a second
+FLEET_BUDGET_PER_S = 4.8  # the budget, 0.8 of the endpoint's limit: 288 requests a minute
+FLEET_BATCH_TEXTS = 4
 
 
-def endpoint_process(*, base: float, per_text: float, dimension: int = 384):
+def endpoint_process(*, base: float, per_text: float, dimension: int = 384, rate_limit: int | None = None,
+                     rate_window: float = 60.0):
     """tests.embedding_server in a child process; a context manager yielding its base URL."""
     argv = ["tests.embedding_server", "--base", str(base), "--per-text", str(per_text), "--dimension", str(dimension)]
+    if rate_limit is not None:
+        argv += ["--rate-limit", str(rate_limit), "--rate-window", str(rate_window)]
     return serving(argv, "http://", "the embedding server")
 
 
@@ -245,9 +267,96 @@ def measure_http(
     return result
 
 
+def over_the_budget(arrivals: list[float], per_second: float, window: float) -> tuple[int, int]:
+    """(requests that found more than the budget's turns in the `window` seconds up
+    to them, budget x window + one of capacity; the most any such window held)."""
+    times = sorted(arrivals)
+    allowed = per_second * window + 1
+    over = most = j = 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window:
+            j += 1
+        most = max(most, i - j + 1)
+        over += i - j + 1 > allowed
+    return over, most
+
+
+def _fleet_round(pg, qdrant, texts: list[str], scope: str) -> dict:
+    """FLEET_DAEMONS `outboxd run` processes with the budget of this scope, started
+    before the backlog is written; the endpoint's record of the drain."""
+    from tests.benchmarks.figures_scaleout import RUN_TIMEOUT, START_TIMEOUT, OutboxdProcess, process_env, wait_until
+    from tests.benchmarks.services import add_chunks, outbox_pending
+
+    dsn = pg.fresh()
+    collection = qdrant.name(f"budget_{scope}")
+    with endpoint_process(base=0.02, per_text=0.0, rate_limit=FLEET_LIMIT, rate_window=FLEET_WINDOW) as url:
+        env = process_env(
+            dsn, qdrant, collection, tempfile.mkdtemp(prefix="outboxd-bench-data-"),
+            OUTBOXD_EMBEDDING__BACKEND="http", OUTBOXD_EMBEDDING__URL=url,
+            OUTBOXD_EMBEDDING__MAX_BATCH_TEXTS=str(FLEET_BATCH_TEXTS),
+            OUTBOXD_EMBEDDING__REQUESTS_PER_MINUTE=str(FLEET_BUDGET_PER_S * 60),
+            OUTBOXD_EMBEDDING__BUDGET_SCOPE=scope, OUTBOXD_BATCH_SIZE=str(2 * FLEET_BATCH_TEXTS),
+            OUTBOXD_CONCURRENCY="2",
+        )
+        procs = [OutboxdProcess(["run"], env) for _ in range(FLEET_DAEMONS)]
+        try:
+            wait_until("every daemon running", lambda: all(p.said("outboxd running") for p in procs), procs,
+                       START_TIMEOUT)
+            before = len(server_stats(url)["answers"])  # the probes at start
+            add_chunks(dsn, "budget", texts)
+            wait_until("the backlog to drain", lambda: outbox_pending(dsn) == 0, procs, RUN_TIMEOUT, every=0.1)
+            answers = server_stats(url)["answers"][before:]
+            for p in procs:
+                p.stop()
+            stopped = [p.said("outboxd stopped") for p in procs]
+        finally:
+            for p in procs:
+                p.close()
+    arrivals = [t for t, _ in answers]
+    answered = sorted(t for t, status in answers if status == 200)
+    refused = sum(1 for _, status in answers if status == 429)
+    over, most = over_the_budget(arrivals, FLEET_BUDGET_PER_S, FLEET_WINDOW)
+    span = answered[-1] - answered[0] if len(answered) > 1 else float("nan")
+    return {
+        "budget_scope": scope,
+        "requests": len(answers),
+        "answered": len(answered),
+        "refused_429": refused,
+        "refused_share": round(refused / max(1, len(answers)), 4),
+        "requests_over_budget": over,
+        "most_in_a_window": most,
+        "budget_per_window": FLEET_BUDGET_PER_S * FLEET_WINDOW + 1,
+        "answered_per_s": round((len(answered) - 1) / span, 3),
+        "throughput_vs_budget": round((len(answered) - 1) / span / FLEET_BUDGET_PER_S, 3),
+        "batches_per_daemon": [s[-1].get("batches") if s else None for s in stopped],
+        "dead_letters": sum(s[-1].get("dead_letters", 0) for s in stopped if s),
+    }
+
+
+def figure_fleet_budget(pg, qdrant, chunks: int) -> dict | str:
+    """Figure 10: the same fleet with its budget shared through PostgreSQL and kept
+    per process (see the module)."""
+    from tests.benchmarks.services import NEEDS_SERVER, load_average
+
+    if not qdrant.is_server:
+        return NEEDS_SERVER
+    texts = [f"chunk {i} of a fleet sharing one embedding budget" for i in range(chunks)]
+    out: dict = {
+        "qdrant": qdrant.label, "chunks": chunks, "daemons": FLEET_DAEMONS, "load_average_before": load_average(),
+        "endpoint_limit": f"{FLEET_LIMIT} requests in any {FLEET_WINDOW:g} s ({FLEET_LIMIT / FLEET_WINDOW:g}/s)",
+        "budget": f"{FLEET_BUDGET_PER_S * 60:g} requests a minute ({FLEET_BUDGET_PER_S:g}/s) per daemon setting",
+        "what": f"{FLEET_DAEMONS} `outboxd run` processes, {FLEET_BATCH_TEXTS} texts a request, 2 workers each; "
+                "the endpoint's record of every request from the backlog's commit to its drain",
+    }
+    for scope, key in (("database", "shared"), ("process", "per_process")):
+        out[key] = _fleet_round(pg, qdrant, texts, scope)
+    out["load_average_after"] = load_average()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--texts", type=int, default=12000)
+    parser.add_argument("--texts", type=int, default=None, help="texts (default 12000; chunks with --fleet-budget, 480)")
     parser.add_argument("--concurrent", type=int, default=4, help="requests in flight (max_concurrency)")
     parser.add_argument("--batch-texts", type=int, default=64, help="texts per request (max_batch_texts)")
     parser.add_argument("--base", type=float, default=0.2, help="endpoint seconds per request")
@@ -255,10 +364,20 @@ def main() -> None:
     parser.add_argument("--claim-batch", type=int, default=None, help="OUTBOXD_BATCH_SIZE (default: 2 x concurrent x batch-texts)")
     parser.add_argument("--concurrency", type=int, default=2, help="OUTBOXD_CONCURRENCY")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the PostgreSQL pipeline")
+    parser.add_argument("--fleet-budget", action="store_true",
+                        help="figure 10 only: three daemons with a shared budget and with per-process ones "
+                             "(--texts chunks; a Qdrant server: QDRANT_URL, else one started here)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    texts = make_texts(args.texts)
+    if args.fleet_budget:
+        result = fleet_budget_alone(args.texts or 480)
+        text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
+        if args.out:
+            args.out.write_text(text)
+        print(text)
+        return
+    texts = make_texts(args.texts or 12000)
     kwargs = dict(batch_texts=args.batch_texts, base=args.base, per_text=args.per_text,
                   claim_batch=args.claim_batch, concurrency=args.concurrency)
     if args.no_pipeline:
@@ -273,6 +392,21 @@ def main() -> None:
     if args.out:
         args.out.write_text(text)
     print(text)
+
+
+def fleet_budget_alone(chunks: int) -> dict | str:
+    from contextlib import ExitStack
+
+    from tests.benchmarks.services import QdrantTarget
+
+    with ExitStack() as stack:
+        target = QdrantTarget.from_env(stack)
+        pg = Postgres()
+        try:
+            return figure_fleet_budget(pg, target, chunks)
+        finally:
+            pg.close()
+            target.cleanup()
 
 
 if __name__ == "__main__":

@@ -85,6 +85,15 @@ FIGURES: dict[str, tuple] = {
     "9_verifier_cpu_per_10k": ("9. continuous verifier: its CPU per 10,000 chunks checked (CPU-s, one full pass, unthrottled)", "", None, "verifier"),
     "9_verifier_core_share_default_rate": ("9. continuous verifier at its default rate (50 chunks/s): share of one core", "< 0.02", lambda v, f, m: v < 0.02, "verifier"),
     "9_verifier_throughput_ratio": ("9. pipeline throughput with the verifier at its defaults ÷ without (real model)", "> 0.97", lambda v, f, m: v > 0.97, "verifier"),
+    "10_budget_requests_shared": ("10. fleet budget: requests 3 daemons sent, budget shared through PostgreSQL", "", None, "fleet_budget"),
+    "10_budget_over_shared": ("10. requests sent over the budget, shared", "0", lambda v, f, m: v == 0, "fleet_budget"),
+    "10_budget_429_shared": ("10. 429s, shared", "≤ 1% of requests after the first",
+                             lambda v, f, m: v <= 1 + 0.01 * f["10_budget_requests_shared"], "fleet_budget"),
+    "10_budget_throughput_shared": ("10. fleet throughput ÷ budget, shared", "≥ 0.9", lambda v, f, m: v >= 0.9, "fleet_budget"),
+    "10_budget_requests_per_process": ("10. requests sent, each daemon keeping the budget for itself (per-process limits only)", "", None, "fleet_budget"),
+    "10_budget_over_per_process": ("10. requests sent over the budget, per process", "", None, "fleet_budget"),
+    "10_budget_429_per_process": ("10. 429s, per process", "", None, "fleet_budget"),
+    "10_budget_throughput_per_process": ("10. fleet throughput ÷ budget, per process (the endpoint's limit caps it)", "", None, "fleet_budget"),
     "7_gpu_pipeline_efficiency": ("7. pipeline efficiency with the model on the GPU", "≥ 0.90", lambda v, f, m: v >= 0.90, "gpu"),
     "7_gpu_pipeline_vs_limit": ("7. pipeline ÷ limit on the GPU (fp16 recipe)", "≥ 0.9", lambda v, f, m: v >= 0.9, "gpu"),
 }
@@ -191,6 +200,12 @@ def collect_figures(d: dict) -> tuple[dict, dict]:
                     "8_backfill_rate_growth", "8_backfill_rss_growth", "8_backfill_enqueue_chunks_per_s"):
             f[key] = large
     f["6_reconcile_chunks_per_s_local"] = d["reconcile_local"]["chunks_per_s"]
+    fleet = d["fleet_budget"]
+    for scope in ("shared", "per_process"):
+        run = fleet.get(scope) if isinstance(fleet, dict) else None
+        for key, field in (("requests", "requests"), ("over", "requests_over_budget"), ("429", "refused_429"),
+                           ("throughput", "throughput_vs_budget")):
+            f[f"10_budget_{key}_{scope}"] = run[field] if run else fleet
     v = d["verifier"]
     f["9_verifier_cpu_per_10k"] = v["pass"]["cpu_s_per_10k"]
     f["9_verifier_core_share_default_rate"] = v["pass"]["core_share_at_default_rate"]

@@ -162,6 +162,66 @@ async def test_retry_after_holds_back_the_other_requests(server, backends):
     assert all(t - arrivals[0] >= 0.4 for t in arrivals[1:])
 
 
+async def test_a_budget_paces_the_requests(server, backends):
+    """600 requests a minute (one turn a tenth of a second): twelve requests of one
+    text arrive a tenth of a second apart, however many may be in flight."""
+    backend = await loaded(backends(server, max_batch_texts=1, requests_per_minute=600), server)
+    started = time.monotonic()
+    await backend.encode([f"text {i}" for i in range(12)])
+    arrivals = sorted(server.stats.arrivals)
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert len(arrivals) == 12 and min(gaps) >= 0.1 - 0.03  # the client's sends jitter a little on a busy machine
+    assert time.monotonic() - started >= 1.1 - 0.01
+    assert backend.budget.scope == "process"
+
+
+async def test_waiting_for_a_turn_is_not_failing_time(server, backends):
+    """Two 503s in a row, each attempt waiting half a second for its turn (120 a
+    minute): the retry budget of 0.2 s counts only the failing, so the third
+    attempt goes, and succeeds."""
+    backend = await loaded(backends(server, retry_budget=0.2, max_concurrency=1, requests_per_minute=120), server)
+    server.fail_next(2, 503)
+    await backend.encode(["one text"])
+    assert [status for _, status in server.stats.answers] == [503, 503, 200]
+
+
+async def test_without_a_budget_nothing_waits(server, backends):
+    backend = await loaded(backends(server, max_batch_texts=1, max_concurrency=8), server)
+    assert not backend.budget.rates
+    await backend.encode([f"text {i}" for i in range(16)])
+    assert server.stats.max_concurrent >= 2 and len(server.stats.arrivals) == 16
+
+
+async def test_the_endpoints_rate_limit_refuses_above_it_and_a_budget_below_it_is_never_refused(backends):
+    """The test endpoint's rate limit (5 a second): a burst of 12 requests without a
+    budget meets 429s, retried after their Retry-After, none lost; with a budget of
+    4 a second the same requests meet none."""
+    with EmbeddingServer(rate_limit=5, rate_window=1.0) as server:
+        unbudgeted = await loaded(backends(server, max_batch_texts=1, max_concurrency=12), server)
+        await unbudgeted.encode([f"text {i}" for i in range(12)])
+        assert server.stats.refused >= 5 and server.stats.answered == 12
+        refusals = [status for _, status in server.stats.answers if status == 429]
+        assert len(refusals) == server.stats.refused
+        within = [t for t, status in server.stats.answers if status == 200]
+        assert all(sum(1 for u in within if t <= u < t + 1.0) <= 5 for t in within)
+        server.reset_stats()
+        budgeted = await loaded(backends(server, max_batch_texts=1, max_concurrency=12, requests_per_minute=240))
+        server.reset_stats()
+        await budgeted.encode([f"other {i}" for i in range(12)])
+        assert server.stats.refused == 0 and server.stats.answered == 12
+
+
+async def test_a_429_pauses_a_reserved_turn_too(server, backends):
+    """A request that reserved its turn before another's 429 came still waits for the pause."""
+    backend = await loaded(backends(server, max_batch_texts=1, requests_per_minute=600), server)
+    server.fail_next(1, 429, retry_after=0.6)
+    await backend.encode(["a", "b", "c"])  # the first is refused; the others had reserved turns
+    answers = server.stats.answers
+    refused_at = next(t for t, status in answers if status == 429)
+    later = [t for t, status in answers if status == 200]
+    assert len(later) == 3 and min(later) >= refused_at + 0.6 - 0.01
+
+
 async def test_503_is_retried_with_backoff(server, backends, caplog):
     backend = await loaded(backends(server, backoff_initial=0.05), server)
     server.fail_next(2, 503)

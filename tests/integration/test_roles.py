@@ -143,6 +143,8 @@ PARAMS = dict(
     max_seq_length=None, fingerprint_id="f", status="building", after=None, source_id=None,
     document_id=None, limit=10, job="j", last_chunk_id=None, done=1, query="chunk", document_type=None,
     metadata=None, mode="origin", variant="{}", checked=0, drift="{}",
+    endpoint="http://e/v1/embeddings m", request_rate=1.0, request_capacity=1.0, token_rate=None,
+    token_capacity=None, tokens=0, horizon=1.0, seconds=0.5,
 )
 # Named queries for the operator (the migrating role), which the worker must NOT be able to run.
 OPERATOR_ONLY = {"set_capture_mode"}

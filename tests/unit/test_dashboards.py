@@ -51,6 +51,7 @@ COUNTER_LABELS: dict[str, dict[str, str]] = {
     "embeddings": {"kind": "computed"},
     "retries": {"stage": "batch", "dependency": "qdrant"},  # dependency: being added to the code
     "dependency_wait_seconds": {"dependency": "qdrant"},
+    "embedding_budget_wait_seconds": {"reason": "budget", "scope": "database"},
     "dead_letters": {},
     "relay_published": {},
     "consumer_applied": {},

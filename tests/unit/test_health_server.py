@@ -171,3 +171,16 @@ async def test_a_stuck_batch_ages_the_heartbeat_however_often_the_loop_beats(ser
         heartbeat.idle("w/1")
         r = await client.get("/healthz")
         assert r.status_code == 200 and "stuck" not in r.json()
+
+
+def test_waiting_for_a_budget_is_progress_of_every_batch_in_flight():
+    """A request waiting its turn of the embedding budget calls progress(): the
+    batches in flight are not stuck, however long the budget makes them wait."""
+    heartbeat = Heartbeat()
+    heartbeat.busy("w/0")
+    heartbeat.busy("w/1")
+    heartbeat._busy["w/0"] -= 5
+    heartbeat._busy["w/1"] -= 5
+    assert heartbeat.stuck(0.3) == ["w/0", "w/1"]
+    heartbeat.progress()
+    assert heartbeat.stuck(0.3) == [] and heartbeat.fresh(0.3)

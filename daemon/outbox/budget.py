@@ -1,0 +1,86 @@
+"""The embedding budget every daemon of one database shares: the bucket of
+daemon.embedding.budget kept in one row of outboxd.embedding_budget per
+endpoint (its URL and model), taken from by each request in one short
+statement (embedding_budget_take: the row is locked for that statement only,
+never across a request), paused by any daemon's 429 for all of them.
+
+The daemon owns the pool, so it makes this budget and gives it to the backend
+in place of the backend's own (share()); the backend never sees PostgreSQL.
+The bucket's time is the database server's clock, the same for every daemon.
+
+When PostgreSQL cannot be reached, a take fails as an outage of PostgreSQL:
+the daemon retries its batch as for any outage (it could not acknowledge it
+either), nothing is counted against the events.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from psycopg_pool import AsyncConnectionPool
+
+from daemon.embedding.backend import Backend
+from daemon.embedding.budget import HORIZON, Budget, Grant, LocalBudget, Rates
+from db.gateway import fetch
+
+log = logging.getLogger(__name__)
+
+
+class SharedBudget(Budget):
+    scope = "database"
+
+    def __init__(self, pool: AsyncConnectionPool, endpoint: str, rates: Rates, *, horizon: float = HORIZON) -> None:
+        super().__init__(endpoint, rates)
+        self.pool = pool
+        requests, tokens = rates.requests, rates.tokens
+        # what every statement on the endpoint's row is given: its key, and the bucket's shape
+        self.params = {
+            "endpoint": endpoint,
+            "request_rate": requests.per_second if requests else None,
+            "request_capacity": requests.capacity if requests else None,
+            "token_rate": tokens.per_second if tokens else None,
+            "token_capacity": tokens.capacity if tokens else None,
+            "horizon": horizon,
+        }
+
+    async def open(self) -> None:
+        """The endpoint's row, made full if no daemon made it yet."""
+        await fetch(self.pool, "embedding_budget_open", **self.params)
+
+    async def take(self, tokens: int) -> Grant:
+        rows = await fetch(self.pool, "embedding_budget_take", **self.params, tokens=tokens)
+        if not rows:  # the row went (deleted by hand, or an unlogged table emptied by a crash): a full one
+            await self.open()
+            rows = await fetch(self.pool, "embedding_budget_take", **self.params, tokens=tokens)
+        row = rows[0]
+        return Grant(bool(row["taken"]), float(row["wait_seconds"]), bool(row["paused"]))
+
+    async def pause(self, seconds: float) -> None:
+        await fetch(self.pool, "embedding_budget_pause", endpoint=self.endpoint, seconds=seconds)
+
+    async def settle(self, tokens: int) -> None:
+        await fetch(self.pool, "embedding_budget_settle", **self.params, tokens=tokens)
+
+    async def paused(self) -> float:
+        rows = await fetch(self.pool, "embedding_budget_paused", endpoint=self.endpoint)
+        return float(rows[0]["seconds"]) if rows else 0.0
+
+
+async def share(backend: Backend, pool: AsyncConnectionPool, *,
+                progress: Callable[[], None] | None = None) -> Budget | None:
+    """Give the backend the budget its database keeps for every daemon, in place
+    of its own, where it has one with limits and its scope is the database
+    (OUTBOXD_EMBEDDING__BUDGET_SCOPE); the budget it uses then. progress is
+    called while a request waits for its turn (the daemon's heartbeat)."""
+    own = backend.budget
+    if own is None:
+        return None
+    budget: Budget = own
+    if own.rates and isinstance(own, LocalBudget) and own.share:
+        shared = SharedBudget(pool, own.endpoint, own.rates)
+        await shared.open()
+        backend.budget = budget = shared
+        log.info("embedding budget shared by the daemons of this database",
+                 extra={"endpoint": own.endpoint, "budget": own.rates.describe()})
+    budget.progress = progress
+    return budget
