@@ -78,8 +78,8 @@ class EmbeddedStores:
         init, collects it: in a container that can take seconds."""
         if self.dsn is None:  # never started
             return None
-        import psutil
         import pgserver
+        import psutil
 
         pgdata = self.pgdata.resolve()
         pid = postmaster_pid(pgdata)

@@ -47,8 +47,8 @@ import orjson
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.admin.drift import KINDS, Reconciler, Repair
-from daemon.outbox.settings import VerifySettings
 from daemon.errors import ConfigError, describe, is_transient, refusal
+from daemon.outbox.settings import VerifySettings
 from daemon.runtime.backoff import OUTAGE
 from daemon.runtime.batch_policy import wait_for_any
 from daemon.telemetry import Metrics

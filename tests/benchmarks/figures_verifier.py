@@ -18,10 +18,10 @@ import asyncio
 import time
 
 from daemon.admin.drift import Reconciler, enqueue_repair
-from daemon.outbox.settings import VerifySettings
 from daemon.embedding.backend import BackendInfo
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
+from daemon.outbox.settings import VerifySettings
 from daemon.outbox.verifier import Verifier, VerifierLease
 from daemon.telemetry import Metrics
 from db.gateway import make_pool

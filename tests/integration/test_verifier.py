@@ -27,9 +27,9 @@ from qdrant_client import models
 
 from daemon import cli
 from daemon.admin.drift import KINDS, Reconciler, enqueue_repair
-from daemon.outbox.settings import VerifySettings
 from daemon.errors import CollectionRetiredError
 from daemon.outbox.notify_daemon import NotifyDaemon
+from daemon.outbox.settings import VerifySettings
 from daemon.outbox.verifier import VerifierLease
 from tests.processes import daemon_env, health_port, sample
 from tests.support import add_document, assert_converged, drain, open_qdrant, outbox_rows, require_server

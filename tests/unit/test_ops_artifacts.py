@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from consumers.settings import StreamSettings
 from daemon.cli import COMMANDS
 from daemon.config import Settings
