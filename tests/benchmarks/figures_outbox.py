@@ -12,6 +12,7 @@ import psycopg
 from daemon.config import Settings
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
+from daemon.runtime.service import run_service
 from tests.benchmarks import e2e_throughput
 from tests.benchmarks.services import (
     NO_QDRANT,
@@ -120,10 +121,14 @@ async def freshness_run(dsn: str, target: QdrantTarget, embedder: Embedder, seco
     overhead: list[float] = []
     writing_done = asyncio.Event()
     try:
-        await daemon.start()
+        # under the supervisor, as `outboxd run` runs it: the LISTEN wake-up is one of its side tasks
+        runner = asyncio.create_task(run_service(daemon))
+        while not daemon.started:
+            if runner.done():
+                await runner  # it failed to start: say why
+            await asyncio.sleep(0.05)
         store = getattr(daemon, "writer", daemon).store  # the daemon's collection store (behind its writer)
         collection = store.collection
-        runner = asyncio.create_task(daemon.run())
         await asyncio.sleep(0.5)  # the listener connects
 
         async def writer() -> None:
