@@ -267,10 +267,14 @@ DELETE FROM outboxd.collections WHERE name = %(name)s AND status = 'retired' RET
 
 -- reconcile_chunks --
 -- One keyset page of chunk states in id order (the order Qdrant scrolls points in).
+-- The key is a range the index can seek to (>=, then the one equal id left out),
+-- never "after IS NULL OR id > after": a prepared statement's generic plan cannot
+-- seek on that, and scans from the lowest id for every page.
 SELECT chunk_id, document_id, source_id, chunk_index, text, token_count, content_hash,
        metadata, title, url, document_type, state_hash
 FROM outboxd.chunk_state
-WHERE (%(after)s::uuid IS NULL OR chunk_id > %(after)s::uuid)
+WHERE chunk_id >= coalesce(%(after)s::uuid, '00000000-0000-0000-0000-000000000000')
+  AND chunk_id IS DISTINCT FROM %(after)s::uuid
   AND (%(source_id)s::uuid IS NULL OR source_id = %(source_id)s::uuid)
   AND (%(document_id)s::uuid IS NULL OR document_id = %(document_id)s::uuid)
 ORDER BY chunk_id
@@ -321,7 +325,8 @@ WITH page AS (
     SELECT c.id
     FROM public.chunks c
     JOIN public.documents d ON d.id = c.document_id
-    WHERE (%(after)s::uuid IS NULL OR c.id > %(after)s::uuid)
+    WHERE c.id >= coalesce(%(after)s::uuid, '00000000-0000-0000-0000-000000000000')  -- a seekable key (reconcile_chunks)
+      AND c.id IS DISTINCT FROM %(after)s::uuid
       AND (%(source_id)s::uuid IS NULL OR d.source_id = %(source_id)s::uuid)
       AND (%(document_id)s::uuid IS NULL OR c.document_id = %(document_id)s::uuid)
     ORDER BY c.id
