@@ -81,6 +81,11 @@ def console(*, stderr: bool = False, **options: Any):
     return _console_class()(stderr=stderr, width=output_width(sys.stderr if stderr else sys.stdout), **options)
 
 
+def print_line(text: str) -> None:
+    """One line of prose on stdout, wrapped at output_width() as the tables are."""
+    console().print(text, markup=False, highlight=False, overflow="fold")
+
+
 def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
     from rich.table import Column, Table
 

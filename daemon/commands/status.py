@@ -275,10 +275,10 @@ def _drift(counts: dict[str, int] | None) -> str:
 
 
 def render_verifier(v: dict[str, Any]) -> None:
-    from daemon.commands.common import print_table
+    from daemon.commands.common import print_line, print_table
 
     if v["holder"] is None:
-        print(f"Verifier: {v['note']}")
+        print_line(f"Verifier: {v['note']}")
         return
     lease = (f"lease ends in {_seconds(v['lease_expires_in_seconds'])}" if v["lease_live"]
              else "lease ran out: nobody verifies now")
@@ -300,11 +300,11 @@ def render_verifier(v: dict[str, Any]) -> None:
         title=f"Verifier of {v['collection']!r}",
     )
     if v["note"]:
-        print(f"note: verifier: {v['note']}")
+        print_line(f"note: verifier: {v['note']}")
 
 
 def render(report: dict[str, Any]) -> None:
-    from daemon.commands.common import print_table
+    from daemon.commands.common import print_line, print_table
     from daemon.embedding.embedder import ModelFingerprint
 
     o = report["outbox"]
@@ -325,7 +325,7 @@ def render(report: dict[str, Any]) -> None:
         title="Outbox",
     )
     if report["capture"]["note"]:
-        print(f"note: capture mode {report['capture']['mode']}: {report['capture']['note']}")
+        print_line(f"note: capture mode {report['capture']['mode']}: {report['capture']['note']}")
     render_verifier(report["verifier"])
     kafka = report["kafka"]
     if kafka is not None:
@@ -346,7 +346,7 @@ def render(report: dict[str, Any]) -> None:
     if report["catalog"]:
         print_table(report["catalog"], ["alias", "name", "model_name", "dimension", "status"], title="Catalog")
     else:
-        print("Catalog: no collections recorded yet")
+        print_line("Catalog: no collections recorded yet")
     q = report["qdrant"]
     rows = [{"": "target", "value": q["target"]}, {"": "alias", "value": q["alias"]}]
     if not q["available"]:
