@@ -62,7 +62,9 @@ async def test_payload_only_changes_never_embed(conn, dsn, qdrant, collection, e
     conn.execute("UPDATE chunks SET metadata = %s, chunk_index = chunk_index + 10 WHERE id = %s", (Jsonb({"k": 1}), ids[2]))
     daemon = await drain(settings, dsn, embedder, qdrant)
     assert daemon.stats.embedded == 0
-    assert daemon.stats.payload_only == 4
+    # 4 chunks; the retitled document's chunk that changed itself too may be written
+    # once or twice, as its two events land in one claim or in the two workers' claims
+    assert 4 <= daemon.stats.payload_only <= 5
     await assert_converged(dsn, qdrant, collection, embedder)
 
 

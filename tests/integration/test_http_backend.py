@@ -185,10 +185,13 @@ async def test_waiting_for_a_turn_is_not_failing_time(server, backends):
     assert [status for _, status in server.stats.answers] == [503, 503, 200]
 
 
-async def test_without_a_budget_nothing_waits(server, backends):
-    backend = await loaded(backends(server, max_batch_texts=1, max_concurrency=8), server)
-    assert not backend.budget.rates
-    await backend.encode([f"text {i}" for i in range(16)])
+async def test_without_a_budget_nothing_waits(backends):
+    """Requests overlap up to max_concurrency: an endpoint that takes 0.2 s per
+    request sees several at once (a fast one could finish each before the next)."""
+    with EmbeddingServer(base_seconds=0.2) as server:
+        backend = await loaded(backends(server, max_batch_texts=1, max_concurrency=8), server)
+        assert not backend.budget.rates
+        await backend.encode([f"text {i}" for i in range(16)])
     assert server.stats.max_concurrent >= 2 and len(server.stats.arrivals) == 16
 
 
