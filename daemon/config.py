@@ -24,9 +24,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from daemon.config_sources import (
     ConfigFileSource,
     OtherNamesSource,
-    SecretFileError,
     SecretFileSource,
     dotenv_entries,
+    secret_file_problem,
     setting,
     suggest_choice,
 )
@@ -219,12 +219,7 @@ class Settings(BaseSettings):
             file_secret_settings,
         )
 
-    @field_validator("*", mode="before")  # only a secret's *_FILE can be a SecretFileError
-    @classmethod
-    def _secret_file_problem(cls, v: object) -> object:
-        if isinstance(v, SecretFileError):
-            raise ValueError(str(v))
-        return v
+    _secret_file_problem = field_validator("*", mode="before")(secret_file_problem)
 
     @field_validator("log_level", mode="before")
     @classmethod

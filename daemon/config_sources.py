@@ -55,6 +55,13 @@ class SecretFileError(str):
     ordinary invalid setting (exit 78) naming the variable and path, never content."""
 
 
+def secret_file_problem(v: object) -> object:
+    """A field validator for every setting (only a secret's *_FILE can be a SecretFileError)."""
+    if isinstance(v, SecretFileError):
+        raise ValueError(str(v))
+    return v
+
+
 class SettingsConflict(ConfigError):
     """Two names of one setting set in the same place to different values."""
 
@@ -70,12 +77,7 @@ class Table(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    @field_validator("*", mode="before")  # only a secret's *_FILE can be a SecretFileError
-    @classmethod
-    def _secret_file_problem(cls, v: object) -> object:
-        if isinstance(v, SecretFileError):
-            raise ValueError(str(v))
-        return v
+    _secret_file_problem = field_validator("*", mode="before")(secret_file_problem)
 
 
 # --- the names of each setting ---------------------------------------------------------

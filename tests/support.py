@@ -14,7 +14,7 @@ import orjson
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from qdrant_client import AsyncQdrantClient
+from qdrant_client import AsyncQdrantClient, models
 
 from daemon.core.chunk_state import ChunkState
 from daemon.embedding.embedder import Embedder
@@ -105,6 +105,28 @@ def add_document(conn: psycopg.Connection, texts: list[str], *, source_id=None, 
                 ).fetchone()[0]
             )
     return doc_id, chunk_ids
+
+
+async def physical_collection(client: AsyncQdrantClient, name: str) -> str:
+    """The collection behind `name` when it is an alias, else `name` itself."""
+    aliases = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}
+    return aliases.get(name, name)
+
+
+async def make_every_drift(conn: psycopg.Connection, qdrant: AsyncQdrantClient, target: str, ids: list[uuid.UUID]) -> str:
+    """One drift of each kind behind the daemon's back, on the first five chunks of `ids`:
+    missing (0), orphaned (1, and a stray point), stale (2: text; 3: payload) and
+    wrong_model (4). Returns the stray point's id."""
+    await qdrant.delete(target, models.PointIdsList(points=[str(ids[0])]))
+    stray = str(uuid.uuid4())
+    await qdrant.upsert(target, [models.PointStruct(id=stray, vector=[0.1] * 384, payload={})])
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")  # writes the triggers do not see
+        conn.execute("DELETE FROM chunks WHERE id = %s", (ids[1],))
+        conn.execute("UPDATE chunks SET text = 'changed behind the back' WHERE id = %s", (ids[2],))
+    await qdrant.set_payload(target, {"title": "tampered"}, points=[str(ids[3])])
+    await qdrant.set_payload(target, {"embedding_model": "another-model"}, points=[str(ids[4])])
+    return stray
 
 
 def outbox_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:

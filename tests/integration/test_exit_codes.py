@@ -22,7 +22,7 @@ from qdrant_client import models
 
 from tests.conftest import REPO
 from tests.processes import base_env, json_lines, qdrant_env
-from tests.support import add_document, drain, open_qdrant, qdrant_choice
+from tests.support import add_document, drain, open_qdrant, physical_collection, qdrant_choice
 
 pytestmark = [pytest.mark.integration]
 
@@ -147,6 +147,18 @@ def test_a_usage_error_exits_2(argv, says, unreachable, tmp_path):
     assert says in result.stderr and "Error:" in result.stderr and "Traceback" not in result.stderr, report(result)
 
 
+async def converge(make_settings, path, dsn, embedder, collection, lose: str | None = None) -> None:
+    """Drain into the session's Qdrant (local mode at `path` where there is no server); then,
+    if asked, lose the point `lose` behind the daemon's back."""
+    client = open_qdrant(path)
+    try:
+        await drain(make_settings(**qdrant_choice(path)), dsn, embedder, client)
+        if lose:
+            await client.delete(await physical_collection(client, collection), models.PointIdsList(points=[lose]))
+    finally:
+        await client.close()
+
+
 # --- 3: a check found a problem; 0: it did not ------------------------------------------------
 @pytest.mark.slow
 def test_checks_exit_3_on_a_problem_and_0_without(conn, dsn, collection, embedder, make_settings, tmp_path):
@@ -155,23 +167,13 @@ def test_checks_exit_3_on_a_problem_and_0_without(conn, dsn, collection, embedde
     path = tmp_path / "qdrant"
     _, ids = add_document(conn, ["the first chunk", "the second chunk", "the third chunk"])
 
-    async def converge(lose: str | None = None):
-        client = open_qdrant(path)
-        try:
-            await drain(make_settings(**qdrant_choice(path)), dsn, embedder, client)
-            if lose:
-                target = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}[collection]
-                await client.delete(target, models.PointIdsList(points=[lose]))
-        finally:
-            await client.close()
-
-    asyncio.run(converge())
+    asyncio.run(converge(make_settings, path, dsn, embedder, collection))
     env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, **qdrant_env(path))
     flags: list[str] = []
 
     clean = outboxd(["reconcile", "--check", *flags], env, tmp_path)
     assert clean.returncode == 0 and "0 drifted" in clean.stdout, report(clean)
-    asyncio.run(converge(lose=str(ids[1])))
+    asyncio.run(converge(make_settings, path, dsn, embedder, collection, lose=str(ids[1])))
     drift = outboxd(["reconcile", "--check", *flags], env, tmp_path)
     assert drift.returncode == EXIT_CHECK_FAILED and "1 drifted" in drift.stdout, report(drift)
     assert "Traceback" not in drift.stderr
@@ -240,17 +242,7 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(conn, dsn, collection, e
     path = tmp_path / "qdrant"
     _, ids = add_document(conn, ["the first chunk", "the second chunk"])
 
-    async def converge(lose: str | None = None):
-        client = open_qdrant(path)
-        try:
-            await drain(make_settings(**qdrant_choice(path)), dsn, embedder, client)
-            if lose:
-                target = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}[collection]
-                await client.delete(target, models.PointIdsList(points=[lose]))
-        finally:
-            await client.close()
-
-    asyncio.run(converge())
+    asyncio.run(converge(make_settings, path, dsn, embedder, collection))
     env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, **qdrant_env(path))
     for argv, code in [(["status"], 0), (["reconcile", "--check"], 0), (["status", "--json"], 0),
                        (["--help"], 0)]:
@@ -260,7 +252,7 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(conn, dsn, collection, e
         assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, describe
         assert "unreachable" not in result.stderr, describe
 
-    asyncio.run(converge(lose=str(ids[1])))
+    asyncio.run(converge(make_settings, path, dsn, embedder, collection, lose=str(ids[1])))
     drift = outboxd_into_a_closed_pipe(["reconcile", "--check"], env, tmp_path)
     assert drift.returncode == EXIT_CHECK_FAILED, report(drift)
     assert "Traceback" not in drift.stderr, report(drift)

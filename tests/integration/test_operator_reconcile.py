@@ -21,20 +21,18 @@ from tests.support import (
     add_document,
     assert_converged,
     drain,
+    make_every_drift,
     open_qdrant,
     outbox_rows,
+    physical_collection,
     qdrant_choice,
     qdrant_flags,
     server_settings,
 )
 
 
-async def physical(qdrant, alias) -> str:
-    return {a.alias_name: a.collection_name for a in (await qdrant.get_aliases()).aliases}[alias]
-
-
 async def reconcile(pool, qdrant, collection, embedder, repair=None, **kw):
-    target = await physical(qdrant, collection)
+    target = await physical_collection(qdrant, collection)
     return await Reconciler(pool, qdrant, target, embedder.fingerprint.id, **kw).run(repair)
 
 
@@ -44,18 +42,10 @@ async def test_each_drift_class_is_found_then_repaired(conn, dsn, qdrant, collec
     settings = make_settings()
     _, ids = add_document(conn, [f"chunk {i} of the reconcile corpus" for i in range(12)])
     await drain(settings, dsn, embedder, qdrant)
-    target = await physical(qdrant, collection)
+    target = await physical_collection(qdrant, collection)
     assert (await reconcile(pool, qdrant, collection, embedder)).drift == 0
 
-    await qdrant.delete(target, models.PointIdsList(points=[str(ids[0])]))                      # missing
-    stray = str(uuid.uuid4())
-    await qdrant.upsert(target, [models.PointStruct(id=stray, vector=[0.1] * 384, payload={})])   # orphaned
-    with conn.transaction():
-        conn.execute("SET LOCAL session_replication_role = replica")  # writes the triggers do not see
-        conn.execute("DELETE FROM chunks WHERE id = %s", (ids[1],))                                # orphaned
-        conn.execute("UPDATE chunks SET text = 'changed behind the back' WHERE id = %s", (ids[2],))  # stale
-    await qdrant.set_payload(target, {"title": "tampered"}, points=[str(ids[3])])                  # stale
-    await qdrant.set_payload(target, {"embedding_model": "another-model"}, points=[str(ids[4])])   # wrong_model
+    stray = await make_every_drift(conn, qdrant, target, ids)
 
     report = await reconcile(pool, qdrant, collection, embedder)
     assert report.counts == {"missing": 1, "orphaned": 2, "stale": 2, "wrong_model": 1}
@@ -78,7 +68,7 @@ async def test_a_deep_check_finds_text_and_metadata_edited_by_hand(conn, dsn, qd
     settings = make_settings()
     _, ids = add_document(conn, ["one text", "another text", "a third text"])
     await drain(settings, dsn, embedder, qdrant)
-    target = await physical(qdrant, collection)
+    target = await physical_collection(qdrant, collection)
     await qdrant.set_payload(target, {"text": "edited by hand"}, points=[str(ids[0])], wait=True)
     await qdrant.set_payload(target, {"metadata": {"i": 99}}, points=[str(ids[1])], wait=True)
 
@@ -108,7 +98,7 @@ async def test_scope_limits_the_comparison(conn, dsn, qdrant, collection, embedd
     doc_a, ids_a = add_document(conn, ["a1", "a2"])
     _, ids_b = add_document(conn, ["b1", "b2", "b3"])
     await drain(make_settings(), dsn, embedder, qdrant)
-    target = await physical(qdrant, collection)
+    target = await physical_collection(qdrant, collection)
     await qdrant.delete(target, models.PointIdsList(points=[str(ids_b[0])]))
     scoped = await reconcile(pool, qdrant, collection, embedder, scope=Scope(document_id=doc_a))
     assert (scoped.chunks, scoped.points, scoped.drift) == (2, 2, 0)
@@ -154,7 +144,7 @@ def test_cli_check_json_and_repair(conn, dsn, collection, embedder, make_setting
     async def converge_then_lose_a_point():
         client = open_qdrant(path)
         await drain(settings, dsn, embedder, client)
-        await client.delete(await physical(client, collection), models.PointIdsList(points=[str(ids[1])]))
+        await client.delete(await physical_collection(client, collection), models.PointIdsList(points=[str(ids[1])]))
         await client.close()
 
     async def converge():

@@ -19,7 +19,7 @@ from daemon.core.qdrant_store import physical_name
 from daemon.embedding.embedder import Embedder
 from daemon.errors import EXIT_CONFIG
 from daemon.outbox.notify_daemon import NotifyDaemon
-from tests.support import add_document, assert_converged, drain, outbox_rows
+from tests.support import add_document, assert_converged, drain, outbox_rows, physical_collection
 
 LONG = " ".join(f"token{i}" for i in range(200))  # past 128 tokens: the two settings embed it differently
 
@@ -30,10 +30,6 @@ def short_window_embedder():
     asyncio.run(emb.load())
     yield emb
     asyncio.run(emb.close())
-
-
-async def alias_target(qdrant, alias) -> str:
-    return {a.alias_name: a.collection_name for a in (await qdrant.get_aliases()).aliases}[alias]
 
 
 async def test_reindex_under_concurrent_writes_then_rollback(
@@ -49,14 +45,14 @@ async def test_reindex_under_concurrent_writes_then_rollback(
         if not outbox_rows(conn):
             break
         await asyncio.sleep(0.1)
-    before = await alias_target(qdrant, collection)
+    before = await physical_collection(qdrant, collection)
 
     seen: list[str] = []
     rng = random.Random(3)
 
     async def watch_alias():
         while True:
-            seen.append(await alias_target(qdrant, collection))
+            seen.append(await physical_collection(qdrant, collection))
             await asyncio.sleep(0.01)
 
     async def write():
@@ -81,7 +77,7 @@ async def test_reindex_under_concurrent_writes_then_rollback(
     # Readers saw the old collection until the switch and the new one after it, nothing else.
     switch = seen.index(target) if target in seen else len(seen)
     assert set(seen[:switch]) <= {before} and set(seen[switch:]) <= {target}
-    assert await alias_target(qdrant, collection) == target
+    assert await physical_collection(qdrant, collection) == target
     records = {r.name: r.status for r in await Catalog(pool).records(collection)}
     assert records == {before: "retired", target: "live"}
 
@@ -101,7 +97,7 @@ async def test_reindex_under_concurrent_writes_then_rollback(
     assert (await retired_collection(pool, collection)).name == before
     back = await Reindexer(pool, qdrant, collection, embedder).run()
     assert back.collection == before and back.built == 68  # a rebuild pass that skips unchanged points
-    assert await alias_target(qdrant, collection) == before
+    assert await physical_collection(qdrant, collection) == before
     await drain(old_settings, dsn, embedder, qdrant)
     await assert_converged(dsn, qdrant, collection, embedder)
 

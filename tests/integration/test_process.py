@@ -31,7 +31,14 @@ from tests.processes import (
     outbox_counts,
     run_drain,
 )
-from tests.support import add_document, all_points, assert_converged, open_qdrant, outbox_rows
+from tests.support import (
+    add_document,
+    all_points,
+    assert_converged,
+    open_qdrant,
+    outbox_rows,
+    physical_collection,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -197,12 +204,6 @@ async def test_run_drain_empties_backlog_and_embeds_each_text_once(spawn, conn, 
 
 
 # --- 4. model mismatch -----------------------------------------------------------------------
-async def physical_collection(client: AsyncQdrantClient, name: str) -> str:
-    """The collection behind `name` when it is an alias, else `name` itself."""
-    aliases = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}
-    return aliases.get(name, name)
-
-
 async def test_model_mismatch_refuses_to_start(spawn, conn, dsn, collection, tmp_path):
     """Invariant 8: a collection recorded for another model makes outboxd refuse to start (exit 78), writing nothing."""
     _, ids = add_document(conn, ["Vectors of one model only.", "Never mixed with another model."])

@@ -37,6 +37,7 @@ from tests.support import (
     drain,
     open_qdrant,
     outbox_rows,
+    physical_collection,
     require_server,
     server_settings,
 )
@@ -275,7 +276,7 @@ async def test_a_collection_restored_from_a_snapshot_is_brought_back_by_reconcil
     client = open_qdrant(":memory:")
     try:
         await drain(settings, dsn, embedder, client)
-        physical = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}[collection]
+        physical = await physical_collection(client, collection)
         snapshot = await client.create_snapshot(physical, wait=True)
         async with httpx.AsyncClient(base_url=server["url"], headers=headers, verify=server.get("verify", True),
                                      timeout=60) as http:

@@ -32,11 +32,16 @@ from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.outbox.settings import VerifySettings
 from daemon.outbox.verifier import VerifierLease
 from tests.processes import daemon_env, health_port, sample
-from tests.support import add_document, assert_converged, drain, open_qdrant, outbox_rows, require_server
-
-
-async def physical(qdrant, alias: str) -> str:
-    return {a.alias_name: a.collection_name for a in (await qdrant.get_aliases()).aliases}[alias]
+from tests.support import (
+    add_document,
+    assert_converged,
+    drain,
+    make_every_drift,
+    open_qdrant,
+    outbox_rows,
+    physical_collection,
+    require_server,
+)
 
 
 def verifier_row(dsn: str, collection: str) -> dict | None:
@@ -90,7 +95,7 @@ async def test_a_pass_of_small_ranges_finds_each_drift_class_once(conn, dsn, qdr
     settings = make_settings()
     _, ids = add_document(conn, [f"chunk {i} of the verifier's corpus" for i in range(40)])
     await drain(settings, dsn, embedder, qdrant)
-    target = await physical(qdrant, collection)
+    target = await physical_collection(qdrant, collection)
     reconciler = Reconciler(pool, qdrant, target, embedder.fingerprint.id)
 
     async def one_pass(repair=None):
@@ -109,15 +114,7 @@ async def test_a_pass_of_small_ranges_finds_each_drift_class_once(conn, dsn, qdr
     ranges, chunks, points, counts = await one_pass()
     assert (chunks, points, sum(counts.values())) == (40, 40, 0) and ranges >= 40 // 7
 
-    await qdrant.delete(target, models.PointIdsList(points=[str(ids[0])]))                          # missing
-    stray = str(uuid.uuid4())
-    await qdrant.upsert(target, [models.PointStruct(id=stray, vector=[0.1] * 384, payload={})])      # orphaned
-    with conn.transaction():
-        conn.execute("SET LOCAL session_replication_role = replica")  # writes the triggers do not see
-        conn.execute("DELETE FROM chunks WHERE id = %s", (ids[1],))                                   # orphaned
-        conn.execute("UPDATE chunks SET text = 'changed behind the back' WHERE id = %s", (ids[2],))   # stale
-    await qdrant.set_payload(target, {"title": "tampered"}, points=[str(ids[3])])                     # stale
-    await qdrant.set_payload(target, {"embedding_model": "another-model"}, points=[str(ids[4])])     # wrong_model
+    await make_every_drift(conn, qdrant, target, ids)
     assert outbox_rows(conn) == []
 
     _, chunks, points, counts = await one_pass(enqueue_repair(pool))
@@ -173,7 +170,7 @@ async def test_a_verifier_of_a_retired_collection_stops_instead_of_repairing(con
     await daemon.start()
     try:
         assert await daemon.run(drain=True) == 0
-        target = await physical(qdrant, collection)
+        target = await physical_collection(qdrant, collection)
         await qdrant.delete(target, models.PointIdsList(points=[str(ids[0])]), wait=True)
         conn.execute("UPDATE outboxd.collections SET status = 'retired' WHERE alias = %s", (collection,))
         with pytest.raises(CollectionRetiredError, match="no longer the live collection") as stopped:
@@ -221,7 +218,7 @@ async def test_writes_behind_outboxds_back_are_repaired_by_the_running_daemon(
     daemon.wait_for(lambda: (verifier_row(dsn, collection) or {}).get("passes", 0) >= 1, "a first pass", 60, 0.1)
     assert drift_found(port) == dict.fromkeys(KINDS, 0.0)  # a converged collection: no drift
     qdrant = open_qdrant(tmp_path / "qdrant")
-    target = await physical(qdrant, collection)
+    target = await physical_collection(qdrant, collection)
     try:
         # PostgreSQL, behind the capture triggers
         conn.execute("ALTER TABLE chunks DISABLE TRIGGER ALL")
