@@ -154,7 +154,9 @@ CREATE TABLE outboxd.outbox (
     last_failed_at TIMESTAMPTZ
 );
 CREATE INDEX outbox_pending_idx ON outboxd.outbox (id) WHERE status = 'pending';
-CREATE INDEX outbox_chunk_id_idx ON outboxd.outbox (chunk_id);
+-- chunk_id with status: "is an event pending for this chunk?" is one probe,
+-- whatever the planner's statistics say about the outbox (migration 0009).
+CREATE INDEX outbox_chunk_id_status_idx ON outboxd.outbox (chunk_id, status);
 
 -- The projection of chunk + document + source that reaches Qdrant, with a hash
 -- of it: an event is acknowledged only while the chunk still has the state the
