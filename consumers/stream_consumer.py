@@ -200,12 +200,15 @@ class StreamConsumer(Service):
             context=extract_context(records[0].headers),
             attributes={"partition": tp.partition, "records": len(records), "offset": records[0].offset},
         ):
+            parked: set[int] = set()  # offsets parked by an earlier try of this batch: never twice
             try:
                 async for attempt in self.policy.retrying(self._in_flight):
                     with attempt:
                         rejected = await self.handle(records)
                         for record, reason in rejected:
-                            await self.dead_letter(record, reason)
+                            if record.offset not in parked:
+                                await self.dead_letter(record, reason)
+                                parked.add(record.offset)
                         await self._commit(tp, records[-1].offset + 1)
             except Exception as exc:
                 if not (is_transient(exc) and self.stop.is_set()):
