@@ -27,6 +27,7 @@ from daemon.telemetry import Metrics
 from db.gateway import make_pool
 from tests.benchmarks import e2e_throughput
 from tests.benchmarks.services import (
+    NEEDS_SERVER,
     Postgres,
     QdrantTarget,
     add_chunks,
@@ -153,7 +154,9 @@ def throughput(pg: Postgres, target: QdrantTarget, embedder: Embedder, info: Bac
 
 
 def figure_verifier(pg: Postgres, target: QdrantTarget, embedder: Embedder, info: BackendInfo, cpu_chunks: int,
-                    pipeline_chunks: int, base: int) -> dict:
+                    pipeline_chunks: int, base: int) -> dict | str:
+    if not target.is_server:  # the verifier reads what converge wrote: in local mode each client is a new engine
+        return NEEDS_SERVER
     out: dict = {"qdrant": target.label, "load_average_before": load_average(),
                  "default": DEFAULT.model_dump()}
     out["pass"] = asyncio.run(pass_cost(pg, target, info, cpu_chunks))

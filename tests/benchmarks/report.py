@@ -207,9 +207,9 @@ def collect_figures(d: dict) -> tuple[dict, dict]:
                            ("throughput", "throughput_vs_budget")):
             f[f"10_budget_{key}_{scope}"] = run[field] if run else fleet
     v = d["verifier"]
-    f["9_verifier_cpu_per_10k"] = v["pass"]["cpu_s_per_10k"]
-    f["9_verifier_core_share_default_rate"] = v["pass"]["core_share_at_default_rate"]
-    f["9_verifier_throughput_ratio"] = v["throughput"]["ratio"]
+    f["9_verifier_cpu_per_10k"] = v["pass"]["cpu_s_per_10k"] if isinstance(v, dict) else v
+    f["9_verifier_core_share_default_rate"] = v["pass"]["core_share_at_default_rate"] if isinstance(v, dict) else v
+    f["9_verifier_throughput_ratio"] = v["throughput"]["ratio"] if isinstance(v, dict) else v
     gpu = d["gpu"]
     if isinstance(gpu, dict) and gpu.get("ran_on") == "cuda":
         f["7_gpu_pipeline_efficiency"] = gpu["efficiency"]

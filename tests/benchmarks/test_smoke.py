@@ -27,7 +27,6 @@ def test_quick_run_writes_every_figure(tmp_path, monkeypatch):
     for key, value in figures.items():
         assert isinstance(value, (int, float)) or (isinstance(value, str) and value.startswith("not measured: ")), (key, value)
     assert figures["5_transport_events_per_s_kafka"] > 0 and figures["5_relay_events_per_s"] > 0
-    assert figures["9_verifier_cpu_per_10k"] > 0 and figures["9_verifier_throughput_ratio"] > 0
     assert set(result["qdrant_of_figure"]) == set(harness.FIGURES)
     assert all(result["qdrant_of_figure"].values())
     if server:  # the figures of several processes ran on it, scaled to 4, and a growing collection was measured
@@ -35,8 +34,10 @@ def test_quick_run_writes_every_figure(tmp_path, monkeypatch):
         assert figures["5d_four_daemons_vs_one"] > 0 and figures["5e_four_consumers_vs_one"] > 0
         assert figures["6_reconcile_chunks_per_s"] > 0 and figures["8_backfill_chunks_per_s"] > 0
         assert figures["5f_grpc_vs_rest_upserts"] > 0
+        assert figures["9_verifier_cpu_per_10k"] > 0 and figures["9_verifier_throughput_ratio"] > 0
     else:  # local mode admits one process: they say so instead
         assert figures["5d_two_daemons_vs_one"].startswith("not measured: several processes need a Qdrant server")
+        assert figures["9_verifier_cpu_per_10k"].startswith("not measured: ")
     table = (tmp_path / "results.md").read_text()
     assert "| figure | value | target | met? | Qdrant measured |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
