@@ -3,12 +3,13 @@ the whole grid of chunk states and points, with no services: what the apply
 core does and what reconcile reports come from the same cell."""
 from __future__ import annotations
 
+import math
 import uuid
 
 import pytest
 
 from daemon.core.chunk_state import ChunkState
-from daemon.core.plan import AGREES, POINT_KEYS, VERSION_KEY, Action, plan
+from daemon.core.plan import AGREES, POINT_KEYS, VERSION_KEY, Action, plan, same_value
 from daemon.errors import InvalidChunkError
 
 MODEL = "model-a"
@@ -109,3 +110,52 @@ def test_a_versioned_change_of_the_text_is_still_an_upsert_and_an_agreeing_one_n
 def test_a_chunk_no_point_can_be_made_of_raises_by_name():
     with pytest.raises(InvalidChunkError, match="metadata"):
         plan(state(metadata=[1, 2]), None, MODEL)
+
+
+def ulps_up(x: float, n: int) -> float:
+    for _ in range(n):
+        x = math.nextafter(x, math.inf)
+    return x
+
+
+# (what the point holds, what was written, the same value?)
+SAME_VALUE = {
+    "one ulp apart (as a Qdrant server stores a float)": (0.9866863038386308, 0.9866863038386309, True),
+    "three ulps apart at an extreme exponent": (ulps_up(-2.6692770531700445e178, 3), -2.6692770531700445e178, True),
+    "a float and the int of its value": (3.0, 3, True),
+    "twenty ulps apart (no store rounding goes that far)": (ulps_up(0.9866863038386309, 20), 0.9866863038386309, False),
+    "really different floats": (0.9866863038386, 0.9866863038386309, False),
+    "a float of another sign": (-0.5, 0.5, False),
+    "a float and zero": (1e-300, 0.0, False),
+    "true and 1": (True, 1, False),
+    "1 and true": (1, True, False),
+    "false and 0.0": (False, 0.0, False),
+    "ints are exact": (2**53 + 1, 2**53, False),
+    "a string of a number": ("1.5", 1.5, False),
+    "none and a float": (None, 0.0, False),
+    "nested, each float one ulp off": ({"a": [ulps_up(0.1, 1), {"b": ulps_up(7.25e-5, 1)}], "c": "x"},
+                                       {"a": [0.1, {"b": 7.25e-5}], "c": "x"}, True),
+    "nested, one float really different": ({"a": [0.1, {"b": 7.3e-5}]}, {"a": [0.1, {"b": 7.25e-5}]}, False),
+    "nested, true for 1": ({"a": [1, {"b": True}]}, {"a": [1, {"b": 1}]}, False),
+    "an extra key": ({"a": 0.5, "b": None}, {"a": 0.5}, False),
+    "a missing key": ({"a": 0.5}, {"a": 0.5, "b": None}, False),
+    "a shorter list": ([0.5], [0.5, 0.5], False),
+    "a list for an object": ([0.5], {"0": 0.5}, False),
+}
+
+
+@pytest.mark.parametrize("case", list(SAME_VALUE))
+def test_payload_values_are_equal_as_the_store_keeps_them(case):
+    held, sent, same = SAME_VALUE[case]
+    assert same_value(held, sent) is same
+
+
+def test_a_deep_check_takes_floats_as_a_qdrant_server_keeps_them():
+    """A server stores some floats a few ulps off what it was sent: no rewrite could
+    change that, so it is no drift; a real edit of a float, or true for 1, still is."""
+    s = state(metadata={"score": 0.9866863038386309, "spans": [{"w": 0.1}, {"w": 2.5e-7}], "seen": 1})
+    kept = {"score": 0.9866863038386308, "spans": [{"w": ulps_up(0.1, 1)}, {"w": ulps_up(2.5e-7, 2)}], "seen": 1}
+    assert plan(s, point_of(s, deep=True, metadata=kept), MODEL) is AGREES
+    for edited in ({**kept, "score": 0.98}, {**kept, "seen": True}, {**kept, "spans": [{"w": 0.1}]}):
+        got = plan(s, point_of(s, deep=True, metadata=edited), MODEL)
+        assert (got.action, got.drift) == (Action.SET, "stale") and got.payload == {"metadata": s.metadata}
