@@ -5,10 +5,12 @@ database populated before outboxd is adopted with backfill."""
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 
 import orjson
 import pytest
+from psycopg.types.json import Jsonb
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon import cli
@@ -19,6 +21,7 @@ from db import migrate
 from tests.conftest import create_database, drop_database
 from tests.support import (
     add_document,
+    all_points,
     assert_converged,
     drain,
     make_every_drift,
@@ -27,6 +30,7 @@ from tests.support import (
     physical_collection,
     qdrant_choice,
     qdrant_flags,
+    require_server,
     server_settings,
 )
 
@@ -172,6 +176,50 @@ def test_cli_check_json_and_repair(conn, dsn, collection, embedder, make_setting
     assert cli.main(base + ["--check"]) == 0
     out = capsys.readouterr().out
     assert "0 drifted" in out and "writes made with the capture triggers disabled are caught here; capture mode: origin" in out
+
+
+def floats_of(value) -> list[float]:
+    """The floats of a JSON value, in order."""
+    if isinstance(value, float):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [f for item in items for f in floats_of(item)]
+
+
+def test_cli_deep_check_takes_floats_as_the_server_keeps_them(conn, dsn, collection, embedder, make_settings, tmp_path,
+                                                               capsys, monkeypatch):
+    """A Qdrant server stores some payload floats a few ulps off the ones it was sent, and
+    no rewrite changes that: a deep check of a converged collection whose metadata is full
+    of floats finds no drift (before, it found "stale" chunks that every repair left stale)."""
+    require_server()  # local mode keeps floats exactly: nothing to tolerate there
+    settings = make_settings()
+    rng = random.Random(20)
+    _, ids = add_document(conn, [f"chunk {i} with float metadata" for i in range(20)])
+    sent = {}
+    with conn.transaction():
+        for cid in ids:
+            sent[str(cid)] = {"score": rng.random(), "spans": [{"w": rng.uniform(-1e6, 1e6), "n": 3} for _ in range(50)],
+                              # tiny ones too (PostgreSQL's jsonb keeps a float above 1e16 as a whole number)
+                              "tiny": [rng.gauss(0, 1) * 10.0 ** rng.randint(-300, -1) for _ in range(20)]}
+            conn.execute("UPDATE chunks SET metadata = %s WHERE id = %s", (Jsonb(sent[str(cid)]), cid))
+
+    async def converge_and_read_back():
+        client = open_qdrant(tmp_path)
+        await drain(settings, dsn, embedder, client)
+        points = await all_points(client, await physical_collection(client, collection))
+        await client.close()
+        return points
+
+    points = asyncio.run(converge_and_read_back())
+    pairs = [(held, wrote) for cid, metadata in sent.items()
+             for held, wrote in zip(floats_of(points[cid].payload["metadata"]), floats_of(metadata), strict=True)]
+    assert sum(held != wrote for held, wrote in pairs) > 0, "the server kept every float exactly: this test proves nothing"
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
+    capsys.readouterr()
+    assert cli.main(["reconcile", "--check", "--deep", "--json"]) == 0
+    doc = orjson.loads(capsys.readouterr().out)
+    assert doc["drift"] == 0 and doc["chunks"] == doc["points"] == len(ids)
 
 
 def test_cli_warns_about_local_mode_above_20000_points(conn, dsn, collection, embedder, make_settings, tmp_path,
