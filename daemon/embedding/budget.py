@@ -14,8 +14,10 @@ arithmetic (Bucket) is the same wherever the bucket lives:
   cost is taken (a count below zero is a turn reserved ahead) and the caller
   waits until its turn; else nothing is taken and the caller asks again when
   its turn is half a horizon away;
-- a pause (a 429's Retry-After) holds every turn back until it ends, a turn
-  reserved before it began too (checked once its wait is over).
+- a pause (a 429's Retry-After) holds every turn back until it ends, and the
+  bucket gains nothing while it lasts; a turn reserved for a time the pause
+  came to cover is given back (checked once its wait is over) and taken again,
+  so that the turns after a pause are spaced at the rate as before it.
 
 Capacity is a tenth of a second of the budget and at least one unit, and the
 rate is (limit - capacity + 1) per minute, so that no window of a minute ever
@@ -107,11 +109,13 @@ class Rates:
 class Grant(NamedTuple):
     """What one take decided: taken (the turn is this caller's once `wait`
     seconds have passed), or not (ask again after `wait`); paused: the wait is
-    the endpoint's Retry-After rather than the budget."""
+    the endpoint's Retry-After rather than the budget; turn: when the turn is on
+    the bucket's own clock (what release() is given back)."""
 
     taken: bool
     wait: float
     paused: bool = False
+    turn: object = None
 
 
 def shortfall(level: float, limit: Limit | None, cost: float) -> float:
@@ -123,9 +127,11 @@ def shortfall(level: float, limit: Limit | None, cost: float) -> float:
 
 @dataclass
 class Bucket:
-    """The levels of one endpoint's budget as of `at` (seconds on some clock);
-    what the shared row holds, and what a LocalBudget keeps in memory. The
-    named query embedding_budget_take does the same arithmetic in SQL."""
+    """The levels of one endpoint's budget as of `at` (seconds on some clock;
+    ahead of the clock while a pause lasts: the bucket's time stands still
+    until it ends); what the shared row holds, and what a LocalBudget keeps in
+    memory. The named queries embedding_budget_take, _pause and _release do the
+    same arithmetic in SQL."""
 
     requests: float
     tokens: float
@@ -138,27 +144,48 @@ class Bucket:
             rates.requests.capacity if rates.requests else 0.0, rates.tokens.capacity if rates.tokens else 0.0, now
         )
 
-    def take(self, rates: Rates, tokens: float, now: float, horizon: float = HORIZON) -> Grant:
-        now = max(now, self.at)
-        elapsed = now - self.at
+    def refill(self, rates: Rates, now: float) -> None:
+        """Both counts grow by the time elapsed since `at`, up to their capacity; `at` never goes back."""
+        elapsed = max(0.0, now - self.at)
         if rates.requests:
             self.requests = min(rates.requests.capacity, self.requests + rates.requests.per_second * elapsed)
         if rates.tokens:
             self.tokens = min(rates.tokens.capacity, self.tokens + rates.tokens.per_second * elapsed)
-        self.at = now
-        paused = max(0.0, self.paused_until - now)
-        wait = max(paused, shortfall(self.requests, rates.requests, 1.0), shortfall(self.tokens, rates.tokens, tokens))
-        is_pause = paused > 0 and paused >= wait
+        self.at = max(self.at, now)
+
+    def take(self, rates: Rates, tokens: float, now: float, horizon: float = HORIZON) -> Grant:
+        self.refill(rates, now)
+        ahead = self.at - now  # a pause: no turn before it ends
+        need = max(shortfall(self.requests, rates.requests, 1.0), shortfall(self.tokens, rates.tokens, tokens))
+        wait = ahead + need
+        is_pause = self.paused_until > now and ahead >= need
         if wait > horizon:  # asks again when its turn is well within reach
-            return Grant(False, wait - horizon / 2, is_pause)
+            return Grant(False, wait - horizon / 2, is_pause, self.at + need)
         if rates.requests:
             self.requests -= 1.0
         if rates.tokens:
             self.tokens -= tokens
-        return Grant(True, wait, is_pause)
+        return Grant(True, wait, is_pause, self.at + need)
 
-    def pause(self, now: float, seconds: float) -> None:
+    def pause(self, rates: Rates, now: float, seconds: float) -> None:
+        """No turn before now + seconds. The bucket keeps what it held when the
+        pause began and gains nothing while it lasts, so the turns after it are
+        spaced at the rate again instead of all going the moment it ends."""
+        self.refill(rates, now)
         self.paused_until = max(self.paused_until, now + seconds)
+        self.at = max(self.at, self.paused_until)
+
+    def release(self, rates: Rates, tokens: float, turn: float) -> bool:
+        """A turn reserved for `turn` that a pause now covers is given back (its
+        request and tokens return to the bucket) to be taken again after the
+        pause, in its place among the others; whether it was."""
+        if self.paused_until <= turn:
+            return False
+        if rates.requests:
+            self.requests = min(rates.requests.capacity, self.requests + 1.0)
+        if rates.tokens:
+            self.tokens = min(rates.tokens.capacity, self.tokens + tokens)
+        return True
 
     def settle(self, rates: Rates, tokens: float) -> None:
         """Charge tokens more (fewer, when negative) than were taken."""
@@ -193,7 +220,7 @@ class TokenEstimate:
 
 class Budget(ABC):
     """One endpoint's budget (see the module). A subclass keeps the bucket:
-    take(), pause() and settle() are its three operations."""
+    take(), pause(), release() and settle() are its operations."""
 
     scope: str  # "process" or "database", for the metric and the logs
 
@@ -213,12 +240,13 @@ class Budget(ABC):
         """The endpoint answered 429 with Retry-After `seconds` (0: none): no turn before then."""
 
     @abstractmethod
-    async def settle(self, tokens: int) -> None:
-        """Charge `tokens` more than the estimate taken (fewer, when negative)."""
+    async def release(self, grant: Grant, tokens: int) -> bool:
+        """Give back the turn of `grant` (with `tokens` tokens) if a pause now
+        covers it (see Bucket.release); whether it was given back."""
 
     @abstractmethod
-    async def paused(self) -> float:
-        """Seconds the pause in force has left (0: none)."""
+    async def settle(self, tokens: int) -> None:
+        """Charge `tokens` more than the estimate taken (fewer, when negative)."""
 
     async def admit(self, texts: list[str]) -> Ticket:
         """Wait for the turn of one request of these texts; its cost is taken."""
@@ -229,13 +257,10 @@ class Budget(ABC):
             grant = await self.take(tokens)
             if grant.wait > 0:
                 waited += await self._sleep(grant)
-            if grant.taken:
-                break
-        # a turn reserved ahead: a pause may have begun meanwhile (another worker's 429); the turn is kept for after it
-        while grant.wait > 0 and (left := await self.paused()) > 0:
-            grant = Grant(True, left, True)
-            waited += await self._sleep(grant)
-        return Ticket(chars, tokens, waited)
+            # a turn reserved ahead: a pause may have begun meanwhile (another worker's 429); then the turn is
+            # given back and taken again after it, spaced from the others, rather than all going when it ends
+            if grant.taken and not (grant.wait > 0 and await self.release(grant, tokens)):
+                return Ticket(chars, tokens, waited)
 
     async def answered(self, ticket: Ticket, prompt_tokens: int | None) -> None:
         """The endpoint answered the request of `ticket`, counting `prompt_tokens`
@@ -283,10 +308,10 @@ class LocalBudget(Budget):
 
     async def pause(self, seconds: float) -> None:
         self.rate_limited += 1
-        self.bucket.pause(self._clock(), seconds)
+        self.bucket.pause(self.rates, self._clock(), seconds)
+
+    async def release(self, grant: Grant, tokens: int) -> bool:
+        return self.bucket.release(self.rates, tokens, grant.turn)
 
     async def settle(self, tokens: int) -> None:
         self.bucket.settle(self.rates, tokens)
-
-    async def paused(self) -> float:
-        return max(0.0, self.bucket.paused_until - self._clock())

@@ -2,7 +2,9 @@
 daemon.embedding.budget kept in one row of outboxd.embedding_budget per
 endpoint (its URL and model), taken from by each request in one short
 statement (embedding_budget_take: the row is locked for that statement only,
-never across a request), paused by any daemon's 429 for all of them.
+never across a request), paused by any daemon's 429 for all of them (a turn
+reserved before the pause is given back and taken again after it:
+embedding_budget_release).
 
 The daemon owns the pool, so it makes this budget and gives it to the backend
 in place of the backend's own (share()); the backend never sees PostgreSQL.
@@ -53,17 +55,17 @@ class SharedBudget(Budget):
             await self.open()
             rows = await fetch(self.pool, "embedding_budget_take", **self.params, tokens=tokens)
         row = rows[0]
-        return Grant(bool(row["taken"]), float(row["wait_seconds"]), bool(row["paused"]))
+        # the turn stays the server's timestamp: compared with the pause's end there, exactly
+        return Grant(bool(row["taken"]), float(row["wait_seconds"]), bool(row["paused"]), row["turn"])
 
     async def pause(self, seconds: float) -> None:
-        await fetch(self.pool, "embedding_budget_pause", endpoint=self.endpoint, seconds=seconds)
+        await fetch(self.pool, "embedding_budget_pause", **self.params, seconds=seconds)
+
+    async def release(self, grant: Grant, tokens: int) -> bool:
+        return bool(await fetch(self.pool, "embedding_budget_release", **self.params, tokens=tokens, turn=grant.turn))
 
     async def settle(self, tokens: int) -> None:
         await fetch(self.pool, "embedding_budget_settle", **self.params, tokens=tokens)
-
-    async def paused(self) -> float:
-        rows = await fetch(self.pool, "embedding_budget_paused", endpoint=self.endpoint)
-        return float(rows[0]["seconds"]) if rows else 0.0
 
 
 async def share(backend: Backend, pool: AsyncConnectionPool, *,

@@ -407,21 +407,24 @@ ON CONFLICT (endpoint) DO NOTHING;
 -- time elapsed, up to their capacity; then, when the bucket covers one request
 -- and its tokens now or within horizon seconds, take them (a count below zero is
 -- a turn reserved ahead; wait_seconds: until the turn), else take nothing and
--- say when to ask again (half a horizon before the turn); at: the time it
--- counted from. A pause (a 429's
--- Retry-After) holds every turn back until it ends. A NULL rate is no limit. A
+-- say when to ask again (half a horizon before the turn); now: the clock it took
+-- at; turn: when the turn is (what embedding_budget_release is given back). A
+-- pause (a 429's Retry-After) holds every turn back until it ends: the bucket's
+-- time (updated_at) stands at its end meanwhile. A NULL rate is no limit. A
 -- cost over the capacity goes when the bucket is full and leaves it in debt.
 -- The arithmetic is daemon.embedding.budget.Bucket.take's, on the server's clock
 -- (the same for every daemon; greatest(): never behind the last update).
 WITH locked AS (
-    SELECT endpoint, requests, tokens, updated_at, paused_until,
-           greatest(clock_timestamp(), updated_at) AS at
+    SELECT endpoint, requests, tokens, updated_at, paused_until, clock_timestamp() AS now
     FROM outboxd.embedding_budget
     WHERE endpoint = %(endpoint)s
     FOR UPDATE
 ),
+timed AS (
+    SELECT l.*, greatest(l.now, l.updated_at) AS at FROM locked l
+),
 refilled AS (
-    SELECT endpoint, at,
+    SELECT endpoint, now, at,
            CASE WHEN %(request_rate)s::float8 IS NULL THEN requests
                 ELSE least(%(request_capacity)s::float8,
                            requests + %(request_rate)s::float8 * extract(epoch FROM at - updated_at)::float8) END
@@ -430,17 +433,20 @@ refilled AS (
                 ELSE least(%(token_capacity)s::float8,
                            tokens + %(token_rate)s::float8 * extract(epoch FROM at - updated_at)::float8) END
                AS tokens,
-           greatest(0, coalesce(extract(epoch FROM paused_until - at)::float8, 0)) AS paused
-    FROM locked
+           extract(epoch FROM at - now)::float8 AS ahead,
+           coalesce(paused_until > now, false) AS paused
+    FROM timed
 ),
-decided AS (
+needed AS (
     SELECT r.*,
-           greatest(r.paused,
-                    coalesce(greatest(0, least(1, %(request_capacity)s::float8) - r.requests)
+           greatest(coalesce(greatest(0, least(1, %(request_capacity)s::float8) - r.requests)
                              / %(request_rate)s::float8, 0),
                     coalesce(greatest(0, least(%(tokens)s::float8, %(token_capacity)s::float8) - r.tokens)
-                             / %(token_rate)s::float8, 0)) AS wait
+                             / %(token_rate)s::float8, 0)) AS need
     FROM refilled r
+),
+decided AS (
+    SELECT n.*, n.ahead + n.need AS wait FROM needed n
 )
 UPDATE outboxd.embedding_budget b
 SET requests = d.requests - CASE WHEN d.wait <= %(horizon)s::float8 AND %(request_rate)s::float8 IS NOT NULL
@@ -454,23 +460,50 @@ WHERE b.endpoint = d.endpoint
 RETURNING d.wait <= %(horizon)s::float8 AS taken,
           CASE WHEN d.wait <= %(horizon)s::float8 THEN d.wait ELSE d.wait - %(horizon)s::float8 / 2 END
               AS wait_seconds,
-          d.paused > 0 AND d.paused >= d.wait AS paused,
-          d.at;
+          d.paused AND d.ahead >= d.need AS paused,
+          d.now,
+          d.at + make_interval(secs => d.need) AS turn;
 
 -- embedding_budget_pause --
 -- A daemon was answered 429: count it, and with a Retry-After hold every
--- daemon's turns back until then (a shorter pause never shortens the one in force).
-UPDATE outboxd.embedding_budget
-SET paused_until = greatest(paused_until, clock_timestamp() + make_interval(secs => %(seconds)s::float8)),
-    rate_limited = rate_limited + 1
-WHERE endpoint = %(endpoint)s;
+-- daemon's turns back until then (a shorter pause never shortens the one in
+-- force). The bucket keeps what it held when the pause began (refilled to now)
+-- and gains nothing while it lasts: its time moves to the pause's end, so the
+-- turns after it are spaced at the rate (Bucket.pause). now: the clock it paused at.
+WITH clock AS (SELECT clock_timestamp() AS now),
+paused AS (
+    SELECT b.endpoint, c.now,
+           greatest(b.paused_until, c.now + make_interval(secs => %(seconds)s::float8)) AS paused_until,
+           extract(epoch FROM greatest(c.now, b.updated_at) - b.updated_at)::float8 AS elapsed
+    FROM outboxd.embedding_budget b, clock c
+    WHERE b.endpoint = %(endpoint)s
+    FOR UPDATE OF b
+)
+UPDATE outboxd.embedding_budget b
+SET requests = CASE WHEN %(request_rate)s::float8 IS NULL THEN b.requests
+                    ELSE least(%(request_capacity)s::float8, b.requests + %(request_rate)s::float8 * p.elapsed) END,
+    tokens = CASE WHEN %(token_rate)s::float8 IS NULL THEN b.tokens
+                  ELSE least(%(token_capacity)s::float8, b.tokens + %(token_rate)s::float8 * p.elapsed) END,
+    updated_at = greatest(b.updated_at, p.now, p.paused_until),
+    paused_until = p.paused_until,
+    rate_limited = b.rate_limited + 1
+FROM paused p
+WHERE b.endpoint = p.endpoint
+RETURNING p.now;
 
--- embedding_budget_paused --
--- Seconds the endpoint's pause has left: a turn reserved ahead checks it before
--- its request goes, so a 429 that came meanwhile holds it back too.
-SELECT greatest(0, coalesce(extract(epoch FROM paused_until - clock_timestamp())::float8, 0)) AS seconds
-FROM outboxd.embedding_budget
-WHERE endpoint = %(endpoint)s;
+-- embedding_budget_release --
+-- A turn reserved ahead whose time has come (`turn`, as embedding_budget_take
+-- returned it): when a pause began meanwhile and covers it, give it back (its
+-- request and tokens, up to the capacity; no longer counted as granted), to be
+-- taken again after the pause, spaced from the others. No row: the turn stands.
+UPDATE outboxd.embedding_budget
+SET requests = CASE WHEN %(request_rate)s::float8 IS NULL THEN requests
+                    ELSE least(%(request_capacity)s::float8, requests + 1) END,
+    tokens = CASE WHEN %(token_rate)s::float8 IS NULL THEN tokens
+                  ELSE least(%(token_capacity)s::float8, tokens + %(tokens)s::float8) END,
+    granted = granted - 1
+WHERE endpoint = %(endpoint)s AND paused_until > %(turn)s
+RETURNING true AS released;
 
 -- embedding_budget_settle --
 -- The endpoint counted `tokens` more tokens than were taken for a request

@@ -5,6 +5,7 @@ Retry-After, and settles the tokens the endpoint reports. Pure: a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import selectors
 import time
 
 import pytest
@@ -63,7 +64,7 @@ def test_capacity_is_a_tenth_of_a_second_and_at_least_one():
 def test_a_turn_is_reserved_within_the_horizon_and_not_beyond():
     rates = Rates(requests_per_minute=60)  # one a second, capacity one
     bucket = Bucket.full(rates, 0.0)
-    assert bucket.take(rates, 0, 0.0) == (True, 0.0, False)
+    assert bucket.take(rates, 0, 0.0)[:3] == (True, 0.0, False)
     first = bucket.take(rates, 0, 0.0)  # the next turn is one second away: reserved
     assert first.taken and first.wait == pytest.approx(1.0)
     second = bucket.take(rates, 0, 0.0)  # two seconds away: beyond the horizon, nothing taken
@@ -76,21 +77,52 @@ def test_a_turn_is_reserved_within_the_horizon_and_not_beyond():
 def test_a_pause_holds_every_turn_back_until_it_ends():
     rates = Rates(requests_per_minute=6000)
     bucket = Bucket.full(rates, 0.0)
-    bucket.pause(10.0, 5.0)
+    bucket.pause(rates, 10.0, 5.0)
     grant = bucket.take(rates, 0, 10.0)
     assert not grant.taken and grant.paused and grant.wait == pytest.approx(5.0 - HORIZON / 2)
     grant = bucket.take(rates, 0, 14.5)
     assert grant.taken and grant.paused and grant.wait == pytest.approx(0.5)
-    bucket.pause(14.5, 1.0)  # a shorter pause never shortens the one in force
+    bucket.pause(rates, 14.5, 0.2)  # a shorter pause never shortens the one in force
+    assert bucket.paused_until == pytest.approx(15.0)
+    bucket.pause(rates, 14.5, 1.0)
     assert bucket.paused_until == pytest.approx(15.5)
-    assert bucket.take(rates, 0, 15.5) == (True, 0.0, False)  # the bucket refilled during the pause
+    assert bucket.take(rates, 0, 15.5)[:3] == (True, 0.0, False)
+
+
+def test_a_pause_keeps_the_level_it_began_with_and_adds_nothing():
+    """A bucket of one request a second, emptied just before a 5 s pause: when the
+    pause ends it is still empty, so the next turn is a second later, not at once."""
+    rates = Rates(requests_per_minute=60)
+    bucket = Bucket.full(rates, 0.0)
+    assert bucket.take(rates, 0, 0.0).taken
+    bucket.pause(rates, 0.5, 5.0)  # half a request accrued before it began
+    assert bucket.requests == pytest.approx(0.5) and bucket.at == pytest.approx(5.5)
+    grant = bucket.take(rates, 0, 5.0)
+    assert grant.taken and grant.paused and grant.wait == pytest.approx(1.0) and grant.turn == pytest.approx(6.0)
+    grant = bucket.take(rates, 0, 6.0)  # the pause is over: the next turn is a second after the one before
+    assert grant.taken and not grant.paused and grant.wait == pytest.approx(1.0) and grant.turn == pytest.approx(7.0)
+
+
+def test_a_turn_a_pause_came_to_cover_is_given_back_and_no_other():
+    rates = Rates(requests_per_minute=60, tokens_per_minute=6000)  # capacities one request and ten tokens
+    bucket = Bucket.full(rates, 0.0)
+    first, reserved = bucket.take(rates, 4, 0.0), bucket.take(rates, 4, 0.0)
+    assert first.wait == 0.0 and reserved.taken and reserved.turn == pytest.approx(1.0)
+    assert not bucket.release(rates, 4, reserved.turn)  # no pause: the turn stands
+    bucket.pause(rates, 0.5, 2.0)  # begins before the reserved turn: it covers it
+    assert bucket.release(rates, 4, reserved.turn)
+    # the request and its tokens back, as of the pause's start (the tokens up to the capacity)
+    assert bucket.requests == pytest.approx(0.5) and bucket.tokens == pytest.approx(10.0)
+    after = bucket.take(rates, 4, 2.0)  # taken during the pause, for a turn after it: not given back
+    assert after.taken and after.turn >= bucket.paused_until
+    assert not bucket.release(rates, 4, after.turn)
 
 
 def test_a_pause_without_limits_still_holds_back():
     bucket = Bucket.full(Rates(), 0.0)
-    assert bucket.take(Rates(), 0, 0.0) == (True, 0.0, False)
-    bucket.pause(0.0, 0.4)
-    assert bucket.take(Rates(), 0, 0.1) == pytest.approx((True, 0.3, True))
+    assert bucket.take(Rates(), 0, 0.0)[:3] == (True, 0.0, False)
+    bucket.pause(Rates(), 0.0, 0.4)
+    assert bucket.take(Rates(), 0, 0.1)[:3] == pytest.approx((True, 0.3, True))
 
 
 def test_a_request_over_the_token_capacity_goes_when_full_and_leaves_debt():
@@ -118,6 +150,78 @@ def test_settling_charges_the_difference_and_a_refund_stops_at_the_capacity():
     assert bucket.tokens == pytest.approx(rates.tokens.capacity)
     bucket.settle(Rates(requests_per_minute=5), 50)  # no token limit: nothing to settle
     assert bucket.tokens == pytest.approx(rates.tokens.capacity)
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when every task waits: it jumps to
+    the next timer instead of sleeping, so a test of many callers over minutes
+    of budget runs in milliseconds and its times are exact, whatever the machine."""
+
+    def __init__(self) -> None:
+        loop = self
+
+        class Selector(selectors.DefaultSelector):
+            def select(self, timeout=None):
+                if timeout is None:
+                    raise RuntimeError("every task waits and no timer is due: deadlock")
+                loop.now += timeout
+                return []
+
+        self.now = 0.0
+        super().__init__(Selector())
+
+    def time(self) -> float:
+        return self.now
+
+
+def sends_around_pauses(rates: Rates, callers: int, pauses: list[tuple[float, float]], until: float) -> list[float]:
+    """When the requests of `callers` callers of one LocalBudget go (each admits its
+    next request the moment the one before went), with a 429's Retry-After of
+    `seconds` arriving at each (at, seconds) of pauses; in virtual time."""
+    sends: list[float] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        budget = LocalBudget("e", rates, clock=loop.time)
+
+        async def caller() -> None:
+            while loop.time() < until:
+                await budget.admit(["some text"])
+                sends.append(loop.time())
+
+        async def endpoint() -> None:
+            for at, seconds in pauses:
+                await asyncio.sleep(at - loop.time())
+                await budget.pause(seconds)
+
+        await asyncio.gather(endpoint(), *(caller() for _ in range(callers)))
+
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        runner.run(run())
+    return sorted(sends)
+
+
+@pytest.mark.parametrize("per_minute, pauses", [
+    (180, [(5.0, 6.0)]),  # three daemons of two workers, a 6 s Retry-After
+    (180, [(5.1, 0.4)]),  # a pause shorter than the turns reserved ahead
+    (600, [(5.05, 6.0), (5.08, 6.0), (8.0, 2.0)]),  # pauses that lengthen the one in force
+    (60_000, [(5.0, 3.0)]),  # a capacity of a hundred requests
+])
+def test_after_a_pause_the_turns_are_spaced_at_the_rate_again(per_minute, pauses):
+    """Six callers keep the budget busy, so turns are always reserved ahead when a
+    pause begins. No request goes during a pause, and after it no window of T
+    seconds holds more than capacity + rate * T: the turns reserved before it, and
+    the time it lasted, do not all go the moment it ends."""
+    rates = Rates(requests_per_minute=per_minute)
+    sends = sends_around_pauses(rates, 6, pauses, until=75.0)
+    for at, seconds in pauses:
+        assert not [t for t in sends if at + 1e-9 < t < at + seconds - 1e-9]
+    limit = rates.requests
+    for window in (0.01, 0.5, 1.0, 2.0, 10.0, 60.0):
+        assert most_in_a_window(sends, window) <= limit.capacity + limit.per_second * window + 1e-6, window
+    end = max(at + seconds for at, seconds in pauses)
+    after = [t for t in sends if t >= end]  # the budget is used again: the turns given back are taken again
+    assert len(after) / (after[-1] - end) >= 0.95 * limit.per_second
 
 
 def test_the_token_estimate_starts_cautious_and_learns_the_endpoints_count():
