@@ -75,6 +75,9 @@ class StreamSettings(Settings):
         **{f"kafka_{name}": f"kafka.{name}" for name in KafkaSettings.model_fields},
     }
 
+    def services_configured(self) -> list[str]:
+        return super().services_configured() + (["KAFKA_BOOTSTRAP_SERVERS"] if self.kafka.bootstrap_servers else [])
+
     @model_validator(mode="after")
     def _client_id(self) -> "StreamSettings":
         if self.kafka.client_id is None:  # a copy: a KafkaSettings passed in may be shared

@@ -221,6 +221,24 @@ class Settings(BaseSettings):
 
     _secret_file_problem = field_validator("*", mode="before")(secret_file_problem)
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: SecretStr | None) -> SecretStr | None:
+        # parsed as libpq would, so a malformed URL is a bad setting now, not a
+        # connection that fails later; libpq's words quote the URL (and a password
+        # in it), so only what precedes the quote is shown
+        if v is not None:
+            from psycopg import ProgrammingError
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                conninfo_to_dict(v.get_secret_value())
+            except ProgrammingError as exc:
+                why = str(exc).strip().split(' in URI: "')[0].split("\n")[0]
+                raise ValueError(f"not a PostgreSQL URL or conninfo string ({why}); the form is "
+                                 "postgresql://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=...") from None
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, v: object) -> object:
@@ -248,6 +266,12 @@ class Settings(BaseSettings):
         return self
 
     # --- derived ----------------------------------------------------------------
+    def services_configured(self) -> list[str]:
+        """The production services this process was pointed at: with any of them,
+        Qdrant must be named too (daemon.core.qdrant_connect.make_client). A wing
+        adds its own (the Kafka bootstrap servers)."""
+        return ["DATABASE_URL"] if self.database_url is not None else []
+
     @property
     def application_name(self) -> str:
         return f"outboxd:{self.worker_name}"[:63]  # PostgreSQL keeps 63 bytes; the name is ASCII

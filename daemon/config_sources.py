@@ -34,6 +34,7 @@ from pydantic_settings import PydanticBaseSettingsSource
 from daemon.errors import ConfigError
 
 PREFIX = "OUTBOXD_"
+NEAR_MISS = 0.85  # QDRANT_URLL or DATABSE_URL, not QDRANT_HOST: another tool's own variable
 
 
 def env_variables(name: str, field) -> list[str]:
@@ -334,11 +335,21 @@ def check_names(classes: Iterable[type], environ: dict[str, str], dotenv: dict[s
                 if s.secret:
                     old[f"{s.old_variable}_FILE"] = " or ".join(f"{v}_FILE" for v in reversed(s.variables))
                 old_keys[s.old] = s.key
+    # the conventional names (DATABASE_URL, QDRANT_URL, ...) carry no prefix to
+    # catch a typo by, so a name a letter or two away from one is the typo
+    conventional = {v for cls in classes for s in settings_of(cls) for v in s.variables if not v.startswith(PREFIX)}
+    conventional |= {f"{v}_FILE" for cls in classes for s in settings_of(cls) if s.secret
+                     for v in s.variables if not v.startswith(PREFIX)}
     unknown, deprecated = [], []
     for where, variables in (("environment variable", environ), (".env entry", dotenv)):
         for variable in sorted(variables):
             name = variable.upper()
-            if not name.startswith(PREFIX) or name in known:
+            if not name.startswith(PREFIX):
+                near = difflib.get_close_matches(name, conventional, n=1, cutoff=NEAR_MISS)
+                if near and name not in conventional:
+                    unknown.append(f"{where} {variable} is not read by outboxd; did you mean {near[0]}?")
+                continue
+            if name in known:
                 continue
             if name in old:
                 deprecated.append(f"{where} {variable} is deprecated: set {old[name]} instead")

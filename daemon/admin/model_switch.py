@@ -29,9 +29,9 @@ from qdrant_client import AsyncQdrantClient
 from daemon.admin.drift import SERVER_QDRANT_PAGE, Reconciler, Repair
 from daemon.admin.scan import CheckpointedScan
 from daemon.core.apply import Applier
-from daemon.core.catalog import Catalog
+from daemon.core.catalog import Catalog, Home, view
 from daemon.core.chunk_state import ChunkState
-from daemon.core.qdrant_store import QdrantStore, physical_name
+from daemon.core.qdrant_store import QdrantStore, physical_name, read_identity
 from daemon.embedding.embedder import Embedder
 from daemon.errors import ConfigError
 from daemon.outbox.queue import read_chunk_states
@@ -71,7 +71,9 @@ class Reindexer:
         page_size: int = 256,
         qdrant_page_size: int = SERVER_QDRANT_PAGE,
         progress: Callable[[int], None] | None = None,
+        qdrant_location: str = "",
     ) -> None:
+        self.qdrant_location = qdrant_location  # where the collections live (daemon.core.qdrant_connect.location)
         self.pool = pool
         self.qdrant = qdrant
         self.alias = alias
@@ -90,6 +92,7 @@ class Reindexer:
                 f"nothing to reindex: no live collection is recorded for {self.alias!r}. Start the daemon "
                 "once (`outboxd run`) to create it, or check OUTBOXD_COLLECTION"
             )
+        (await view(self.qdrant, self.alias, live)).check_home(self.qdrant_location)
         target = physical_name(self.alias, fp)
         result = ReindexResult(self.alias, live.name, target, str(fp))
         if live.fingerprint_id == fp.id:
@@ -99,6 +102,8 @@ class Reindexer:
         await self.catalog.upsert(target, self.alias, fp, "building")
         store = QdrantStore(self.qdrant, self.alias, collection=target)
         await store.create_physical(fp)
+        uid = (await read_identity(self.qdrant, target))[1]
+        await self.catalog.record_home(target, Home(uid, self.qdrant_location), replace=True)
         applier = Applier(self.embedder, store)
         log.info("reindex: building", extra={"collection": target, "model": str(fp)})
 

@@ -28,20 +28,26 @@ SAFETY_NET = "writes made with the capture triggers disabled are caught here"
 @click.option("--repair", is_flag=True, help="enqueue an outbox event for each drifted chunk")
 @click.option("--deep", is_flag=True, help="read whole payloads, so a text or metadata edited by hand in Qdrant "
               "shows too (slower; by default they are judged by content_hash and metadata_hash)")
+@click.option("--recreate-missing", is_flag=True,
+              help="with --repair: where this Qdrant lacks the live collection (a new server, a lost volume), "
+              "create it empty here, so that every chunk is enqueued and rebuilt from PostgreSQL")
 @json_option
 @click.option("--source", type=click.UUID, metavar="ID", help="only chunks of this source")
 @click.option("--document", type=click.UUID, metavar="ID", help="only chunks of this document")
 @click.option("--page-size", type=click.IntRange(min=1), default=2000, show_default=True, metavar="N",
               help="chunks per PostgreSQL page")
 @settings_options(qdrant=True)
-def command(settings, check: bool, repair: bool, deep: bool, as_json: bool, source: UUID | None,
-            document: UUID | None, page_size: int) -> int:
+def command(settings, check: bool, repair: bool, deep: bool, recreate_missing: bool, as_json: bool,
+            source: UUID | None, document: UUID | None, page_size: int) -> int:
     import asyncio
 
     from daemon.commands.common import print_json
     from daemon.errors import EXIT_CHECK_FAILED
 
-    report, extra = asyncio.run(_reconcile(settings, repair, deep, as_json, source, document, page_size))
+    if recreate_missing and not repair:
+        raise click.UsageError("--recreate-missing rebuilds the collection: it goes with --repair")
+    report, extra = asyncio.run(_reconcile(settings, repair, deep, as_json, source, document, page_size,
+                                           recreate_missing))
     code = verdict(EXIT_CHECK_FAILED if check and report.drift else 0)  # even if the reader goes away mid-print
     for warning in extra["warnings"]:
         print(f"outboxd reconcile: warning: {warning}", file=sys.stderr)
@@ -52,13 +58,14 @@ def command(settings, check: bool, repair: bool, deep: bool, as_json: bool, sour
     return code
 
 
-async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, document, page_size: int):
+async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, document, page_size: int,
+                     recreate_missing: bool = False):
     from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, Reconciler, Scope, enqueue_repair
     from daemon.commands.common import live_collection, open_services, progress_bar
     from db.capture import read_capture_mode
 
     async with open_services(settings) as (pool, client):
-        live = await live_collection(settings, pool, client)
+        live = await live_collection(settings, pool, client, recreate_missing=recreate_missing)
         collection = live.name
         reconciler = Reconciler(
             pool,

@@ -51,6 +51,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
     from daemon.admin.model_switch import Reindexer, retired_collection
     from daemon.commands.common import open_services, progress_bar
     from daemon.core.catalog import view
+    from daemon.core.qdrant_connect import location
     from daemon.embedding.embedder import Embedder
     from daemon.embedding.fingerprint import settings_for
     from daemon.errors import ConfigError
@@ -85,6 +86,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
                     page_size=page_size,
                     qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant_url else LOCAL_QDRANT_PAGE,
                     progress=advance,
+                    qdrant_location=location(settings),
                 ).run()
         finally:
             await embedder.close()

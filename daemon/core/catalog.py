@@ -15,6 +15,7 @@ from datetime import datetime
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.embedding.embedder import ModelFingerprint
+from daemon.errors import CollectionElsewhereError
 from db.gateway import fetch
 from db.queries import query
 
@@ -32,10 +33,35 @@ class CollectionRecord:
     created_at: datetime
     updated_at: datetime
     variant: str | None = None
+    qdrant_uid: str | None = None  # the id written into the collection's metadata in Qdrant
+    qdrant_location: str | None = None  # where it was last seen: a server URL or a local-mode folder
 
     @property
     def fingerprint(self) -> ModelFingerprint:
         return ModelFingerprint(self.model_name, self.dimension, self.normalized, self.max_seq_length, self.variant)
+
+
+def not_here(record: CollectionRecord, here: str, found: str | None) -> CollectionElsewhereError:
+    """The one message for a live collection this Qdrant does not hold: `found` is
+    the id of the same-named collection that it holds instead (None: it holds none)."""
+    where = f" in Qdrant at {record.qdrant_location}" if record.qdrant_location else ""
+    seen = (f"holds a collection of that name with another id ({found}, not {record.qdrant_uid}): "
+            "not the one outboxd built" if found else "does not have it")
+    return CollectionElsewhereError(
+        f"the live collection of {record.alias!r} is {record.name!r}, built{where}, but the Qdrant this process "
+        f"is configured for ({here}) {seen}. If QDRANT_URL (or OUTBOXD_QDRANT_PATH) is wrong, fix it: nothing "
+        "was written. If this is the right Qdrant and the collection was lost (a new server, a lost volume), "
+        "run `outboxd reconcile --repair --recreate-missing` once: it creates the collection empty here and "
+        "enqueues every chunk, which the daemons then rebuild from PostgreSQL."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    """Which Qdrant holds a collection: the id in its metadata, and where it was seen."""
+
+    uid: str
+    location: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +76,19 @@ class CollectionView:
     fingerprint: ModelFingerprint | None
     status: str | None  # the catalog's: live, building, retired; None: not in the catalog
     alias_target: str | None  # where the Qdrant alias points now (what readers see)
+    record: CollectionRecord | None = None  # the catalog's row, where there is one
+    uid: str | None = None  # the id the collection's metadata in Qdrant holds
+
+    def check_home(self, here: str) -> None:
+        """Refuse (78) a Qdrant that is not where the catalog's live collection was
+        built: it lacks the collection, or holds one of that name with another id."""
+        record = self.record
+        if record is None or record.status != "live":
+            return
+        if not self.exists:
+            raise not_here(record, here, None)
+        if record.qdrant_uid is not None and self.uid != record.qdrant_uid:
+            raise not_here(record, here, self.uid or "none")
 
     @property
     def retired(self) -> bool:
@@ -58,19 +97,22 @@ class CollectionView:
 
 async def view(qdrant, alias: str, record: CollectionRecord | None) -> CollectionView:
     """The collection behind `record` (the catalog's), else behind the alias."""
-    from daemon.core.qdrant_store import read_fingerprint, resolve_alias
+    from daemon.core.qdrant_store import read_identity, resolve_alias
 
     alias_target = await resolve_alias(qdrant, alias)
     name = record.name if record is not None else alias_target
     exists = bool(name) and await qdrant.collection_exists(name)
-    fingerprint = await read_fingerprint(qdrant, name) if exists else None
+    fingerprint, uid = await read_identity(qdrant, name) if exists else (None, None)
     if fingerprint is None and record is not None:
         fingerprint = record.fingerprint
-    return CollectionView(alias, name, exists, fingerprint, record.status if record else None, alias_target)
+    return CollectionView(alias, name, exists, fingerprint, record.status if record else None, alias_target,
+                          record, uid)
 
 
-def _params(name: str, alias: str, fp: ModelFingerprint, **extra) -> dict:
+def _params(name: str, alias: str, fp: ModelFingerprint, home: "Home | None" = None, **extra) -> dict:
     return dict(
+        qdrant_uid=home.uid if home else None,
+        qdrant_location=home.location if home else None,
         name=name,
         alias=alias,
         model_name=fp.name,
@@ -98,16 +140,26 @@ class Catalog:
         """The live collection of the alias: the catalog's, else where the alias points."""
         return await view(qdrant, alias, await self.live(alias))
 
-    async def register_live(self, name: str, alias: str, fp: ModelFingerprint) -> CollectionRecord:
+    async def register_live(self, name: str, alias: str, fp: ModelFingerprint, home: "Home") -> CollectionRecord:
         """Record `name` as live unless the alias already has a live collection;
         returns whichever is live now."""
-        await self._rows("register_live_collection", **_params(name, alias, fp))
+        await self._rows("register_live_collection", **_params(name, alias, fp, home))
         live = await self.live(alias)
         assert live is not None
         return live
 
-    async def upsert(self, name: str, alias: str, fp: ModelFingerprint, status: str) -> CollectionRecord:
-        return CollectionRecord(**(await self._rows("upsert_collection", **_params(name, alias, fp, status=status)))[0])
+    async def upsert(self, name: str, alias: str, fp: ModelFingerprint, status: str,
+                     home: "Home | None" = None) -> CollectionRecord:
+        return CollectionRecord(
+            **(await self._rows("upsert_collection", **_params(name, alias, fp, home, status=status)))[0]
+        )
+
+    async def record_home(self, name: str, home: "Home", *, replace: bool = False) -> str:
+        """Where `name` lives: reached under another URL, adopted (a row without an
+        id keeps the first one offered), or recreated (replace). The id recorded now."""
+        rows = await self._rows("record_collection_home", name=name, qdrant_uid=home.uid,
+                                qdrant_location=home.location, replace=replace)
+        return rows[0]["qdrant_uid"]
 
     async def records(self, alias: str | None = None) -> list[CollectionRecord]:
         return [CollectionRecord(**r) for r in await self._rows("list_collections", alias=alias)]

@@ -4,6 +4,7 @@ readiness checks of a process that embeds and writes."""
 from __future__ import annotations
 
 import asyncio
+import difflib
 import os
 import ssl
 from collections.abc import Awaitable, Callable
@@ -11,21 +12,40 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from qdrant_client import AsyncQdrantClient, QdrantClient
 
 from daemon.config import Settings
-from daemon.errors import ConfigError, ServiceUnavailableError
+from daemon.errors import ConfigError, ServiceUnavailableError, describe, refusal
 
 LOCKED = "is already accessed by another instance of Qdrant client"
 KEEPALIVE_S = 3.0
 
 
+def check_named(settings: Settings) -> None:
+    """Where the vectors go is never a default in production: with a database (or
+    a Kafka cluster) configured, Qdrant must be named too, as a server URL or a
+    local-mode folder on purpose; else ConfigError (78). Only the embedded
+    defaults fall back to local mode under the data directory."""
+    configured = settings.services_configured()
+    if settings.qdrant_url or settings.qdrant_path is not None or not configured:
+        return
+    near = difflib.get_close_matches("QDRANT_URL", [v for v in os.environ if "QDRANT" in v.upper()], n=1, cutoff=0.8)
+    typo = f" ({near[0]} is set: a typo of QDRANT_URL?)" if near else ""
+    raise ConfigError(
+        f"{' and '.join(configured)} {'is' if len(configured) == 1 else 'are'} set, but no Qdrant is{typo}: set "
+        "QDRANT_URL to your Qdrant server, or OUTBOXD_QDRANT_PATH to a local-mode folder on purpose. Against "
+        "configured services outboxd never falls back to a local-mode folder, where no reader would find the vectors."
+    )
+
+
 def make_client(settings: Settings) -> "AsyncQdrantClient | LocalQdrant":
-    """A client for the configured Qdrant: a server's AsyncQdrantClient, or local
-    mode on a thread of its own (LocalQdrant). Local mode admits one process per
-    folder: a second one is a configuration that cannot work (exit 78), not a bug."""
+    """A client for the configured Qdrant (check_named): a server's AsyncQdrantClient,
+    or local mode on a thread of its own (LocalQdrant). Local mode admits one process
+    per folder: a second one is a configuration that cannot work (exit 78), not a bug."""
+    check_named(settings)
     if settings.qdrant_url:
         key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
         return AsyncQdrantClient(
@@ -104,6 +124,61 @@ def _tls(settings: Settings) -> dict[str, Any]:
             "of CA certificates"
         ) from None
     return {"verify": context, "grpc_options": {"root_certificates": pem}}
+
+
+async def probe(client: "AsyncQdrantClient | LocalQdrant", settings: Settings) -> None:
+    """Ask a server who it is, then list its collections (which a refused key
+    cannot): a URL that answers, but not as Qdrant does (another web server, a
+    wrong port or path), is a configuration error now (78), where waiting for it
+    would only end in 69. An outage raises as itself, to be waited for."""
+    if isinstance(client, LocalQdrant):
+        return
+    try:
+        info = await client.info()
+    except Exception as exc:
+        if refusal(exc) is not None or not answered_otherwise(exc):
+            raise
+        raise _not_qdrant(settings, describe(exc)) from None
+    if "qdrant" not in (getattr(info, "title", "") or "").lower():
+        raise _not_qdrant(settings, f"it calls itself {getattr(info, 'title', None)!r}")
+    await client.get_collections()
+
+
+def answered_otherwise(exc: BaseException) -> bool:
+    """A server answered, but not as Qdrant does: a page where JSON was due, a
+    404 or 405 for Qdrant's own paths, a gRPC service without Qdrant's methods.
+    An outage (no answer, a 5xx or 429 from a proxy in front of a restarting
+    Qdrant) is not this."""
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code is not None and 400 <= exc.status_code < 500 and exc.status_code not in (408, 429)
+    if isinstance(exc, ResponseHandlingException):  # qdrant-client's wrapper: an outage is a transport error inside
+        return not isinstance(exc.source, (httpx.TransportError, OSError))
+    if isinstance(exc, (ValueError, TypeError)):  # JSON that does not decode, or not into Qdrant's answer
+        return True
+    code = getattr(exc, "code", None)
+    return callable(code) and getattr(code(), "name", "") in ("UNIMPLEMENTED", "NOT_FOUND")
+
+
+def _not_qdrant(settings: Settings, why: str) -> ConfigError:
+    where = settings.qdrant_url + (f" (gRPC port {settings.qdrant_grpc_port})" if settings.qdrant_prefer_grpc else "")
+    return ConfigError(
+        f"QDRANT_URL={where} answers, but not as a Qdrant server does ({why[:200]}); check its scheme, host, "
+        "port (REST 6333, gRPC OUTBOXD_QDRANT_GRPC_PORT 6334) and path. This does not heal by waiting."
+    )
+
+
+def location(settings: Settings) -> str:
+    """Where the vectors live, as the catalog remembers it: the server's URL
+    without credentials, or the local-mode folder's absolute path."""
+    if settings.qdrant_url:
+        parts = urlsplit(settings.qdrant_url)
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    path = settings.local_qdrant_path
+    return path if path == ":memory:" else str(Path(path).resolve())
+
+
 def describe_target(settings: Settings) -> str:
     if settings.qdrant_url:
         return f"{settings.qdrant_url}{' (gRPC)' if settings.qdrant_prefer_grpc else ''}"

@@ -11,6 +11,7 @@ is checked afterwards (the alias must end up on a collection of this model).
 from __future__ import annotations
 
 import logging
+import uuid
 import warnings
 from typing import Any
 
@@ -26,6 +27,7 @@ from daemon.telemetry import span
 log = logging.getLogger(__name__)
 
 FINGERPRINT_KEY = "outboxd_model"
+UID_KEY = "outboxd_uid"  # a random id per collection outboxd creates, kept in the catalog too (which Qdrant holds it)
 INDEXED_FIELDS = ("document_id", "source_id", "content_hash")
 NO_CHUNK = "00000000-0000-0000-0000-000000000000"  # the nil UUID: gen_random_uuid() never makes it
 
@@ -85,11 +87,18 @@ async def resolve_alias(client: AsyncQdrantClient, alias: str) -> str | None:
     return alias if await client.collection_exists(alias) else None
 
 
+async def read_identity(client: AsyncQdrantClient, collection: str) -> tuple[ModelFingerprint | None, str | None]:
+    """What a collection's metadata says of it: the model fingerprint its vectors
+    were made with, and the id outboxd gave it when it created it (None: none)."""
+    info = await client.get_collection(collection)
+    meta = info.config.metadata or {}
+    fingerprint = meta.get(FINGERPRINT_KEY)
+    return (ModelFingerprint.from_dict(fingerprint) if fingerprint else None), meta.get(UID_KEY)
+
+
 async def read_fingerprint(client: AsyncQdrantClient, collection: str) -> ModelFingerprint | None:
     """The model fingerprint a collection records (None: it records none)."""
-    info = await client.get_collection(collection)
-    meta = (info.config.metadata or {}).get(FINGERPRINT_KEY)
-    return ModelFingerprint.from_dict(meta) if meta else None
+    return (await read_identity(client, collection))[0]
 
 
 class QdrantStore:
@@ -103,26 +112,32 @@ class QdrantStore:
         self.alias = alias
         # the physical collection: given (a command that resolved it), or settled by ensure_collection
         self.collection = collection or alias
+        self.recreated = False  # ensure_collection created the live collection anew: it must be rebuilt
 
     async def resolve(self) -> str | None:
         return await resolve_alias(self.client, self.alias)
 
-    async def ensure_collection(self, fingerprint: ModelFingerprint, live: str | None = None) -> None:
+    async def ensure_collection(self, fingerprint: ModelFingerprint, live: Any = None, *,
+                                here: str = "", recreate_missing: bool = False) -> str | None:
         """Create the collection and alias for this model, or refuse a collection
-        that cannot hold its vectors. `live` is the collection the catalog says
-        is live for the alias; it wins over where the alias points (during a
-        reindex the alias moves last)."""
-        if live is not None and not await self.client.collection_exists(live):
-            log.warning(
-                "the live collection is missing in Qdrant; recreating it empty. Run `outboxd reconcile "
-                "--repair` to refill it from PostgreSQL",
-                extra={"collection": live},
-            )
-            self.collection = live
-            await self.create_physical(fingerprint)
-            await self.point_alias()
-            return
-        target = live or await self.resolve()
+        that cannot hold its vectors; the id in its metadata (None: it has none).
+        `live` is the catalog's live collection for the alias as this Qdrant has
+        it (a daemon.core.catalog.CollectionView; that module imports this one);
+        it wins over where the alias points (during a reindex the alias moves
+        last). A Qdrant that lacks it, or holds another collection of its name,
+        is refused (CollectionElsewhereError) unless recreate_missing: then a
+        missing one is created empty (the caller rebuilds it from PostgreSQL)."""
+        if live is not None and live.name is not None:
+            if not live.exists and recreate_missing:
+                log.warning("the live collection is missing in Qdrant; recreating it empty",
+                            extra={"collection": live.name})
+                self.collection = live.name
+                await self.create_physical(fingerprint)
+                await self.point_alias()
+                self.recreated = True
+                return (await read_identity(self.client, self.collection))[1]
+            live.check_home(here)
+        target = live.name if live is not None and live.name is not None else await self.resolve()
         if target is None:
             self.collection = physical_name(self.alias, fingerprint)
             created = await self.create_physical(fingerprint)
@@ -133,15 +148,20 @@ class QdrantStore:
                     "collection created",
                     extra={"alias": self.alias, "collection": self.collection, "model": str(fingerprint)},
                 )
-                return
+                return (await read_identity(self.client, self.collection))[1]
         self.collection = target
         await self.check_adoptable(fingerprint)
         if live is not None and await self.resolve() is None:
             # the collection is back (restored from a snapshot) but its alias went with the
             # deleted one: readers need it again
             log.warning("the alias was missing; pointing it at the live collection",
-                        extra={"alias": self.alias, "collection": live})
+                        extra={"alias": self.alias, "collection": live.name})
             await self.create_alias()
+        return (await read_identity(self.client, self.collection))[1]
+
+    async def write_uid(self, uid: str) -> None:
+        """Give the collection the id the catalog keeps for it (a collection older than ids, or made by hand)."""
+        await self.client.update_collection(self.collection, metadata={UID_KEY: uid})
 
     async def check_adoptable(self, fingerprint: ModelFingerprint) -> None:
         """The existing collection can hold this model's vectors (size, distance,
@@ -218,7 +238,7 @@ class QdrantStore:
                 await self.client.create_collection(
                     self.collection,
                     vectors_config=models.VectorParams(size=fingerprint.dimension, distance=models.Distance.COSINE),
-                    metadata={FINGERPRINT_KEY: fingerprint.as_dict()},
+                    metadata={FINGERPRINT_KEY: fingerprint.as_dict(), UID_KEY: uuid.uuid4().hex},
                 )
             except Exception as exc:
                 if not already_exists(exc):

@@ -12,7 +12,8 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon.config import Settings
 from daemon.core.apply import Applier
-from daemon.core.qdrant_connect import describe_target, embedding_checks, make_client
+from daemon.core.catalog import CollectionRecord, view
+from daemon.core.qdrant_connect import describe_target, embedding_checks, make_client, probe
 from daemon.core.qdrant_store import QdrantStore
 from daemon.embedding.embedder import Embedder, ModelFingerprint
 
@@ -37,17 +38,30 @@ class QdrantWriter:
             await until_reachable("the embedding model", self.embedder.load)
         return self.embedder.fingerprint
 
-    async def ensure_collection(self, until_reachable: UntilReachable, live: str | None = None) -> str:
+    async def ensure_collection(
+        self, until_reachable: UntilReachable, live: CollectionRecord | None = None, *, recreate_missing: bool = False
+    ) -> tuple[str, str | None]:
         """Reach Qdrant, load the model, then check or create the collection for
-        it, and check that this process may write there; the physical name.
-        Qdrant is asked first, so a refused key or certificate ends the start at
-        once instead of after the model has loaded."""
-        qdrant = f"Qdrant ({describe_target(self.settings)})"
-        await until_reachable(qdrant, self.qdrant.get_collections)
+        it, and check that this process may write there; the physical name and
+        the id in its metadata (daemon.core.catalog: which Qdrant holds it).
+        `live`: the catalog's live collection, which this Qdrant must hold
+        (recreate_missing: create it empty where it is missing). Qdrant is asked
+        first, so a refused key or certificate, or a server that is not Qdrant,
+        ends the start at once instead of after the model has loaded."""
+        here = describe_target(self.settings)
+        qdrant = f"Qdrant ({here})"
+        await until_reachable(qdrant, lambda: probe(self.qdrant, self.settings))
         fingerprint = await self.load_model(until_reachable)
-        await until_reachable(qdrant, lambda: self.store.ensure_collection(fingerprint, live))
+        uid: list[str | None] = []
+
+        async def ensure() -> None:
+            seen = await view(self.qdrant, self.settings.collection, live) if live is not None else None
+            uid[:] = [await self.store.ensure_collection(fingerprint, seen, here=here,
+                                                         recreate_missing=recreate_missing)]
+
+        await until_reachable(qdrant, ensure)
         await until_reachable(qdrant, self.store.check_writable)
-        return self.store.collection
+        return self.store.collection, uid[0]
 
     def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
         return embedding_checks(self.qdrant, self.embedder)

@@ -6,16 +6,19 @@ a side task, when this daemon runs as a daemon (not --drain)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from qdrant_client import AsyncQdrantClient
 
+from daemon.admin.backfill import backfill
 from daemon.admin.drift import Reconciler, Repair, enqueue_repair
 from daemon.config import Settings
 from daemon.core.apply import ApplyResult
 from daemon.core.batch import Targets
-from daemon.core.catalog import Catalog
+from daemon.core.catalog import Catalog, Home
+from daemon.core.qdrant_connect import location
 from daemon.core.writer import QdrantWriter
 from daemon.embedding.embedder import Embedder
 from daemon.embedding.fingerprint import settings_for
@@ -24,6 +27,10 @@ from daemon.outbox.budget import share
 from daemon.outbox.queue import Event
 from daemon.outbox.service import OutboxService
 from daemon.outbox.verifier import Verifier, VerifierLease
+
+log = logging.getLogger(__name__)
+
+REBUILD_PAGE = 5_000  # chunks enqueued per statement when a recreated collection is rebuilt
 
 
 class NotifyDaemon(OutboxService):
@@ -50,15 +57,29 @@ class NotifyDaemon(OutboxService):
         await share(self.writer.embedder.backend, self.pool, progress=self.heartbeat.progress)
         catalog = Catalog(self.pool)
         live = await catalog.live(s.collection)
-        collection = await self.writer.ensure_collection(self.until_reachable, live.name if live else None)
+        # Only the embedded defaults (PostgreSQL and Qdrant both under the data directory)
+        # recreate a lost live collection by themselves; with configured services a
+        # missing one more likely means the wrong Qdrant, and the operator decides.
+        collection, uid = await self.writer.ensure_collection(
+            self.until_reachable, live, recreate_missing=not s.services_configured())
+        home = Home(uid or uuid4().hex, location(s))
         if live is None:
-            live = await catalog.register_live(collection, s.collection, self.writer.embedder.fingerprint)
+            live = await catalog.register_live(collection, s.collection, self.writer.embedder.fingerprint, home)
         if live.name != collection:  # another daemon registered another model first
             raise CollectionRetiredError(
                 f"the live collection of {s.collection!r} is {live.name!r} ({live.fingerprint}), not "
                 f"{collection!r}; start outboxd with the settings that make its vectors: "
                 f"{settings_for(live.fingerprint)}"
             )
+        if self.writer.store.recreated:
+            await catalog.record_home(collection, home, replace=True)
+            rebuilt = await backfill(self.pool, None, None, REBUILD_PAGE, restart=True)
+            log.warning("the live collection was recreated empty; every chunk is enqueued to rebuild it",
+                        extra={"collection": collection, "enqueued": rebuilt["enqueued"]})
+        elif (live.qdrant_uid, live.qdrant_location) != (uid, home.location):
+            recorded = await catalog.record_home(collection, home)  # adopted, or reached under another URL
+            if uid is None:  # a collection older than ids, or made by hand: it takes the catalog's
+                await self.until_reachable("Qdrant", lambda: self.writer.store.write_uid(recorded))
         return collection
 
     async def run(self, *, drain: bool = False) -> int:

@@ -225,25 +225,26 @@ GROUP BY 1
 ORDER BY 1;
 
 -- live_collection --
-SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at, variant
+SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at, variant, qdrant_uid, qdrant_location
 FROM outboxd.collections
 WHERE alias = %(alias)s AND status = 'live';
 
 -- register_live_collection --
 -- First writer for an alias records its collection as live; a concurrent
 -- starter loses on the one-live-per-alias index and reads the winner instead.
-INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, variant)
-VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, 'live', %(variant)s)
+INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, variant, qdrant_uid, qdrant_location)
+VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, 'live', %(variant)s, %(qdrant_uid)s, %(qdrant_location)s)
 ON CONFLICT DO NOTHING;
 
 -- upsert_collection --
-INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, variant)
-VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, %(status)s, %(variant)s)
-ON CONFLICT (name) DO UPDATE SET status = EXCLUDED.status, variant = EXCLUDED.variant, updated_at = now()
-RETURNING name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at, variant;
+INSERT INTO outboxd.collections (name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, variant, qdrant_uid, qdrant_location)
+VALUES (%(name)s, %(alias)s, %(model_name)s, %(dimension)s, %(normalized)s, %(max_seq_length)s, %(fingerprint_id)s, %(status)s, %(variant)s, %(qdrant_uid)s, %(qdrant_location)s)
+ON CONFLICT (name) DO UPDATE SET status = EXCLUDED.status, variant = EXCLUDED.variant,
+    qdrant_uid = EXCLUDED.qdrant_uid, qdrant_location = EXCLUDED.qdrant_location, updated_at = now()
+RETURNING name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at, variant, qdrant_uid, qdrant_location;
 
 -- list_collections --
-SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at, variant
+SELECT name, alias, model_name, dimension, normalized, max_seq_length, fingerprint_id, status, created_at, updated_at, variant, qdrant_uid, qdrant_location
 FROM outboxd.collections
 WHERE %(alias)s::text IS NULL OR alias = %(alias)s
 ORDER BY alias, created_at;
@@ -261,6 +262,17 @@ UPDATE outboxd.collections
 SET status = 'live', updated_at = now()
 WHERE name = %(name)s AND alias = %(alias)s
 RETURNING name;
+
+-- record_collection_home --
+-- The Qdrant a collection lives in: its id there (written into its metadata) and
+-- where it was seen. A row without an id (older than the id, or a collection made
+-- by hand) takes the first one offered, so daemons adopting it at once agree on
+-- one; a recreated collection replaces it.
+UPDATE outboxd.collections
+SET qdrant_uid = CASE WHEN %(replace)s THEN %(qdrant_uid)s ELSE coalesce(qdrant_uid, %(qdrant_uid)s) END,
+    qdrant_location = %(qdrant_location)s, updated_at = now()
+WHERE name = %(name)s
+RETURNING qdrant_uid;
 
 -- delete_collection_record --
 DELETE FROM outboxd.collections WHERE name = %(name)s AND status = 'retired' RETURNING name;

@@ -290,7 +290,12 @@ CREATE TABLE outboxd.collections (
     status TEXT NOT NULL CHECK (status IN ('building', 'live', 'retired')),
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    variant TEXT  -- the fingerprint's backend variant (NULL: agrees with the reference; 'onnx-int8', ...)
+    variant TEXT,  -- the fingerprint's backend variant (NULL: agrees with the reference; 'onnx-int8', ...)
+    -- which Qdrant holds it: the id outboxd wrote into the collection's own metadata, and
+    -- where it was last seen (a URL or a local-mode folder); a process pointed at another
+    -- Qdrant refuses to start instead of writing where no reader looks
+    qdrant_uid TEXT,
+    qdrant_location TEXT
 );
 CREATE UNIQUE INDEX collections_one_live_per_alias ON outboxd.collections (alias) WHERE status = 'live';
 
