@@ -19,6 +19,8 @@ second) only where it classifies one: a bad setting is reported at once.
 """
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -48,6 +50,11 @@ class SchemaNotReadyError(ConfigError):
 
 class CollectionRetiredError(ConfigError):
     """A reindex made another collection live; this process's model is no longer wanted."""
+
+
+class CollectionElsewhereError(ConfigError):
+    """The Qdrant this process is configured for is not where the live collection
+    was built (invariant 9): writing there would send vectors where no reader looks."""
 
 
 class ServiceUnavailableError(OutboxdError):
@@ -98,6 +105,18 @@ QDRANT_WRITE_FIX = (
     "collection): `outboxd run`, `consume`, `reindex` and `reconcile --repair` need a read-write key "
     "(QDRANT_API_KEY); a read-only key serves `outboxd search`, `status` and `reconcile --check`."
 )
+DATABASE_FIX = (
+    "Check DATABASE_URL (or DATABASE_URL_FILE): this does not heal by waiting, so outboxd does not retry it."
+)
+# libpq's words for a connection PostgreSQL refuses for good: the database or role named
+# does not exist, the credentials or TLS settings are wrong, an option's value is invalid.
+# libpq gives a failed connection no SQLSTATE, so its message is all there is to read.
+POSTGRES_REFUSALS = re.compile(
+    r'database "[^"]*" does not exist|role "[^"]*" does not exist|password authentication failed'
+    r"|no pg_hba\.conf entry|no password supplied|server does not support SSL|certificate verify failed"
+    r"|root certificate file|invalid \w+ value|bad value for|invalid (URI query parameter|connection option)"
+    r"|authentication method \d+ not supported|SCRAM authentication requires",
+)
 QDRANT_CA_FIX = (
     "Set OUTBOXD_QDRANT_CA_FILE (or SSL_CERT_FILE) to the CA bundle (PEM) that signed the server's "
     "certificate, or use the URL its certificate names."
@@ -106,10 +125,20 @@ QDRANT_CA_FIX = (
 
 def refusal(exc: BaseException) -> ConfigError | None:
     """A failure that no waiting heals, as the configuration error it is (exit
-    78): Qdrant refusing the API key (401) or the request (403), or a server
-    certificate that does not verify. None for anything else."""
+    78): Qdrant refusing the API key (401) or the request (403), a server
+    certificate that does not verify, PostgreSQL refusing the connection for
+    good (no such database or role, bad credentials, an invalid option). None
+    for anything else."""
     import ssl
 
+    import psycopg
+
+    # a connection's failure carries no SQLSTATE; a statement's error (a bug, a
+    # missing table) always does, and is not this
+    if isinstance(exc, (psycopg.OperationalError, psycopg.ProgrammingError)) and exc.sqlstate is None:
+        said = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if POSTGRES_REFUSALS.search(str(exc)):
+            return ConfigError(f"PostgreSQL refused the connection ({said}). {DATABASE_FIX}")
     from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
     status = _grpc_status(exc)

@@ -88,6 +88,14 @@ async def connect_async(dsn: str, *, application_name: str, timeout: float) -> A
                                                  **_timeout(dsn, timeout))
 
 
+async def probe(dsn: str, *, application_name: str, timeout: float) -> None:
+    """Connect once, outside any pool, and hang up: the server's or the network's
+    own error where it fails (a pool only times out), so that a refusal (no such
+    database, bad credentials) is told from an outage at once."""
+    conn = await connect_async(dsn, application_name=application_name, timeout=timeout)
+    await conn.close()
+
+
 async def fetch(pool: AsyncConnectionPool, name: str, /, **params) -> list[dict]:
     """Run a named query on a connection from the pool (its own short autocommit
     transaction) and return its rows, if it returns any."""

@@ -106,10 +106,11 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: s
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, *, qdrant: bool = True):
     """A small pool and (optionally) a Qdrant client for an operator command."""
-    from daemon.core.qdrant_connect import make_client
+    from daemon.core.qdrant_connect import make_client, probe
     from db.gateway import make_pool
 
     dsn = resolve_dsn(settings)
+    await _refused_at_once(dsn)
     pool = make_pool(dsn, application_name="outboxd:cli", min_size=1, max_size=2)
     pool_log = logging.getLogger("psycopg.pool")
     level = pool_log.level
@@ -120,17 +121,53 @@ async def open_services(settings: Settings, *, qdrant: bool = True):
         await pool.close(timeout=1.0)
         raise ServiceUnavailableError(
             f"PostgreSQL stayed unreachable for {settings.startup_timeout:g}s: {await _why_not(dsn, exc)}; "
-            "check DATABASE_URL, or raise OUTBOXD_STARTUP_TIMEOUT"
+            f"check DATABASE_URL, or raise OUTBOXD_STARTUP_TIMEOUT{stale_embedded_hint(dsn)}"
         ) from exc
     finally:
         pool_log.setLevel(level)
-    client = make_client(settings) if qdrant else None
+    try:
+        client = make_client(settings) if qdrant else None
+        if client is not None:
+            await probe(client, settings)  # another web server, a refused key: 78 now
+    except BaseException:
+        await pool.close()
+        raise
     try:
         yield pool, client
     finally:
         if client is not None:
             await client.close()
         await pool.close()
+
+
+async def _refused_at_once(dsn: str) -> None:
+    """One direct connection first: a refusal (no such database, bad credentials,
+    an invalid option) is a configuration error now, where the pool would retry
+    it until the start-up timeout. An outage is left to the pool's wait."""
+    from daemon.errors import refusal
+    from db.gateway import probe
+
+    try:
+        await probe(dsn, application_name="outboxd:cli", timeout=10.0)
+    except psycopg.Error as exc:
+        if (refused := refusal(exc)) is not None:
+            raise refused from None
+
+
+def stale_embedded_hint(dsn: str) -> str:
+    """Where DATABASE_URL names the socket folder of an embedded PostgreSQL that
+    has stopped (it runs only while an outboxd process holds it), say so."""
+    from pathlib import Path
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    with contextlib.suppress(Exception):
+        host = conninfo_to_dict(dsn).get("host") or ""
+        if host.startswith("/") and (Path(host) / "PG_VERSION").exists():
+            return (f"; {host} is the data folder of an embedded PostgreSQL, which runs only while an outboxd "
+                    "process holds it: start `outboxd run` again, or `unset DATABASE_URL` to let this command "
+                    "start it itself")
+    return ""
 
 
 async def _why_not(dsn: str, timeout: Exception) -> str:
@@ -146,12 +183,23 @@ async def _why_not(dsn: str, timeout: Exception) -> str:
     return describe(timeout)
 
 
-async def live_collection(settings: Settings, pool, client) -> "CollectionView":
+async def live_collection(settings: Settings, pool, client, *, recreate_missing: bool = False) -> "CollectionView":
     """The live collection behind OUTBOXD_COLLECTION (daemon.core.catalog), which
-    must exist and record the model that made its vectors."""
-    from daemon.core.catalog import Catalog
+    must exist in this Qdrant (the one the catalog says holds it) and record the
+    model that made its vectors. recreate_missing: where this Qdrant lacks it (a
+    new server, a lost volume), create it empty here and record that it lives here."""
+    from daemon.core.catalog import Catalog, Home
+    from daemon.core.qdrant_connect import describe_target, location
+    from daemon.core.qdrant_store import QdrantStore
 
-    live = await Catalog(pool).resolve(settings.collection, client)
+    catalog = Catalog(pool)
+    live = await catalog.resolve(settings.collection, client)
+    if recreate_missing and live.record is not None and not live.exists:
+        store = QdrantStore(client, settings.collection, collection=live.name)
+        uid = await store.ensure_collection(live.record.fingerprint, live, recreate_missing=True)
+        await catalog.record_home(live.name, Home(uid, location(settings)), replace=True)
+        live = await catalog.resolve(settings.collection, client)
+    live.check_home(describe_target(settings))
     if not live.exists:
         raise ConfigError(
             f"there is no Qdrant collection for {settings.collection!r} yet: start the daemon "

@@ -226,9 +226,17 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict, s
             return refused.exit_code
         # an outage outside a service's own waiting (a one-shot command); SQLAlchemy
         # (Alembic, `migrate`) wraps the driver's error, which says what happened
+        if (refused := refusal(getattr(exc, "orig", None) or exc)) is not None:
+            log.error(str(refused), extra={"exit_code": refused.exit_code})
+            return refused.exit_code
         outage = next((e for e in (exc, getattr(exc, "orig", None)) if e is not None and is_transient(e)), None)
         if outage is not None:
-            log.error(f"{dependency_of(outage)} is unreachable: {describe(outage)}",
+            hint = ""
+            if dependency_of(outage) == "postgresql" and built.database_url is not None:
+                from daemon.commands.common import stale_embedded_hint
+
+                hint = stale_embedded_hint(built.database_url.get_secret_value())
+            log.error(f"{dependency_of(outage)} is unreachable: {describe(outage)}{hint}",
                       extra={"exit_code": EXIT_UNAVAILABLE})
             return EXIT_UNAVAILABLE
         log.exception("unexpected error", extra={"error": type(exc).__name__, "exit_code": EXIT_FAILURE})

@@ -40,12 +40,14 @@ CAPTURE_NOTES = {
 def command(settings, as_json: bool, max_lag: float | None, max_pending: int | None,
             max_dead_letters: int | None) -> int:
     from daemon.commands.common import print_json
-    from daemon.errors import EXIT_CHECK_FAILED
+    from daemon.errors import EXIT_CHECK_FAILED, EXIT_CONFIG
 
     limits = {"max_lag": max_lag, "max_pending": max_pending, "max_dead_letters": max_dead_letters}
     report = collect(settings, limits)
     exceeded = [t["message"] for t in report["thresholds"].values() if t["exceeded"]]
-    code = verdict(EXIT_CHECK_FAILED if exceeded else 0)  # even if the reader goes away mid-print
+    # what it could read is printed either way; a Qdrant setting that cannot work is 78, as for every command
+    misconfigured = report["qdrant"]["reason"] if report["qdrant"].get("config_error") else None
+    code = verdict(EXIT_CONFIG if misconfigured else EXIT_CHECK_FAILED if exceeded else 0)
     if as_json:
         print_json(report)
     else:
@@ -55,6 +57,8 @@ def command(settings, as_json: bool, max_lag: float | None, max_pending: int | N
         print(f"outboxd status: capture mode {report['capture']['mode']}: {note}", file=sys.stderr)
     for message in exceeded:
         print(f"outboxd status: {message}", file=sys.stderr)
+    if misconfigured:
+        print(f"outboxd status: {misconfigured}", file=sys.stderr)
     return code
 
 
@@ -62,15 +66,18 @@ def command(settings, as_json: bool, max_lag: float | None, max_pending: int | N
 def read_database(settings) -> dict[str, Any]:
     import psycopg
 
-    from daemon.commands.common import connect
-    from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe
+    from daemon.commands.common import connect, stale_embedded_hint
+    from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe, refusal
     from db import capture
     from db.queries import query
 
     try:
         conn = connect(settings)
     except psycopg.OperationalError as exc:
-        raise ServiceUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
+        if (refused := refusal(exc)) is not None:  # no such database, bad credentials: 78, not an outage
+            raise refused from None
+        hint = stale_embedded_hint(settings.database_url.get_secret_value()) if settings.database_url else ""
+        raise ServiceUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}{hint}") from exc
     with conn:
         try:
             outbox = conn.execute(query("status_outbox")).fetchone()
@@ -131,8 +138,9 @@ def relay_section(settings, outbox: dict[str, Any], leases: list[dict], processe
 
 
 # --- Qdrant ----------------------------------------------------------------------------
-def _unavailable(section: dict[str, Any], reason: str) -> dict[str, Any]:
-    return {**section, "available": False, "reason": reason}
+def _unavailable(section: dict[str, Any], reason: str, *, config_error: bool = False) -> dict[str, Any]:
+    """Qdrant could not be read, and why; config_error: a reason no waiting heals (status exits 78)."""
+    return {**section, "available": False, "reason": reason, "config_error": config_error}
 
 
 async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str, Any]:
@@ -142,10 +150,14 @@ async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str
     import asyncio
     from pathlib import Path
 
-    from daemon.core.qdrant_connect import describe_target, make_client
-    from daemon.errors import describe
+    from daemon.core.qdrant_connect import check_named, describe_target, make_client
+    from daemon.errors import ConfigError, describe, refusal
 
     section: dict[str, Any] = {"target": describe_target(settings), "alias": settings.collection}
+    try:
+        check_named(settings)
+    except ConfigError as exc:
+        return _unavailable(section, str(exc), config_error=True)
     if not settings.qdrant_url:
         path = settings.local_qdrant_path
         if path == ":memory:":
@@ -158,7 +170,11 @@ async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str
         return _unavailable(section, describe(exc))
     try:
         return await asyncio.wait_for(_inspect(client, settings, catalog_live, section), settings.qdrant_timeout)
+    except ConfigError as exc:  # a server that is not Qdrant; the live collection is not in this Qdrant
+        return _unavailable(section, str(exc), config_error=True)
     except Exception as exc:  # unreachable server, timeout, refused request
+        if (refused := refusal(exc)) is not None:  # a refused key does not heal by waiting: 78
+            return _unavailable(section, str(refused), config_error=True)
         return _unavailable(section, describe(exc))
     finally:
         await client.close()
@@ -166,11 +182,14 @@ async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str
 
 async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
     from daemon.core.catalog import CollectionRecord, view
+    from daemon.core.qdrant_connect import probe
     from daemon.core.qdrant_store import read_fingerprint
 
+    await probe(client, settings)
     version = (await client.info()).version if settings.qdrant_url else None  # local mode is the client's own
     record = CollectionRecord(**catalog_live) if catalog_live else None
     live = await view(client, settings.collection, record)
+    live.check_home(section["target"])
     notes: list[str] = []
     section = {
         **section,

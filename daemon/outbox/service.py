@@ -38,7 +38,7 @@ from daemon.runtime.batch_policy import wait_for_any
 from daemon.runtime.service import READINESS_TIMEOUT, Service
 from daemon.telemetry import record_span, span
 from db import migrate
-from db.gateway import fetch, make_pool
+from db.gateway import fetch, make_pool, probe
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class OutboxService(Service):
         # Not open(wait=True): a pool that times out waiting closes for good, so a
         # PostgreSQL back within the start-up timeout would never be reached again.
         # The open pool keeps connecting in the background; each try asks it for one.
+        await probe(self.dsn, application_name=self.settings.application_name, timeout=10.0)
         await self.pool.open()
         async with self.pool.connection(timeout=min(10.0, self.settings.startup_timeout)) as conn:
             await conn.execute("SELECT 1")

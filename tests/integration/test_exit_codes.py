@@ -263,3 +263,66 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(conn, dsn, collection, e
     shell = subprocess.run(["bash", "-c", script], env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert shell.stdout.strip() == "status 0 0", report(shell)
+
+
+# --- settings that no waiting heals: 78 at once, naming the setting --------------------------
+def test_postgresql_settings_that_cannot_heal_exit_78_at_once(empty_dsn, tmp_path):
+    """A database that does not exist, an invalid sslmode, a role that does not exist: 78
+    naming DATABASE_URL, on the first connection attempt (the start-up timeout is long, so a
+    retry would show as a 69 much later), for the daemon and an operator command alike."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    base = conninfo_to_dict(empty_dsn)
+    cases = {
+        "database": make_conninfo(**{**base, "dbname": "no_such_database"}),
+        "sslmode": make_conninfo(**{**base, "sslmode": "bogus"}),
+        "role": make_conninfo(**{**base, "user": "no_such_role"}),
+    }
+    for argv in (["run", "--drain"], ["status"], ["reconcile", "--check"], ["dead-letters", "list"]):
+        for what, url in cases.items():
+            env = base_env(DATABASE_URL=url, OUTBOXD_STARTUP_TIMEOUT=300, OUTBOXD_QDRANT_PATH=str(tmp_path / "q"))
+            result = outboxd(argv, env, tmp_path, timeout=120)
+            assert result.returncode == EXIT_CONFIG, f"{what}: {report(result)}"
+            assert "PostgreSQL refused the connection" in result.stderr and "DATABASE_URL" in result.stderr, report(result)
+            assert "Traceback" not in result.stderr, report(result)
+
+
+@pytest.mark.parametrize("url", ["not a url", "postgresql://postgres:hunter2@[::1:5432/app"])
+def test_a_malformed_database_url_exits_78_without_showing_it(url, tmp_path):
+    result = outboxd(["status"], base_env(DATABASE_URL=url), tmp_path)
+    assert result.returncode == EXIT_CONFIG, report(result)
+    assert result.stderr.startswith("outboxd: invalid settings: DATABASE_URL: not a PostgreSQL URL"), report(result)
+    assert "hunter2" not in result.stderr
+
+
+@pytest.fixture
+def not_qdrant():
+    """An HTTP server that is not Qdrant: every path is a 404 page."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the handler's name
+            self.send_error(404, "File not found")
+
+        do_POST = do_PUT = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("argv", [["run", "--drain"], ["reconcile", "--check"], ["status"], ["search", "stars"]],
+                         ids=" ".join)
+def test_a_qdrant_url_that_is_not_qdrant_exits_78(argv, dsn, not_qdrant, tmp_path):
+    """QDRANT_URL answers HTTP, but not as Qdrant: 78 naming QDRANT_URL, no traceback and no
+    HTML page in the output, before the model loads."""
+    env = base_env(DATABASE_URL=dsn, QDRANT_URL=not_qdrant, OUTBOXD_STARTUP_TIMEOUT=300)
+    result = outboxd(argv, env, tmp_path)
+    assert result.returncode == EXIT_CONFIG, report(result)
+    assert f"QDRANT_URL={not_qdrant} answers, but not as a Qdrant server does" in result.stderr, report(result)
+    assert "Traceback" not in result.stderr and "<html" not in result.stderr.lower(), report(result)

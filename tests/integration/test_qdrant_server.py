@@ -174,6 +174,15 @@ async def test_a_read_only_key_serves_search_and_status_and_run_refuses_it(
     code, out = await asyncio.to_thread(run, "reconcile", "--check", "--json")
     assert code == 0 and orjson.loads(out)["drift"] == 0
 
+    # a key the server refuses: status still prints what it read, then exits 78 naming the setting
+    monkeypatch.setenv("QDRANT_API_KEY", "not-the-key")
+    code, out = await asyncio.to_thread(run, "status", "--json")
+    report = orjson.loads(out)
+    assert code == EXIT_CONFIG, report["qdrant"]
+    assert report["qdrant"]["config_error"] is True and "QDRANT_API_KEY" in report["qdrant"]["reason"]
+    assert report["outbox"]["backlog"] == 0
+    monkeypatch.setenv("QDRANT_API_KEY", RO_KEY)
+
     add_document(conn, ["Written while only a read-only key is configured."])
     pending = outbox_rows(conn)
     env = secured_env(dsn, collection, secured, QDRANT_API_KEY=RO_KEY, OUTBOXD_QDRANT_CA_FILE=secured.tls.ca)
