@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 
 import orjson
 import psycopg
@@ -15,6 +16,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon import cli
 from daemon.commands import status
+from tests.conftest import REPO
 from tests.support import add_document, drain, open_qdrant, outbox_rows, qdrant_flags, server_settings
 
 
@@ -58,6 +60,13 @@ async def status_json(capsys, dsn, tmp_path, collection, *extra, local: bool = F
     where = ["--qdrant-path", str(tmp_path / "qdrant")] if local else qdrant_flags(tmp_path / "qdrant")
     code, out, err = await run_status(capsys, "--json", *where, *extra)
     return code, orjson.loads(out), err
+
+
+def documented_json_keys() -> set[str]:
+    """The keys docs/operating.md says `status --json` prints."""
+    text = (REPO / "docs" / "operating.md").read_text(encoding="utf-8")
+    sentence = re.search(r"`--json` prints the same as one JSON document(.*?)\.\n", text, re.S).group(1)
+    return set(re.findall(r"`([a-z_]+)`", sentence))
 
 
 def make_dead(conn, ids: list[int], error: str) -> None:
@@ -119,6 +128,7 @@ async def test_status_of_an_empty_outbox(dsn, tmp_path, collection, capsys, loca
     in local mode the folder is not created; a server says the daemon creates it."""
     code, doc, _ = await status_json(capsys, dsn, tmp_path, collection, local=local)
     assert code == 0
+    assert set(doc) == documented_json_keys()  # docs/operating.md lists every key, and only those
     o = doc["outbox"]
     assert (o["backlog"], o["lag_seconds"], o["oldest_pending_at"], o["dead_letters"]) == (0, 0.0, None, 0)
     assert doc["leases"] == [] and doc["catalog"] == []

@@ -125,5 +125,34 @@ def test_every_python_snippet_compiles_and_its_imports_resolve(where, source):
                 importlib.import_module(alias.name)
 
 
+SHELL_VARIABLE = re.compile(r"\$\{?([A-Za-z_]\w*)")
+ASSIGNMENT = re.compile(r"(?:^|[\s;(])(?:export\s+)?([A-Za-z_]\w*)=")
+
+
+def shell_snippets() -> list[tuple[str, str]]:
+    return [(name(page), body) for page, text in TEXT.items() for lang, body in FENCE.findall(text)
+            if lang in ("sh", "bash")]
+
+
+def setting_variables() -> set[str]:
+    from daemon.commands.options import every_settings_class
+    from daemon.config_sources import settings_of
+
+    return {s.variable for cls in every_settings_class() for s in settings_of(cls)}
+
+
+@pytest.mark.parametrize("where, source", shell_snippets())
+def test_every_shell_variable_a_snippet_uses_is_set_before_it(where, source):
+    """Pasted as written, a shell block works: each variable it reads is set by
+    an earlier line of it, or is a setting the reader exports (QDRANT_URL, ...)."""
+    known = setting_variables() | {"HOME", "PATH"}
+    unset = []
+    for line in source.replace("\\\n", " ").splitlines():
+        line = re.sub(r"(?:^|\s)#.*", "", line)  # a comment
+        unset += [v for v in SHELL_VARIABLE.findall(line) if v not in known]
+        known |= set(ASSIGNMENT.findall(line))
+    assert unset == [], f"{where}: set nowhere before their use: {unset}"
+
+
 def test_the_readme_is_a_short_way_in():
     assert len(TEXT[REPO / "README.md"].splitlines()) <= 400
