@@ -114,3 +114,11 @@ def test_ci_runs_the_test_command_the_readme_gives():
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     assert "python -m pytest -q" in ci and "python -m pytest -q" in README
     assert "bash .ci/run" in README
+
+
+def test_the_embedded_database_url_is_unset_where_it_was_exported():
+    """The quick start has the reader export the embedded PostgreSQL's URL, which
+    stops answering with the daemon: the same section says to unset it."""
+    own_data = section("Quick start")
+    assert re.search(r"^export DATABASE_URL='postgresql://[^']*\.outboxd/postgres'", own_data, re.M)
+    assert "unset DATABASE_URL" in own_data
