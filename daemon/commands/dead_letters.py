@@ -8,16 +8,20 @@ needs --yes elsewhere.
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
+from typing import Any
 
 import click
 
 from daemon.commands.options import json_option, settings_options
 
-COLUMNS = ["id", "chunk_id", "op", "attempts", "first_failed_at", "last_failed_at", "last_error"]
+COLUMNS = ["id", "chunk_id", "op", "last_failed_at", "last_error"]  # the table's; --json has every field
 SELECTION = "--id N (repeatable), --error PATTERN or --all"
+ERROR_MIN_WIDTH = 30  # the error's share of a narrow table, for which last_failed_at is left out
 
 
-@click.command(help="list: dead letters with their error and attempts (a selection filters them). retry: back "
+@click.command(help="list: dead letters, one line each with its error cut to fit (--json: every field, the error "
+               "whole; a selection filters them). retry: back "
                "to pending with attempts reset. purge: delete them (their chunks keep whatever Qdrant has until "
                "they change again). retry and purge need --id, --error or --all.")
 @click.argument("action", type=click.Choice(["list", "retry", "purge"]))
@@ -40,7 +44,7 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
     if yes and action != "purge":
         raise click.UsageError("--yes is for purge")
 
-    from daemon.commands.common import connect, print_json, print_table
+    from daemon.commands.common import connect, print_json
     from db.queries import query
 
     with connect(settings) as conn:
@@ -52,7 +56,7 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
             if as_json:
                 print_json(rows)
             else:
-                print_table(rows, COLUMNS, title=f"{len(rows)} dead letter(s)")
+                print_dead_letters(rows)
             return 0
 
         if action == "retry":
@@ -76,6 +80,39 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
         )
         report(as_json, ids, "deleted", done, f"{len(done)} dead letter(s) deleted")
         return 0
+
+
+def print_dead_letters(rows: list[dict[str, Any]]) -> None:
+    """One line per dead letter: its ids whole (for grep and --id), its error cut
+    to the width that is left, since an error can run to pages; --json has it
+    whole, and the attempts (which are OUTBOXD_MAX_ATTEMPTS for nearly all)."""
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    from daemon.commands.common import console
+
+    out = console()
+    names = COLUMNS[:-1]
+    cells = [[str(r["id"]), str(r["chunk_id"]), r["op"], _when(r["last_failed_at"])] for r in rows]
+    widths = [max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(names)]
+
+    def room(kept: int) -> int:  # the error's width beside the first `kept` columns: 3 per column for rule and padding
+        return out.width - sum(widths[:kept]) - 3 * (kept + 1) - 1
+
+    kept = len(names) if room(len(names)) >= ERROR_MIN_WIDTH else len(names) - 1  # narrow: the time gives way
+    # the error is the one column that gives way; its Text stays on one line and ends in an ellipsis
+    columns = [Column("id", no_wrap=True, justify="right"), *(Column(name, no_wrap=True) for name in names[1:kept]),
+               Column(COLUMNS[-1])]
+    caption = "errors cut to one line: `outboxd dead-letters list --json` prints them whole" if rows else None
+    table = Table(*columns, title=f"{len(rows)} dead letter(s)", caption=caption)
+    for row, values in zip(rows, cells):
+        error = " ".join((row["last_error"] or "").split())
+        table.add_row(*values[:kept], Text(error, no_wrap=True, overflow="ellipsis"))
+    out.print(table)
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def selection(ids: list[int], error: str | None, every: bool) -> dict | None:

@@ -331,6 +331,28 @@ def test_list_shows_dead_letters_with_their_errors(dsn, dead, capsys, monkeypatc
     assert "TimeoutError: Qdrant took too long" in out and str(rows[0]["chunk_id"]) in out
 
 
+@pytest.mark.parametrize("columns", [120, 80])
+def test_list_piped_is_one_line_per_dead_letter(dsn, conn, dead, capsys, monkeypatch, columns):
+    """Each dead letter takes one line of the table, its ids whole and its error cut
+    with an ellipsis, however long and many-lined the error; --json has it whole."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    long_error = "ValueError: " + " ".join(f"word{i}" for i in range(300)) + "\nTraceback (most recent call last):"
+    make_dead(conn, [dead[3]], long_error)
+    code, out, _ = dl(capsys, dsn, "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= columns, out
+    rows = orjson.loads(dl(capsys, dsn, "list", "--json")[1])
+    assert [r["id"] for r in rows] == dead[:4] and rows[3]["last_error"] == long_error
+    assert len(lines) <= len(rows) + 8, out  # title, borders, header and caption around one line per row
+    for r in rows:
+        (line,) = [line for line in lines if str(r["chunk_id"]) in line]
+        assert re.match(rf"│ +{r['id']} │ {r['chunk_id']} │", line), out
+    (cut,) = [line for line in lines if str(rows[3]["chunk_id"]) in line]
+    assert "ValueError: word0" in cut and "…" in cut and "Traceback" not in out, out
+    assert "--json" in out
+
+
 def test_retry_by_id(dsn, conn, dead, capsys):
     """retry --id sends back exactly those dead letters, attempts reset; an id that is not dead is named."""
     code, out, err = dl(capsys, dsn, "retry", "--id", str(dead[1]), "--id", str(dead[3]))
