@@ -182,14 +182,14 @@ async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str
 
 async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
     from daemon.core.catalog import CollectionRecord, view
-    from daemon.core.qdrant_connect import probe
+    from daemon.core.qdrant_connect import describe_target, probe
     from daemon.core.qdrant_store import read_fingerprint
 
     await probe(client, settings)
     version = (await client.info()).version if settings.qdrant_url else None  # local mode is the client's own
     record = CollectionRecord(**catalog_live) if catalog_live else None
     live = await view(client, settings.collection, record)
-    live.check_home(section["target"])
+    live.check_home(describe_target(settings))  # missing here, or another collection of its name: 78
     notes: list[str] = []
     section = {
         **section,
@@ -204,9 +204,6 @@ async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
     }
     if live.name is None:
         notes.append("no collection yet: the daemon creates it when it starts")
-        return section
-    if not live.exists:
-        notes.append(f"the catalog's live collection {live.name!r} is missing in Qdrant")
         return section
     if record and live.alias_target != record.name:
         notes.append(f"alias {settings.collection!r} points at {live.alias_target!r}, not at the live collection")

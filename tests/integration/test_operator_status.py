@@ -16,6 +16,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon import cli
 from daemon.commands import status
+from daemon.errors import CollectionElsewhereError
 from tests.conftest import REPO
 from tests.support import add_document, drain, open_qdrant, outbox_rows, qdrant_flags, server_settings
 
@@ -293,9 +294,9 @@ async def test_inspect_counts_the_live_collection_in_process(conn, dsn, qdrant, 
     assert (section["collection"], section["points"]) == (live["name"], 2)
     assert section["fingerprint"]["id"] == live["fingerprint_id"]
 
-    await qdrant.delete_collection(live["name"])
-    section = await status._inspect(qdrant, settings, live, {})
-    assert section["points"] is None and "missing in Qdrant" in section["notes"][0]
+    await qdrant.delete_collection(live["name"])  # lost, or the wrong Qdrant: status cannot tell, and refuses
+    with pytest.raises(CollectionElsewhereError, match="does not have it"):
+        await status._inspect(qdrant, settings, live, {})
 
 
 # --- outboxd dead-letters ---------------------------------------------------------------------
