@@ -9,6 +9,7 @@ import pytest
 
 from daemon.runtime.health import HealthServer, Heartbeat
 from daemon.telemetry import setup_telemetry
+from tests.clock import ManualClock
 
 SECRET = "Hunter2Secret"
 
@@ -23,19 +24,6 @@ async def refused() -> None:
 
 async def hangs() -> None:
     await asyncio.sleep(60)
-
-
-class Clock:
-    """A monotonic clock that moves only when the test moves it: ages are exact, however loaded the machine."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -59,7 +47,7 @@ async def serve():
 
 async def test_healthz_follows_the_heartbeat_age(serve):
     """200 while the heartbeat is younger than the timeout, 503 once it is older, 200 again after a beat."""
-    clock = Clock()
+    clock = ManualClock()
     heartbeat = Heartbeat(clock)
     _, client = await serve(heartbeat=heartbeat, timeout=0.5)
     async with client:
@@ -182,7 +170,7 @@ async def test_port_is_the_ephemeral_one_and_close_stops_listening(serve):
 async def test_a_stuck_batch_ages_the_heartbeat_however_often_the_loop_beats(serve):
     """Work marked busy() and not finished makes /healthz fail after the timeout even
     while the loop keeps beating; progress (busy() again) or idle() heals it."""
-    clock = Clock()
+    clock = ManualClock()
     heartbeat = Heartbeat(clock)
     _, client = await serve(heartbeat=heartbeat, timeout=0.3)
     heartbeat.busy("w/0")
@@ -207,7 +195,7 @@ async def test_a_stuck_batch_ages_the_heartbeat_however_often_the_loop_beats(ser
 def test_waiting_for_a_budget_is_progress_of_every_batch_in_flight():
     """A request waiting its turn of the embedding budget calls progress(): the
     batches in flight are not stuck, however long the budget makes them wait."""
-    clock = Clock()
+    clock = ManualClock()
     heartbeat = Heartbeat(clock)
     heartbeat.busy("w/0")
     heartbeat.busy("w/1")

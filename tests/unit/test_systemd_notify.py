@@ -126,37 +126,42 @@ async def test_watchdog_pings_only_while_the_heartbeat_is_fresh(notify_socket):
 
     from daemon.runtime.health import Heartbeat
     from daemon.runtime.service import _watchdog
+    from tests.clock import ManualClock
 
     sock, path = notify_socket
     sock.setblocking(False)
-    heartbeat = Heartbeat()
+    clock = ManualClock()  # the heartbeat's age is what the test sets, however slow the machine
+    heartbeat = Heartbeat(clock)
     daemon = SimpleNamespace(
         notifier=SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}),
         heartbeat=heartbeat,
         settings=SimpleNamespace(health=SimpleNamespace(heartbeat_timeout=1.0)),
         stuck_workers=lambda: [],
     )
+    pings: list[bytes] = []
 
     def received() -> list[bytes]:
-        out = []
         while True:
             try:
-                out.append(sock.recv(4096))
+                pings.append(sock.recv(4096))
             except BlockingIOError:
-                return out
+                return pings
+
+    async def until(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "the watchdog task did not get there"
+            await asyncio.sleep(0.01)
 
     task = asyncio.create_task(_watchdog(daemon))
     try:
-        await asyncio.sleep(0.35)
-        fresh = received()
-        assert fresh.count(b"WATCHDOG=1") >= 3  # every 0.05 s
-        heartbeat._last = time.monotonic() - 5  # the loop stopped beating
-        await asyncio.sleep(0.06)
-        received()
-        await asyncio.sleep(0.3)
+        await until(lambda: received().count(b"WATCHDOG=1") >= 3)  # every 0.05 s
+        clock.advance(5)  # the loop stopped beating five seconds ago
+        received().clear()  # what was sent while it was fresh
+        looked = clock.reads
+        await until(lambda: clock.reads >= looked + 4)  # the task judged the stale heartbeat three times or more
         assert received() == []
         heartbeat.beat()
-        await asyncio.sleep(0.2)
-        assert b"WATCHDOG=1" in received()
+        await until(lambda: b"WATCHDOG=1" in received())
     finally:
         task.cancel()
