@@ -24,17 +24,6 @@ def shown(path: Path) -> str:
         return str(path.resolve())
 
 
-def postmaster_pid(pgdata: Path) -> int | None:
-    """The pid of the PostgreSQL serving pgdata, if one runs."""
-    import psutil
-
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if psutil.pid_exists(pid) else None
-
-
 class EmbeddedStores:
     """The demo's PostgreSQL (under <demo_dir>/postgres) and its Qdrant folder."""
 
@@ -49,7 +38,9 @@ class EmbeddedStores:
         if fresh and demo_dir.exists():
             if any(demo_dir.iterdir()) and not (demo_dir / MARKER).exists():
                 return f"--fresh would delete {demo_dir}, which the demo did not create; remove it yourself"
-            pid = postmaster_pid(self.pgdata)
+            from db.embedded import stop_abandoned_postgres
+
+            pid = stop_abandoned_postgres(demo_dir)  # a server left running by a process that is gone stops here
             if pid is not None:
                 return (
                     f"the demo's PostgreSQL is running (pid {pid}), probably for an `outboxd run --data-dir "
@@ -78,12 +69,13 @@ class EmbeddedStores:
         init, collects it: in a container that can take seconds."""
         if self.dsn is None:  # never started
             return None
-        import pgserver
         import psutil
+
+        from db.embedded import postmaster_pid, release_embedded_postgres
 
         pgdata = self.pgdata.resolve()
         pid = postmaster_pid(pgdata)
-        pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
+        release_embedded_postgres()
         still_up = postmaster_pid(pgdata)
         if still_up is None and pid is not None:
             deadline = time.monotonic() + POSTGRES_GONE_TIMEOUT

@@ -56,6 +56,7 @@ from daemon.runtime.batch_policy import BatchPolicy, Stats
 from daemon.runtime.health import HealthServer, Heartbeat, run_check
 from daemon.runtime.systemd import SystemdNotifier
 from daemon.telemetry import setup_telemetry
+from db.embedded import release_embedded_postgres
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ class Service:
             alive = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
             log.error("shutdown took longer than allowed (the drain timeout, or a second signal); exiting now",
                       extra={"seconds": limit, "threads": alive})
+            release_embedded_postgres()  # os._exit runs no atexit hook: pgserver's would have stopped it
             with suppress(Exception):
                 logging.shutdown()
                 sys.stderr.flush()
