@@ -7,14 +7,20 @@ imports its module only when that command runs or its --help is asked, so
 
 Settings come from the environment, .env and an optional --config FILE; each
 command has its own options plus a few common ones (daemon.commands.options).
-Exit codes: daemon.errors (one contract for every command).
+Exit codes: daemon.errors (one contract for every command). The process ends
+in end_process(), never in the interpreter's teardown.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
+import signal
 import sys
+import traceback
+from contextlib import suppress
+from typing import NoReturn
 
 import click
 
@@ -105,5 +111,41 @@ def main(argv: list[str] | None = None) -> int:
         return ended_by_reader()
 
 
+def program() -> NoReturn:
+    """The console script (and `python -m daemon.cli`): main(), then end_process()."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling began (while importing it)
+        code = 130
+    except SystemExit as done:  # one main() does not own: as the interpreter would report it
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        if not isinstance(done.code, int | None):
+            print(done.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - a bug outside run_command's net: its traceback, exit 1
+        traceback.print_exc()
+        code = 1
+    end_process(code)
+
+
+def end_process(code: int) -> NoReturn:
+    """End the process now, with code: the embedded PostgreSQL released (the last
+    holder stops it), the logs and output flushed, then os._exit. The interpreter's
+    teardown would take seconds once a model is loaded, and native libraries print
+    their leak reports in it (nanobind's, from the triton that PyPI's torch brings),
+    on every exit; nothing in it is outboxd's to finish (the services have closed
+    and flushed their telemetry)."""
+    from db.embedded import release_embedded_postgres
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # another Ctrl-C now would only cut the release short
+        with suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_IGN)
+    release_embedded_postgres()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):  # a reader gone (`| head`) was dealt with in main()
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()
