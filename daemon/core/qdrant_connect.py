@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import logging
 import os
 import ssl
+import warnings
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -20,7 +22,10 @@ from qdrant_client import AsyncQdrantClient, QdrantClient
 from daemon.config import Settings
 from daemon.errors import ConfigError, ServiceUnavailableError, describe, refusal
 
+log = logging.getLogger(__name__)
+
 LOCKED = "is already accessed by another instance of Qdrant client"
+INSECURE_KEY = "Api key is used with an insecure connection"  # qdrant-client's UserWarning
 KEEPALIVE_S = 3.0
 
 
@@ -48,24 +53,28 @@ def make_client(settings: Settings) -> "AsyncQdrantClient | LocalQdrant":
     check_named(settings)
     if settings.qdrant_url:
         key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-        return AsyncQdrantClient(
-            url=settings.qdrant_url,
-            api_key=key,
-            timeout=int(settings.qdrant_timeout),
-            prefer_grpc=settings.qdrant_prefer_grpc,
-            grpc_port=settings.qdrant_grpc_port,
-            # qdrant-client turns keep-alive off for a server on localhost (a sidecar), so each
-            # request would open a connection; idle ones are dropped before the server's own
-            # 5 s keep-alive can close them under a request
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_S),
-            # uncompressed answers: gzip cost the server more CPU than the point reads it
-            # answers (a batch's read is tens of kB); REST only, gRPC is binary anyway
-            metadata={"Accept-Encoding": "identity"},
-            # its version check is a blocking request in the constructor, and warns when a
-            # refused key makes it fail; `outboxd status` reports the server's version instead
-            check_compatibility=False,
-            **_tls(settings),
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            client = AsyncQdrantClient(
+                url=settings.qdrant_url,
+                api_key=key,
+                timeout=int(settings.qdrant_timeout),
+                prefer_grpc=settings.qdrant_prefer_grpc,
+                grpc_port=settings.qdrant_grpc_port,
+                # qdrant-client turns keep-alive off for a server on localhost (a sidecar), so each
+                # request would open a connection; idle ones are dropped before the server's own
+                # 5 s keep-alive can close them under a request
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_S),
+                # uncompressed answers: gzip cost the server more CPU than the point reads it
+                # answers (a batch's read is tens of kB); REST only, gRPC is binary anyway
+                metadata={"Accept-Encoding": "identity"},
+                # its version check is a blocking request in the constructor, and warns when a
+                # refused key makes it fail; `outboxd status` reports the server's version instead
+                check_compatibility=False,
+                **_tls(settings),
+            )
+        _pass_on(caught)
+        return client
     path = settings.local_qdrant_path
     if path == ":memory:":
         return LocalQdrant(QdrantClient(location=":memory:"))
@@ -80,6 +89,22 @@ def make_client(settings: Settings) -> "AsyncQdrantClient | LocalQdrant":
             "Qdrant server: set QDRANT_URL. Otherwise stop the other process, or give this one its own "
             "OUTBOXD_QDRANT_PATH."
         ) from None
+
+
+def _pass_on(caught: list[warnings.WarningMessage]) -> None:
+    """The warnings qdrant-client gave while building a client: its raw one about an
+    API key over http becomes one log line of ours; the others go on as they were."""
+    for w in caught:
+        if INSECURE_KEY in str(w.message):
+            _insecure_key()
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+@cache  # once per process, however many clients it builds
+def _insecure_key() -> None:
+    log.warning("the Qdrant API key travels unencrypted: QDRANT_URL is http://, so anyone on the network "
+                "path can read the key; use an https:// URL")
 
 
 class LocalQdrant:

@@ -1,0 +1,54 @@
+"""Building a Qdrant server client (daemon.core.qdrant_connect.make_client): what
+qdrant-client would print raw becomes outboxd's own log line. Building one opens
+no connection, so no server is needed."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+
+import pytest
+
+from daemon.config import Settings
+from daemon.core import qdrant_connect
+from daemon.core.qdrant_connect import make_client
+
+
+@pytest.fixture
+def fresh_process():
+    """As in a new process: the once-per-process log line not yet given."""
+    qdrant_connect._insecure_key.cache_clear()
+    yield
+    qdrant_connect._insecure_key.cache_clear()
+
+
+def build(settings: Settings) -> list[warnings.WarningMessage]:
+    """Build a client and close it; the warnings that reached Python's warning machinery."""
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        client = make_client(settings)
+    asyncio.run(client.close())
+    return raw
+
+
+def test_an_api_key_over_http_is_one_log_line_not_a_raw_warning(fresh_process, caplog):
+    settings = Settings(qdrant_url="http://qdrant.internal:6333", qdrant_api_key="k3y-over-http")
+    with caplog.at_level(logging.WARNING, logger=qdrant_connect.__name__):
+        raw = build(settings) + build(settings)  # twice: still one line per process
+
+    assert [str(w.message) for w in raw] == []
+    lines = [r for r in caplog.records if r.name == qdrant_connect.__name__]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [(
+        logging.WARNING,
+        ("the Qdrant API key travels unencrypted: QDRANT_URL is http://, so anyone on the network path can "
+         "read the key; use an https:// URL"),
+    )]
+    assert "k3y-over-http" not in caplog.text
+
+
+@pytest.mark.parametrize("url, key", [("https://qdrant.internal:6333", "k3y"), ("http://qdrant.internal:6333", None)])
+def test_no_line_where_the_key_is_safe_or_absent(fresh_process, caplog, url, key):
+    with caplog.at_level(logging.WARNING, logger=qdrant_connect.__name__):
+        raw = build(Settings(qdrant_url=url, qdrant_api_key=key))
+    assert [str(w.message) for w in raw] == []
+    assert [r for r in caplog.records if r.name == qdrant_connect.__name__] == []
