@@ -5,7 +5,9 @@ test command match the code and CI. (tests/unit/test_docs.py checks links,
 command lines and snippets on every page.)"""
 from __future__ import annotations
 
+import ast
 import re
+import sys
 
 import click
 
@@ -122,3 +124,93 @@ def test_the_embedded_database_url_is_unset_where_it_was_exported():
     own_data = section("Quick start")
     assert re.search(r"^export DATABASE_URL='postgresql://[^']*\.outboxd/postgres'", own_data, re.M)
     assert "unset DATABASE_URL" in own_data
+
+
+FIRST_PARTY = {"db", "daemon", "consumers", "tests"}
+
+
+def _top_level_imports(path) -> set[str]:
+    """The modules a file imports as it loads: its body's import statements (not
+    those under `if`/`try` or in functions), up to a module-level importorskip."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Expr) and "importorskip" in ast.unparse(node):
+            break
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _first_party_file(module: str):
+    base = REPO.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _installed_by(extra: str) -> set[str]:
+    """The distributions `pip install -e '.[extra]'` installs: the core's and the
+    extra's requirements (outboxd[...] among them followed), and theirs in turn."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    pending = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"][extra]]
+    found: set[str] = set()
+    while pending:
+        req = pending.pop()
+        name = canonicalize_name(req.name)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        if name == "outboxd":
+            pending += [Requirement(r) for e in req.extras for r in project["optional-dependencies"][e]]
+            continue
+        if name in found:
+            continue
+        found.add(name)
+        try:
+            pending += [Requirement(r) for r in metadata.requires(req.name) or []]
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def test_the_test_extra_is_all_the_test_modules_need_to_load():
+    """After the quick start's install, `pip install -e '.[test]'` is enough for
+    the README's test commands to collect every test module: each package a test
+    module imports as it loads, itself or through the modules of ours it loads,
+    is installed by the core or the test extra (or the module skips without it)."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    installed = _installed_by("test")
+    distributions = packages_distributions()
+    seen: set[str] = set()
+    pending = [(f"tests/{p.relative_to(REPO / 'tests')}", p) for p in sorted((REPO / "tests").rglob("*.py"))]
+    missing: dict[str, str] = {}
+    while pending:
+        where, path = pending.pop()
+        for module in _top_level_imports(path):
+            top = module.split(".")[0]
+            if top in FIRST_PARTY:
+                parts = module.split(".")
+                for i in range(1, len(parts) + 1):  # a package's __init__ loads before its modules
+                    name = ".".join(parts[:i])
+                    file = _first_party_file(name)
+                    if file is not None and name not in seen:
+                        seen.add(name)
+                        pending.append((f"{where} → {name}", file))
+            elif top not in sys.stdlib_module_names:
+                dists = {canonicalize_name(d) for d in distributions.get(top, [])}
+                if not dists & installed:
+                    missing.setdefault(top, where)
+    assert missing == {}, "not installed by pip install -e '.[test]': " + "; ".join(
+        f"{top} (for {where})" for top, where in sorted(missing.items()))
