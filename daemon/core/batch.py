@@ -51,9 +51,25 @@ class Outcome:
         """The op label a failed chunk is counted under."""
         return "delete" if target.removes_point else "upsert"
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every field a subclass adds is one of its counters, declared where it is defined:
+        # anything else would be summed by merge() and handed to the process's Stats.
+        for name, kind in vars(cls).get("__annotations__", {}).items():
+            if kind not in (int, "int") and not str(kind).startswith(("ClassVar", "typing.ClassVar")):
+                raise TypeError(f"{cls.__name__}.{name} is typed {kind}: the fields an Outcome adds are its "
+                                "counters and must be int; declare other attributes as ClassVar")
+
+    @classmethod
+    def counters(cls) -> tuple[str, ...]:
+        """The counters this outcome declares: the fields its subclass adds to written and failed.
+        The process's Stats must keep each of them (it refuses one it does not know)."""
+        own = {f.name for f in fields(Outcome)}
+        return tuple(f.name for f in fields(cls) if f.name not in own)
+
     def counts(self) -> dict[str, int]:
-        """The numeric fields, for stats."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.type in (int, "int")}
+        """This outcome's counters and their values, for stats, logs and spans."""
+        return {name: getattr(self, name) for name in self.counters()}
 
     def merge(self, other: "Outcome") -> None:
         self.written.update(other.written)

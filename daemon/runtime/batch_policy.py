@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception
 
@@ -52,10 +52,19 @@ class Stats:
     published: int = 0
     records: int = 0  # Kafka messages consumed: applied or parked in the dead-letter topic
 
+    # The totals that outcomes feed, by the name of the Outcome counter each sums.
+    # Named here, not looked up: an outcome counter missing from this list is an
+    # error, never a metric silently dropped.
+    FROM_OUTCOMES: ClassVar[tuple[str, ...]] = (
+        "upserted", "payload_only", "deleted", "unchanged", "older", "embedded", "reused", "published",
+    )
+
     def add(self, outcome: Outcome) -> None:
         for name, value in outcome.counts().items():
-            if hasattr(self, name):
-                setattr(self, name, getattr(self, name) + value)
+            if name not in self.FROM_OUTCOMES:
+                raise TypeError(f"{type(outcome).__name__} counts {name!r}, which Stats does not keep: "
+                                "add a Stats field of that name and list it in Stats.FROM_OUTCOMES")
+            setattr(self, name, getattr(self, name) + value)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
