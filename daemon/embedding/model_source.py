@@ -27,15 +27,20 @@ def resolve_model(name: str) -> tuple[str, str]:
 
 def model_folder(source: str) -> Path:
     """The local folder of a sentence-transformers model: `source` itself when it is
-    one, else its snapshot in the Hugging Face cache (no download when
-    HF_HUB_OFFLINE=1)."""
+    one, else its snapshot in the Hugging Face cache, as it is there (the hub is
+    asked only for a model not in the cache yet; never when HF_HUB_OFFLINE=1)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
+    quiet_hub()
     try:
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
-        return Path(snapshot_download(source))
+        try:
+            return Path(snapshot_download(source, local_files_only=True))
+        except LocalEntryNotFoundError:  # not in the cache yet
+            return Path(snapshot_download(source))
     except Exception as exc:
         raise ConfigError(
             f"cannot find the model folder of {source!r}: {exc}. Set OUTBOXD_MODEL to a local "
@@ -43,8 +48,17 @@ def model_folder(source: str) -> Path:
         ) from exc
 
 
+def quiet_hub() -> None:
+    """A load from the cache calls no hub: huggingface_hub would ask it for a list
+    of AI agents to name in its user agent, in every process where the last day's
+    list is not cached (up to 3 s each where the hub cannot be reached). Before
+    huggingface_hub is imported: it reads its settings once."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
 def quiet_transformers() -> None:
     """transformers draws a progress bar per load; a daemon's logs want none."""
+    quiet_hub()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

