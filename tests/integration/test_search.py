@@ -12,7 +12,9 @@ import pytest
 from daemon import cli
 from daemon.config import Settings
 from daemon.corpus import corpus_documents, load_corpus
+from daemon.embedding import torch_backend
 from daemon.embedding.embedder import Embedder
+from daemon.embedding.torch_backend import encode_now
 from daemon.errors import ModelMismatchError
 from daemon.hybrid_search import SearchFilters, hybrid_search
 from tests.support import add_document, drain, open_qdrant, qdrant_choice, qdrant_flags
@@ -234,7 +236,7 @@ async def test_bad_arguments_are_value_errors(corpus, pool, qdrant, collection, 
 def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embedder, make_settings, tmp_path,
                                                     capsys, monkeypatch):
     """`outboxd search --json` is one document with the ranked hits; the table names the columns;
-    --document-type/--metadata filter; another model exits 78."""
+    --document-type/--metadata filter; the model loads without encoding a sample; another model exits 78."""
     path = tmp_path / "qdrant"  # in local mode, on disk, so the CLI can open it once the test closed it
     ids = load_corpus(conn)
 
@@ -275,6 +277,15 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
     assert cli.main(base + ["--fusion", "borda", "anything"]) == 2  # a usage error, before anything runs
     assert cli.main(base + ["--document", "not-a-uuid", "anything"]) == 2
     assert "is not a valid UUID" in capsys.readouterr().err
+
+    # a search encodes its query alone: no sample checking a lower precision against fp32 at the load
+    checks = []
+    monkeypatch.setattr(torch_backend, "encode_now", lambda *a, **k: checks.append(1) or encode_now(*a, **k))
+    monkeypatch.setenv("OUTBOXD_EMBEDDING__BACKEND", "sentence-transformers")
+    monkeypatch.setenv("OUTBOXD_EMBEDDING__PRECISION", "bf16")
+    assert cli.main(base + ["--json", "PGX-4471"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["hits"][0]["chunk_id"] == first["chunk_id"] and checks == []
+    monkeypatch.delenv("OUTBOXD_EMBEDDING__PRECISION")
 
     monkeypatch.setenv("OUTBOXD_MAX_SEQ_LENGTH", "128")
     assert cli.main(base + ["anything"]) == 78

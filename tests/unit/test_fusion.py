@@ -8,7 +8,8 @@ import pytest
 from qdrant_client import models
 
 from daemon.commands.search import FUSIONS as CLI_FUSIONS
-from daemon.commands.search import excerpt, parse_metadata
+from daemon.commands.search import excerpt, parse_metadata, query_settings
+from daemon.config import Settings
 from daemon.hybrid_search import FUSIONS, RRF_K, SearchFilters, fuse, normalise, rrf_fusion, weighted_fusion
 
 
@@ -147,3 +148,19 @@ def test_cli_metadata_values_and_excerpt():
     assert excerpt("short\n text") == "short text"
     long = excerpt("word " * 60)
     assert len(long) == 100 and long.endswith("…")
+
+
+def test_a_search_loads_its_model_on_the_cpu_in_fp32_unless_a_device_is_named(monkeypatch):
+    """One query is milliseconds on a CPU; starting CUDA for it costs seconds, and a
+    lower precision is checked against fp32 on a sample first. ONNX keeps its own
+    settings: int8 is another fingerprint."""
+    for name in ("OUTBOXD_DEVICE", "OUTBOXD_EMBEDDING__PRECISION", "OUTBOXD_EMBEDDING__BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(database_url=None)
+    assert settings.device is None and query_settings(settings).device == "cpu"
+    assert query_settings(settings).model == settings.model and query_settings(settings).embedding.precision == "fp32"
+    named = query_settings(Settings(database_url=None, device="cuda:1", embedding={"backend": "sentence-transformers",
+                                                                                       "precision": "fp16"}))
+    assert named.device == "cuda:1" and named.embedding.precision == "fp32"
+    onnx = Settings(database_url=None, embedding={"backend": "onnx", "quantize": True})
+    assert query_settings(onnx).embedding == onnx.embedding and query_settings(onnx).device == "cpu"
