@@ -71,11 +71,9 @@ class QdrantConsumer(StreamConsumer):
                 continue
             records_of.setdefault(chunk_id, []).append(record)
             if chunk_id not in targets or version >= targets[chunk_id].version:
-                targets[chunk_id] = Target(state, version)
-        older = [cid for cid, t in targets.items() if t.version < self.deleted.get(cid, -1)]
-        for chunk_id in older:  # an upsert older than a delete this process applied: the point stays gone
-            del targets[chunk_id]
-        result = ApplyResult(older=len(older))
+                # a delete this process applied is a plan input: an upsert older than it leaves the point gone
+                targets[chunk_id] = Target(state, version, self.deleted.get(chunk_id))
+        result = ApplyResult()
         if targets:
             result.merge(await self.policy.deliver(self.writer.applier.apply, targets, ApplyResult))
         for chunk_id, reason in result.failed.items():
@@ -83,7 +81,8 @@ class QdrantConsumer(StreamConsumer):
         for chunk_id, target in targets.items():
             if target.state is None and chunk_id in result.written and target.version != UNVERSIONED:
                 self.deleted.remember(chunk_id, target.version)
-        applied = sum(len(records_of[cid]) for cid in result.written) + sum(len(records_of[c]) for c in older)
+        # written, or left alone as older than the point or a delete: acknowledged; failed: parked above
+        applied = sum(len(records_of[cid]) for cid in targets if cid not in result.failed)
         self.policy.record(result, acked=applied)
         return rejected
 

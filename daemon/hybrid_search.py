@@ -43,9 +43,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from qdrant_client import models
 
-from daemon.core.qdrant_store import read_fingerprint, resolve_alias
-from daemon.embedding.fingerprint import mismatch_advice
-from daemon.errors import ConfigError, ModelMismatchError
+from daemon.core.catalog import view
+from daemon.embedding.fingerprint import check_fingerprint
+from daemon.errors import ConfigError
 from db import queries
 
 RRF_K = 60
@@ -240,21 +240,14 @@ async def check_model(qdrant, alias: str, embedder) -> str:
     configured = embedder.fingerprint
     if configured is None:
         raise RuntimeError("the embedder is not loaded: await embedder.load() first")
-    collection = await resolve_alias(qdrant, alias)
-    if collection is None:
+    seen = await view(qdrant, alias, None)  # no catalog record: the collection readers see
+    if not seen.exists:
         raise ConfigError(
             f"there is no Qdrant collection {alias!r} to search: start the daemon (`outboxd run`) once, "
             "or check OUTBOXD_COLLECTION and QDRANT_URL"
         )
-    recorded = await read_fingerprint(qdrant, collection)
-    if recorded is None:
-        raise ConfigError(
-            f"Qdrant collection {alias!r} ({collection}) records no outboxd model fingerprint, so the "
-            "model that made its vectors is unknown and a query vector cannot be matched to them"
-        )
-    if recorded != configured:
-        raise ModelMismatchError(f"cannot search: {mismatch_advice(recorded, configured, alias)}")
-    return collection
+    check_fingerprint(seen.fingerprint, configured, alias, seen.name)
+    return seen.name
 
 
 async def hybrid_search(

@@ -33,9 +33,10 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient, models
 
-from daemon.core.chunk_state import METADATA_HASH, ChunkState
+from daemon.core.chunk_state import ChunkState
 from daemon.core.plan import POINT_KEYS, plan
-from daemon.errors import InvalidChunkError
+from daemon.core.qdrant_store import QdrantStore
+from daemon.errors import CollectionRetiredError
 from daemon.outbox.queue import read_chunk_states
 from db.gateway import fetch
 
@@ -109,11 +110,9 @@ class ReconcileReport:
 
 
 def classify(state: ChunkState | None, payload: dict[str, Any] | None, model_id: str) -> str | None:
-    """The kind of drift between a chunk and its point, or None if they agree."""
-    try:
-        return plan(state, payload, model_id).drift
-    except InvalidChunkError:  # the daemon cannot write this chunk; its dead letter says why
-        return "missing" if payload is None else "stale"
+    """The kind of drift between a chunk and its point, or None if they agree (plan()'s
+    drift; a chunk no point can be made of is drift too, which its dead letter explains)."""
+    return plan(state, payload, model_id).drift
 
 
 async def merge_by_id(
@@ -307,9 +306,9 @@ class Reconciler:
         for cid, kind in drift.items():
             report.record(cid, kind)
         if drift and repair is not None:
-            stale = [str(cid) for cid, kind in drift.items() if kind == "stale"]
-            if stale:  # a hash that may no longer describe the payload: the repair rewrites it whole
-                await self.qdrant.delete_payload(self.collection, keys=[METADATA_HASH], points=stale, wait=True)
+            # a hash that may no longer describe the payload: the repair rewrites it whole
+            await QdrantStore(self.qdrant, self.collection, self.collection).mark_for_rewrite(
+                [str(cid) for cid, kind in drift.items() if kind == "stale"])
             report.repaired += await repair(drift)
 
     async def _still_drifted(self, candidates: dict[UUID, str]) -> tuple[dict[UUID, str], set[UUID]]:
@@ -355,11 +354,20 @@ async def count_chunks(pool: AsyncConnectionPool, scope: Scope = Scope()) -> int
     return (await fetch(pool, "count_chunks", **scope.sql()))[0]["n"]
 
 
-def enqueue_repair(pool: AsyncConnectionPool) -> Repair:
+def enqueue_repair(pool: AsyncConnectionPool, while_live: str | None = None) -> Repair:
     """Repair through the normal path: one outbox event per drifted chunk, which
-    the daemon applies (re-embedding, re-payloading or deleting as needed)."""
+    the daemon applies (re-embedding, re-payloading or deleting as needed).
+    while_live: only while the catalog calls this collection live, else
+    CollectionRetiredError (a reindex switched it; the verifier's case)."""
 
     async def repair(drift: dict[UUID, str]) -> int:
-        return len(await fetch(pool, "enqueue_chunks", chunk_ids=list(drift)))
+        enqueued = len(await fetch(pool, "enqueue_chunks", chunk_ids=list(drift), collection=while_live))
+        if drift and not enqueued:
+            raise CollectionRetiredError(
+                f"Qdrant collection {while_live!r} is no longer the live collection of its alias (a reindex "
+                "switched it); the verifier stopped repairing it. Restart outboxd with the model the live "
+                "collection uses (see `outboxd status`)."
+            )
+        return enqueued
 
     return repair

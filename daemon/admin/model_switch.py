@@ -179,5 +179,5 @@ class Reindexer:
 
 async def retired_collection(pool: AsyncConnectionPool, alias: str):
     """The most recently retired collection of the alias (the rollback target)."""
-    retired = [r for r in await Catalog(pool).records(alias) if r.status == "retired"]
-    return max(retired, key=lambda r: r.updated_at) if retired else None
+    retired = await Catalog(pool).retired(alias)
+    return retired[0] if retired else None

@@ -191,6 +191,7 @@ async def live_collection(settings: Settings, pool, client, *, recreate_missing:
     from daemon.core.catalog import Catalog, Home
     from daemon.core.qdrant_connect import describe_target, location
     from daemon.core.qdrant_store import QdrantStore
+    from daemon.embedding.fingerprint import check_fingerprint
 
     catalog = Catalog(pool)
     live = await catalog.resolve(settings.collection, client)
@@ -206,7 +207,7 @@ async def live_collection(settings: Settings, pool, client, *, recreate_missing:
             "(`outboxd run`) once, or check OUTBOXD_COLLECTION and QDRANT_URL"
         )
     if live.fingerprint is None:
-        raise ConfigError(f"Qdrant collection {live.name!r} records no outboxd model fingerprint")
+        check_fingerprint(None, live.record.fingerprint if live.record else None, settings.collection, live.name)
     return live
 
 

@@ -95,10 +95,11 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
 async def _drop_retired(settings, yes: bool) -> int:
     from daemon.commands.common import open_services
     from daemon.core.catalog import Catalog
+    from daemon.core.qdrant_store import QdrantStore
 
     async with open_services(settings) as (pool, client):
         catalog = Catalog(pool)
-        retired = [r for r in await catalog.records(settings.collection) if r.status == "retired"]
+        retired = await catalog.retired(settings.collection)
         if not retired:
             print("no retired collections")
             return 0
@@ -109,8 +110,7 @@ async def _drop_retired(settings, yes: bool) -> int:
             if input(f"Delete {names}? Rollback will no longer be possible. [y/N] ").strip().lower() != "y":
                 return 0
         for r in retired:
-            if await client.collection_exists(r.name):
-                await client.delete_collection(r.name)
+            await QdrantStore(client, settings.collection, r.name).drop()
             await catalog.forget(r.name)
         print(f"deleted {names}")
         return 0

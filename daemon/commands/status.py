@@ -143,7 +143,7 @@ def _unavailable(section: dict[str, Any], reason: str, *, config_error: bool = F
     return {**section, "available": False, "reason": reason, "config_error": config_error}
 
 
-async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str, Any]:
+async def read_qdrant(settings, record) -> dict[str, Any]:
     """The live collection of settings.collection as Qdrant has it. Never raises:
     a Qdrant that cannot be opened (a server down, or the local-mode folder that
     a running daemon holds: local mode allows one process) is reported as such."""
@@ -169,7 +169,7 @@ async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str
     except Exception as exc:  # e.g. RuntimeError: the storage folder is held by the running daemon
         return _unavailable(section, describe(exc))
     try:
-        return await asyncio.wait_for(_inspect(client, settings, catalog_live, section), settings.qdrant_timeout)
+        return await asyncio.wait_for(_inspect(client, settings, record, section), settings.qdrant_timeout)
     except ConfigError as exc:  # a server that is not Qdrant; the live collection is not in this Qdrant
         return _unavailable(section, str(exc), config_error=True)
     except Exception as exc:  # unreachable server, timeout, refused request
@@ -180,14 +180,16 @@ async def read_qdrant(settings, catalog_live: dict[str, Any] | None) -> dict[str
         await client.close()
 
 
-async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
-    from daemon.core.catalog import CollectionRecord, view
+async def _inspect(client, settings, record, section) -> dict[str, Any]:
+    """The live collection as Qdrant has it; `record`: the catalog's live row (a CollectionRecord), if any."""
+    from daemon.core.catalog import view
     from daemon.core.qdrant_connect import describe_target, probe
     from daemon.core.qdrant_store import read_fingerprint
+    from daemon.embedding.fingerprint import check_fingerprint
+    from daemon.errors import ConfigError
 
     await probe(client, settings)
     version = (await client.info()).version if settings.qdrant_url else None  # local mode is the client's own
-    record = CollectionRecord(**catalog_live) if catalog_live else None
     live = await view(client, settings.collection, record)
     live.check_home(describe_target(settings))  # missing here, or another collection of its name: 78
     notes: list[str] = []
@@ -211,8 +213,11 @@ async def _inspect(client, settings, catalog_live, section) -> dict[str, Any]:
     recorded = await read_fingerprint(client, live.name)
     section["fingerprint"] = recorded.as_dict() if recorded else None
     if recorded is None:
-        notes.append("the collection records no outboxd model fingerprint")
-    elif record and record.fingerprint_id != recorded.id:
+        try:
+            check_fingerprint(None, record.fingerprint if record else None, settings.collection, live.name)
+        except ConfigError as exc:
+            notes.append(str(exc))
+    elif record and record.fingerprint_id != recorded.id:  # the catalog's own consistency, not the model's
         notes.append(f"the catalog records model fingerprint {record.fingerprint_id}, the collection {recorded.id}")
     return section
 
@@ -253,10 +258,12 @@ def thresholds(limits: dict[str, Any], outbox: dict[str, Any]) -> dict[str, dict
 def collect(settings, limits: dict[str, Any]) -> dict[str, Any]:
     import asyncio
 
+    from daemon.core.catalog import CollectionRecord, live_of
+
     db = read_database(settings)
     outbox = dict(db["outbox"])
     db_now = outbox.pop("db_now")
-    live = next((r for r in db["catalog"] if r["alias"] == settings.collection and r["status"] == "live"), None)
+    live = live_of([CollectionRecord(**r) for r in db["catalog"]], settings.collection)
     return {
         "db_now": db_now,
         "outbox": outbox,

@@ -21,7 +21,6 @@ from daemon.core.chunk_state import ChunkState
 from daemon.core.plan import POINT_KEYS, Action, plan
 from daemon.core.qdrant_store import QdrantStore, Upserts
 from daemon.embedding.embedder import Embedder
-from daemon.errors import InvalidChunkError
 from daemon.telemetry import span
 
 log = logging.getLogger(__name__)
@@ -77,10 +76,9 @@ class Applier:
         model_id = self.model_id
         for chunk_id, target in targets.items():
             point_id = point_ids[chunk_id]
-            try:
-                todo = plan(target.state, existing.get(point_id), model_id, target.version)
-            except InvalidChunkError as exc:
-                result.failed[chunk_id] = str(exc)
+            todo = plan(target.state, existing.get(point_id), model_id, target.version, target.deleted)
+            if todo.action is Action.REJECT:
+                result.failed[chunk_id] = todo.error
                 continue
             if todo.action is Action.OLDER:
                 result.older += 1  # replayed after a newer event (a relay that lost its lease, a rewound group)
@@ -104,7 +102,7 @@ class Applier:
             for point_id, (chunk_id, target) in rewrites.items():
                 vector, point = held.get(point_id, (None, None))
                 # planned again on what the point holds now: a vector is only ever kept with the text it embeds
-                todo = plan(target.state, point, model_id, target.version)
+                todo = plan(target.state, point, model_id, target.version, target.deleted)
                 if todo.action is Action.REWRITE:
                     todo.payload["truncated"] = vector.truncated
                     upserts.add(point_id, vector.vector, todo.payload)

@@ -13,17 +13,19 @@ from dataclasses import dataclass, field, fields
 from uuid import UUID
 
 from daemon.core.chunk_state import ChunkState
+from daemon.core.plan import wants_no_point
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     state: ChunkState | None
     version: int | None = None  # Kafka: newer wins; a point that reflects a newer version is left alone
+    deleted: int | None = None  # Kafka: the version of a delete of this chunk this process applied (plan())
 
     @property
     def removes_point(self) -> bool:
-        """Gone, or no text worth embedding: the point must not exist."""
-        return self.state is None or not self.state.has_text
+        """Gone, or no text worth embedding: the point must not exist (plan's rule)."""
+        return wants_no_point(self.state)
 
     @property
     def state_hash(self) -> str | None:

@@ -56,6 +56,11 @@ def not_here(record: CollectionRecord, here: str, found: str | None) -> Collecti
     )
 
 
+def live_of(records: list[CollectionRecord], alias: str) -> CollectionRecord | None:
+    """The live record of the alias among these (a listing already read)."""
+    return next((r for r in records if r.alias == alias and r.status == "live"), None)
+
+
 @dataclass(frozen=True, slots=True)
 class Home:
     """Which Qdrant holds a collection: the id in its metadata, and where it was seen."""
@@ -135,6 +140,11 @@ class Catalog:
     async def live(self, alias: str) -> CollectionRecord | None:
         rows = await self._rows("live_collection", alias=alias)
         return CollectionRecord(**rows[0]) if rows else None
+
+    async def retired(self, alias: str) -> list[CollectionRecord]:
+        """The alias's retired collections, the most recently retired first (the rollback target)."""
+        return sorted((r for r in await self.records(alias) if r.status == "retired"),
+                      key=lambda r: r.updated_at, reverse=True)
 
     async def resolve(self, alias: str, qdrant) -> CollectionView:
         """The live collection of the alias: the catalog's, else where the alias points."""

@@ -14,9 +14,16 @@ the point (POINT_KEYS), so they can never disagree about the same point.
     has text                other content_hash         upsert   stale
     has text                payload keys differ        set      stale   (rewrite where versioned)
     has text                all keys agree             nothing  -
+    invalid (no point can   none / exists              reject   missing / stale
+      be made of it)
 
-A versioned target (Kafka) whose point already reflects a newer version is
-left alone (`older`); where its text is unchanged but other keys differ, the
+A chunk no point can be made of (metadata that is not a JSON object, ...) is
+rejected with the projection's words: the apply core fails that chunk alone
+(its events retry, then become dead letters), reconcile reports the drift.
+
+A versioned target (Kafka) whose point already reflects a newer version, or
+that is older than a delete this process applied (the point is gone, so only
+the process's memory of that delete can tell), is left alone (`older`); where its text is unchanged but other keys differ, the
 point is written again whole with the vector it holds (`rewrite`): each
 point's version differs, so one payload-set operation could not serve several
 points, and a server applies hundreds of one-point operations far slower than
@@ -34,6 +41,7 @@ from enum import Enum
 from typing import Any
 
 from daemon.core.chunk_state import METADATA_HASH, ChunkState
+from daemon.errors import InvalidChunkError
 
 # payload key: the event version a point reflects, where the targets carry versions (Kafka)
 VERSION_KEY = "version"
@@ -56,6 +64,7 @@ class Action(str, Enum):
     SET = "set"  # set these payload keys; the vector stays
     REWRITE = "rewrite"  # write the whole payload again with the vector the point holds (versioned targets)
     OLDER = "older"  # the point reflects a newer version than this target
+    REJECT = "reject"  # no point can be made of this chunk (`error` says why)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,23 +72,33 @@ class Plan:
     action: Action
     drift: str | None = None  # missing, orphaned, stale, wrong_model; None: the point agrees
     payload: dict[str, Any] | None = None  # UPSERT, REWRITE: the whole payload; SET: the keys to set
+    error: str | None = None  # REJECT: what is wrong with the chunk (names the field and the limit)
 
 
 AGREES = Plan(Action.NOTHING)
 OLDER = Plan(Action.OLDER)
 
 
-def plan(state: ChunkState | None, point: dict[str, Any] | None, model_id: str, version: int | None = None) -> Plan:
+def wants_no_point(state: ChunkState | None) -> bool:
+    """Gone, or no text worth embedding: the chunk's point must not exist."""
+    return state is None or not state.has_text
+
+
+def plan(state: ChunkState | None, point: dict[str, Any] | None, model_id: str, version: int | None = None,
+         deleted: int | None = None) -> Plan:
     """The plan for one chunk. point: the point's payload (POINT_KEYS at least),
-    None where there is no point. Raises InvalidChunkError (from the payload
-    projection) for a chunk no point can be made of."""
-    if version is not None and point is not None:
-        applied = point.get(VERSION_KEY)
-        if isinstance(applied, int) and applied > version:
+    None where there is no point. version: the target's event version (Kafka);
+    deleted: the version of a delete of this chunk that this process applied."""
+    if version is not None:
+        applied = point.get(VERSION_KEY) if point is not None else None
+        if (isinstance(applied, int) and applied > version) or (deleted is not None and deleted > version):
             return OLDER
-    if state is None or not state.has_text:
+    if wants_no_point(state):
         return Plan(Action.DELETE, "orphaned") if point is not None else AGREES
-    payload = state.payload(model_id)
+    try:
+        payload = state.payload(model_id)
+    except InvalidChunkError as exc:
+        return Plan(Action.REJECT, "missing" if point is None else "stale", error=str(exc))
     if version is not None:
         payload[VERSION_KEY] = version
     if point is None:

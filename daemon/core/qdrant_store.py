@@ -19,9 +19,10 @@ import orjson
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
+from daemon.core.chunk_state import METADATA_HASH
 from daemon.embedding.embedder import Embedding, ModelFingerprint
-from daemon.embedding.fingerprint import mismatch_advice
-from daemon.errors import ConfigError, ModelMismatchError
+from daemon.embedding.fingerprint import check_fingerprint
+from daemon.errors import ConfigError
 from daemon.telemetry import span
 
 log = logging.getLogger(__name__)
@@ -171,18 +172,10 @@ class QdrantStore:
         self._check_vectors(info, fingerprint)
         meta = (info.config.metadata or {}).get(FINGERPRINT_KEY)
         recorded = ModelFingerprint.from_dict(meta) if meta else None
-        if recorded is None:
-            count = (await self.client.count(self.collection, exact=True)).count
-            if count:
-                raise ConfigError(
-                    f"Qdrant collection {self.alias!r} holds {count} points but no outboxd model "
-                    "fingerprint, so outboxd cannot tell which model made them. Point OUTBOXD_COLLECTION "
-                    "at a new collection name, or delete this collection to rebuild it from PostgreSQL."
-                )
+        if recorded is None and not (await self.client.count(self.collection, exact=True)).count:
             await self.client.update_collection(self.collection, metadata={FINGERPRINT_KEY: fingerprint.as_dict()})
             return
-        if recorded != fingerprint:
-            raise ModelMismatchError(mismatch_advice(recorded, fingerprint, self.alias))
+        check_fingerprint(recorded, fingerprint, self.alias, self.collection)
 
     def _check_vectors(self, info: Any, fingerprint: ModelFingerprint) -> None:
         params = info.config.params.vectors
@@ -303,6 +296,17 @@ class QdrantStore:
             for p in points
             if p.payload and p.vector is not None
         }
+
+    async def drop(self) -> None:
+        """Delete the physical collection (a retired one the operator gave up on), where it exists."""
+        if await self.client.collection_exists(self.collection):
+            await self.client.delete_collection(self.collection)
+
+    async def mark_for_rewrite(self, point_ids: list[str]) -> None:
+        """Drop these points' metadata_hash, which may no longer describe their payload
+        (edited by hand): the next apply writes the payload whole (plan's changed_keys)."""
+        if point_ids:
+            await self.client.delete_payload(self.collection, keys=[METADATA_HASH], points=point_ids, wait=True)
 
     async def write(
         self, upserts: Upserts | None, payload_updates: list[tuple[str, dict[str, Any]]], deletes: list[str]

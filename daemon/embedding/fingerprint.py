@@ -95,3 +95,21 @@ def mismatch_advice(recorded: ModelFingerprint, configured: ModelFingerprint, co
         f"{settings_for(recorded)}; to move to the new model without downtime, run `outboxd reindex` with the "
         "new settings; or set OUTBOXD_COLLECTION to a new name to build a separate collection from PostgreSQL."
     )
+
+
+def check_fingerprint(recorded: ModelFingerprint | None, configured: ModelFingerprint, alias: str,
+                      collection: str) -> None:
+    """The one check that a collection's vectors are the configured model's (invariant
+    8), with its one message each way: the daemon's start, search, reconcile, reindex
+    and status ask it. ModelMismatchError where another model made them; ConfigError
+    where the collection records no model at all."""
+    from daemon.errors import ConfigError, ModelMismatchError  # errors imports nothing of this module
+
+    if recorded is None:
+        raise ConfigError(
+            f"Qdrant collection {collection!r} (alias {alias!r}) records no outboxd model fingerprint, so "
+            "the model that made its vectors is unknown and no vector can be matched to them. Point "
+            "OUTBOXD_COLLECTION at a new name, or delete that collection to rebuild it from PostgreSQL."
+        )
+    if recorded != configured:
+        raise ModelMismatchError(mismatch_advice(recorded, configured, alias))

@@ -13,7 +13,7 @@ from uuid import UUID, uuid4
 from qdrant_client import AsyncQdrantClient
 
 from daemon.admin.backfill import backfill
-from daemon.admin.drift import Reconciler, Repair, enqueue_repair
+from daemon.admin.drift import Reconciler, enqueue_repair
 from daemon.config import Settings
 from daemon.core.apply import ApplyResult
 from daemon.core.batch import Targets
@@ -103,25 +103,8 @@ class NotifyDaemon(OutboxService):
         reconciler = Reconciler(self.pool, self.writer.qdrant, self.outbox.collection,
                                 self.writer.embedder.fingerprint.id)
         lease = VerifierLease(self.pool, s.collection, s.worker_name, s.verify.lease_seconds)
-        return Verifier(reconciler, lease, s.verify, self.metrics, self._repair_while_live(), self.stop)
-
-    def _repair_while_live(self) -> Repair:
-        """Repair events, as reconcile --repair enqueues them, while the catalog still
-        calls this daemon's collection live: once a reindex retired it, its drift
-        is no one's to repair, and the daemon stops as its acknowledgement would."""
-        enqueue, catalog = enqueue_repair(self.pool), Catalog(self.pool)
-
-        async def repair(drift) -> int:
-            live = await catalog.live(self.settings.collection)
-            if live is None or live.name != self.outbox.collection:
-                raise CollectionRetiredError(
-                    f"Qdrant collection {self.outbox.collection!r} is no longer the live collection of "
-                    f"{self.settings.collection!r} (a reindex switched it); the verifier stopped repairing it. "
-                    "Restart outboxd with the model the live collection uses (see `outboxd status`)."
-                )
-            return await enqueue(drift)
-
-        return repair
+        repair = enqueue_repair(self.pool, while_live=self.outbox.collection)  # a reindex may retire it
+        return Verifier(reconciler, lease, s.verify, self.metrics, repair, self.stop)
 
     async def deliver(self, targets: Targets, events: dict[UUID, list[Event]]) -> ApplyResult:
         result = await self.writer.applier.apply(targets)

@@ -306,8 +306,13 @@ WHERE chunk_id = ANY(%(chunk_ids)s) AND status = 'pending';
 
 -- enqueue_chunks --
 -- Repair goes through the normal path: an event per chunk, applied by the daemon.
+-- Given a collection (the verifier's), only while the catalog still calls it live,
+-- the question ack_verified asks: a retired collection's drift is no one's to repair.
 INSERT INTO outboxd.outbox (chunk_id, op)
 SELECT id, 'update' FROM unnest(%(chunk_ids)s::uuid[]) AS ids(id)
+WHERE %(collection)s::text IS NULL OR EXISTS (
+    SELECT 1 FROM outboxd.collections WHERE name = %(collection)s AND status = 'live'
+)
 RETURNING id;
 
 -- scan_progress --

@@ -16,6 +16,7 @@ from qdrant_client import AsyncQdrantClient
 
 from daemon import cli
 from daemon.commands import status
+from daemon.core.catalog import CollectionRecord
 from daemon.errors import CollectionElsewhereError
 from tests.conftest import REPO
 from tests.support import add_document, drain, open_qdrant, outbox_rows, qdrant_flags, server_settings
@@ -290,13 +291,13 @@ async def test_inspect_counts_the_live_collection_in_process(conn, dsn, qdrant, 
     await drain(settings, dsn, embedder, qdrant)
     with psycopg.connect(dsn, row_factory=dict_row) as c:
         (live,) = c.execute("SELECT * FROM outboxd.collections WHERE alias = %s AND status = 'live'", (collection,)).fetchall()
-    section = await status._inspect(qdrant, settings, live, {})
+    section = await status._inspect(qdrant, settings, CollectionRecord(**live), {})
     assert (section["collection"], section["points"]) == (live["name"], 2)
     assert section["fingerprint"]["id"] == live["fingerprint_id"]
 
     await qdrant.delete_collection(live["name"])  # lost, or the wrong Qdrant: status cannot tell, and refuses
     with pytest.raises(CollectionElsewhereError, match="does not have it"):
-        await status._inspect(qdrant, settings, live, {})
+        await status._inspect(qdrant, settings, CollectionRecord(**live), {})
 
 
 # --- outboxd dead-letters ---------------------------------------------------------------------

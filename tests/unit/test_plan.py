@@ -107,9 +107,22 @@ def test_a_versioned_change_of_the_text_is_still_an_upsert_and_an_agreeing_one_n
     assert plan(s, point_of(s, **{VERSION_KEY: 4}), MODEL, 4) is AGREES
 
 
-def test_a_chunk_no_point_can_be_made_of_raises_by_name():
-    with pytest.raises(InvalidChunkError, match="metadata"):
-        plan(state(metadata=[1, 2]), None, MODEL)
+@pytest.mark.parametrize("point, drift", [(None, "missing"), ("agrees", "stale")])
+def test_a_chunk_no_point_can_be_made_of_is_rejected_by_name(point, drift):
+    """The apply core fails that chunk alone with these words; reconcile reports the drift."""
+    bad = state(metadata=[1, 2])
+    got = plan(bad, point_of(state()) if point else None, MODEL)
+    assert (got.action, got.drift) == (Action.REJECT, drift)
+    assert "metadata" in got.error
+    with pytest.raises(InvalidChunkError, match="metadata"):  # the same words as the projection's
+        bad.payload(MODEL)
+
+
+@pytest.mark.parametrize("deleted, version, action", [(7, 5, Action.OLDER), (5, 7, Action.UPSERT), (None, 5, Action.UPSERT)])
+def test_an_upsert_older_than_a_delete_this_process_applied_is_left_alone(deleted, version, action):
+    """The point is gone, so only the memory of the delete (Kafka) can tell the upsert is stale."""
+    assert plan(state(), None, MODEL, version, deleted).action is action
+    assert plan(state(), None, MODEL, None, deleted).action is Action.UPSERT  # unversioned targets ignore it
 
 
 def ulps_up(x: float, n: int) -> float:
