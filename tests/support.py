@@ -4,14 +4,18 @@ an application does, run the daemon in-process, and check invariant 2
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from qdrant_client import AsyncQdrantClient, models
@@ -132,6 +136,29 @@ async def make_every_drift(conn: psycopg.Connection, qdrant: AsyncQdrantClient, 
 def outbox_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute("SELECT * FROM outboxd.outbox ORDER BY id").fetchall()
+
+
+async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 120.0, interval: float = 0.05) -> Any:
+    """Poll predicate (a function, or one returning an awaitable) until it returns something
+    true, and return that; after timeout seconds fail the test, naming what did not happen.
+    The timeout is a deadline for a stuck test, never a pace: keep it generous."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def db_clock_passed(conn: psycopg.Connection, query: str, params: tuple = ()) -> bool:
+    """Whether PostgreSQL's clock has passed the timestamp the query selects (a lease's
+    end, an event's available_at): time as the queries that compare with now() see it."""
+    row = conn.execute(f"SELECT clock_timestamp() > ({query})", params).fetchone()
+    return bool(row and row[0])
 
 
 async def drain(settings, dsn: str, embedder: Embedder, qdrant: AsyncQdrantClient, timeout: float = 120) -> NotifyDaemon:

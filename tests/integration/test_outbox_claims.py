@@ -12,13 +12,25 @@ from psycopg.rows import dict_row
 from daemon.config import Settings
 from daemon.outbox.queue import PendingSummary
 from db.queries import query
-from tests.support import add_document, outbox_rows
+from tests.support import add_document, db_clock_passed, outbox_rows, wait_until
 
 BACKOFF = dict(backoff_base=10.0, backoff_max=60.0)  # a failed event stays unclaimable for >= 5 s
 
 
 def event_ids(conn) -> list[int]:
     return [r["id"] for r in outbox_rows(conn)]
+
+
+async def until_lease_ran_out(conn, event_id: int) -> None:
+    """Until PostgreSQL's clock is past the event's lease (claim compares it with now())."""
+    await wait_until(lambda: db_clock_passed(conn, "SELECT locked_until FROM outboxd.outbox WHERE id = %s", (event_id,)),
+                     f"the lease of event {event_id} to run out")
+
+
+async def until_available(conn, event_id: int) -> None:
+    """Until PostgreSQL's clock is past the event's available_at (its retry backoff)."""
+    await wait_until(lambda: db_clock_passed(conn, "SELECT available_at FROM outboxd.outbox WHERE id = %s", (event_id,)),
+                     f"event {event_id} to be available again")
 
 
 def row(conn, event_id: int) -> dict:
@@ -89,12 +101,13 @@ async def test_lease_blocks_others_until_it_expires(conn, make_outbox):
     """A claimed event is not claimable by another worker until its lease runs out, then it is."""
     add_document(conn, ["one", "two"])
     ids = event_ids(conn)
-    a = await make_outbox("worker-a", lease_seconds=1)
+    a = await make_outbox("worker-a", lease_seconds=3)  # long enough that b's first claim comes within it
     b = await make_outbox("worker-b", lease_seconds=30)
 
     assert [e.id for e in await a.claim(10)] == ids
     assert await b.claim(10) == []
-    await asyncio.sleep(1.2)
+    for event_id in ids:
+        await until_lease_ran_out(conn, event_id)
     assert [e.id for e in await b.claim(10)] == ids
     assert {r["locked_by"] for r in outbox_rows(conn)} == {"worker-b"}
     assert await a.claim(10) == []  # and now worker-b's lease protects them
@@ -105,21 +118,22 @@ async def test_renew_extends_the_lease(conn, make_outbox):
     add_document(conn, ["one"])
     [event_id] = event_ids(conn)
     a = await make_outbox("worker-a", lease_seconds=1)
+    renewing = await make_outbox("worker-a", lease_seconds=60)  # the same worker, renewing for longer
     b = await make_outbox("worker-b", lease_seconds=1)
 
     await a.claim(10)
     original = row(conn, event_id)["locked_until"]
-    await asyncio.sleep(0.6)
-    await a.renew([event_id])
+    await renewing.renew([event_id])
     renewed = row(conn, event_id)["locked_until"]
-    assert renewed > original + timedelta(seconds=0.5)
+    assert renewed > original + timedelta(seconds=30)
 
     await b.renew([event_id])  # a worker that does not hold the claim renews nothing
     assert row(conn, event_id)["locked_until"] == renewed
     assert row(conn, event_id)["locked_by"] == "worker-a"
 
-    await asyncio.sleep(0.6)  # past the original lease, within the renewed one
-    assert await b.claim(10) == []
+    await wait_until(lambda: db_clock_passed(conn, "SELECT %s::timestamptz", (original,)),
+                     "the original lease to run out")
+    assert await b.claim(10) == []  # past the original lease, within the renewed one
 
 
 async def test_release_makes_events_claimable_at_once(conn, make_outbox):
@@ -292,7 +306,7 @@ async def test_event_becomes_dead_at_max_attempts_and_is_never_claimed(conn, mak
     assert (r["status"], r["attempts"]) == ("pending", 1)
     first_failed = row(conn, event_id)["first_failed_at"]
 
-    await asyncio.sleep(0.05)
+    await until_available(conn, event_id)
     assert [e.id for e in await a.claim(10)] == [event_id]
     [r] = await a.fail([event_id], "second", max_attempts=2, backoff_base=0.01, backoff_max=0.01)
     assert (r["status"], r["attempts"]) == ("dead", 2)
@@ -302,7 +316,7 @@ async def test_event_becomes_dead_at_max_attempts_and_is_never_claimed(conn, mak
     assert dead["first_failed_at"] == first_failed
     assert dead["last_failed_at"] > first_failed
 
-    await asyncio.sleep(0.05)
+    await until_available(conn, event_id)  # dead, not merely backing off
     assert await a.claim(10) == []
     summary = await a.pending()
     assert (summary.pending, summary.wait_seconds) == (0, None)

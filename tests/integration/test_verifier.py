@@ -35,18 +35,29 @@ from tests.processes import daemon_env, health_port, sample
 from tests.support import (
     add_document,
     assert_converged,
+    db_clock_passed,
     drain,
     make_every_drift,
     open_qdrant,
     outbox_rows,
     physical_collection,
     require_server,
+    wait_until,
 )
 
 
 def verifier_row(dsn: str, collection: str) -> dict | None:
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as c:
         return c.execute("SELECT * FROM outboxd.verifier WHERE collection = %s", (collection,)).fetchone()
+
+
+async def until_verifier_lease_ran_out(dsn: str, collection: str) -> None:
+    """Until PostgreSQL's clock is past the holder's lease (the lease query compares it with now())."""
+    def ran_out() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            return db_clock_passed(c, "SELECT lease_until FROM outboxd.verifier WHERE collection = %s", (collection,))
+
+    await wait_until(ran_out, f"the verifier lease of {collection!r} to run out", interval=0.1)
 
 
 # --- Qdrant's order is PostgreSQL's ---------------------------------------------------------------
@@ -134,8 +145,9 @@ async def test_the_lease_row_hands_the_verifier_on_with_its_checkpoint(dsn, pool
     holder's lease runs, takes it over once it has run out (with the holder's checkpoint,
     counts and pass start), and the old holder's next checkpoint is then refused. A pass
     that completes is recorded and the next starts at the lowest id."""
-    a = VerifierLease(pool, "chunks", "worker-a", lease_seconds=0.5)
-    b = VerifierLease(pool, "chunks", "worker-b", lease_seconds=0.5)
+    lease = 2.0  # long enough that b's first tries come within a's lease
+    a = VerifierLease(pool, "chunks", "worker-a", lease_seconds=lease)
+    b = VerifierLease(pool, "chunks", "worker-b", lease_seconds=lease)
     first = await a.take()
     assert first.held and first.after is None and first.passes == 0
     refused = await b.take()
@@ -144,7 +156,7 @@ async def test_the_lease_row_hands_the_verifier_on_with_its_checkpoint(dsn, pool
     saved = await a.checkpoint(mid, 120, {"stale": 2})
     assert saved.held and saved.after == mid
     assert not (await b.take()).held  # the checkpoint renewed the lease
-    await asyncio.sleep(0.7)  # a's lease runs out: it died, or stalled
+    await until_verifier_lease_ran_out(dsn, "chunks")  # a died, or stalled
     taken = await b.take()
     assert taken.held and taken.holder == "worker-b"
     assert (taken.after, taken.pass_checked, taken.pass_drift, taken.pass_started_at) == (
@@ -154,7 +166,7 @@ async def test_the_lease_row_hands_the_verifier_on_with_its_checkpoint(dsn, pool
     done = await b.complete(250, {"stale": 2, "missing": 1})
     assert done.after is None and done.passes == 1 and done.pass_checked == 0 and done.pass_drift == {}
     assert (done.last_pass_checked, done.last_pass_drift) == (250, {"stale": 2, "missing": 1})
-    assert done.last_pass_seconds >= 0.7 and done.pass_started_at == done.last_pass_completed_at
+    assert done.last_pass_seconds >= lease and done.pass_started_at == done.last_pass_completed_at
     await b.release()  # handed on at once
     assert (await a.take()).held
     assert not (await VerifierLease(pool, "another-alias", "worker-a", 5).take()).after  # one row per alias
@@ -307,15 +319,15 @@ def test_one_verifier_in_a_fleet_and_a_takeover_from_its_checkpoint(spawn, conn,
     # both running: only fleet-a verifies
     second.wait_for(lambda: sample(metrics_of(port_b), "outboxd_verify_holder") == 0, "fleet-b waiting", 30, 0.1)
     seen = set()
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 120  # a deadline for a stuck test: the loop ends on what it saw
+    while len(seen) <= 3:  # while fleet-a checks several ranges, fleet-b never verifies
+        assert time.monotonic() < deadline, f"fleet-a checked too few ranges: {sorted(seen)}\n{first.describe()}"
         a, b = metrics_of(port_a), metrics_of(port_b)
         seen.add(sample(a, "outboxd_verify_chunks_checked_total"))
         assert (sample(a, "outboxd_verify_holder"), sample(b, "outboxd_verify_holder")) == (1, 0)
         assert sample(b, "outboxd_verify_chunks_checked_total") == 0
         assert verifier_row(dsn, collection)["holder"] == "fleet-a"
-        time.sleep(0.2)
-    assert len(seen) > 3, "fleet-a should have been checking ranges all along"
+        time.sleep(0.2)  # a sampling pace, not a synchronisation
 
     # kill -9 the holder mid-pass
     def mid_pass():
@@ -365,7 +377,7 @@ async def test_status_says_when_nobody_verifies(dsn, pool, collection, monkeypat
     lease = VerifierLease(pool, collection, "gone-worker", lease_seconds=0.2)
     await lease.take()
     await lease.checkpoint(uuid.UUID("c0000000-0000-4000-8000-000000000000"), 75, {"missing": 3})
-    await asyncio.sleep(0.3)
+    await until_verifier_lease_ran_out(dsn, collection)
     doc, text = await verifier_status()
     assert (doc["holder"], doc["lease_live"], doc["pass_checked"], doc["pass_drift"]) == (
         "gone-worker", False, 75, {"missing": 3})
