@@ -279,8 +279,13 @@ EXIT_DURING_ENCODE = textwrap.dedent(
         e = Embedder(Settings(database_url=None, data_dir=sys.argv[2], embed_batch_size=256,
                               embedding={"backend": sys.argv[1]}))
         await e.load()
+        before = e.encode_seconds
         task = asyncio.create_task(e.embed({str(i): t * 3 for i, t in enumerate(make_texts(512))}))
-        await asyncio.sleep(1.5)  # a forward pass of 256 long texts: seconds of work in flight
+        while e.encode_seconds == before:  # until a forward pass of 256 long texts runs (it would for seconds)
+            if task.done():
+                task.result()  # an encode that failed says why
+                sys.exit("the encode ended without a forward pass")
+            await asyncio.sleep(0.01)
         if sys.argv[3] == "close":
             await e.close()
         print("exiting", time.time(), flush=True)

@@ -16,6 +16,7 @@ from daemon.config import Settings
 from daemon.embedding.http_backend import EndpointUnavailableError, HttpBackend, endpoint_url, plan_batches
 from daemon.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError, InvalidChunkError, is_transient
 from tests.embedding_server import REJECT_MARKER, EmbeddingServer, load_minilm
+from tests.support import wait_until
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -522,7 +523,7 @@ async def test_close_is_prompt_with_a_request_in_flight(backends):
     with EmbeddingServer(base_seconds=3.0) as server:
         backend = backends(server, max_batch_texts=1)
         task = asyncio.create_task(backend.encode(["slow"]))
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: server.stats.in_flight == 1, "the request to reach the server")
         task.cancel()
         started = time.monotonic()
         with pytest.raises(asyncio.CancelledError):

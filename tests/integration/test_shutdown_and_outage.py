@@ -6,11 +6,13 @@ with a batch in flight showing on /metrics (retries per dependency,
 dependency and readiness gauges) instead of a quiet wait."""
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import time
 
 import httpx
+import psutil
 import psycopg
 import pytest
 
@@ -35,6 +37,12 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used, all its threads together."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def test_sigterm_with_a_slow_encode_in_flight_exits_within_the_drain_timeout(spawn, conn, dsn, collection, tmp_path):
     """One forward pass of 256 long texts takes far longer than the drain
     timeout on this machine: SIGTERM must end the process within
@@ -45,7 +53,11 @@ def test_sigterm_with_a_slow_encode_in_flight_exits_within_the_drain_timeout(spa
     daemon = spawn("run", env=env, name="slow-encode")
     daemon.wait_running()
     daemon.wait_for(lambda: outbox_counts(dsn)[1] == 256, "the batch to be claimed", 30, 0.05)
-    time.sleep(1.0)  # the encode has started
+    # The encode has started once the process has worked a CPU-second past the claim: reading
+    # the states and tokenizing take a small part of that, the forward pass tens of seconds.
+    claimed_at = cpu_seconds(daemon.pid)
+    daemon.wait_for(lambda: cpu_seconds(daemon.pid) - claimed_at >= 1.0 or outbox_counts(dsn)[1] < 256,
+                    "the forward pass to start", 120, 0.05)
     daemon.popen.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     code = daemon.wait(DRAIN_TIMEOUT + SHUTDOWN_GRACE + 20)
@@ -137,7 +149,7 @@ async def test_a_postgresql_outage_shows_in_the_metrics(spawn, conn, dsn, collec
                 }
                 if seen["retries"] and seen["up"] == 0 and seen["ready"] == 0 and seen["waited"]:
                     break
-                time.sleep(0.5)
+                await asyncio.sleep(0.5)
             assert seen["retries"] and seen["retries"] > 0, seen
             assert seen["up"] == 0 and seen["ready"] == 0 and seen["waited"] > 0, seen
         finally:
@@ -149,7 +161,7 @@ async def test_a_postgresql_outage_shows_in_the_metrics(spawn, conn, dsn, collec
             text = await metrics()
             if metric(text, "outboxd_dependency_up", dependency="postgresql") == 1 and metric(text, "outboxd_ready") == 1:
                 break
-            time.sleep(0.5)
+            await asyncio.sleep(0.5)
         assert metric(text, "outboxd_dependency_up", dependency="postgresql") == 1
         assert metric(text, "outboxd_ready") == 1
     daemon.popen.send_signal(signal.SIGTERM)
