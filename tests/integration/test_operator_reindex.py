@@ -19,7 +19,7 @@ from daemon.core.qdrant_store import physical_name
 from daemon.embedding.embedder import Embedder
 from daemon.errors import EXIT_CONFIG
 from daemon.outbox.notify_daemon import NotifyDaemon
-from tests.support import add_document, assert_converged, drain, outbox_rows, physical_collection
+from tests.support import add_document, assert_converged, drain, outbox_rows, physical_collection, wait_until
 
 LONG = " ".join(f"token{i}" for i in range(200))  # past 128 tokens: the two settings embed it differently
 
@@ -41,10 +41,7 @@ async def test_reindex_under_concurrent_writes_then_rollback(
     old = NotifyDaemon(old_settings, dsn, embedder=embedder, qdrant=qdrant)
     await old.start()
     old_run = asyncio.create_task(old.run())
-    for _ in range(300):
-        if not outbox_rows(conn):
-            break
-        await asyncio.sleep(0.1)
+    await wait_until(lambda: not outbox_rows(conn), "the old daemon to drain the first backlog")
     before = await physical_collection(qdrant, collection)
 
     seen: list[str] = []
@@ -61,7 +58,7 @@ async def test_reindex_under_concurrent_writes_then_rollback(
                 for cid in rng.sample(ids[1:], 6):
                     conn.execute("UPDATE chunks SET text = text || %s WHERE id = %s", (f" v{round_}", cid))
             add_document(conn, [f"added during reindex {round_}"])
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # writes spread over the reindex, not a synchronisation
 
     watcher = asyncio.create_task(watch_alias())
     writer = asyncio.create_task(write())

@@ -32,7 +32,16 @@ from daemon.outbox.queue import Outbox
 from daemon.runtime.service import run_service
 from db.gateway import make_pool
 from tests.processes import daemon_env
-from tests.support import add_document, all_points, assert_converged, drain, open_qdrant, outbox_rows, require_server
+from tests.support import (
+    add_document,
+    all_points,
+    assert_converged,
+    drain,
+    open_qdrant,
+    outbox_rows,
+    require_server,
+    wait_until,
+)
 
 
 # --- invariant 3: racing workers never leave an older state --------------------------
@@ -186,11 +195,10 @@ async def test_two_daemon_instances_in_one_process_share_the_work_under_concurre
     runs = [asyncio.create_task(d.run()) for d in daemons]
     try:
         await asyncio.to_thread(_edit_rounds, dsn, ids)  # the writes block a thread, not the daemons' loop
-        for _ in range(600):
-            if not await asyncio.to_thread(outbox_rows, conn):
-                break
-            await asyncio.sleep(0.2)
-        assert outbox_rows(conn) == []
+        async def drained() -> bool:
+            return not await asyncio.to_thread(outbox_rows, conn)
+
+        await wait_until(drained, "the two daemons to drain the outbox", timeout=180, interval=0.2)
     finally:
         for d in daemons:
             d.stop.set()
@@ -270,14 +278,6 @@ class FlakyQdrant:
         return await self._client.batch_update_points(collection_name, update_operations, **kw)
 
 
-async def wait_until(predicate, timeout: float = 60.0) -> None:
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("condition not reached in time")
-
-
 async def test_qdrant_outage_is_retried_without_counting_attempts(conn, dsn, qdrant, collection, embedder, make_settings):
     """While Qdrant is unreachable nothing is acknowledged, no attempt is counted and
     nothing becomes a dead letter; once it is back the backlog converges."""
@@ -288,12 +288,12 @@ async def test_qdrant_outage_is_retried_without_counting_attempts(conn, dsn, qdr
     add_document(conn, [f"written during the outage {i}" for i in range(30)])
     run = asyncio.create_task(daemon.run())
     try:
-        await wait_until(lambda: flaky.failures >= 3)
+        await wait_until(lambda: flaky.failures >= 3, "three writes to fail against the unreachable Qdrant")
         rows = outbox_rows(conn)
         assert len(rows) == 30
         assert {r["status"] for r in rows} == {"pending"} and {r["attempts"] for r in rows} == {0}
         flaky.down = False
-        await wait_until(lambda: not outbox_rows(conn))
+        await wait_until(lambda: not outbox_rows(conn), "the backlog to drain once Qdrant is back")
     finally:
         daemon.stop.set()
         assert await run == 0
@@ -310,20 +310,23 @@ async def test_postgres_outage_ends_in_convergence(conn, dsn, qdrant, collection
     run = asyncio.create_task(run_service(daemon))  # the supervisor: the listener runs beside the workers
     admin = psycopg.connect(dsn, autocommit=True, dbname="postgres")
     try:
-        await wait_until(lambda: daemon.started)
+        await wait_until(lambda: daemon.started, "the daemon to start")
         add_document(conn, [f"before the outage {i}" for i in range(10)])
-        await wait_until(lambda: not outbox_rows(conn))
+        await wait_until(lambda: not outbox_rows(conn), "the backlog before the outage to drain")
+        retries = daemon.stats.transient_retries
         add_document(conn, [f"just before the outage {i}" for i in range(40)])
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
         admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
             (dbname,),
         )
-        await asyncio.sleep(3)
+        # the outage lasts until the daemon has met it: its LISTEN connection lost, a retry counted
+        await wait_until(lambda: "LISTEN connection lost; polling covers the gap" in caplog.text
+                         and daemon.stats.transient_retries > retries, "the daemon to meet the outage")
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
         with psycopg.connect(dsn, autocommit=True) as fresh:
             add_document(fresh, [f"after the outage {i}" for i in range(10)])
-            await wait_until(lambda: not outbox_rows(fresh), timeout=90)
+            await wait_until(lambda: not outbox_rows(fresh), "the backlog to drain after the outage", timeout=90)
     finally:
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
         admin.close()
@@ -345,12 +348,13 @@ async def test_postgres_down_at_start_longer_than_one_try_is_waited_for(conn, ds
     daemon = NotifyDaemon(make_settings(startup_timeout=60), dsn, embedder=embedder, qdrant=qdrant)
     run = asyncio.create_task(run_service(daemon))
     try:
-        await wait_until(lambda: "PostgreSQL not reachable yet; retrying" in caplog.text, timeout=30)
+        await wait_until(lambda: "PostgreSQL not reachable yet; retrying" in caplog.text,
+                         "the daemon to retry reaching PostgreSQL", timeout=30)
         assert not daemon.started
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
-        await wait_until(lambda: daemon.started, timeout=45)
+        await wait_until(lambda: daemon.started, "the daemon to start once PostgreSQL is back", timeout=45)
         with psycopg.connect(dsn, autocommit=True) as fresh:
-            await wait_until(lambda: not outbox_rows(fresh), timeout=60)
+            await wait_until(lambda: not outbox_rows(fresh), "the backlog to drain", timeout=60)
     finally:
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
         admin.close()
