@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 
 from daemon.config import Settings
-from daemon.config_sources import Table
+from daemon.settings.names import Table
 
 
 class KafkaSettings(Table):

@@ -5,8 +5,8 @@ inside a table such as [embedding] or [health], or the conventional name where
 one exists, e.g. DATABASE_URL) and a key of the optional TOML config file
 (`--config FILE`); a few common ones are also command-line flags. Precedence,
 highest first: a flag, a secret's *_FILE, the environment, .env, the config
-file, the default. Where the sources come from, the deprecated names, and how
-a mistyped name is caught: daemon.config_sources.
+file, the default. How settings are named, where the sources come from, the
+deprecated names, and how a mistyped name is caught: daemon.settings.
 
 A wing extends this class with its own table (the Kafka transport's
 consumers.settings.StreamSettings); a command names the class it builds.
@@ -21,18 +21,12 @@ from typing import Any, ClassVar, Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from daemon.config_sources import (
-    ConfigFileSource,
-    OtherNamesSource,
-    SecretFileSource,
-    dotenv_entries,
-    secret_file_problem,
-    setting,
-    suggest_choice,
-)
 from daemon.embedding.settings import EmbeddingSettings, SentenceTransformersSettings
 from daemon.outbox.settings import VerifySettings
 from daemon.runtime.settings import HealthSettings
+from daemon.settings.names import secret_file_problem, setting
+from daemon.settings.report import suggest_choice
+from daemon.settings.sources import ConfigFileSource, OtherNamesSource, SecretFileSource, dotenv_entries
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LOG_LEVELS = ("debug", "info", "warning", "error")  # as --log-level takes them; either case is read

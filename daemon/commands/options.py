@@ -152,16 +152,10 @@ def load_settings(config_file: Path | None, flags: dict[str, Any], strict: bool,
     raises InvalidSettings naming where it was set."""
     from pydantic import ValidationError
 
-    from daemon.config_sources import (
-        Given,
-        check_names,
-        describe_validation,
-        dotenv_entries,
-        environment,
-        read_config,
-        using_config,
-    )
     from daemon.errors import ConfigError, InvalidSettings
+    from daemon.settings.check import check_names
+    from daemon.settings.report import Given, describe_validation
+    from daemon.settings.sources import dotenv_entries, environment, read_config, using_config
 
     cls = settings_class(settings)
     known = every_settings_class()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from daemon.config_sources import Table
+from daemon.settings.names import Table
 
 
 class HealthSettings(Table):

@@ -136,7 +136,7 @@ def shell_snippets() -> list[tuple[str, str]]:
 
 def setting_variables() -> set[str]:
     from daemon.commands.options import every_settings_class
-    from daemon.config_sources import settings_of
+    from daemon.settings.names import settings_of
 
     return {s.variable for cls in every_settings_class() for s in settings_of(cls)}
 

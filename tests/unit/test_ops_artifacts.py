@@ -22,7 +22,7 @@ import yaml
 from consumers.settings import StreamSettings
 from daemon.cli import COMMANDS
 from daemon.config import Settings
-from daemon.config_sources import settings_of
+from daemon.settings.names import settings_of
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
@@ -83,7 +83,7 @@ def secret_variables() -> set[str]:
 def known_env() -> frozenset[str]:
     """Every current variable a setting is read from (OUTBOXD_<NAME>,
     OUTBOXD_<TABLE>__<NAME>, the conventional names), plus <VAR>_FILE for the
-    secret ones (what daemon.config_sources.SecretFileSource reads). Not the
+    secret ones (what daemon.settings.sources.SecretFileSource reads). Not the
     deprecated flat names: the artifacts show the names to use."""
     names = {v for s in SETTINGS for v in s.variables}
     names |= {f"{v}_FILE" for s in _secrets() for v in s.variables}

@@ -13,7 +13,7 @@ import click
 
 from daemon import cli
 from daemon.commands.options import every_settings_class, load_settings
-from daemon.config_sources import _nested_models, settings_of
+from daemon.settings.names import nested_models, settings_of
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -48,7 +48,7 @@ def documented_variables() -> set[str]:
     expected = set()
     for cls in every_settings_class():
         for s in settings_of(cls):
-            union = len(_nested_models(cls.model_fields[s.path[0]].annotation)) > 1
+            union = len(nested_models(cls.model_fields[s.path[0]].annotation)) > 1
             if not union or s.path[1] == "backend":
                 expected.add(s.variable)
     return expected

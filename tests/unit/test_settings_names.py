@@ -18,8 +18,9 @@ from consumers.settings import KafkaSettings, StreamSettings
 from daemon import cli, wings
 from daemon.commands.options import every_settings_class, load_settings, settings_class
 from daemon.config import Settings
-from daemon.config_sources import check_names, settings_of
 from daemon.errors import EXIT_CONFIG, ConfigError
+from daemon.settings.check import check_names
+from daemon.settings.names import settings_of
 from tests.conftest import REPO
 
 STREAM = "consumers.settings:StreamSettings"
