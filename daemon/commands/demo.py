@@ -40,7 +40,7 @@ def command(settings, fresh: bool) -> int:
 
     configured = [
         name
-        for name, value in (("DATABASE_URL", settings.database_url), ("QDRANT_URL", settings.qdrant_url))
+        for name, value in (("DATABASE_URL", settings.database_url), ("QDRANT_URL", settings.qdrant.url))
         if value is not None
     ]
     if configured:
@@ -66,7 +66,7 @@ def command(settings, fresh: bool) -> int:
     demo_settings = settings.model_copy(
         update={
             "data_dir": stores.demo_dir,
-            "qdrant_path": stores.demo_dir / "qdrant",
+            "qdrant": settings.qdrant.model_copy(update={"path": stores.demo_dir / "qdrant"}),
             # A drain ends when every worker saw nothing pending; a worker that found the
             # others' claims in flight looks again after this long.
             "poll_interval": min(settings.poll_interval, 0.2),
@@ -96,10 +96,10 @@ def hint(settings, demo_dir) -> tuple[list[str], list[str]]:
     from daemon.demo.embedded import shown
 
     env, flags = [], ["--data-dir", shown(demo_dir)]
-    if settings.qdrant_path is not None:  # OUTBOXD_QDRANT_PATH would send it elsewhere
+    if settings.qdrant.path is not None:  # OUTBOXD_QDRANT__PATH would send it elsewhere
         flags += ["--qdrant-path", shown(demo_dir / "qdrant")]
     if settings.collection != "chunks":
         env.append(f"OUTBOXD_COLLECTION={settings.collection}")
-    if settings.model != DEFAULT_MODEL:
-        env.append(f"OUTBOXD_MODEL={settings.model}")
+    if settings.embedding.name != DEFAULT_MODEL:
+        env.append(f"OUTBOXD_EMBEDDING__NAME={settings.embedding.name}")
     return env, flags

@@ -64,10 +64,17 @@ def ended_by_reader() -> int:
     return _output["verdict"]
 
 
-# settings a command may take as its own flags (besides the common ones), with the
-# options that set them; anything given on the command line wins over the environment
-MODEL_SETTINGS = ("model", "max_seq_length", "normalize")
-FLAG_SETTINGS = ("data_dir", "log_level", "qdrant_url", "qdrant_path", *MODEL_SETTINGS)
+# settings a command may take as its own flags (besides the common ones): each flag's
+# parameter and the setting it sets; anything given on the command line wins over the environment
+FLAG_SETTINGS = {
+    "data_dir": "data_dir",
+    "log_level": "log_level",
+    "qdrant_url": "qdrant.url",
+    "qdrant_path": "qdrant.path",
+    "model": "embedding.name",
+    "max_seq_length": "embedding.max_seq_length",
+    "normalize": "embedding.normalize",
+}
 
 
 def settings_options(*, qdrant: bool = False, model: bool = False, settings: str | None = None) -> Callable:
@@ -100,18 +107,18 @@ def settings_options(*, qdrant: bool = False, model: bool = False, settings: str
         ]
         if qdrant:
             options += [
-                click.option("--qdrant-url", metavar="URL", help="Qdrant server; overrides OUTBOXD_QDRANT_PATH [env: QDRANT_URL]"),
+                click.option("--qdrant-url", metavar="URL", help="Qdrant server; overrides OUTBOXD_QDRANT__PATH [env: QDRANT_URL]"),
                 click.option("--qdrant-path", type=click.Path(path_type=Path),
-                             help="local-mode folder (':memory:' keeps nothing); overrides QDRANT_URL [env: OUTBOXD_QDRANT_PATH]"),
+                             help="local-mode folder (':memory:' keeps nothing); overrides QDRANT_URL [env: OUTBOXD_QDRANT__PATH]"),
             ]
         if model:
             options += [
                 click.option("--model", metavar="NAME",
-                             help="sentence-transformers model name or path [env: OUTBOXD_MODEL]"),
+                             help="sentence-transformers model name or path [env: OUTBOXD_EMBEDDING__NAME]"),
                 click.option("--max-seq-length", type=click.IntRange(min=8), metavar="N",
-                             help="tokens the model reads per text [env: OUTBOXD_MAX_SEQ_LENGTH]"),
+                             help="tokens the model reads per text [env: OUTBOXD_EMBEDDING__MAX_SEQ_LENGTH]"),
                 click.option("--normalize/--no-normalize", default=None,
-                             help="unit-length vectors (default: on) [env: OUTBOXD_NORMALIZE]"),
+                             help="unit-length vectors (default: on) [env: OUTBOXD_EMBEDDING__NORMALIZE]"),
             ]
         for option in reversed(options):
             wrapper = option(wrapper)
@@ -146,10 +153,11 @@ def every_settings_class() -> list[type]:
 
 
 def load_settings(config_file: Path | None, flags: dict[str, Any], strict: bool, settings: str | None = None):
-    """Settings of the class named `settings` (settings_class) from the flags, the
-    environment, .env and the config file. Returns them with the warnings to log:
-    unknown OUTBOXD_ names (refused with strict) and deprecated names. A bad value
-    raises InvalidSettings naming where it was set."""
+    """Settings of the class named `settings` (settings_class) from the flags (by
+    their parameter: {"qdrant_path": ...}), the environment, .env and the config
+    file. Returns them with the warnings to log: unknown OUTBOXD_ names (refused
+    with strict) and deprecated names. A bad value raises InvalidSettings naming
+    where it was set."""
     from pydantic import ValidationError
 
     from daemon.errors import ConfigError, InvalidSettings
@@ -165,11 +173,19 @@ def load_settings(config_file: Path | None, flags: dict[str, Any], strict: bool,
     names = check_names(known, environ, dotenv, config, config_file)
     if names.unknown and strict:
         raise ConfigError("; ".join(names.unknown) + " (--strict)")
+    values: dict[str, Any] = {}
+    for name, value in flags.items():  # into their tables: {"qdrant": {"path": ...}}
+        *tables, field = FLAG_SETTINGS[name].split(".")
+        inner = values
+        for table in tables:
+            inner = inner.setdefault(table, {})
+        inner[field] = value
     token = using_config(config, config_file)
     try:
-        built = cls(**flags)
+        built = cls(**values)
     except ValidationError as exc:
-        given = Given(flags, environ, dotenv, config, config_file)
+        given = Given({FLAG_SETTINGS[name]: "--" + name.replace("_", "-") for name in flags},
+                      environ, dotenv, config, config_file)
         raise InvalidSettings(f"invalid settings: {describe_validation(exc, cls, given)}") from None
     finally:
         token.var.reset(token)

@@ -74,7 +74,7 @@ async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, do
             live.fingerprint.id,
             scope=Scope(source_id=source, document_id=document),
             page_size=page_size,
-            qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant_url else LOCAL_QDRANT_PAGE,
+            qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant.url else LOCAL_QDRANT_PAGE,
             deep=deep,
         )
         tty = sys.stderr.isatty() and not quiet
@@ -84,7 +84,7 @@ async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, do
         mode = await read_capture_mode(pool)
         extra: dict[str, Any] = {"capture_mode": mode, "safety_net": f"{SAFETY_NET}; capture mode: {mode or 'unknown'}",
                                  "warnings": []}
-        if not settings.qdrant_url:
+        if not settings.qdrant.url:
             points = (await client.count(collection, exact=True)).count
             extra["local_mode_points"] = points
             if points > LOCAL_MODE_POINTS:

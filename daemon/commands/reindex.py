@@ -63,9 +63,10 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
             if target is None:
                 raise ConfigError(f"no retired collection of {settings.collection!r} to roll back to")
             fp = (await view(client, settings.collection, target)).fingerprint
-            settings = settings.model_copy(
-                update={"model": fp.name, "max_seq_length": fp.max_seq_length, "normalize": fp.normalized}
+            embedding = settings.embedding.model_copy(
+                update={"name": fp.name, "max_seq_length": fp.max_seq_length, "normalize": fp.normalized}
             )
+            settings = settings.model_copy(update={"embedding": embedding})
         embedder = Embedder(settings)
         try:
             await share(embedder.backend, pool)  # a reindex beside running daemons keeps to their budget
@@ -84,7 +85,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
                     settings.collection,
                     embedder,
                     page_size=page_size,
-                    qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant_url else LOCAL_QDRANT_PAGE,
+                    qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant.url else LOCAL_QDRANT_PAGE,
                     progress=advance,
                     qdrant_location=location(settings),
                 ).run()

@@ -93,18 +93,20 @@ def command(settings, query: str, limit: int, candidates: int, fusion: str, vect
 
 def query_settings(settings):
     """The settings a search loads its model with: torch on the CPU unless
-    OUTBOXD_DEVICE names a device, and in fp32. One query takes milliseconds
+    OUTBOXD_EMBEDDING__DEVICE names a device, and in fp32. One query takes milliseconds
     there, where starting CUDA takes seconds, and a lower precision is checked
     against fp32 on a sample of texts at every load; the vectors agree either way
     (the same fingerprint)."""
     from daemon.embedding.settings import SentenceTransformersSettings
 
     update: dict = {}
-    if settings.device is None:
+    if settings.embedding.device is None:
         update["device"] = "cpu"
     if isinstance(settings.embedding, SentenceTransformersSettings) and settings.embedding.precision != "fp32":
-        update["embedding"] = settings.embedding.model_copy(update={"precision": "fp32"})
-    return settings.model_copy(update=update) if update else settings
+        update["precision"] = "fp32"
+    if not update:
+        return settings
+    return settings.model_copy(update={"embedding": settings.embedding.model_copy(update=update)})
 
 
 async def _search(settings, query: str, filters, options: dict) -> list:

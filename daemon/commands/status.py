@@ -158,7 +158,7 @@ async def read_qdrant(settings, record) -> dict[str, Any]:
         check_named(settings)
     except ConfigError as exc:
         return _unavailable(section, str(exc), config_error=True)
-    if not settings.qdrant_url:
+    if not settings.qdrant.url:
         path = settings.local_qdrant_path
         if path == ":memory:":
             return _unavailable(section, "in-memory local mode keeps nothing another process can read")
@@ -169,7 +169,7 @@ async def read_qdrant(settings, record) -> dict[str, Any]:
     except Exception as exc:  # e.g. RuntimeError: the storage folder is held by the running daemon
         return _unavailable(section, describe(exc))
     try:
-        return await asyncio.wait_for(_inspect(client, settings, record, section), settings.qdrant_timeout)
+        return await asyncio.wait_for(_inspect(client, settings, record, section), settings.qdrant.timeout)
     except ConfigError as exc:  # a server that is not Qdrant; the live collection is not in this Qdrant
         return _unavailable(section, str(exc), config_error=True)
     except Exception as exc:  # unreachable server, timeout, refused request
@@ -189,7 +189,7 @@ async def _inspect(client, settings, record, section) -> dict[str, Any]:
     from daemon.errors import ConfigError
 
     await probe(client, settings)
-    version = (await client.info()).version if settings.qdrant_url else None  # local mode is the client's own
+    version = (await client.info()).version if settings.qdrant.url else None  # local mode is the client's own
     live = await view(client, settings.collection, record)
     live.check_home(describe_target(settings))  # missing here, or another collection of its name: 78
     notes: list[str] = []

@@ -49,7 +49,7 @@ def not_here(record: CollectionRecord, here: str, found: str | None) -> Collecti
             "not the one outboxd built" if found else "does not have it")
     return CollectionElsewhereError(
         f"the live collection of {record.alias!r} is {record.name!r}, built{where}, but the Qdrant this process "
-        f"is configured for ({here}) {seen}. If QDRANT_URL (or OUTBOXD_QDRANT_PATH) is wrong, fix it: nothing "
+        f"is configured for ({here}) {seen}. If QDRANT_URL (or OUTBOXD_QDRANT__PATH) is wrong, fix it: nothing "
         "was written. If this is the right Qdrant and the collection was lost (a new server, a lost volume), "
         "run `outboxd reconcile --repair --recreate-missing` once: it creates the collection empty here and "
         "enqueues every chunk, which the daemons then rebuild from PostgreSQL."

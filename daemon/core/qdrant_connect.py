@@ -35,13 +35,13 @@ def check_named(settings: Settings) -> None:
     local-mode folder on purpose; else ConfigError (78). Only the embedded
     defaults fall back to local mode under the data directory."""
     configured = settings.services_configured()
-    if settings.qdrant_url or settings.qdrant_path is not None or not configured:
+    if settings.qdrant.url or settings.qdrant.path is not None or not configured:
         return
     near = difflib.get_close_matches("QDRANT_URL", [v for v in os.environ if "QDRANT" in v.upper()], n=1, cutoff=0.8)
     typo = f" ({near[0]} is set: a typo of QDRANT_URL?)" if near else ""
     raise ConfigError(
         f"{' and '.join(configured)} {'is' if len(configured) == 1 else 'are'} set, but no Qdrant is{typo}: set "
-        "QDRANT_URL to your Qdrant server, or OUTBOXD_QDRANT_PATH to a local-mode folder on purpose. Against "
+        "QDRANT_URL to your Qdrant server, or OUTBOXD_QDRANT__PATH to a local-mode folder on purpose. Against "
         "configured services outboxd never falls back to a local-mode folder, where no reader would find the vectors."
     )
 
@@ -51,16 +51,16 @@ def make_client(settings: Settings) -> "AsyncQdrantClient | LocalQdrant":
     or local mode on a thread of its own (LocalQdrant). Local mode admits one process
     per folder: a second one is a configuration that cannot work (exit 78), not a bug."""
     check_named(settings)
-    if settings.qdrant_url:
-        key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    if settings.qdrant.url:
+        key = settings.qdrant.api_key.get_secret_value() if settings.qdrant.api_key else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             client = AsyncQdrantClient(
-                url=settings.qdrant_url,
+                url=settings.qdrant.url,
                 api_key=key,
-                timeout=int(settings.qdrant_timeout),
-                prefer_grpc=settings.qdrant_prefer_grpc,
-                grpc_port=settings.qdrant_grpc_port,
+                timeout=int(settings.qdrant.timeout),
+                prefer_grpc=settings.qdrant.prefer_grpc,
+                grpc_port=settings.qdrant.grpc_port,
                 # qdrant-client turns keep-alive off for a server on localhost (a sidecar), so each
                 # request would open a connection; idle ones are dropped before the server's own
                 # 5 s keep-alive can close them under a request
@@ -87,7 +87,7 @@ def make_client(settings: Settings) -> "AsyncQdrantClient | LocalQdrant":
             f"the Qdrant local-mode folder {path} is already open in another process: local mode admits one "
             "process at a time. Several daemons or consumers (or a command beside a running daemon) need a "
             "Qdrant server: set QDRANT_URL. Otherwise stop the other process, or give this one its own "
-            "OUTBOXD_QDRANT_PATH."
+            "OUTBOXD_QDRANT__PATH."
         ) from None
 
 
@@ -135,11 +135,11 @@ class LocalQdrant:
 
 def _tls(settings: Settings) -> dict[str, Any]:
     """The CA that verifies an https server, for REST (an SSL context) and gRPC
-    (root certificates): OUTBOXD_QDRANT_CA_FILE, else SSL_CERT_FILE, else the system's."""
-    ca = settings.qdrant_ca_file or os.environ.get("SSL_CERT_FILE")
-    if not ca or not str(settings.qdrant_url).lower().startswith("https"):
+    (root certificates): OUTBOXD_QDRANT__CA_FILE, else SSL_CERT_FILE, else the system's."""
+    ca = settings.qdrant.ca_file or os.environ.get("SSL_CERT_FILE")
+    if not ca or not str(settings.qdrant.url).lower().startswith("https"):
         return {}
-    name = "OUTBOXD_QDRANT_CA_FILE" if settings.qdrant_ca_file else "SSL_CERT_FILE"
+    name = "OUTBOXD_QDRANT__CA_FILE" if settings.qdrant.ca_file else "SSL_CERT_FILE"
     try:
         pem = Path(ca).read_bytes()
         context = ssl.create_default_context(cadata=pem.decode("ascii"))
@@ -187,26 +187,26 @@ def answered_otherwise(exc: BaseException) -> bool:
 
 
 def _not_qdrant(settings: Settings, why: str) -> ConfigError:
-    where = settings.qdrant_url + (f" (gRPC port {settings.qdrant_grpc_port})" if settings.qdrant_prefer_grpc else "")
+    where = settings.qdrant.url + (f" (gRPC port {settings.qdrant.grpc_port})" if settings.qdrant.prefer_grpc else "")
     return ConfigError(
         f"QDRANT_URL={where} answers, but not as a Qdrant server does ({why[:200]}); check its scheme, host, "
-        "port (REST 6333, gRPC OUTBOXD_QDRANT_GRPC_PORT 6334) and path. This does not heal by waiting."
+        "port (REST 6333, gRPC OUTBOXD_QDRANT__GRPC_PORT 6334) and path. This does not heal by waiting."
     )
 
 
 def location(settings: Settings) -> str:
     """Where the vectors live, as the catalog remembers it: the server's URL
     without credentials, or the local-mode folder's absolute path."""
-    if settings.qdrant_url:
-        parts = urlsplit(settings.qdrant_url)
+    if settings.qdrant.url:
+        parts = urlsplit(settings.qdrant.url)
         return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     path = settings.local_qdrant_path
     return path if path == ":memory:" else str(Path(path).resolve())
 
 
 def describe_target(settings: Settings) -> str:
-    if settings.qdrant_url:
-        return f"{settings.qdrant_url}{' (gRPC)' if settings.qdrant_prefer_grpc else ''}"
+    if settings.qdrant.url:
+        return f"{settings.qdrant.url}{' (gRPC)' if settings.qdrant.prefer_grpc else ''}"
     return f"local mode at {settings.local_qdrant_path}"
 
 

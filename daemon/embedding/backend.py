@@ -49,7 +49,7 @@ class BackendInfo:
 @dataclass(frozen=True, slots=True)
 class Encoded:
     """Vectors in the order of the texts asked for, float32, shape (n, dimension),
-    normalised when OUTBOXD_NORMALIZE is on; truncated[i]: text i was longer than
+    normalised when OUTBOXD_EMBEDDING__NORMALIZE is on; truncated[i]: text i was longer than
     the model's window (from the same tokenization that fed the model)."""
 
     vectors: np.ndarray

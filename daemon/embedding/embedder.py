@@ -34,13 +34,13 @@ class Embedding:
 
 def make_backend(settings: Settings) -> Backend:
     """The backend OUTBOXD_EMBEDDING__BACKEND names, built by its own settings."""
-    return settings.embedding.build(settings)
+    return settings.embedding.build(settings.data_dir)
 
 
 class Embedder:
     def __init__(self, settings: Settings, *, backend: Backend | None = None) -> None:
         self._settings = settings
-        self.name, _ = resolve_model(settings.model)
+        self.name, _ = resolve_model(settings.embedding.name)
         self.backend: Backend = backend or make_backend(settings)
         self.info: BackendInfo | None = None
         self._cache: OrderedDict[str, Embedding] = OrderedDict()
@@ -54,7 +54,7 @@ class Embedder:
         info = await self.backend.load()
         self.info = info
         self.fingerprint = ModelFingerprint(
-            self.name, int(info.dimension), self._settings.normalize, info.max_seq_length, info.variant
+            self.name, int(info.dimension), self._settings.embedding.normalize, info.max_seq_length, info.variant
         )
         log.info(
             "model loaded",
@@ -75,7 +75,7 @@ class Embedder:
     def batch_size(self) -> int:
         """Texts per forward pass (the most, where the backend also caps padded tokens)."""
         size = getattr(self.backend, "batch_size", None)
-        return int(size or self._settings.embed_batch_size or 64)
+        return int(size or self._settings.embedding.batch_size or 64)
 
     async def embed(self, texts: dict[str, str]) -> tuple[dict[str, Embedding], int]:
         """Embeddings for {content_hash: text}, from the cache where possible,
@@ -136,7 +136,7 @@ class Embedder:
         return content_hash in self._cache
 
     def _remember(self, h: str, emb: Embedding) -> None:
-        size = self._settings.embed_cache_size
+        size = self._settings.embedding.cache_size
         if size <= 0:
             return
         self._cache[h] = emb

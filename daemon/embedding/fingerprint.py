@@ -71,8 +71,9 @@ def settings_for(fingerprint: ModelFingerprint) -> str:
     """The settings that make vectors of this fingerprint: what to set to keep
     (or go back to) a collection that records it. One place for every message
     that explains a model mismatch, right for every backend variant."""
-    window = f" OUTBOXD_MAX_SEQ_LENGTH={fingerprint.max_seq_length}" if fingerprint.max_seq_length else ""
-    base = f"OUTBOXD_MODEL={fingerprint.name}{window} OUTBOXD_NORMALIZE={str(fingerprint.normalized).lower()}"
+    window = f" OUTBOXD_EMBEDDING__MAX_SEQ_LENGTH={fingerprint.max_seq_length}" if fingerprint.max_seq_length else ""
+    base = (f"OUTBOXD_EMBEDDING__NAME={fingerprint.name}{window} "
+            f"OUTBOXD_EMBEDDING__NORMALIZE={str(fingerprint.normalized).lower()}")
     variant = fingerprint.variant
     if variant is None:
         backend = ("with a backend whose vectors agree with the reference: OUTBOXD_EMBEDDING__BACKEND="

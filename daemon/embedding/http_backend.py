@@ -8,7 +8,7 @@
 The texts of one encode() call are sorted by length and packed into requests
 of at most max_batch_texts texts and max_batch_chars characters; at most
 max_concurrency requests are in flight for the whole backend; vectors come back
-in the caller's order, normalised here when OUTBOXD_NORMALIZE is on. What each
+in the caller's order, normalised here when OUTBOXD_EMBEDDING__NORMALIZE is on. What each
 answer becomes (a retry, the text's fault, a configuration problem):
 daemon.embedding.http_protocol.
 
@@ -38,7 +38,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import numpy as np
@@ -64,9 +64,6 @@ from daemon.embedding.settings import HttpSettings
 from daemon.errors import ConfigError, InvalidChunkError
 from daemon.runtime.backoff import Backoff
 
-if TYPE_CHECKING:
-    from daemon.config import Settings
-
 log = logging.getLogger(__name__)
 
 RETRY_BUDGET = 60.0  # seconds of failures one request retries before the batch is handed back (transient)
@@ -85,8 +82,7 @@ class HttpBackend(Backend):
 
     def __init__(
         self,
-        settings: "Settings",
-        http: HttpSettings,
+        settings: HttpSettings,
         *,
         retry_budget: float = RETRY_BUDGET,
         retry_after_max: float = RETRY_AFTER_MAX,
@@ -94,15 +90,15 @@ class HttpBackend(Backend):
         backoff_max: float = BACKOFF_MAX,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._http = http
+        self._http = http = settings  # the shared settings and the endpoint's own
         self._normalize = settings.normalize
         self._max_seq_length = settings.max_seq_length
-        self.model = http.model or settings.model
+        self.model = http.model or settings.name
         self.url = endpoint_url(str(http.url))
         parsed = httpx.URL(self.url)
         # for logs and errors: no user:password@ (the key never is in the URL, but a password may be)
         self.display_url = str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else self.url
-        self._secret = settings.embedding_api_key  # a SecretStr: its repr and str are "**********"
+        self._secret = settings.api_key  # a SecretStr: its repr and str are "**********"
         self.retry_budget = retry_budget
         self.retry_after_max = retry_after_max
         self._backoff = Backoff(base=backoff_initial, cap=backoff_max).wait()

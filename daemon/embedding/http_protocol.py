@@ -183,7 +183,7 @@ def classify_failure(response: httpx.Response, where: str, model: str, key_set: 
             f"the embedding endpoint answered HTTP {status} to POST {where} for model {model!r}"
             + (f": {message}" if message else "")
             + ". Check OUTBOXD_EMBEDDING__URL (outboxd POSTs to <url>/v1/embeddings) and "
-            "OUTBOXD_EMBEDDING__MODEL (default: OUTBOXD_MODEL)"
+            "OUTBOXD_EMBEDDING__MODEL (default: OUTBOXD_EMBEDDING__NAME)"
         )
     if 300 <= status < 400:
         return ConfigError(

@@ -43,7 +43,7 @@ def model_folder(source: str) -> Path:
             return Path(snapshot_download(source))
     except Exception as exc:
         raise ConfigError(
-            f"cannot find the model folder of {source!r}: {exc}. Set OUTBOXD_MODEL to a local "
+            f"cannot find the model folder of {source!r}: {exc}. Set OUTBOXD_EMBEDDING__NAME to a local "
             "sentence-transformers model folder or a model in the Hugging Face cache"
         ) from exc
 

@@ -1,4 +1,4 @@
-"""The onnx backend: ONNX Runtime (CPU; the CUDA provider where OUTBOXD_DEVICE says
+"""The onnx backend: ONNX Runtime (CPU; the CUDA provider where OUTBOXD_EMBEDDING__DEVICE says
 cuda and onnxruntime-gpu provides it), through the shared encode stage.
 
     pip install 'outboxd[onnx]'
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,9 +40,6 @@ from daemon.embedding.onnx_export import ensure_exported, require_onnxruntime
 from daemon.embedding.settings import OnnxSettings
 from daemon.embedding.stage import EncodeStage, ForwardInterrupted
 from daemon.embedding.threads import cores, cpu_workers
-
-if TYPE_CHECKING:
-    from daemon.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +58,10 @@ SPIN = False
 class OnnxBackend(StagedBackend):
     kind = "onnx"
 
-    def __init__(self, settings: "Settings", own: OnnxSettings) -> None:
-        self._settings = settings
-        self._onnx = own
-        self.name, self._source = resolve_model(settings.model)
-        self.cache_root = Path(settings.data_dir) / "models"
+    def __init__(self, settings: OnnxSettings, cache_root: Path) -> None:
+        self._settings = settings  # the shared settings and onnx's own
+        self.name, self._source = resolve_model(settings.name)
+        self.cache_root = Path(cache_root)
         self.entry: Path | None = None  # the cache entry in use
         self.meta: dict | None = None
         self.exported = False  # whether load() exported (False: the cache was reused)
@@ -80,13 +75,13 @@ class OnnxBackend(StagedBackend):
 
         s = self._settings
         folder = FolderModel(model_folder(self._source), s.max_seq_length)
-        quantize = self._onnx.quantize
+        quantize = self._settings.quantize
         started = time.perf_counter()
         optimize = self._wants_cuda(ort)  # fused attention pays on a GPU; on a CPU it measured 5-10% slower
         if optimize:
-            self.workers, self.threads = 1, self._onnx.threads or cores()
+            self.workers, self.threads = 1, self._settings.threads or cores()
         else:
-            self.workers, self.threads = cpu_workers(self._onnx.threads)
+            self.workers, self.threads = cpu_workers(self._settings.threads)
         self.entry, self.meta, self.exported = ensure_exported(
             self.cache_root, self.name, folder, quantize=quantize, optimize=optimize
         )
@@ -120,8 +115,8 @@ class OnnxBackend(StagedBackend):
             run_options.terminate = True
 
         on_cuda = "CUDAExecutionProvider" in session.get_providers()
-        self.batch_size = s.embed_batch_size or (CUDA_BATCH if on_cuda else CPU_BATCH)
-        max_tokens = None if s.embed_batch_size else (CUDA_TOKENS if on_cuda else CPU_TOKENS)
+        self.batch_size = s.batch_size or (CUDA_BATCH if on_cuda else CPU_BATCH)
+        max_tokens = None if s.batch_size else (CUDA_TOKENS if on_cuda else CPU_TOKENS)
         tokenizer = Tokenizer.from_file(str(folder.folder / "tokenizer.json"))
         self.stage = EncodeStage(
             tokenizer, forward, window=folder.window, dimension=folder.dimension, max_batch=self.batch_size,
@@ -148,7 +143,7 @@ class OnnxBackend(StagedBackend):
             return False
         if "CUDAExecutionProvider" in ort.get_available_providers():
             return True
-        log.warning("OUTBOXD_DEVICE=%s but this onnxruntime has no CUDA provider; running on the CPU", device)
+        log.warning("OUTBOXD_EMBEDDING__DEVICE=%s but this onnxruntime has no CUDA provider; running on the CPU", device)
         return False
 
     def _session(self, ort, cuda: bool):

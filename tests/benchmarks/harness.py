@@ -5,7 +5,7 @@
 Writes DIR/results.json (every figure, which Qdrant it measured, the raw
 measurements), DIR/results.md (figure, value, target, met?, Qdrant measured)
 and PNG plots. Services: DATABASE_URL if set, else a throwaway pgserver
-PostgreSQL; QDRANT_URL if set (QDRANT_API_KEY, OUTBOXD_QDRANT_PREFER_GRPC),
+PostgreSQL; QDRANT_URL if set (QDRANT_API_KEY, OUTBOXD_QDRANT__PREFER_GRPC),
 else a real Qdrant server started from its binary (tests/qdrant_server.py),
 else Qdrant local mode in memory (the figures of several processes then say
 they need a server); local mode is also measured as a labelled second row of
@@ -67,7 +67,7 @@ def say(what: str) -> None:
 
 def run_figures(sizes: dict, device: str, quick: bool, pg: Postgres, target: QdrantTarget) -> dict:
     d: dict = {}
-    embedder = Embedder(Settings(database_url=pg.base, collection="bench", log_level="WARNING", device=device))
+    embedder = Embedder(Settings(database_url=pg.base, collection="bench", log_level="WARNING", embedding={"device": device}))
     asyncio.run(embedder.load())
     info = embedder.info  # the real model's: random vectors written under it are the model's to outboxd
     local = QdrantTarget.local() if target.is_server else None  # the second row of a few figures

@@ -114,9 +114,10 @@ async def endpoint_alone(url: str, texts: list[str], n_concurrent: int, batch_te
         return len(texts) / (time.perf_counter() - started)
 
 
-def http_settings(url: str, n_concurrent: int, batch_texts: int, **top) -> Settings:
+def http_settings(url: str, n_concurrent: int, batch_texts: int, *, cache_size: int = 10_000, **top) -> Settings:
     return Settings(
-        embedding={"backend": "http", "url": url, "max_concurrency": n_concurrent, "max_batch_texts": batch_texts},
+        embedding={"backend": "http", "url": url, "max_concurrency": n_concurrent, "max_batch_texts": batch_texts,
+                   "cache_size": cache_size},
         **top,
     )
 
@@ -124,7 +125,7 @@ def http_settings(url: str, n_concurrent: int, batch_texts: int, **top) -> Setti
 async def backend_rate(url: str, texts: list[str], n_concurrent: int, batch_texts: int) -> tuple[float, float]:
     """(texts/s of HttpBackend.encode over all texts in one call, busy share of that time)"""
     settings = http_settings(url, n_concurrent, batch_texts, database_url=None)
-    backend = HttpBackend(settings, settings.embedding)
+    backend = HttpBackend(settings.embedding)
     try:
         await backend.load()
         await backend.encode(texts[:batch_texts])  # warm
@@ -146,7 +147,7 @@ def pipeline(url: str, dsn: str, texts: list[str], n_concurrent: int, batch_text
 
     settings = http_settings(
         url, n_concurrent, batch_texts, database_url=dsn, collection="bench_http", batch_size=claim_batch,
-        concurrency=concurrency, log_level="WARNING", embed_cache_size=0, reuse_vectors=False,
+        concurrency=concurrency, log_level="WARNING", cache_size=0, reuse_vectors=False,
     )
     which = "daemon.embedding.embedder.Embedder"
     try:
@@ -193,7 +194,7 @@ class HttpEmbedderShim:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.backend = HttpBackend(settings, settings.embedding)
+        self.backend = HttpBackend(settings.embedding)
         self.fingerprint = None
         self.encoded = self.cache_hits = 0
 
@@ -206,7 +207,8 @@ class HttpEmbedderShim:
 
         info = await self.backend.load()
         self.fingerprint = ModelFingerprint(
-            f"{self.backend.model} ({info.variant})", info.dimension, self.settings.normalize, info.max_seq_length
+            f"{self.backend.model} ({info.variant})", info.dimension, self.settings.embedding.normalize,
+            info.max_seq_length,
         )
         return self.fingerprint
 

@@ -3,7 +3,7 @@
 - PostgreSQL: DATABASE_URL if set, else a throwaway pgserver; one fresh
   migrated database per measurement, cloned from a template.
 - Qdrant (QdrantTarget): QDRANT_URL if set (with QDRANT_API_KEY and
-  OUTBOXD_QDRANT_PREFER_GRPC), else a real Qdrant server started here from its
+  OUTBOXD_QDRANT__PREFER_GRPC), else a real Qdrant server started here from its
   binary (tests/qdrant_server.py), else qdrant-client's local mode in memory.
   Clients are made the way the daemon makes them (daemon.core.qdrant_connect).
   Local mode is also measured as a labelled second row of a few figures. On a
@@ -137,15 +137,15 @@ class QdrantTarget:
         """QDRANT_URL (with its key, gRPC and CA settings), else a server started
         from its binary for this run (stopped with `stack`), else local mode."""
         s = Settings(database_url=None)
-        if s.qdrant_url:
-            key = s.qdrant_api_key.get_secret_value() if s.qdrant_api_key else None
-            return cls(s.qdrant_url, key, s.qdrant_prefer_grpc, s.qdrant_grpc_port,
-                       ca_file=str(s.qdrant_ca_file) if s.qdrant_ca_file else None)
+        q = s.qdrant
+        if q.url:
+            key = q.api_key.get_secret_value() if q.api_key else None
+            return cls(q.url, key, q.prefer_grpc, q.grpc_port, ca_file=str(q.ca_file) if q.ca_file else None)
         binary = find_binary()
         if binary is None:
             return cls.local()
         server = stack.enter_context(QdrantServer(binary))
-        return cls(server.url, None, s.qdrant_prefer_grpc, server.grpc_port, server=server)
+        return cls(server.url, None, s.qdrant.prefer_grpc, server.grpc_port, server=server)
 
     @classmethod
     def local(cls) -> "QdrantTarget":
@@ -173,7 +173,8 @@ class QdrantTarget:
             return AsyncQdrantClient(location=":memory:")
         settings = Settings(database_url=None, log_level="WARNING", **self.settings())
         if prefer_grpc is not None:
-            settings = settings.model_copy(update={"qdrant_prefer_grpc": prefer_grpc})
+            qdrant = settings.qdrant.model_copy(update={"prefer_grpc": prefer_grpc})
+            settings = settings.model_copy(update={"qdrant": qdrant})
         return make_client(settings)
 
     def name(self, what: str) -> str:
@@ -184,19 +185,19 @@ class QdrantTarget:
     def settings(self) -> dict:
         """Settings keywords that make a daemon talk to this Qdrant as deployed."""
         if self.url is None:
-            return {"qdrant_url": None, "qdrant_path": ":memory:"}
-        return {"qdrant_url": self.url, "qdrant_api_key": self.api_key, "qdrant_prefer_grpc": self.prefer_grpc,
-                "qdrant_grpc_port": self.grpc_port, "qdrant_ca_file": self.ca_file}
+            return {"qdrant": {"url": None, "path": ":memory:"}}
+        return {"qdrant": {"url": self.url, "api_key": self.api_key, "prefer_grpc": self.prefer_grpc,
+                           "grpc_port": self.grpc_port, "ca_file": self.ca_file}}
 
     def env(self) -> dict[str, str]:
         """Environment for an `outboxd` process (a server only: local mode admits one process)."""
         assert self.url is not None, "local mode admits one process"
-        env = {"QDRANT_URL": self.url, "OUTBOXD_QDRANT_PREFER_GRPC": "true" if self.prefer_grpc else "false",
-               "OUTBOXD_QDRANT_GRPC_PORT": str(self.grpc_port)}
+        env = {"QDRANT_URL": self.url, "OUTBOXD_QDRANT__PREFER_GRPC": "true" if self.prefer_grpc else "false",
+               "OUTBOXD_QDRANT__GRPC_PORT": str(self.grpc_port)}
         if self.api_key:
             env["QDRANT_API_KEY"] = self.api_key
         if self.ca_file:
-            env["OUTBOXD_QDRANT_CA_FILE"] = self.ca_file
+            env["OUTBOXD_QDRANT__CA_FILE"] = self.ca_file
         return env
 
     def cpu_seconds(self) -> float | None:
@@ -359,7 +360,7 @@ async def converge(dsn: str, target: QdrantTarget, collection: str, info: Backen
     """Drain every pending event into `collection` with random vectors under the
     real model's fingerprint (info): the points exist, so later metadata updates
     are payload-only for the real daemons. Returns the points written."""
-    settings = settings_for(dsn, target, collection=collection, batch_size=batch_size, embed_cache_size=0,
+    settings = settings_for(dsn, target, collection=collection, batch_size=batch_size, embedding={"cache_size": 0},
                             reuse_vectors=False)
     embedder = free_embedder(settings, info)
     await embedder.load()

@@ -68,8 +68,8 @@ async def test_the_backup_and_restore_block_runs_as_written(conn, dsn, collectio
     (bin_dir / "outboxd").chmod(0o755)
     env = daemon_env(dsn, tmp_path / "qdrant", collection)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    if env.get("OUTBOXD_QDRANT_CA_FILE"):
-        env["CURL_CA_BUNDLE"] = env["OUTBOXD_QDRANT_CA_FILE"]
+    if env.get("OUTBOXD_QDRANT__CA_FILE"):
+        env["CURL_CA_BUNDLE"] = env["OUTBOXD_QDRANT__CA_FILE"]
 
     settings = make_settings()
     _, ids = add_document(conn, [f"Before the snapshot, {n}." for n in ("one", "two", "three")])

@@ -82,7 +82,7 @@ def test_a_second_process_on_a_local_mode_folder_is_a_configuration_error(make_s
     """Local mode admits one process per folder: the second gets ConfigError
     (exit 78) naming the folder and the way out (a Qdrant server), not a
     RuntimeError (exit 1, restarted in a loop by a supervisor)."""
-    settings = make_settings(qdrant_path=tmp_path / "shared-qdrant")
+    settings = make_settings(qdrant={"path": tmp_path / "shared-qdrant"})
     first = make_client(settings)
     try:
         with pytest.raises(ConfigError) as raised:

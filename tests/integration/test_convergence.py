@@ -1,6 +1,6 @@
 """End to end on real PostgreSQL, Qdrant and MiniLM: writes converge (invariants
 2 and 7), through the same daemon the CLI runs; on a server, over REST and
-over gRPC (OUTBOXD_QDRANT_PREFER_GRPC)."""
+over gRPC (OUTBOXD_QDRANT__PREFER_GRPC)."""
 from __future__ import annotations
 
 import pytest
@@ -28,7 +28,8 @@ async def qdrant(collection, transport):
 
 @pytest.fixture
 def make_settings(make_settings, transport):
-    return lambda **overrides: make_settings(**{"qdrant_prefer_grpc": transport == "grpc", **overrides})
+    return lambda **overrides: make_settings(
+        **{**overrides, "qdrant": {"prefer_grpc": transport == "grpc", **overrides.get("qdrant", {})}})
 
 TEXTS = [
     "PostgreSQL is the system of record for every chunk.",
@@ -69,7 +70,7 @@ async def test_payload_only_changes_never_embed(conn, dsn, qdrant, collection, e
 
 
 async def test_identical_text_is_embedded_once(conn, dsn, qdrant, collection, embedder, make_settings):
-    settings = make_settings(embed_cache_size=0)  # within one batch, not thanks to the cache
+    settings = make_settings(embedding={"cache_size": 0})  # within one batch, not thanks to the cache
     embedder._cache.clear()  # the session's embedder may have seen these texts in another test
     text = "The same sentence, stored in many chunks."
     add_document(conn, [text] * 5 + ["something else entirely"])
@@ -110,6 +111,6 @@ async def test_identical_text_after_restart_reuses_the_stored_vector(conn, dsn, 
 @pytest.mark.parametrize("transport", ["rest"], indirect=True)
 def test_reuse_vectors_defaults_to_on_with_a_server_only(make_settings, tmp_path):
     """Local mode would scan every point per lookup, so reuse is on only with QDRANT_URL."""
-    assert make_settings(qdrant_path=tmp_path / "qdrant").reuse_stored_vectors is False  # beats QDRANT_URL
-    assert make_settings(qdrant_url="http://qdrant:6333").reuse_stored_vectors is True
+    assert make_settings(qdrant={"path": tmp_path / "qdrant"}).reuse_stored_vectors is False  # beats QDRANT_URL
+    assert make_settings(qdrant={"url": "http://qdrant:6333"}).reuse_stored_vectors is True
     assert make_settings(reuse_vectors=True).reuse_stored_vectors is True

@@ -276,8 +276,8 @@ EXIT_DURING_ENCODE = textwrap.dedent(
     from daemon.embedding.embedder import Embedder
     from tests.benchmarks.e2e_throughput import make_texts
     async def main():
-        e = Embedder(Settings(database_url=None, data_dir=sys.argv[2], embed_batch_size=256,
-                              embedding={"backend": sys.argv[1]}))
+        e = Embedder(Settings(database_url=None, data_dir=sys.argv[2],
+                              embedding={"backend": sys.argv[1], "batch_size": 256}))
         await e.load()
         before = e.encode_seconds
         task = asyncio.create_task(e.embed({str(i): t * 3 for i, t in enumerate(make_texts(512))}))

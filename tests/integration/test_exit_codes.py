@@ -70,7 +70,7 @@ def unreachable(tmp_path) -> dict[str, str]:
         DATABASE_URL=f"postgresql://outboxd@127.0.0.1:{closed_port()}/outboxd",
         KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{closed_port()}",
         OUTBOXD_STARTUP_TIMEOUT=2,
-        OUTBOXD_QDRANT_PATH=str(tmp_path / "qdrant"),
+        OUTBOXD_QDRANT__PATH=str(tmp_path / "qdrant"),
         OUTBOXD_DATA_DIR=str(tmp_path / "data"),
     )
 
@@ -280,7 +280,7 @@ def test_postgresql_settings_that_cannot_heal_exit_78_at_once(empty_dsn, tmp_pat
     }
     for argv in (["run", "--drain"], ["status"], ["reconcile", "--check"], ["dead-letters", "list"]):
         for what, url in cases.items():
-            env = base_env(DATABASE_URL=url, OUTBOXD_STARTUP_TIMEOUT=300, OUTBOXD_QDRANT_PATH=str(tmp_path / "q"))
+            env = base_env(DATABASE_URL=url, OUTBOXD_STARTUP_TIMEOUT=300, OUTBOXD_QDRANT__PATH=str(tmp_path / "q"))
             result = outboxd(argv, env, tmp_path, timeout=120)
             assert result.returncode == EXIT_CONFIG, f"{what}: {report(result)}"
             assert "PostgreSQL refused the connection" in result.stderr and "DATABASE_URL" in result.stderr, report(result)

@@ -24,8 +24,9 @@ KEY = "sk-test-9f8e7d6c5b4a-SECRET"
 
 
 def make_settings(url: str, *, key: str | None = None, normalize: bool = True, **http) -> Settings:
-    extra = {"embedding_api_key": key} if key is not None else {}
-    return Settings(database_url=None, normalize=normalize, embedding={"backend": "http", "url": url, **http}, **extra)
+    extra = {"api_key": key} if key is not None else {}
+    return Settings(database_url=None,
+                    embedding={"backend": "http", "url": url, "normalize": normalize, **http, **extra})
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ async def backends():
         url = target if isinstance(target, str) else target.url
         own = make_settings(url, **settings)
         b = HttpBackend(
-            own, own.embedding,
+            own.embedding,
             retry_budget=retry_budget, backoff_initial=backoff_initial, backoff_max=backoff_max,
         )
         made.append(b)
@@ -128,7 +129,7 @@ async def test_normalised_here_when_asked_whatever_the_endpoint_does(backends):
 def test_a_backend_moves_between_event_loops(server):
     """load() in one asyncio.run, encode() in another (a session-wide embedder, the benchmarks)."""
     settings = make_settings(server.url)
-    backend = HttpBackend(settings, settings.embedding)
+    backend = HttpBackend(settings.embedding)
     asyncio.run(backend.load())
     assert asyncio.run(backend.encode(["one", "two"])).vectors.shape == (2, 384)
     asyncio.run(backend.close())
@@ -501,7 +502,8 @@ async def test_a_refused_key_is_a_config_error_that_does_not_repeat_it(backends,
 
 
 async def test_the_key_from_embedding_api_key_file(tmp_path, monkeypatch, backends):
-    for name in ("EMBEDDING_API_KEY", "OUTBOXD_EMBEDDING_API_KEY", "OUTBOXD_EMBEDDING_API_KEY_FILE"):
+    for name in ("EMBEDDING_API_KEY", "OUTBOXD_EMBEDDING__API_KEY", "OUTBOXD_EMBEDDING_API_KEY",
+                 "OUTBOXD_EMBEDDING__API_KEY_FILE", "OUTBOXD_EMBEDDING_API_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # no stray .env
     secret = tmp_path / "embedding-key"
@@ -509,8 +511,8 @@ async def test_the_key_from_embedding_api_key_file(tmp_path, monkeypatch, backen
     monkeypatch.setenv("EMBEDDING_API_KEY_FILE", str(secret))
     with EmbeddingServer(api_key=KEY) as server:
         settings = Settings(database_url=None, embedding={"backend": "http", "url": server.url})
-        assert settings.embedding_api_key is not None and KEY not in repr(settings)
-        backend = HttpBackend(settings, settings.embedding)
+        assert settings.embedding.api_key is not None and KEY not in repr(settings)
+        backend = HttpBackend(settings.embedding)
         try:
             assert (await backend.load()).dimension == 384
             await backend.encode(["with the key from a file"])

@@ -232,7 +232,7 @@ def test_cli_warns_about_local_mode_above_20000_points(conn, dsn, collection, em
 
     async def converge():
         client = AsyncQdrantClient(path=str(path))
-        await drain(make_settings(qdrant_path=path), dsn, embedder, client)
+        await drain(make_settings(qdrant={"path": path}), dsn, embedder, client)
         await client.close()
 
     asyncio.run(converge())

@@ -26,7 +26,7 @@ LONG = " ".join(f"token{i}" for i in range(200))  # past 128 tokens: the two set
 
 @pytest.fixture(scope="module")
 def short_window_embedder():
-    emb = Embedder(Settings(max_seq_length=128))
+    emb = Embedder(Settings(embedding={"max_seq_length": 128}))
     asyncio.run(emb.load())
     yield emb
     asyncio.run(emb.close())
@@ -35,7 +35,7 @@ def short_window_embedder():
 async def test_reindex_under_concurrent_writes_then_rollback(
     conn, dsn, qdrant, collection, embedder, short_window_embedder, make_settings, pool
 ):
-    old_settings, new_settings = make_settings(), make_settings(max_seq_length=128)
+    old_settings, new_settings = make_settings(), make_settings(embedding={"max_seq_length": 128})
     new = short_window_embedder
     _, ids = add_document(conn, [f"chunk {i} " + (LONG if i % 5 == 0 else "short text") for i in range(60)])
     old = NotifyDaemon(old_settings, dsn, embedder=embedder, qdrant=qdrant)

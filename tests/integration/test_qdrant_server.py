@@ -75,7 +75,7 @@ def own_server(tmp_path):
 
 def secured_env(dsn, collection, server: QdrantServer, **settings) -> dict[str, str]:
     """An outboxd process on the secured server: its URL and gRPC port; key and CA as the test says."""
-    return base_env(DATABASE_URL=dsn, QDRANT_URL=server.url, OUTBOXD_QDRANT_GRPC_PORT=server.grpc_port,
+    return base_env(DATABASE_URL=dsn, QDRANT_URL=server.url, OUTBOXD_QDRANT__GRPC_PORT=server.grpc_port,
                     OUTBOXD_COLLECTION=collection, OUTBOXD_POLL_INTERVAL=0.5, OUTBOXD_STARTUP_TIMEOUT=30, **settings)
 
 
@@ -97,8 +97,8 @@ def refused_before_the_model(proc, says: list[str]) -> dict:
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 @pytest.mark.parametrize("key", [None, "not-the-key"], ids=["missing", "wrong"])
 def test_a_missing_or_wrong_api_key_exits_78_naming_the_setting(spawn, dsn, collection, secured, transport, key):
-    env = secured_env(dsn, collection, secured, OUTBOXD_QDRANT_CA_FILE=secured.tls.ca,
-                      OUTBOXD_QDRANT_PREFER_GRPC=transport == "grpc", **({"QDRANT_API_KEY": key} if key else {}))
+    env = secured_env(dsn, collection, secured, OUTBOXD_QDRANT__CA_FILE=secured.tls.ca,
+                      OUTBOXD_QDRANT__PREFER_GRPC=transport == "grpc", **({"QDRANT_API_KEY": key} if key else {}))
     proc = run_drain(spawn, env, timeout=120)
     refused_before_the_model(proc, ["refused the API key", "QDRANT_API_KEY"])
     assert "not-the-key" not in proc.stderr and RW_KEY not in proc.stderr
@@ -106,12 +106,12 @@ def test_a_missing_or_wrong_api_key_exits_78_naming_the_setting(spawn, dsn, coll
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 async def test_an_api_key_file_and_a_ca_file_converge(spawn, conn, dsn, collection, embedder, secured, tmp_path, transport):
-    """QDRANT_API_KEY_FILE and OUTBOXD_QDRANT_CA_FILE, over REST and over gRPC (both use the CA)."""
+    """QDRANT_API_KEY_FILE and OUTBOXD_QDRANT__CA_FILE, over REST and over gRPC (both use the CA)."""
     key_file = tmp_path / "qdrant-key"
     key_file.write_text(RW_KEY + "\n")
     _, ids = add_document(conn, ["Keys come from files mounted as secrets.", "The CA is private."])
-    env = secured_env(dsn, collection, secured, QDRANT_API_KEY_FILE=key_file, OUTBOXD_QDRANT_CA_FILE=secured.tls.ca,
-                      OUTBOXD_QDRANT_PREFER_GRPC=transport == "grpc")
+    env = secured_env(dsn, collection, secured, QDRANT_API_KEY_FILE=key_file, OUTBOXD_QDRANT__CA_FILE=secured.tls.ca,
+                      OUTBOXD_QDRANT__PREFER_GRPC=transport == "grpc")
     proc = run_drain(spawn, env)
     assert proc.popen.returncode == 0, proc.describe()
     assert outbox_rows(conn) == []
@@ -138,9 +138,9 @@ async def test_ssl_cert_file_verifies_the_server_when_no_ca_file_is_set(spawn, c
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_a_certificate_that_does_not_verify_exits_78_at_once(spawn, dsn, collection, secured, transport):
     """Without the private CA the certificate cannot verify, which no waiting heals: 78, naming the setting."""
-    env = secured_env(dsn, collection, secured, QDRANT_API_KEY=RW_KEY, OUTBOXD_QDRANT_PREFER_GRPC=transport == "grpc")
+    env = secured_env(dsn, collection, secured, QDRANT_API_KEY=RW_KEY, OUTBOXD_QDRANT__PREFER_GRPC=transport == "grpc")
     proc = run_drain(spawn, env, timeout=120)
-    refused_before_the_model(proc, ["certificate does not verify", "OUTBOXD_QDRANT_CA_FILE", "SSL_CERT_FILE"])
+    refused_before_the_model(proc, ["certificate does not verify", "OUTBOXD_QDRANT__CA_FILE", "SSL_CERT_FILE"])
 
 
 async def test_a_read_only_key_serves_search_and_status_and_run_refuses_it(
@@ -151,13 +151,13 @@ async def test_a_read_only_key_serves_search_and_status_and_run_refuses_it(
     add_document(conn, ["A read-only key may search.", "It may not write points."], title="Keys")
     client = secured.client()
     try:
-        settings = make_settings(qdrant_url=secured.url, qdrant_api_key=RW_KEY, qdrant_ca_file=secured.tls.ca)
+        settings = make_settings(qdrant={"url": secured.url, "api_key": RW_KEY, "ca_file": secured.tls.ca})
         await drain(settings, dsn, embedder, client)
     finally:
         await client.close()
 
     for name, value in {"DATABASE_URL": dsn, "OUTBOXD_COLLECTION": collection, "QDRANT_URL": secured.url,
-                        "QDRANT_API_KEY": RO_KEY, "OUTBOXD_QDRANT_CA_FILE": str(secured.tls.ca)}.items():
+                        "QDRANT_API_KEY": RO_KEY, "OUTBOXD_QDRANT__CA_FILE": str(secured.tls.ca)}.items():
         monkeypatch.setenv(name, value)
 
     def run(*argv) -> tuple[int, str]:
@@ -185,7 +185,7 @@ async def test_a_read_only_key_serves_search_and_status_and_run_refuses_it(
 
     add_document(conn, ["Written while only a read-only key is configured."])
     pending = outbox_rows(conn)
-    env = secured_env(dsn, collection, secured, QDRANT_API_KEY=RO_KEY, OUTBOXD_QDRANT_CA_FILE=secured.tls.ca)
+    env = secured_env(dsn, collection, secured, QDRANT_API_KEY=RO_KEY, OUTBOXD_QDRANT__CA_FILE=secured.tls.ca)
     proc = run_drain(spawn, env)
     assert proc.popen.returncode == EXIT_CONFIG, proc.describe()
     error = [d for d in proc.logs() if d.get("level") == "error"][-1]
@@ -203,7 +203,7 @@ async def test_daemon_processes_starting_together_share_one_collection(spawn, co
     insert_backlog(conn, long_texts(96, words=20, seed=11), per_document=24)
     env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, OUTBOXD_BATCH_SIZE=8, OUTBOXD_POLL_INTERVAL=0.5,
                    OUTBOXD_LEASE_SECONDS=5, OUTBOXD_STARTUP_TIMEOUT=30,
-                   **{k: os.environ[k] for k in ("QDRANT_URL", "QDRANT_API_KEY", "OUTBOXD_QDRANT_CA_FILE") if os.environ.get(k)})
+                   **{k: os.environ[k] for k in ("QDRANT_URL", "QDRANT_API_KEY", "OUTBOXD_QDRANT__CA_FILE") if os.environ.get(k)})
     procs = [spawn("run", "--drain", env=env, name=f"starter-{i}") for i in range(3)]
     for proc in procs:
         assert proc.wait(MODEL_LOAD_S + 120) == 0, proc.describe()

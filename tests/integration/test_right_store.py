@@ -66,7 +66,7 @@ def test_another_qdrant_is_refused_and_nothing_is_written_there(conn, dsn, colle
     home, other = tmp_path / "qdrant", tmp_path / "other"
     add_document(conn, ["the first chunk", "the second chunk"])
     asyncio.run(converge(make_settings, home, dsn, embedder, collection))
-    env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, OUTBOXD_QDRANT_PATH=str(other),
+    env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, OUTBOXD_QDRANT__PATH=str(other),
                    OUTBOXD_STARTUP_TIMEOUT=20)
     for argv in (["run", "--drain"], ["reconcile", "--check"], ["status"]):
         result = outboxd(argv, env, tmp_path)
@@ -95,7 +95,7 @@ def test_a_collection_of_the_same_name_in_another_qdrant_is_refused(conn, dsn, c
             await client.close()
 
     asyncio.run(impostor())
-    env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, OUTBOXD_QDRANT_PATH=str(other))
+    env = base_env(DATABASE_URL=dsn, OUTBOXD_COLLECTION=collection, OUTBOXD_QDRANT__PATH=str(other))
     result = outboxd(["run", "--drain"], env, tmp_path)
     assert result.returncode == EXIT_CONFIG, report(result)
     assert "with another id" in result.stderr, report(result)
@@ -146,7 +146,7 @@ def test_the_embedded_defaults_rebuild_a_lost_collection_by_themselves(conn, dsn
     lost local-mode folder is recreated and every chunk enqueued, with no operator step."""
     path = tmp_path / "qdrant"
     add_document(conn, [f"chunk number {i}" for i in range(4)])
-    embedded = make_settings(database_url=None, qdrant_url=None, qdrant_path=path)
+    embedded = make_settings(database_url=None, qdrant={"url": None, "path": path})
     assert embedded.services_configured() == []
 
     async def run_twice() -> None:

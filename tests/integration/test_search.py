@@ -213,7 +213,7 @@ async def test_a_different_model_is_refused_with_both_fingerprints(conn, dsn, po
     naming the collection's model, the configured one, and what to set."""
     add_document(conn, ["one chunk, so that the collection exists"])
     await drain(make_settings(), dsn, embedder, qdrant)
-    other = Embedder(Settings(database_url=None, max_seq_length=128))
+    other = Embedder(Settings(database_url=None, embedding={"max_seq_length": 128}))
     await other.load()
     try:
         with pytest.raises(ModelMismatchError) as info:
@@ -222,7 +222,7 @@ async def test_a_different_model_is_refused_with_both_fingerprints(conn, dsn, po
         await other.close()
     message = str(info.value)
     assert str(embedder.fingerprint) in message and str(other.fingerprint) in message
-    assert "OUTBOXD_MAX_SEQ_LENGTH=256" in message and "reindex" in message
+    assert "OUTBOXD_EMBEDDING__MAX_SEQ_LENGTH=256" in message and "reindex" in message
 
 
 async def test_bad_arguments_are_value_errors(corpus, pool, qdrant, collection, embedder):
@@ -287,6 +287,6 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
     assert orjson.loads(capsys.readouterr().out)["hits"][0]["chunk_id"] == first["chunk_id"] and checks == []
     monkeypatch.delenv("OUTBOXD_EMBEDDING__PRECISION")
 
-    monkeypatch.setenv("OUTBOXD_MAX_SEQ_LENGTH", "128")
+    monkeypatch.setenv("OUTBOXD_EMBEDDING__MAX_SEQ_LENGTH", "128")
     assert cli.main(base + ["anything"]) == 78
-    assert "OUTBOXD_MAX_SEQ_LENGTH=256" in capsys.readouterr().err
+    assert "OUTBOXD_EMBEDDING__MAX_SEQ_LENGTH=256" in capsys.readouterr().err

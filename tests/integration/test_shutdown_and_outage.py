@@ -48,7 +48,7 @@ def test_sigterm_with_a_slow_encode_in_flight_exits_within_the_drain_timeout(spa
     timeout on this machine: SIGTERM must end the process within
     drain_timeout + the shutdown grace, the claims released (not left to the lease)."""
     insert_backlog(conn, long_texts(256, words=200, seed=5), per_document=64)
-    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=256, OUTBOXD_EMBED_BATCH_SIZE=256,
+    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=256, OUTBOXD_EMBEDDING__BATCH_SIZE=256,
                      OUTBOXD_CONCURRENCY=1, OUTBOXD_DRAIN_TIMEOUT=DRAIN_TIMEOUT, OUTBOXD_LEASE_SECONDS=60)
     daemon = spawn("run", env=env, name="slow-encode")
     daemon.wait_running()
@@ -73,7 +73,7 @@ def test_a_second_ctrl_c_stops_at_once_with_130(spawn, conn, dsn, collection, tm
     Ctrl-C stops at once); the second stops it within the second-signal grace, exit 130
     (interrupted), the claims released."""
     insert_backlog(conn, long_texts(256, words=200, seed=7), per_document=64)
-    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=256, OUTBOXD_EMBED_BATCH_SIZE=256,
+    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=256, OUTBOXD_EMBEDDING__BATCH_SIZE=256,
                      OUTBOXD_CONCURRENCY=1, OUTBOXD_DRAIN_TIMEOUT=120, OUTBOXD_LEASE_SECONDS=60)
     daemon = spawn("run", env=env, name="ctrl-c")
     daemon.wait_running()
@@ -101,7 +101,7 @@ def test_a_worker_crash_beside_a_slow_batch_exits_non_zero(spawn, conn, dsn, col
     a bug, not a network). The process stops and exits 1, never 0, whichever ends it:
     the drain, or the shutdown deadline while the forward pass still runs."""
     insert_backlog(conn, long_texts(64, words=200, seed=6), per_document=64)
-    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=64, OUTBOXD_EMBED_BATCH_SIZE=64,
+    env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_BATCH_SIZE=64, OUTBOXD_EMBEDDING__BATCH_SIZE=64,
                      OUTBOXD_CONCURRENCY=2, OUTBOXD_DRAIN_TIMEOUT=1, OUTBOXD_LEASE_SECONDS=60)
     daemon = spawn("run", env=env, name="worker-crash")
     daemon.wait_running()

@@ -68,19 +68,19 @@ def test_settings_read_conventional_and_prefixed_env_vars(monkeypatch):
 
     s = Settings()
     assert s.database_url.get_secret_value() == "postgresql://app:pw@db.example/app"
-    assert s.qdrant_url == "http://qdrant.example:6333"
-    assert s.qdrant_api_key.get_secret_value() == "qdrant-key"
+    assert s.qdrant.url == "http://qdrant.example:6333"
+    assert s.qdrant.api_key.get_secret_value() == "qdrant-key"
     assert (s.batch_size, s.lease_seconds, s.collection, s.log_level) == (128, 12.5, "docs", "DEBUG")
     assert s.application_name == "outboxd:worker-7"
 
 
 def test_prefixed_names_work_for_conventional_variables_too(monkeypatch):
-    """OUTBOXD_DATABASE_URL / OUTBOXD_QDRANT_URL are accepted as well."""
+    """OUTBOXD_DATABASE_URL / OUTBOXD_QDRANT__URL are accepted as well."""
     monkeypatch.setenv("OUTBOXD_DATABASE_URL", "postgresql://other/db")
-    monkeypatch.setenv("OUTBOXD_QDRANT_URL", "http://other:6333")
+    monkeypatch.setenv("OUTBOXD_QDRANT__URL", "http://other:6333")
     s = Settings()
     assert s.database_url.get_secret_value() == "postgresql://other/db"
-    assert s.qdrant_url == "http://other:6333"
+    assert s.qdrant.url == "http://other:6333"
 
 
 def test_dotenv_file_is_read_and_environment_wins(monkeypatch, tmp_path):
@@ -94,8 +94,11 @@ def test_dotenv_file_is_read_and_environment_wins(monkeypatch, tmp_path):
 def test_env_names_are_the_documented_ones():
     """Conventional names stay unprefixed; every other setting is OUTBOXD_<NAME>."""
     assert env_name("database_url") == "DATABASE_URL"
-    assert env_name("qdrant_url") == "QDRANT_URL"
-    assert env_name("qdrant_api_key") == "QDRANT_API_KEY"
+    assert env_name("qdrant.url") == "QDRANT_URL"
+    assert env_name("qdrant.api_key") == "QDRANT_API_KEY"
+    assert env_name("qdrant.timeout") == "OUTBOXD_QDRANT__TIMEOUT"
+    assert env_name("embedding.api_key") == "EMBEDDING_API_KEY"
+    assert env_name("embedding.batch_size") == "OUTBOXD_EMBEDDING__BATCH_SIZE"
     assert env_name("batch_size") == "OUTBOXD_BATCH_SIZE"
     assert env_name("retry_backoff_max") == "OUTBOXD_RETRY_BACKOFF_MAX"
     assert env_name("health.port") == "OUTBOXD_HEALTH__PORT"  # a table's: OUTBOXD_<TABLE>__<NAME>
@@ -150,21 +153,24 @@ def test_a_secret_in_the_config_file_is_refused(tmp_path, capsys):
 def test_an_explicit_qdrant_path_beats_qdrant_url_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("QDRANT_URL", "http://from-env:6333")
     s, _ = load_settings(None, {"qdrant_path": tmp_path / "q"}, strict=False)
-    assert (s.qdrant_url, s.qdrant_path) == (None, tmp_path / "q")
+    assert (s.qdrant.url, s.qdrant.path) == (None, tmp_path / "q")
     monkeypatch.delenv("QDRANT_URL")
-    monkeypatch.setenv("OUTBOXD_QDRANT_PATH", str(tmp_path / "env-q"))
+    monkeypatch.setenv("OUTBOXD_QDRANT__PATH", str(tmp_path / "env-q"))
     s, _ = load_settings(None, {"qdrant_url": "http://from-flag:6333"}, strict=False)
-    assert (s.qdrant_url, s.qdrant_path) == ("http://from-flag:6333", None)
+    assert (s.qdrant.url, s.qdrant.path) == ("http://from-flag:6333", None)
+    monkeypatch.setenv("OUTBOXD_QDRANT__TIMEOUT", "5")  # the rest of the table is still read
+    s, _ = load_settings(None, {"qdrant_url": "http://from-flag:6333"}, strict=False)
+    assert (s.qdrant.url, s.qdrant.path, s.qdrant.timeout) == ("http://from-flag:6333", None, 5.0)
     for name in ("run", "status", "reconcile", "search", "reindex", "consume"):
         assert {"--qdrant-path", "--qdrant-url"} <= set(options(commands()[name])), name
 
 
 def test_qdrant_url_and_path_both_in_the_environment_exit_78(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("QDRANT_URL", "http://from-env:6333")
-    monkeypatch.setenv("OUTBOXD_QDRANT_PATH", str(tmp_path / "q"))
+    monkeypatch.setenv("OUTBOXD_QDRANT__PATH", str(tmp_path / "q"))
     assert cli.main(["roles"]) == EXIT_CONFIG
     err = capsys.readouterr().err
-    assert "QDRANT_URL" in err and "OUTBOXD_QDRANT_PATH" in err
+    assert "QDRANT_URL" in err and "OUTBOXD_QDRANT__PATH" in err
 
 
 # --- secrets ------------------------------------------------------------------------------
@@ -179,7 +185,7 @@ def test_no_command_has_a_secret_option():
 
 def test_secrets_never_show_in_repr_or_str():
     """SecretStr settings (database URL with password, Qdrant API key) are masked when printed."""
-    s = Settings(database_url="postgresql://app:hunter2@db.example/app", qdrant_api_key="s3cr3t-api-key")
+    s = Settings(database_url="postgresql://app:hunter2@db.example/app", qdrant={"api_key": "s3cr3t-api-key"})
     for text in (repr(s), str(s)):
         assert "hunter2" not in text
         assert "s3cr3t-api-key" not in text
@@ -261,7 +267,7 @@ def test_strict_refuses_an_unknown_variable(monkeypatch, capsys, how):
         argv += how
     assert cli.main(argv) == EXIT_CONFIG
     err = capsys.readouterr().err
-    assert "OUTBOXD_QDRANT_TIMOUT" in err and "OUTBOXD_QDRANT_TIMEOUT" in err
+    assert "OUTBOXD_QDRANT_TIMOUT" in err and "did you mean OUTBOXD_QDRANT__TIMEOUT?" in err
 
 
 def test_an_unknown_config_key_is_a_warning_and_strict_refuses_it(tmp_path, capsys):

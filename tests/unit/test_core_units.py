@@ -173,7 +173,7 @@ def _cert_failure() -> ResponseHandlingException:
     [
         (UnexpectedResponse(401, "Unauthorized", b"Invalid API key or JWT", httpx.Headers()), "QDRANT_API_KEY"),
         (UnexpectedResponse(403, "Forbidden", b'{"status":{"error":"Forbidden"}}', httpx.Headers()), "read-only key"),
-        (_cert_failure(), "OUTBOXD_QDRANT_CA_FILE"),
+        (_cert_failure(), "OUTBOXD_QDRANT__CA_FILE"),
     ],
     ids=["401", "403", "certificate"],
 )

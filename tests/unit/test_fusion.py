@@ -154,13 +154,15 @@ def test_a_search_loads_its_model_on_the_cpu_in_fp32_unless_a_device_is_named(mo
     """One query is milliseconds on a CPU; starting CUDA for it costs seconds, and a
     lower precision is checked against fp32 on a sample first. ONNX keeps its own
     settings: int8 is another fingerprint."""
-    for name in ("OUTBOXD_DEVICE", "OUTBOXD_EMBEDDING__PRECISION", "OUTBOXD_EMBEDDING__BACKEND"):
+    for name in ("OUTBOXD_DEVICE", "OUTBOXD_EMBEDDING__DEVICE", "OUTBOXD_EMBEDDING__PRECISION",
+                 "OUTBOXD_EMBEDDING__BACKEND"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings(database_url=None)
-    assert settings.device is None and query_settings(settings).device == "cpu"
-    assert query_settings(settings).model == settings.model and query_settings(settings).embedding.precision == "fp32"
-    named = query_settings(Settings(database_url=None, device="cuda:1", embedding={"backend": "sentence-transformers",
-                                                                                       "precision": "fp16"}))
-    assert named.device == "cuda:1" and named.embedding.precision == "fp32"
+    assert settings.embedding.device is None and query_settings(settings).embedding.device == "cpu"
+    assert query_settings(settings).embedding.name == settings.embedding.name
+    assert query_settings(settings).embedding.precision == "fp32"
+    named = query_settings(Settings(database_url=None, embedding={"backend": "sentence-transformers",
+                                                                  "device": "cuda:1", "precision": "fp16"}))
+    assert named.embedding.device == "cuda:1" and named.embedding.precision == "fp32"
     onnx = Settings(database_url=None, embedding={"backend": "onnx", "quantize": True})
-    assert query_settings(onnx).embedding == onnx.embedding and query_settings(onnx).device == "cpu"
+    assert query_settings(onnx).embedding == onnx.embedding.model_copy(update={"device": "cpu"})

@@ -106,7 +106,8 @@ def test_the_env_rule_knows_the_conventional_names():
                  "OUTBOXD_WORKER_NAME", "OUTBOXD_DATA_DIR", "OTEL_SERVICE_NAME", "HF_HUB_OFFLINE"):
         assert env_allowed(name), name
     for name in ("OUTBOXD_NO_SUCH_SETTING", "QDRANT_URL_FILE", "OUTBOXD_COLLECTION_FILE", "HOME",
-                 "OUTBOXD_HEALTH_PORT", "OUTBOXD_KAFKA_TOPIC"):  # deprecated: not in the artifacts
+                 "OUTBOXD_HEALTH_PORT", "OUTBOXD_KAFKA_TOPIC",
+                 "OUTBOXD_MODEL", "OUTBOXD_QDRANT_PATH"):  # deprecated: not in the artifacts
         assert not env_allowed(name), name
     assert {"run", "migrate"} <= subcommands()
 

@@ -32,7 +32,7 @@ def build(settings: Settings) -> list[warnings.WarningMessage]:
 
 
 def test_an_api_key_over_http_is_one_log_line_not_a_raw_warning(fresh_process, caplog):
-    settings = Settings(qdrant_url="http://qdrant.internal:6333", qdrant_api_key="k3y-over-http")
+    settings = Settings(qdrant={"url": "http://qdrant.internal:6333", "api_key": "k3y-over-http"})
     with caplog.at_level(logging.WARNING, logger=qdrant_connect.__name__):
         raw = build(settings) + build(settings)  # twice: still one line per process
 
@@ -49,6 +49,6 @@ def test_an_api_key_over_http_is_one_log_line_not_a_raw_warning(fresh_process, c
 @pytest.mark.parametrize("url, key", [("https://qdrant.internal:6333", "k3y"), ("http://qdrant.internal:6333", None)])
 def test_no_line_where_the_key_is_safe_or_absent(fresh_process, caplog, url, key):
     with caplog.at_level(logging.WARNING, logger=qdrant_connect.__name__):
-        raw = build(Settings(qdrant_url=url, qdrant_api_key=key))
+        raw = build(Settings(qdrant={"url": url, "api_key": key}))
     assert [str(w.message) for w in raw] == []
     assert [r for r in caplog.records if r.name == qdrant_connect.__name__] == []

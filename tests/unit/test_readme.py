@@ -43,13 +43,14 @@ def own_options(name: str) -> set[str]:
 
 def documented_variables() -> set[str]:
     """Each setting's environment variable, the core's and every installed wing's (a
-    table's settings each their own, the embedding backend's union as
-    OUTBOXD_EMBEDDING__BACKEND, whose members' own settings docs/embedding.md names)."""
+    table's settings each their own; of the embedding union, what every backend has,
+    OUTBOXD_EMBEDDING__BACKEND included, where each backend's own settings are in
+    docs/embedding.md)."""
     expected = set()
     for cls in every_settings_class():
         for s in settings_of(cls):
-            union = len(nested_models(cls.model_fields[s.path[0]].annotation)) > 1
-            if not union or s.path[1] == "backend":
+            members = [m for _, m in nested_models(cls.model_fields[s.path[0]].annotation)]
+            if len(members) < 2 or all(s.path[1] in m.model_fields for m in members):
                 expected.add(s.variable)
     return expected
 

@@ -9,7 +9,8 @@ from daemon import cli
 from daemon.config import Settings
 from daemon.errors import EXIT_CONFIG
 
-SECRET_VARS = ["DATABASE_URL", "OUTBOXD_DATABASE_URL", "QDRANT_API_KEY", "OUTBOXD_QDRANT_API_KEY"]
+SECRET_VARS = ["DATABASE_URL", "OUTBOXD_DATABASE_URL", "QDRANT_API_KEY", "OUTBOXD_QDRANT__API_KEY",
+               "OUTBOXD_QDRANT_API_KEY", "EMBEDDING_API_KEY", "OUTBOXD_EMBEDDING__API_KEY", "OUTBOXD_EMBEDDING_API_KEY"]
 SECRET = "postgresql://outboxd:s3cr3t-pw@db.example/outboxd?sslmode=verify-full"
 
 
@@ -30,13 +31,19 @@ def secret_file(tmp_path, content: str, name: str = "secret"):
 @pytest.mark.parametrize("var, field", [
     ("DATABASE_URL_FILE", "database_url"),
     ("OUTBOXD_DATABASE_URL_FILE", "database_url"),
-    ("QDRANT_API_KEY_FILE", "qdrant_api_key"),
-    ("OUTBOXD_QDRANT_API_KEY_FILE", "qdrant_api_key"),
+    ("QDRANT_API_KEY_FILE", "qdrant.api_key"),
+    ("OUTBOXD_QDRANT__API_KEY_FILE", "qdrant.api_key"),
+    ("OUTBOXD_QDRANT_API_KEY_FILE", "qdrant.api_key"),  # its name before [qdrant] (deprecated)
+    ("EMBEDDING_API_KEY_FILE", "embedding.api_key"),
+    ("OUTBOXD_EMBEDDING__API_KEY_FILE", "embedding.api_key"),
 ])
 def test_secret_is_read_from_the_file_stripped(monkeypatch, tmp_path, var, field):
     """Each secret's *_FILE variable supplies the file content without surrounding whitespace."""
     monkeypatch.setenv(var, str(secret_file(tmp_path, f"\n  {SECRET}\t\n")))
-    assert getattr(Settings(), field).get_secret_value() == SECRET
+    value = Settings()
+    for part in field.split("."):
+        value = getattr(value, part)
+    assert value.get_secret_value() == SECRET
 
 
 def test_a_flag_wins_over_the_file(monkeypatch, tmp_path):
@@ -48,7 +55,7 @@ def test_a_flag_wins_over_the_file(monkeypatch, tmp_path):
 def test_settings_without_files_are_unchanged(monkeypatch):
     """Without *_FILE variables the direct variables work as before."""
     monkeypatch.setenv("QDRANT_API_KEY", "direct-key")
-    assert Settings().qdrant_api_key.get_secret_value() == "direct-key"
+    assert Settings().qdrant.api_key.get_secret_value() == "direct-key"
 
 
 @pytest.mark.parametrize("direct", ["DATABASE_URL", "OUTBOXD_DATABASE_URL", "DATABASE_URL_FILE"])
