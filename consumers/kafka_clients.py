@@ -3,12 +3,12 @@ security options, and the topics outboxd needs, created when missing (or a clear
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from consumers.settings import StreamSettings
 from daemon.errors import ConfigError, ServiceUnavailableError
-from daemon.runtime.backoff import Backoff
+from daemon.runtime.backoff import KAFKA_STATUS
+from daemon.runtime.retry import GaveUp, Retry
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ async def group_lag(settings: StreamSettings) -> dict[str, Any]:
         await admin.close()
 
 
-STATUS_BUDGET = 20.0  # seconds `outboxd status` keeps asking a broker that answers "not yet"
+STATUS_BUDGET = KAFKA_STATUS.deadline  # seconds `outboxd status` keeps asking a broker that answers "not yet"
 
 
 def consumer_group_status(settings: StreamSettings) -> dict[str, Any]:
@@ -159,22 +159,16 @@ def consumer_group_status(settings: StreamSettings) -> dict[str, Any]:
 
     from aiokafka.errors import KafkaConnectionError
 
-    from daemon.errors import describe, is_transient
+    from daemon.errors import describe
 
-    async def lag(budget: float = STATUS_BUDGET) -> dict[str, Any]:
+    async def lag() -> dict[str, Any]:
         # retried while a broker that answers says "not yet" (a fresh cluster's group
         # coordinator, a leader election); brokers that do not answer are reported at once
-        attempts = Backoff(base=0.25, cap=1.0, deadline=budget).attempts()
-        while True:
-            try:
-                left = budget - (time.monotonic() - attempts.started)
-                return await asyncio.wait_for(group_lag(settings), max(1.0, left))
-            except Exception as exc:
-                if isinstance(exc, KafkaConnectionError) or not is_transient(exc) or attempts.expired():
-                    raise
-                await asyncio.sleep(attempts.next_delay())
+        retry = Retry(KAFKA_STATUS, retry_if=lambda exc: not isinstance(exc, KafkaConnectionError))
+        return await asyncio.wait_for(retry.call(group_lag, settings), STATUS_BUDGET)
 
     try:
         return asyncio.run(lag())
     except Exception as exc:  # status reports what it can reach
-        return {"topic": settings.kafka.topic, "group": settings.kafka.group, "error": describe(exc)}
+        cause = exc.last if isinstance(exc, GaveUp) else exc
+        return {"topic": settings.kafka.topic, "group": settings.kafka.group, "error": describe(cause)}

@@ -27,7 +27,7 @@ from consumers import contract
 from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
 from daemon.core.batch import Outcome, Target, Targets
 from daemon.core.chunk_state import MAX_METADATA_DEPTH
-from daemon.errors import describe, is_transient
+from daemon.errors import Failure, classify, describe
 from daemon.outbox.queue import Event
 from daemon.outbox.service import OutboxService
 from daemon.telemetry import inject_headers
@@ -97,8 +97,8 @@ class Publisher:
         outcomes = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
         for (chunk_id, _), outcome in zip(pending, outcomes):
             if isinstance(outcome, BaseException):
-                if is_transient(outcome) or not isinstance(outcome, Exception):
-                    raise outcome  # the batch is retried whole; duplicates are harmless
+                if not isinstance(outcome, Exception) or classify(outcome) is not Failure.OTHER:
+                    raise outcome  # an outage: the batch is retried whole (duplicates are harmless); or no chunk's fault
                 result.written.pop(chunk_id, None)
                 result.failed[chunk_id] = describe(outcome)  # e.g. larger than the broker accepts
         result.published = len(result.written)

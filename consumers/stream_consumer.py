@@ -32,9 +32,8 @@ from aiokafka import ConsumerRebalanceListener
 
 from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
 from consumers.settings import StreamSettings
-from daemon.errors import describe, is_transient
-from daemon.runtime.backoff import OUTAGE
-from daemon.runtime.batch_policy import wait_for_any
+from daemon.errors import describe
+from daemon.runtime.retry import Stopped
 from daemon.runtime.service import Service
 from daemon.telemetry import extract_context, tracer
 
@@ -71,7 +70,8 @@ class StreamConsumer(Service):
         self.producer = None  # for dead letters
         self._busy = asyncio.Lock()  # held while a batch is processed; revocation waits for it
         self._in_flight = "batch"  # the heartbeat's name for the batch being processed
-        self._poll_outage = OUTAGE.attempts()  # the streak of failed fetches, reset by the next good one
+        # the streak of failed fetches, reset by the next good one
+        self._polling = self.policy.outage_retry("poll", "cannot fetch from Kafka; retrying")
 
     # --- the part a subclass writes --------------------------------------------
     async def handle(self, records: list[Any]) -> list[tuple[Any, str]]:
@@ -170,17 +170,9 @@ class StreamConsumer(Service):
 
     async def _poll(self) -> dict:
         try:
-            batches = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.batch_size)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            delay = self._poll_outage.next_delay()
-            self.policy.note_outage("poll", exc, delay)
-            log.warning("cannot fetch from Kafka; retrying", extra={"error": describe(exc), "retry_in": round(delay, 2)})
-            await wait_for_any([self.stop], delay)
-            return {}
-        self._poll_outage.reset()
-        return batches
+            return await self._polling.call(self.consumer.getmany, timeout_ms=500, max_records=self.settings.batch_size)
+        except Stopped:
+            return {}  # stopped during an outage: nothing fetched
 
     async def _observe_lag(self) -> None:
         """Per assigned partition: messages after our position (the broker's high
@@ -201,18 +193,18 @@ class StreamConsumer(Service):
             attributes={"partition": tp.partition, "records": len(records), "offset": records[0].offset},
         ):
             parked: set[int] = set()  # offsets parked by an earlier try of this batch: never twice
-            try:
-                async for attempt in self.policy.retrying(self._in_flight):
-                    with attempt:
-                        rejected = await self.handle(records)
-                        for record, reason in rejected:
-                            if record.offset not in parked:
-                                await self.dead_letter(record, reason)
-                                parked.add(record.offset)
-                        await self._commit(tp, records[-1].offset + 1)
-            except Exception as exc:
-                if not (is_transient(exc) and self.stop.is_set()):
-                    raise
+
+            async def once() -> None:
+                rejected = await self.handle(records)
+                for record, reason in rejected:
+                    if record.offset not in parked:
+                        await self.dead_letter(record, reason)
+                        parked.add(record.offset)
+                await self._commit(tp, records[-1].offset + 1)
+
+            try:  # an outage of the handler, the dead-letter topic or the commit: the batch again
+                await self.policy.retrying(self._in_flight).call(once)
+            except Stopped:
                 # stopping during an outage: nothing committed, the next owner applies it
                 log.warning("stopped during an outage; batch left uncommitted", extra={"partition": tp.partition})
                 return

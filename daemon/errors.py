@@ -19,6 +19,7 @@ second) only where it classifies one: a bad setting is reported at once.
 """
 from __future__ import annotations
 
+import enum
 import re
 
 EXIT_OK = 0
@@ -192,6 +193,30 @@ def is_transient(exc: BaseException) -> bool:
     if status is not None:
         return status.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
     return False
+
+
+class Failure(enum.Enum):
+    """What a failure is, which decides what every retrying place does with it."""
+
+    TRANSIENT = "transient"  # an outage, an overload: wait and retry; it counts against nothing
+    REFUSAL = "refusal"  # a server refuses the configuration for good: raise refusal(exc), exit 78
+    CONFIG = "config"  # a ConfigError: this configuration cannot work, exit 78
+    OTHER = "other"  # a bug, or the event's own fault: raise it, or count an attempt against the event
+
+
+def classify(exc: BaseException) -> Failure:
+    """The one answer to "transient, refusal, configuration error, or other?"
+    (daemon.runtime.retry asks it for every loop that retries; the batch policy
+    for every failed batch). A DependencyDown is an outage whatever caused it."""
+    if isinstance(exc, DependencyDown):
+        return Failure.TRANSIENT
+    if isinstance(exc, ConfigError):
+        return Failure.CONFIG
+    if refusal(exc) is not None:
+        return Failure.REFUSAL
+    if is_transient(exc):
+        return Failure.TRANSIENT
+    return Failure.OTHER
 
 
 def _is_transient_kafka(exc: BaseException) -> bool:

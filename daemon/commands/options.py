@@ -200,10 +200,11 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict, s
         EXIT_CONFIG,
         EXIT_FAILURE,
         EXIT_UNAVAILABLE,
+        Failure,
         OutboxdError,
+        classify,
         dependency_of,
         describe,
-        is_transient,
         refusal,
     )
 
@@ -231,16 +232,13 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict, s
     except Exception as exc:
         if isinstance(exc, BrokenPipeError) and reader_gone():  # `outboxd status | head -1`
             return ended_by_reader()
-        if (refused := refusal(exc)) is not None:  # a key or certificate the server will not accept
+        # SQLAlchemy (Alembic, `migrate`) wraps the driver's error, which says what happened
+        failures = {classify(e): e for e in (getattr(exc, "orig", None), exc) if e is not None}
+        if (refused_by := failures.get(Failure.REFUSAL)) is not None:  # a key or certificate the server refuses
+            refused = refusal(refused_by)
             log.error(str(refused), extra={"exit_code": refused.exit_code})
             return refused.exit_code
-        # an outage outside a service's own waiting (a one-shot command); SQLAlchemy
-        # (Alembic, `migrate`) wraps the driver's error, which says what happened
-        if (refused := refusal(getattr(exc, "orig", None) or exc)) is not None:
-            log.error(str(refused), extra={"exit_code": refused.exit_code})
-            return refused.exit_code
-        outage = next((e for e in (exc, getattr(exc, "orig", None)) if e is not None and is_transient(e)), None)
-        if outage is not None:
+        if (outage := failures.get(Failure.TRANSIENT)) is not None:  # an outage outside a service's own waiting
             hint = ""
             if dependency_of(outage) == "postgresql" and built.database_url is not None:
                 from daemon.commands.common import stale_embedded_hint

@@ -280,7 +280,7 @@ class Budget(ABC):
             self.progress()
         started = time.monotonic()
         try:
-            await asyncio.sleep(grant.wait)
+            await asyncio.sleep(grant.wait)  # paced: the budget's next turn (a rate, not a retry)
         finally:
             waited = time.monotonic() - started
             reason = "retry_after" if grant.paused else "budget"

@@ -38,12 +38,12 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import numpy as np
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from daemon.embedding.backend import Backend, BackendInfo, Encoded
 from daemon.embedding.budget import Budget, LocalBudget, Rates
@@ -63,6 +63,7 @@ from daemon.embedding.http_protocol import (
 from daemon.embedding.settings import HttpSettings
 from daemon.errors import ConfigError, InvalidChunkError
 from daemon.runtime.backoff import Backoff
+from daemon.runtime.retry import Failed, GaveUp, Retry
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class HttpBackend(Backend):
         self._secret = settings.api_key  # a SecretStr: its repr and str are "**********"
         self.retry_budget = retry_budget
         self.retry_after_max = retry_after_max
-        self._backoff = Backoff(base=backoff_initial, cap=backoff_max).wait()
+        self._backoff = Backoff(base=backoff_initial, cap=backoff_max)
         self._transport = transport
         self._dimension: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop the client was made on
@@ -269,56 +270,44 @@ class HttpBackend(Backend):
             ) from None
 
     async def _request(self, texts: list[str]) -> np.ndarray:
-        """One request's vectors, retried through outages and rate limits for up
-        to retry_budget seconds from its first failure (waiting for a turn of the
-        budget is not failing: that time is left out)."""
-        first_failure: float | None = None
+        """One request's vectors, retried through outages and rate limits (a
+        Retryable: an outage to daemon.errors.classify) for up to retry_budget
+        seconds from its first failure (waiting for a turn of the budget is not
+        failing: the streak's clock leaves that time out)."""
         waited = [0.0]  # seconds the attempts waited for their turn
-
-        def stop(state: RetryCallState) -> bool:
-            nonlocal first_failure
-            now = time.monotonic()
-            if first_failure is None:
-                first_failure = now
-                waited[0] = 0.0
-            return now - first_failure - waited[0] + state.upcoming_sleep > self.retry_budget
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Retryable),
-            wait=self._wait,
-            stop=stop,
-            before_sleep=lambda state: self._log_retry(state, len(texts)),
-            reraise=True,
+        retry = Retry(
+            replace(self._backoff, deadline=self.retry_budget),
+            # the endpoint's answers only: anything else (the shared budget's database) is the daemon's to retry
+            retry_if=lambda exc: isinstance(exc, Retryable),
+            delay_of=self._retry_after,
+            clock=lambda: time.monotonic() - waited[0],
+            on_retry=lambda failed: self._log_retry(failed, len(texts)),
         )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._attempt(texts, waited=waited)
-        except Retryable as exc:
-            attempts = retrying.statistics.get("attempt_number", 1)
+            return await retry.call(self._attempt, texts, waited=waited)
+        except GaveUp as exc:
             raise EndpointUnavailableError(
                 f"the embedding endpoint {self.display_url} still failed after {self.retry_budget:g}s of "
-                f"retries ({attempts} attempts; last: {exc.what}); the batch will be retried"
-            ) from exc.__cause__
-        raise AssertionError("unreachable")  # pragma: no cover
+                f"retries ({exc.attempts} attempts; last: {exc.last.what}); the batch will be retried"
+            ) from exc.last.__cause__
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    def _retry_after(self, exc: BaseException) -> float | None:
+        """The endpoint's own delay (Retry-After), capped and a little jittered; None: the backoff's."""
         retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            wait = min(retry_after, self.retry_after_max)
-            # a little jitter after the endpoint's time, so that waiting clients do not return at once
-            return wait + random.uniform(0, min(1.0, 0.1 * wait + 0.05))
-        return self._backoff(state)
+        if retry_after is None:
+            return None
+        wait = min(retry_after, self.retry_after_max)
+        # a little jitter after the endpoint's time, so that waiting clients do not return at once
+        return wait + random.uniform(0, min(1.0, 0.1 * wait + 0.05))
 
-    def _log_retry(self, state: RetryCallState, texts: int) -> None:
+    def _log_retry(self, failed: Failed, texts: int) -> None:
         self.retries += 1
-        exc = state.outcome.exception() if state.outcome else None
-        status = getattr(exc, "status", None)
-        wait = round(state.upcoming_sleep, 2)
+        exc = failed.error
+        wait = round(failed.delay, 2)
         log.warning(
             f"embedding endpoint: {getattr(exc, 'what', exc)}; retrying in {wait}s",
-            extra={"status": status, "retry_in": wait, "attempt": state.attempt_number, "texts": texts},
+            extra={"status": getattr(exc, "status", None), "retry_in": wait, "attempt": failed.attempt,
+                   "texts": texts},
         )
 
     async def _attempt(self, texts: list[str], *, probe: bool = False, waited: list[float] | None = None) -> np.ndarray:

@@ -6,7 +6,7 @@ are read. No I/O here; daemon.embedding.http_backend sends the requests.
 What is retried, and what it becomes (daemon.errors):
 
 - 429, 408, 5xx, transport errors (refused, reset, timeout) and, after start-up,
-  a malformed answer: retried with exponential backoff and jitter (tenacity),
+  a malformed answer: retried with exponential backoff and jitter (daemon.runtime.retry),
   or after the endpoint's Retry-After (seconds or an HTTP date, capped at
   RETRY_AFTER_MAX), which also pauses the backend's budget: every other
   request of this process, or of every daemon sharing the database's budget.
@@ -54,11 +54,12 @@ class EndpointUnavailableError(DependencyDown):
         super().__init__(message, "embedding")
 
 
-class Retryable(Exception):
-    """One attempt failed in a way worth retrying: an outage, an overload, a rate limit."""
+class Retryable(DependencyDown):
+    """One attempt failed in a way worth retrying: an outage, an overload, a rate
+    limit (a DependencyDown, so daemon.errors.classify calls it transient)."""
 
     def __init__(self, what: str, *, status: int | None = None, retry_after: float | None = None) -> None:
-        super().__init__(what)
+        super().__init__(what, "embedding")
         self.what = what
         self.status = status
         self.retry_after = retry_after

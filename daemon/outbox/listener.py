@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from daemon.errors import describe
+from daemon.errors import Failure, describe
 from daemon.runtime.backoff import RECONNECT, Backoff
+from daemon.runtime.retry import Failed, Retry, Stopped
 from db.gateway import connect_async
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ CONNECT_TIMEOUT = 10.0  # seconds; then the attempt counts as failed and is retr
 
 class Wakeup:
     """A broadcast signal. Take a ticket before looking for work, then wait on
-    it (with the stop event: batch_policy.wait_for_any): a wake-up that fires
+    it (with the stop event: retry.wait_for_any): a wake-up that fires
     in between is not missed."""
 
     def __init__(self) -> None:
@@ -34,35 +35,42 @@ class Wakeup:
         self._event = asyncio.Event()
 
 
+class ListenEnded(ConnectionError):
+    """The server ended the notifications without an error (a terminated backend can)."""
+
+
 class Listener:
-    def __init__(self, dsn: str, application_name: str, wakeup: Wakeup, *, backoff: Backoff = RECONNECT) -> None:
+    def __init__(self, dsn: str, application_name: str, wakeup: Wakeup, *, backoff: Backoff = RECONNECT,
+                 stop: asyncio.Event | None = None) -> None:
         self._dsn = dsn
         self._application_name = application_name
         self._wakeup = wakeup
-        self._backoff = backoff
+        # any failure means: reconnect (the claim loops poll meanwhile); the stop ends the wait
+        self._retry = Retry(backoff, stop=stop, retries=tuple(Failure), on_retry=self._lost)
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
-        """Listen until cancelled, reconnecting with backoff and jitter."""
-        attempts = self._backoff.attempts()
-        while True:
-            try:
-                async with await connect_async(self._dsn, application_name=self._application_name,
-                                               timeout=CONNECT_TIMEOUT) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self.connected.set()
-                    attempts.reset()
-                    # Anything committed while we were away sent its NOTIFY to nobody.
+        """Listen until stopped (or cancelled), reconnecting with backoff and jitter."""
+        try:
+            await self._retry.call(self._listen)
+        except Stopped:
+            return
+
+    async def _listen(self) -> None:
+        try:
+            async with await connect_async(self._dsn, application_name=self._application_name,
+                                           timeout=CONNECT_TIMEOUT) as conn:
+                await conn.execute(f"LISTEN {CHANNEL}")
+                self.connected.set()
+                self._retry.reset()  # connected: the next loss starts from the first delay
+                # Anything committed while we were away sent its NOTIFY to nobody.
+                self._wakeup.fire()
+                async for _ in conn.notifies():
                     self._wakeup.fire()
-                    async for _ in conn.notifies():
-                        self._wakeup.fire()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
-                error = describe(exc)
-            else:  # the server ended the stream without an error (a terminated backend can)
-                error = "the server closed the LISTEN connection"
+        finally:
             self.connected.clear()
-            delay = attempts.next_delay()
-            log.warning("LISTEN connection lost; polling covers the gap", extra={"error": error, "retry_in": round(delay, 2)})
-            await asyncio.sleep(delay)
+        raise ListenEnded("the server closed the LISTEN connection")
+
+    def _lost(self, failed: Failed) -> None:
+        log.warning("LISTEN connection lost; polling covers the gap",
+                    extra={"error": describe(failed.error), "retry_in": round(failed.delay, 2)})

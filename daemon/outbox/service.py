@@ -30,11 +30,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from daemon.config import Settings
 from daemon.core.batch import Outcome, Target, Targets
-from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe, is_transient
+from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe
 from daemon.outbox.listener import Listener, Wakeup
 from daemon.outbox.queue import Claim, Event, Outbox
-from daemon.runtime.backoff import OUTAGE
-from daemon.runtime.batch_policy import wait_for_any
+from daemon.runtime.retry import Stopped, wait_for_any
 from daemon.runtime.service import READINESS_TIMEOUT, Service
 from daemon.telemetry import record_span, span
 from db import migrate
@@ -150,7 +149,7 @@ class OutboxService(Service):
 
     async def _listen(self) -> None:
         s = self.settings
-        await Listener(self.dsn, f"{s.application_name}:listen"[:63], self.wakeup).run()
+        await Listener(self.dsn, f"{s.application_name}:listen"[:63], self.wakeup, stop=self.stop).run()
 
     async def run(self, *, drain: bool = False) -> int:
         """Run the claim loops until stopped (or, with drain, until nothing is pending);
@@ -218,47 +217,57 @@ class OutboxService(Service):
                 status += f"; stuck: {', '.join(stuck)}"
             if not self.stop.is_set():
                 self.notifier.status(status)
-            await asyncio.sleep(BACKLOG_EVERY)
+            await asyncio.sleep(BACKLOG_EVERY)  # paced: a gauge, read every few seconds, failing or not
 
 
 # --- one worker -------------------------------------------------------------------------
+DRAINED = "drained"  # _look's answer in drain mode once nothing is pending
+
+
 class ClaimLoop:
     def __init__(self, name: str, service: OutboxService, *, drain: bool = False) -> None:
         self.name = name
         self.service = service
         self.drain = drain
+        # one streak of claim outages for this worker, across its turns
+        self.claiming = service.policy.outage_retry("claim", "cannot claim; retrying")
 
     async def run(self) -> None:
         """Until stop is set; in drain mode, also until nothing is pending."""
         svc = self.service
-        outage = OUTAGE.attempts()
         while not svc.stop.is_set():
             svc.heartbeat.beat()
-            ticket = svc.wakeup.ticket()
             try:
-                claim_started = time.time_ns()
-                claim = await svc.outbox.claim(svc.settings.batch_size)
-                if not claim:
-                    timeout = svc.settings.poll_interval
-                    if self.drain:
-                        summary = await svc.outbox.pending()
-                        if summary.pending == 0:
-                            return
-                        timeout = min(timeout, summary.wait_seconds or timeout)
-                    await wait_for_any([ticket, svc.stop], timeout)
-                    continue
-                outage.reset()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                delay = outage.next_delay()
-                svc.policy.note_outage("claim", exc, delay)
-                log.warning("cannot claim; retrying", extra={"error": describe(exc), "retry_in": round(delay, 2)})
-                await wait_for_any([svc.stop], delay)
+                found = await self.claiming.call(self._look)
+            except Stopped:
+                return  # stopped during an outage: nothing was claimed
+            if found == DRAINED:
+                return
+            if found is None:
                 continue
-            await self.process(claim, claimed=(claim_started, time.time_ns()))
+            claim, claimed = found
+            await self.process(claim, claimed=claimed)
             if self.drain:  # let the other workers see at once whether anything is left
                 svc.wakeup.fire()
+
+    async def _look(self) -> tuple[Claim, tuple[int, int]] | str | None:
+        """One turn: a claimed batch and when its claim started and ended (in
+        time.time_ns()); or None, after waiting for a wake-up or the poll
+        interval; or DRAINED."""
+        svc = self.service
+        ticket = svc.wakeup.ticket()
+        claim_started = time.time_ns()
+        claim = await svc.outbox.claim(svc.settings.batch_size)
+        if claim:
+            return claim, (claim_started, time.time_ns())
+        timeout = svc.settings.poll_interval
+        if self.drain:
+            summary = await svc.outbox.pending()
+            if summary.pending == 0:
+                return DRAINED
+            timeout = min(timeout, summary.wait_seconds or timeout)
+        await wait_for_any([ticket, svc.stop], timeout)
+        return None
 
     async def process(self, claim: Claim, claimed: tuple[int, int]) -> None:
         """Deliver and acknowledge one claimed batch, in one trace (claimed: when
@@ -286,21 +295,21 @@ class ClaimLoop:
         ids = [e.id for e in claim]
         renewer = asyncio.create_task(self._renew(ids))
         states = claim.states  # read with the claim; an outage retry reads them again
+
+        async def once() -> None:
+            nonlocal states
+            current, states = states, None
+            await self._once(claim, current)
+
         try:
-            async for attempt in svc.policy.retrying(self.name):
-                with attempt:
-                    current, states = states, None
-                    await self._once(claim, current)
+            await svc.policy.retrying(self.name).call(once)
         except asyncio.CancelledError:
             # Shutdown ran out of time: hand the claims back so another worker
             # takes them now instead of after the lease.
             with suppress(Exception):
                 await asyncio.wait_for(svc.outbox.release(ids), 5)
             raise
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            # Only reached when stopping during an outage.
+        except Stopped:
             with suppress(Exception):
                 await asyncio.wait_for(svc.outbox.release(ids), 5)
             log.warning("stopped during an outage; claims released", extra={"events": len(ids)})
@@ -310,7 +319,7 @@ class ClaimLoop:
     async def _renew(self, ids: list[int]) -> None:
         svc = self.service
         while True:
-            await asyncio.sleep(svc.settings.lease_seconds / 3)
+            await asyncio.sleep(svc.settings.lease_seconds / 3)  # paced: renewed three times per lease
             try:
                 await svc.outbox.renew(ids)
             except Exception as exc:  # noqa: BLE001 - a missed renewal only risks duplicate work

@@ -47,10 +47,10 @@ import orjson
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.admin.drift import KINDS, Reconciler, Repair
-from daemon.errors import ConfigError, describe, is_transient, refusal
+from daemon.errors import Failure, describe
 from daemon.outbox.settings import VerifySettings
 from daemon.runtime.backoff import OUTAGE
-from daemon.runtime.batch_policy import wait_for_any
+from daemon.runtime.retry import Failed, Retry, Stopped, wait_for_any
 from daemon.telemetry import Metrics
 from db.gateway import fetch
 
@@ -168,8 +168,10 @@ class Verifier:
 
     async def run(self) -> None:
         """Until stopped (or cancelled): verify while holding the lease, else wait
-        for it. Its own failures are logged and retried, never raised."""
-        failures = OUTAGE.attempts()
+        for it. Its own failures, outages and bugs alike, are logged and retried:
+        the daemon's real work goes on without it. Only what no waiting heals
+        (a refused key, a retired collection) is raised."""
+        retry = Retry(OUTAGE, stop=self.stop, retries=(Failure.TRANSIENT, Failure.OTHER), on_retry=self._failed)
         # a series of each from the start, so that increase() sees the first drift of a kind
         self.metrics.verify_chunks_checked.add(0)
         self.metrics.verify_repaired.add(0)
@@ -177,31 +179,32 @@ class Verifier:
             self.metrics.verify_drift.add(0, {"kind": kind})
         try:
             while not self.stop.is_set():
-                try:
-                    state = await self.lease.take()
-                    self._observe(state)
-                    if state.held:
-                        self._note_taken(state)
-                        await self._verify(state)
-                    else:
-                        self.holding = False
-                        await wait_for_any([self.stop], self.poll_seconds)
-                    failures.reset()
-                except ConfigError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the daemon's real work goes on without it
-                    if (refused := refusal(exc)) is not None:
-                        raise refused from exc
-                    delay = failures.next_delay()
-                    level = logging.WARNING if is_transient(exc) else logging.ERROR
-                    log.log(level, "verifier failed; retrying", exc_info=None if is_transient(exc) else exc,
-                            extra={"error": describe(exc), "retry_in": round(delay, 2)})
-                    await wait_for_any([self.stop], delay)
+                await retry.call(self._turn)
+        except Stopped:
+            pass  # stopped while waiting to retry
         finally:
             if self.holding:  # hand the lease on now, not when it runs out
                 with suppress(Exception):
                     await asyncio.wait_for(self.lease.release(), 2.0)
             self.metrics.set_verify(holder=0)
+
+    async def _turn(self) -> None:
+        """Take (or renew) the lease; verify while holding it, else wait a while for it."""
+        state = await self.lease.take()
+        self._observe(state)
+        if state.held:
+            self._note_taken(state)
+            await self._verify(state)
+        else:
+            self.holding = False
+            await wait_for_any([self.stop], self.poll_seconds)
+
+    @staticmethod
+    def _failed(failed: Failed) -> None:
+        outage = failed.failure is Failure.TRANSIENT  # a bug gets its traceback
+        log.log(logging.WARNING if outage else logging.ERROR, "verifier failed; retrying",
+                exc_info=None if outage else failed.error,
+                extra={"error": describe(failed.error), "retry_in": round(failed.delay, 2)})
 
     def _note_taken(self, state: PassState) -> None:
         if not self.holding:

@@ -18,12 +18,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import ClassVar, TypeVar
 
-from tenacity import AsyncRetrying, retry_if_exception
-
 from daemon.core.batch import Outcome, Targets
-from daemon.errors import ConfigError, dependency_of, describe, is_transient, refusal
+from daemon.errors import Failure, classify, dependency_of, describe, refusal
 from daemon.runtime.backoff import OUTAGE
 from daemon.runtime.health import Heartbeat
+from daemon.runtime.retry import Failed, Retry
 from daemon.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -84,15 +83,14 @@ def apportion(total: int, weights: dict[str, int]) -> dict[str, int]:
     return {k: n for k, n in shares.items() if n}
 
 
-async def wait_for_any(events: list[asyncio.Event], timeout: float | None) -> bool:
-    """Until one of the events is set (True) or the timeout passes (False)."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        return bool(done)
-    finally:
-        for w in waiters:
-            w.cancel()
+def beyond_the_chunk(exc: Exception) -> Exception | None:
+    """What no chunk is at fault for, as the error to raise: an outage (the batch
+    is retried whole), a configuration that cannot work (a changed model), a
+    server's refusal (a revoked key) as its ConfigError. None: a chunk's own failure."""
+    failure = classify(exc)
+    if failure is Failure.REFUSAL:
+        return refusal(exc)
+    return None if failure is Failure.OTHER else exc
 
 
 class BatchPolicy:
@@ -112,26 +110,32 @@ class BatchPolicy:
         if busy is not None:
             self.heartbeat.busy(busy)  # waiting out an outage is progress, not a stuck batch
 
-    def retrying(self, busy: str) -> AsyncRetrying:
-        """Retry transient failures with backoff and jitter until they pass or the
-        process stops (then the last error is raised for the caller to release its work)."""
+    def retrying(self, busy: str) -> Retry:
+        """Retry a batch through outages with backoff and jitter until they pass or
+        the process stops (then Stopped, for the caller to release its work)."""
 
-        def before_sleep(state) -> None:
-            exc = state.outcome.exception()
-            self.note_outage("batch", exc, state.upcoming_sleep, busy)
+        def on_retry(failed: Failed) -> None:
+            exc = failed.error
+            self.note_outage("batch", exc, failed.delay, busy)
             log.warning(
                 f"{dependency_of(exc)} unavailable; retrying the batch",
-                extra={"error": describe(exc), "attempt": state.attempt_number, "retry_in": round(state.upcoming_sleep, 2)},
+                extra={"error": describe(exc), "attempt": failed.attempt, "retry_in": round(failed.delay, 2)},
             )
 
-        return AsyncRetrying(
-            retry=retry_if_exception(is_transient),
-            wait=OUTAGE.wait(),
-            stop=lambda _state: self.stop.is_set(),
-            sleep=lambda seconds: wait_for_any([self.stop], seconds),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+        return Retry(OUTAGE, stop=self.stop, on_retry=on_retry)
+
+    def outage_retry(self, stage: str, message: str) -> Retry:
+        """Retry one step of a worker's loop (the claim, the Kafka poll) through
+        outages until they pass or the process stops; each retry counted for
+        `stage`, logged as `message`, and a beat of the heartbeat, as the loop's
+        own turn would have been."""
+
+        def on_retry(failed: Failed) -> None:
+            self.note_outage(stage, failed.error, failed.delay)
+            self.heartbeat.beat()
+            log.warning(message, extra={"error": describe(failed.error), "retry_in": round(failed.delay, 2)})
+
+        return Retry(OUTAGE, stop=self.stop, on_retry=on_retry)
 
     # --- isolate ---------------------------------------------------------------------
     async def deliver(self, sink: Sink[O], targets: Targets, result_type: type[O]) -> O:
@@ -142,11 +146,9 @@ class BatchPolicy:
         as the ConfigError that stops the process (exit 78)."""
         try:
             return await sink(targets)
-        except Exception as exc:
-            if is_transient(exc) or isinstance(exc, ConfigError):
-                raise
-            if (refused := refusal(exc)) is not None:  # a revoked key: no chunk is at fault
-                raise refused from exc
+        except Exception as exc:  # noqa: BLE001 - what is beyond the chunk is raised just below
+            if (beyond := beyond_the_chunk(exc)) is not None:
+                raise beyond
             if len(targets) == 1:
                 return result_type(failed={next(iter(targets)): describe(exc)})
             log.warning("batch failed; applying its chunks one by one", extra={"error": describe(exc)})
@@ -154,11 +156,9 @@ class BatchPolicy:
         for chunk_id, target in targets.items():
             try:
                 combined.merge(await sink({chunk_id: target}))
-            except Exception as one:
-                if is_transient(one) or isinstance(one, ConfigError):
-                    raise
-                if (refused := refusal(one)) is not None:
-                    raise refused from one
+            except Exception as one:  # noqa: BLE001 - as above
+                if (beyond := beyond_the_chunk(one)) is not None:
+                    raise beyond
                 combined.failed[chunk_id] = describe(one)
         return combined
 

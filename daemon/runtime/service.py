@@ -38,8 +38,6 @@ from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_any
-
 from daemon.config import Settings
 from daemon.errors import (
     EXIT_FAILURE,
@@ -48,12 +46,11 @@ from daemon.errors import (
     OutboxdError,
     ServiceUnavailableError,
     describe,
-    is_transient,
-    refusal,
 )
 from daemon.runtime.backoff import STARTUP
 from daemon.runtime.batch_policy import BatchPolicy, Stats
 from daemon.runtime.health import HealthServer, Heartbeat, run_check
+from daemon.runtime.retry import Failed, GaveUp, Retry
 from daemon.runtime.systemd import SystemdNotifier
 from daemon.telemetry import setup_telemetry
 from db.embedded import release_embedded_postgres
@@ -181,37 +178,25 @@ class Service:
 
     async def until_reachable(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
         """Run fn until it stops failing with an outage, for up to startup_timeout
-        seconds or until stop is set; then ServiceUnavailableError (exit 69)."""
+        seconds or until stop is set; then ServiceUnavailableError (exit 69). A
+        refusal (a key, a certificate) is its ConfigError at once (exit 78)."""
 
-        def log_retry(state) -> None:
-            exc = state.outcome.exception()
-            self.policy.note_outage("startup", exc, state.upcoming_sleep)
+        def log_retry(failed: Failed) -> None:
+            self.policy.note_outage("startup", failed.error, failed.delay)
             log.warning(
                 f"{what} not reachable yet; retrying",
-                extra={"error": describe(exc), "retry_in": round(state.upcoming_sleep, 2)},
+                extra={"error": describe(failed.error), "retry_in": round(failed.delay, 2)},
             )
 
         timeout = self.settings.startup_timeout
-        backoff = replace(STARTUP, deadline=timeout)
+        retry = Retry(replace(STARTUP, deadline=timeout), stop=self.stop, on_retry=log_retry)
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(is_transient),
-                wait=backoff.wait(),
-                stop=stop_any(backoff.stop(), lambda _: self.stop.is_set()),
-                before_sleep=log_retry,
-                reraise=True,
-            ):
-                with attempt:
-                    await fn()
-        except Exception as exc:
-            if (refused := refusal(exc)) is not None:
-                raise refused from exc
-            if is_transient(exc):
-                raise ServiceUnavailableError(
-                    f"{what} stayed unreachable for {timeout:.0f}s: {describe(exc)}. "
-                    "Check the address and credentials, or raise OUTBOXD_STARTUP_TIMEOUT."
-                ) from exc
-            raise
+            await retry.call(fn)
+        except GaveUp as exc:  # the deadline, or a stop during the wait
+            raise ServiceUnavailableError(
+                f"{what} stayed unreachable for {timeout:.0f}s: {describe(exc.last)}. "
+                "Check the address and credentials, or raise OUTBOXD_STARTUP_TIMEOUT."
+            ) from exc.last
 
     def log_stats(self, message: str, **extra: Any) -> None:
         log.info(message, extra={**self.stats.as_dict(), **self.stats_extra(), **extra})
@@ -224,7 +209,7 @@ class Service:
         """A `progress` line every STATS_EVERY seconds while something changes."""
         last = None
         while True:
-            await asyncio.sleep(STATS_EVERY)
+            await asyncio.sleep(STATS_EVERY)  # paced: a log line, not a retry
             now = (self.stats.as_dict(), self.stats_extra())
             if now != last:
                 self.log_stats("progress")
@@ -353,7 +338,7 @@ async def _beat(heartbeat: Heartbeat, every: float = 1.0) -> None:
     """The heartbeat while nothing else beats it (start-up: connecting, loading the model)."""
     while True:
         heartbeat.beat()
-        await asyncio.sleep(every)
+        await asyncio.sleep(every)  # paced: a beat a second, until start() is done
 
 
 async def _readiness_gauges(service: Service) -> None:
@@ -368,7 +353,7 @@ async def _readiness_gauges(service: Service) -> None:
         for name, ok in outcome.items():
             if name in DEPENDENCY_OF_CHECK:
                 service.metrics.set_dependency_up(DEPENDENCY_OF_CHECK[name], ok)
-        await asyncio.sleep(READINESS_EVERY)
+        await asyncio.sleep(READINESS_EVERY)  # paced: gauges, evaluated every few seconds, failing or not
 
 
 async def _watchdog(service: Service) -> None:
@@ -386,7 +371,7 @@ async def _watchdog(service: Service) -> None:
                 extra={"heartbeat_age": round(service.heartbeat.age, 1), "stuck": service.stuck_workers()},
             )
             withheld = True
-        await asyncio.sleep(interval)
+        await asyncio.sleep(interval)  # paced: systemd's watchdog interval
 
 
 async def start_health(service: Service) -> HealthServer | None:

@@ -19,7 +19,7 @@ from daemon.core.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState, metadata_has
 from daemon.errors import ConfigError, InvalidChunkError, describe, is_transient, refusal
 from daemon.logs import JsonFormatter
 from daemon.outbox.listener import Wakeup
-from daemon.runtime.batch_policy import wait_for_any
+from daemon.runtime.retry import wait_for_any
 
 PAYLOAD_KEYS = {
     "document_id", "source_id", "chunk_index", "text", "token_count", "content_hash",
