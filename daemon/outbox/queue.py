@@ -12,6 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from daemon.core.chunk_state import ChunkState
 from daemon.errors import CollectionRetiredError
+from daemon.runtime.backoff import Backoff
 from db.gateway import fetch
 
 
@@ -97,17 +98,16 @@ class Outbox:
             )
         return rows[0]["acked"], rows[0]["released"]
 
-    async def fail(
-        self, event_ids: list[int], error: str, *, max_attempts: int, backoff_base: float, backoff_max: float
-    ) -> list[dict]:
+    async def fail(self, event_ids: list[int], error: str, *, max_attempts: int, backoff: Backoff) -> list[dict]:
+        """Count a failed attempt: the next one after a delay drawn from backoff's
+        window (in PostgreSQL, with its parameters), or a dead letter at max_attempts."""
         return await self._fetch(
             "fail_events",
             worker=self.worker,
             event_ids=event_ids,
             error=error,
             max_attempts=max_attempts,
-            backoff_base=backoff_base,
-            backoff_max=backoff_max,
+            **backoff.sql_params(),
         )
 
     async def release(self, event_ids: list[int]) -> None:

@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from dataclasses import replace
 from uuid import UUID
 
 from psycopg.conninfo import conninfo_to_dict
@@ -33,6 +34,7 @@ from daemon.core.batch import Outcome, Target, Targets
 from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe
 from daemon.outbox.listener import Listener, Wakeup
 from daemon.outbox.queue import Claim, Event, Outbox
+from daemon.runtime.backoff import EVENTS
 from daemon.runtime.retry import Stopped, wait_for_any
 from daemon.runtime.service import READINESS_TIMEOUT, Service
 from daemon.telemetry import record_span, span
@@ -362,8 +364,8 @@ class ClaimLoop:
     async def _fail(self, chunk_id: UUID, error: str, event_ids: list[int], op: str) -> None:
         s = self.service.settings
         rows = await self.service.outbox.fail(
-            event_ids, error, max_attempts=s.max_attempts, backoff_base=s.retry_backoff_base,
-            backoff_max=s.retry_backoff_max,
+            event_ids, error, max_attempts=s.max_attempts,
+            backoff=replace(EVENTS, base=s.retry_backoff_base, cap=s.retry_backoff_max),
         )
         dead = [r for r in rows if r["status"] == "dead"]
         self.service.policy.record_failure(op, failed=len(rows) - len(dead), dead=len(dead))

@@ -108,13 +108,16 @@ SELECT (SELECT count(*) FROM acked) AS acked,
 
 -- fail_events --
 -- Count a failed attempt: back off exponentially with jitter, or park the event
--- as a dead letter once it has used max_attempts.
+-- as a dead letter once it has used max_attempts. The curve is the Python policy's
+-- (daemon.runtime.backoff.Backoff.window, sql_params): capped base * factor^attempts,
+-- of which the jitter share is drawn at random.
 UPDATE outboxd.outbox
 SET attempts = attempts + 1,
     status = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'dead' ELSE 'pending' END,
     available_at = now() + make_interval(secs => least(
         %(backoff_max)s::float8,
-        %(backoff_base)s::float8 * power(2, attempts)) * (0.5 + random() / 2)),
+        %(backoff_base)s::float8 * power(%(backoff_factor)s::float8, least(attempts, 64)))
+        * (1 - %(backoff_jitter)s::float8 * random())),
     last_error = %(error)s,
     first_failed_at = coalesce(first_failed_at, now()),
     last_failed_at = now(),

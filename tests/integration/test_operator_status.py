@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+from dataclasses import replace
 
 import orjson
 import psycopg
@@ -18,6 +19,7 @@ from daemon import cli
 from daemon.commands import status
 from daemon.core.catalog import CollectionRecord
 from daemon.errors import CollectionElsewhereError
+from daemon.runtime.backoff import EVENTS
 from tests.conftest import REPO
 from tests.support import add_document, drain, open_qdrant, outbox_rows, qdrant_flags, server_settings
 
@@ -96,8 +98,8 @@ async def busy_outbox(conn, make_outbox):
     b = await make_outbox("worker-b", 90)
     assert [x.id for x in await a.claim(3)] == e[:3]
     assert [x.id for x in await b.claim(1)] == [e[3]]
-    await a.fail([e[1]], "TimeoutError: slow", max_attempts=5, backoff_base=100.0, backoff_max=100.0)
-    await a.fail([e[2]], "ValueError: poison", max_attempts=1, backoff_base=1.0, backoff_max=1.0)
+    await a.fail([e[1]], "TimeoutError: slow", max_attempts=5, backoff=replace(EVENTS, base=100.0, cap=100.0))
+    await a.fail([e[2]], "ValueError: poison", max_attempts=1, backoff=replace(EVENTS, base=1.0, cap=1.0))
     return e
 
 

@@ -3,6 +3,7 @@ worker names stand for two daemons sharing one outbox (invariants 3, 4 and 6).""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 
 import psycopg
@@ -11,10 +12,16 @@ from psycopg.rows import dict_row
 
 from daemon.config import Settings
 from daemon.outbox.queue import PendingSummary
+from daemon.runtime.backoff import EVENTS, Backoff
 from db.queries import query
 from tests.support import add_document, db_clock_passed, outbox_rows, wait_until
 
-BACKOFF = dict(backoff_base=10.0, backoff_max=60.0)  # a failed event stays unclaimable for >= 5 s
+BACKOFF = dict(backoff=replace(EVENTS, base=10.0, cap=60.0))  # a failed event stays unclaimable for >= 5 s
+
+
+def events_backoff(base: float, cap: float) -> Backoff:
+    """The failed events' policy with these settings (retry_backoff_base, retry_backoff_max)."""
+    return replace(EVENTS, base=base, cap=cap)
 
 
 def event_ids(conn) -> list[int]:
@@ -274,13 +281,36 @@ async def test_fail_backoff_grows_with_attempts_and_is_capped(conn, make_outbox)
     a = await make_outbox("worker-a")
 
     await a.claim(10)
-    await a.fail([first], "boom", max_attempts=10, backoff_base=1.0, backoff_max=1000.0)
-    await a.fail([second], "boom", max_attempts=10, backoff_base=100.0, backoff_max=2.0)
+    await a.fail([first], "boom", max_attempts=10, backoff=events_backoff(1.0, 1000.0))
+    await a.fail([second], "boom", max_attempts=10, backoff=events_backoff(100.0, 2.0))
 
     r1, r2 = row(conn, first), row(conn, second)
     assert r1["attempts"] == 4
     assert 3.9 < (r1["available_at"] - r1["db_now"]).total_seconds() <= 8.0  # 1 * 2**3 * (0.5 .. 1)
     assert 0.9 < (r2["available_at"] - r2["db_now"]).total_seconds() <= 2.0  # capped at 2
+
+
+async def test_fail_draws_the_delay_from_the_python_policys_window(conn, make_outbox):
+    """fail_events computes daemon.runtime.backoff's curve with the policy's own
+    parameters: base, factor, cap and jitter. Without jitter the delay is exactly
+    the window's ceiling (available_at and last_failed_at share one now())."""
+    add_document(conn, ["one", "two", "three"])
+    ids = event_ids(conn)
+    conn.execute("UPDATE outboxd.outbox SET attempts = 2")
+    a = await make_outbox("worker-a")
+    policies = [
+        Backoff(base=1.5, factor=3.0, cap=1000.0, jitter=0.0),  # 1.5 * 3**2: 13.5 s exactly
+        Backoff(base=1.5, factor=3.0, cap=5.0, jitter=0.0),  # capped: 5 s exactly
+        events_backoff(2.0, 1000.0),  # half jitter: 4 .. 8 s
+    ]
+    await a.claim(10)
+    for event_id, backoff in zip(ids, policies):
+        await a.fail([event_id], "boom", max_attempts=10, backoff=backoff)
+    for event_id, backoff in zip(ids, policies):
+        r = row(conn, event_id)
+        low, high = backoff.window(2)
+        delay = (r["available_at"] - r["last_failed_at"]).total_seconds()
+        assert low - 1e-6 <= delay <= high + 1e-6, (backoff, delay)
 
 
 async def test_fail_by_another_worker_does_nothing(conn, make_outbox):
@@ -302,13 +332,13 @@ async def test_event_becomes_dead_at_max_attempts_and_is_never_claimed(conn, mak
     a = await make_outbox("worker-a")
 
     await a.claim(10)
-    [r] = await a.fail([event_id], "first", max_attempts=2, backoff_base=0.01, backoff_max=0.01)
+    [r] = await a.fail([event_id], "first", max_attempts=2, backoff=events_backoff(0.01, 0.01))
     assert (r["status"], r["attempts"]) == ("pending", 1)
     first_failed = row(conn, event_id)["first_failed_at"]
 
     await until_available(conn, event_id)
     assert [e.id for e in await a.claim(10)] == [event_id]
-    [r] = await a.fail([event_id], "second", max_attempts=2, backoff_base=0.01, backoff_max=0.01)
+    [r] = await a.fail([event_id], "second", max_attempts=2, backoff=events_backoff(0.01, 0.01))
     assert (r["status"], r["attempts"]) == ("dead", 2)
 
     dead = row(conn, event_id)

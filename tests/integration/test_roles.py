@@ -138,7 +138,8 @@ def test_worker_cannot_modify_content(conn, granted, statement):
 # worker in a transaction that is rolled back.
 PARAMS = dict(
     batch_size=10, worker="w", lease_seconds=5, event_ids=[1], chunk_ids=[uuid.uuid4()], state_hashes=["h"],
-    collection="c", max_attempts=3, backoff_max=1.0, backoff_base=0.1, error="boom", all=False,
+    collection="c", max_attempts=3, backoff_max=1.0, backoff_base=0.1, backoff_factor=2.0, backoff_jitter=0.5,
+    error="boom", all=False,
     error_pattern="boom", alias="a", name="n", model_name="m", dimension=3, normalized=True,
     max_seq_length=None, fingerprint_id="f", status="building", after=None, source_id=None,
     document_id=None, limit=10, job="j", last_chunk_id=None, done=1, query="chunk", document_type=None,
