@@ -26,6 +26,14 @@ def resolve_dsn(settings: Settings, announce_to=None) -> str:
     other commands use it without a word (db.embedded logs it at DEBUG)."""
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
+    if settings.qdrant.url:
+        # An embedded PostgreSQL holds no chunks: against a real server every point would
+        # look orphaned, and the verifier's repairs would delete them.
+        raise ConfigError(
+            f"QDRANT_URL names a Qdrant server ({settings.qdrant.url}) but DATABASE_URL is not set, so outboxd "
+            "would start an empty embedded PostgreSQL and take every point of that server for drift. Set "
+            "DATABASE_URL to the database those points come from, or unset QDRANT_URL for the embedded defaults."
+        )
     from db import migrate
     from db.embedded import start_embedded_postgres
 

@@ -167,3 +167,15 @@ def test_the_embedded_defaults_rebuild_a_lost_collection_by_themselves(conn, dsn
     row = conn.execute("SELECT qdrant_uid, qdrant_location FROM outboxd.collections WHERE alias = %s",
                        (collection,)).fetchone()
     assert row[0] is not None and row[1] == str(path.resolve())
+
+
+@pytest.mark.parametrize("argv", [["run", "--drain"], ["status"], ["reconcile", "--check"], ["migrate"]], ids=" ".join)
+def test_a_qdrant_server_without_a_database_is_refused(argv, tmp_path):
+    """QDRANT_URL set, DATABASE_URL missing: an embedded PostgreSQL would hold no chunks, and
+    every point of the server would look orphaned (the verifier would delete them). 78,
+    and no embedded PostgreSQL is started."""
+    env = base_env(QDRANT_URL="http://127.0.0.1:1", OUTBOXD_DATA_DIR=str(tmp_path / "data"))
+    result = outboxd(argv, env, tmp_path)
+    assert result.returncode == EXIT_CONFIG, report(result)
+    assert "DATABASE_URL is not set" in result.stderr and "Traceback" not in result.stderr, report(result)
+    assert not (tmp_path / "data" / "postgres").exists()
