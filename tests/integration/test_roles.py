@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import psycopg
 import pytest
@@ -146,6 +147,7 @@ PARAMS = dict(
     metadata=None, mode="origin", variant="{}", checked=0, drift="{}",
     endpoint="http://e/v1/embeddings m", request_rate=1.0, request_capacity=1.0, token_rate=None,
     token_capacity=None, tokens=0, horizon=1.0, seconds=0.5,
+    qdrant_uid="u", qdrant_location="http://q:6333", replace=False, turn=datetime.now(timezone.utc),
 )
 # Named queries for the operator (the migrating role), which the worker must NOT be able to run.
 OPERATOR_ONLY = {"set_capture_mode"}
