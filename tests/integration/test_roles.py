@@ -1,6 +1,6 @@
 """`outboxd roles` on a real PostgreSQL: the application writer and the worker
 can do their jobs and nothing else, proved with real logins that are members
-of the group roles (issue 5, least privilege)."""
+of the group roles (least privilege)."""
 from __future__ import annotations
 
 import re
