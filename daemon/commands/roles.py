@@ -52,12 +52,14 @@ def command(settings, print_sql: bool, apply: bool, writer: str, worker: str) ->
         import psycopg
 
         from daemon.commands.common import resolve_dsn
-        from daemon.errors import OutboxdError, SchemaNotReadyError, ServiceUnavailableError, describe
+        from daemon.errors import OutboxdError, SchemaNotReadyError, ServiceUnavailableError, describe, refusal
 
         dsn = resolve_dsn(settings)
         try:
             apply_roles(dsn, writer, worker)
         except psycopg.OperationalError as exc:
+            if (refused := refusal(exc)) is not None:  # no such database, bad credentials: 78, not an outage
+                raise refused from None
             raise ServiceUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}") from exc
         except psycopg.errors.UndefinedTable as exc:
             raise SchemaNotReadyError(f"run `outboxd migrate` first ({describe(exc)})") from exc

@@ -278,7 +278,8 @@ def test_postgresql_settings_that_cannot_heal_exit_78_at_once(empty_dsn, tmp_pat
         "sslmode": make_conninfo(**{**base, "sslmode": "bogus"}),
         "role": make_conninfo(**{**base, "user": "no_such_role"}),
     }
-    for argv in (["run", "--drain"], ["status"], ["reconcile", "--check"], ["dead-letters", "list"]):
+    for argv in (["run", "--drain"], ["status"], ["reconcile", "--check"], ["dead-letters", "list"], ["migrate"],
+                 ["roles", "--apply"], ["backfill"]):
         for what, url in cases.items():
             env = base_env(DATABASE_URL=url, OUTBOXD_STARTUP_TIMEOUT=300, OUTBOXD_QDRANT__PATH=str(tmp_path / "q"))
             result = outboxd(argv, env, tmp_path, timeout=120)
