@@ -45,14 +45,11 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
         raise click.UsageError("--yes is for purge")
 
     from daemon.commands.common import connect, print_json
-    from db.queries import query
+    from db import dead_letters
 
     with connect(settings) as conn:
         if action == "list":
-            rows = conn.execute(query("dead_letters")).fetchall()
-            if selected is not None:
-                keep = {r["id"] for r in conn.execute(query("select_dead_letters"), selected)}
-                rows = [r for r in rows if r["id"] in keep]
+            rows = dead_letters.listing(conn, selected)
             if as_json:
                 print_json(rows)
             else:
@@ -60,12 +57,12 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
             return 0
 
         if action == "retry":
-            done = [r["id"] for r in conn.execute(query("retry_dead_letters"), selected).fetchall()]
+            done = dead_letters.retry(conn, selected)
             report(as_json, ids, "retried", done, f"{len(done)} dead letter(s) back to pending")
             return 0
 
         # purge: confirm the count of exactly the rows that will go
-        chosen = [r["id"] for r in conn.execute(query("select_dead_letters"), selected).fetchall()]
+        chosen = dead_letters.selected(conn, selected)
         if not yes:
             if not sys.stdin.isatty():
                 raise click.UsageError(
@@ -74,10 +71,7 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
             if chosen and not confirmed(len(chosen)):
                 print("nothing deleted")
                 return 0
-        done = (
-            [r["id"] for r in conn.execute(query("purge_dead_letters"), {"event_ids": chosen}).fetchall()]
-            if chosen else []
-        )
+        done = dead_letters.purge(conn, chosen)
         report(as_json, ids, "deleted", done, f"{len(done)} dead letter(s) deleted")
         return 0
 

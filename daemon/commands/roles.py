@@ -1,21 +1,19 @@
 """`outboxd roles`: the least-privilege group roles, printed for review or applied.
 
 The SQL lives in db/sql/roles.sql with placeholders for the two role names,
-which are filled in with psycopg.sql (quoted identifiers and literals), never
-by string concatenation. Applying is idempotent: run it again after a migration
+which db.roles fills in with psycopg.sql (quoted identifiers and literals),
+never by string concatenation. Applying is idempotent: run it again after a migration
 or an upgrade of outboxd.
 """
 from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
 
 import click
 
 from daemon.commands.options import settings_options
 
-ROLES_FILE = Path(__file__).resolve().parents[2] / "db" / "sql" / "roles.sql"
 DEFAULT_WRITER = "outboxd_writer"
 DEFAULT_WORKER = "outboxd_worker"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -73,25 +71,17 @@ def command(settings, print_sql: bool, apply: bool, writer: str, worker: str) ->
 
 
 def render(writer: str = DEFAULT_WRITER, worker: str = DEFAULT_WORKER):
-    """The roles SQL for these two names (a psycopg.sql.Composed)."""
-    from psycopg import sql
+    """The roles SQL for these two names (a psycopg.sql.Composed): db.roles."""
+    from db.roles import render as render_roles
 
-    if writer == worker:
-        raise ValueError("the writer and the worker role must differ")
-    return sql.SQL(ROLES_FILE.read_text(encoding="utf-8")).format(
-        writer=sql.Identifier(writer),
-        worker=sql.Identifier(worker),
-        writer_name=sql.Literal(writer),
-        worker_name=sql.Literal(worker),
-    )
+    return render_roles(writer, worker)
 
 
 def apply_roles(dsn: str, writer: str = DEFAULT_WRITER, worker: str = DEFAULT_WORKER) -> None:
-    """Create the roles if missing and (re)grant, in one transaction."""
-    from db.gateway import connect
+    """Create the roles if missing and (re)grant, in one transaction: db.roles."""
+    from db.roles import apply_roles as apply_in_db
 
-    with connect(dsn, application_name="outboxd:cli", timeout=30, autocommit=False, row_factory=None) as conn:
-        conn.execute(render(writer, worker))
+    apply_in_db(dsn, writer, worker)
 
 
 apply = apply_roles  # the name tests and scripts have used

@@ -14,9 +14,10 @@ QUERY_FUNCTIONS = {"query", "fetch", "_fetch"}  # db.queries.query, db.gateway.f
 
 def names_used_in_code() -> set[str]:
     """The query name of every query(...), fetch(pool, ...) and _fetch(...) call in
-    daemon/ and consumers/: the first string literal among its positional arguments."""
+    daemon/, consumers/ and db/'s own modules: the first string literal among its positional arguments."""
     names = set()
-    files = sorted((REPO / "daemon").rglob("*.py")) + sorted((REPO / "consumers").rglob("*.py"))
+    files = [*sorted((REPO / "daemon").rglob("*.py")), *sorted((REPO / "consumers").rglob("*.py")),
+             *sorted((REPO / "db").glob("*.py"))]
     for f in files:
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
             if not isinstance(node, ast.Call):
@@ -64,7 +65,7 @@ def test_queries_file_parses_with_non_empty_bodies():
 
 
 def test_every_query_the_code_uses_exists():
-    """Each query("...") / _fetch("...") name in daemon/ and consumers/ is defined in db/sql/*.sql."""
+    """Each query("...") / _fetch("...") name in daemon/, consumers/ and db/ is defined in db/sql/*.sql."""
     used = names_used_in_code()
     # the scan works, for query(...), _fetch(...) and fetch(pool, ...) calls alike
     assert {"claim_batch", "ack_verified", "dead_letters", "retry_dead_letters", "backlog", "relay_versions"} <= used
