@@ -188,8 +188,8 @@ async def _inspect(client, settings, record, section) -> dict[str, Any]:
     from daemon.embedding.fingerprint import check_fingerprint
     from daemon.errors import ConfigError
 
-    await probe(client, settings)
-    version = (await client.info()).version if settings.qdrant.url else None  # local mode is the client's own
+    info = await probe(client, settings)  # None in local mode, which is the client's own
+    version = info.version if info is not None else None
     live = await view(client, settings.collection, record)
     live.check_home(describe_target(settings))  # missing here, or another collection of its name: 78
     notes: list[str] = []

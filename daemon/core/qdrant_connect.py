@@ -151,13 +151,14 @@ def _tls(settings: Settings) -> dict[str, Any]:
     return {"verify": context, "grpc_options": {"root_certificates": pem}}
 
 
-async def probe(client: "AsyncQdrantClient | LocalQdrant", settings: Settings) -> None:
+async def probe(client: "AsyncQdrantClient | LocalQdrant", settings: Settings) -> Any:
     """Ask a server who it is, then list its collections (which a refused key
     cannot): a URL that answers, but not as Qdrant does (another web server, a
     wrong port or path), is a configuration error now (78), where waiting for it
-    would only end in 69. An outage raises as itself, to be waited for."""
+    would only end in 69. An outage raises as itself, to be waited for. The
+    server's version info (None in local mode)."""
     if isinstance(client, LocalQdrant):
-        return
+        return None
     try:
         info = await client.info()
     except Exception as exc:
@@ -167,6 +168,7 @@ async def probe(client: "AsyncQdrantClient | LocalQdrant", settings: Settings) -
     if "qdrant" not in (getattr(info, "title", "") or "").lower():
         raise _not_qdrant(settings, f"it calls itself {getattr(info, 'title', None)!r}")
     await client.get_collections()
+    return info
 
 
 def answered_otherwise(exc: BaseException) -> bool:

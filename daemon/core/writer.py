@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from typing import Any
 
 from qdrant_client import AsyncQdrantClient
 
@@ -17,7 +18,7 @@ from daemon.core.qdrant_connect import describe_target, embedding_checks, make_c
 from daemon.core.qdrant_store import QdrantStore
 from daemon.embedding.embedder import Embedder, ModelFingerprint
 
-UntilReachable = Callable[[str, Callable[[], Awaitable[object]]], Awaitable[None]]
+UntilReachable = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]  # Service.until_reachable: fn's result
 
 
 class QdrantWriter:
@@ -52,16 +53,14 @@ class QdrantWriter:
         qdrant = f"Qdrant ({here})"
         await until_reachable(qdrant, lambda: probe(self.qdrant, self.settings))
         fingerprint = await self.load_model(until_reachable)
-        uid: list[str | None] = []
 
-        async def ensure() -> None:
+        async def ensure() -> str | None:
             seen = await view(self.qdrant, self.settings.collection, live) if live is not None else None
-            uid[:] = [await self.store.ensure_collection(fingerprint, seen, here=here,
-                                                         recreate_missing=recreate_missing)]
+            return await self.store.ensure_collection(fingerprint, seen, here=here, recreate_missing=recreate_missing)
 
-        await until_reachable(qdrant, ensure)
+        uid = await until_reachable(qdrant, ensure)
         await until_reachable(qdrant, self.store.check_writable)
-        return self.store.collection, uid[0]
+        return self.store.collection, uid
 
     def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
         return embedding_checks(self.qdrant, self.embedder)

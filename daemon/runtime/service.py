@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from daemon.config import Settings
 from daemon.errors import (
@@ -66,6 +66,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # readiness check -> the dependency its gauge reports
 DEPENDENCY_OF_CHECK = {"postgresql": "postgresql", "qdrant": "qdrant", "kafka": "kafka", "model": "embedding"}
 
+T = TypeVar("T")
 Check = Callable[[], Awaitable[None]]
 SideTask = Callable[[], Awaitable[None]]
 
@@ -176,10 +177,10 @@ class Service:
     def stuck_workers(self) -> list[str]:
         return self.heartbeat.stuck(self.settings.health.heartbeat_timeout)
 
-    async def until_reachable(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
-        """Run fn until it stops failing with an outage, for up to startup_timeout
-        seconds or until stop is set; then ServiceUnavailableError (exit 69). A
-        refusal (a key, a certificate) is its ConfigError at once (exit 78)."""
+    async def until_reachable(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """fn's result, run until it stops failing with an outage, for up to
+        startup_timeout seconds or until stop is set; then ServiceUnavailableError
+        (exit 69). A refusal (a key, a certificate) is its ConfigError at once (exit 78)."""
 
         def log_retry(failed: Failed) -> None:
             self.policy.note_outage("startup", failed.error, failed.delay)
@@ -191,7 +192,7 @@ class Service:
         timeout = self.settings.startup_timeout
         retry = Retry(replace(STARTUP, deadline=timeout), stop=self.stop, on_retry=log_retry)
         try:
-            await retry.call(fn)
+            return await retry.call(fn)
         except GaveUp as exc:  # the deadline, or a stop during the wait
             raise ServiceUnavailableError(
                 f"{what} stayed unreachable for {timeout:.0f}s: {describe(exc.last)}. "
