@@ -66,19 +66,13 @@ def command(settings, as_json: bool, max_lag: float | None, max_pending: int | N
 def read_database(settings) -> dict[str, Any]:
     import psycopg
 
-    from daemon.commands.common import connect, stale_embedded_hint
-    from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe, refusal
+    from daemon.commands.common import connect
+    from daemon.errors import SchemaNotReadyError, describe
     from db import capture
     from db.queries import query
 
-    try:
-        conn = connect(settings)
-    except psycopg.OperationalError as exc:
-        if (refused := refusal(exc)) is not None:  # no such database, bad credentials: 78, not an outage
-            raise refused from None
-        hint = stale_embedded_hint(settings.database_url.get_secret_value()) if settings.database_url else ""
-        raise ServiceUnavailableError(f"PostgreSQL is unreachable: {describe(exc)}{hint}") from exc
-    with conn:
+    # a refusal (78) or an outage (69, with the stopped-embedded hint) is the exit-code contract's to report
+    with connect(settings) as conn:
         try:
             outbox = conn.execute(query("status_outbox")).fetchone()
             leases = conn.execute(query("status_leases")).fetchall()
