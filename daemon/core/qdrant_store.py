@@ -82,10 +82,17 @@ class Upserts:
 async def resolve_alias(client: AsyncQdrantClient, alias: str) -> str | None:
     """The physical collection behind the alias, as readers see it; a plain collection
     of that name (made by hand or by another tool) stands for itself."""
-    aliases = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}
-    if alias in aliases:
-        return aliases[alias]
-    return alias if await client.collection_exists(alias) else None
+    async def behind() -> str | None:
+        aliases = {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}
+        return aliases.get(alias)
+
+    if (target := await behind()) is not None:
+        return target
+    if not await client.collection_exists(alias):
+        return None
+    # A server's "exists" also answers for an alias: one created by a concurrent
+    # starter since the first look must not pass for a plain collection of its name.
+    return await behind() or alias
 
 
 async def read_identity(client: AsyncQdrantClient, collection: str) -> tuple[ModelFingerprint | None, str | None]:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
+from types import SimpleNamespace
 
 import pytest
 
 from daemon.config import Settings
 from daemon.core import qdrant_connect
 from daemon.core.qdrant_connect import make_client
+from daemon.core.qdrant_store import resolve_alias
 
 
 @pytest.fixture
@@ -52,3 +54,23 @@ def test_no_line_where_the_key_is_safe_or_absent(fresh_process, caplog, url, key
         raw = build(Settings(qdrant={"url": url, "api_key": key}))
     assert [str(w.message) for w in raw] == []
     assert [r for r in caplog.records if r.name == qdrant_connect.__name__] == []
+
+
+class _AliasRace:
+    """A server where a concurrent starter creates the alias between our two looks:
+    the first alias listing misses it, and "exists" answers for the alias."""
+
+    def __init__(self) -> None:
+        self.listings = 0
+
+    async def get_aliases(self):
+        self.listings += 1
+        found = [SimpleNamespace(alias_name="chunks", collection_name="chunks__abc")] if self.listings > 1 else []
+        return SimpleNamespace(aliases=found)
+
+    async def collection_exists(self, name: str) -> bool:
+        return True
+
+
+def test_an_alias_created_between_two_looks_is_not_taken_for_a_plain_collection():
+    assert asyncio.run(resolve_alias(_AliasRace(), "chunks")) == "chunks__abc"
