@@ -1,13 +1,14 @@
 """The least-privilege group roles: db/sql/roles.sql with its two role names
 filled in by psycopg.sql (quoted identifiers and literals, never string
-concatenation), and applying it in one transaction (idempotent)."""
+concatenation), and applying it in one transaction (idempotent), on a one-off
+connection of its own."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from psycopg import sql
 
-from db.gateway import connect
+from db.gateway import connect_async
 
 ROLES_FILE = Path(__file__).resolve().parent / "sql" / "roles.sql"
 
@@ -24,7 +25,8 @@ def render(writer: str, worker: str) -> sql.Composed:
     )
 
 
-def apply_roles(dsn: str, writer: str, worker: str) -> None:
+async def apply_roles(dsn: str, writer: str, worker: str) -> None:
     """Create the roles if missing and (re)grant, in one transaction."""
-    with connect(dsn, application_name="outboxd:cli", timeout=30, autocommit=False, row_factory=None) as conn:
-        conn.execute(render(writer, worker))
+    statement = render(writer, worker)
+    async with await connect_async(dsn, application_name="outboxd:cli", timeout=30) as conn, conn.transaction():
+        await conn.execute(statement)

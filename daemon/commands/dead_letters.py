@@ -44,12 +44,19 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
     if yes and action != "purge":
         raise click.UsageError("--yes is for purge")
 
-    from daemon.commands.common import connect, print_json
-    from db import dead_letters
+    import asyncio
 
-    with connect(settings) as conn:
+    return asyncio.run(_act(settings, action, selected, ids, yes, as_json))
+
+
+async def _act(settings, action: str, selected: dict | None, ids: tuple[int, ...], yes: bool, as_json: bool) -> int:
+    from daemon.commands.common import open_services, print_json
+    from db.dead_letters import DeadLetters
+
+    async with open_services(settings, qdrant=False) as (pool, _):
+        dead_letters = DeadLetters(pool)
         if action == "list":
-            rows = dead_letters.listing(conn, selected)
+            rows = await dead_letters.listing(selected)
             if as_json:
                 print_json(rows)
             else:
@@ -57,12 +64,12 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
             return 0
 
         if action == "retry":
-            done = dead_letters.retry(conn, selected)
+            done = await dead_letters.retry(selected)
             report(as_json, ids, "retried", done, f"{len(done)} dead letter(s) back to pending")
             return 0
 
         # purge: confirm the count of exactly the rows that will go
-        chosen = dead_letters.selected(conn, selected)
+        chosen = await dead_letters.selected(selected)
         if not yes:
             if not sys.stdin.isatty():
                 raise click.UsageError(
@@ -71,7 +78,7 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
             if chosen and not confirmed(len(chosen)):
                 print("nothing deleted")
                 return 0
-        done = dead_letters.purge(conn, chosen)
+        done = await dead_letters.purge(chosen)
         report(as_json, ids, "deleted", done, f"{len(done)} dead letter(s) deleted")
         return 0
 

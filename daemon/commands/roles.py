@@ -78,10 +78,13 @@ def render(writer: str = DEFAULT_WRITER, worker: str = DEFAULT_WORKER):
 
 
 def apply_roles(dsn: str, writer: str = DEFAULT_WRITER, worker: str = DEFAULT_WORKER) -> None:
-    """Create the roles if missing and (re)grant, in one transaction: db.roles."""
+    """Create the roles if missing and (re)grant, in one transaction: db.roles (the command's one
+    bridge to its asynchronous database access)."""
+    import asyncio
+
     from db.roles import apply_roles as apply_in_db
 
-    apply_in_db(dsn, writer, worker)
+    asyncio.run(apply_in_db(dsn, writer, worker))
 
 
 apply = apply_roles  # the name tests and scripts have used
