@@ -39,14 +39,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from uuid import UUID
 
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from qdrant_client import models
 
 from daemon.core.catalog import view
 from daemon.embedding.fingerprint import check_fingerprint
 from daemon.errors import ConfigError
-from db import queries
+from db.reads import SearchReads
 
 RRF_K = 60
 FUSIONS = ("weighted", "rrf")
@@ -89,13 +87,14 @@ class SearchFilters:
             node[leaf] = value
         return nested
 
-    def sql_params(self) -> dict[str, Any]:
-        """The filter parameters of the search_keyword and search_hits queries."""
+    def restriction(self) -> dict[str, Any]:
+        """The same restriction for PostgreSQL's side (db.reads.SearchReads): each filter or
+        None, the metadata as the nested object the chunk's metadata must contain."""
         return {
             "source_id": self.source_id,
             "document_id": self.document_id,
             "document_type": self.document_type,
-            "metadata": Jsonb(self._nested_metadata()) if self.metadata else None,
+            "metadata": self._nested_metadata() if self.metadata else None,
         }
 
     def qdrant_filter(self) -> models.Filter | None:
@@ -277,12 +276,13 @@ async def hybrid_search(
     candidates = max(candidates, limit)
 
     collection = await check_model(qdrant, alias, embedder)
+    reads = SearchReads(pool)
     vector, keyword = await asyncio.gather(
         _vector_candidates(qdrant, collection, embedder, query, candidates, filters),
-        _keyword_candidates(pool, query, candidates, filters),
+        reads.keyword_candidates(query, limit=candidates, **filters.restriction()),
     )
     fused = fuse(vector, keyword, fusion=fusion, vector_weight=vector_weight)
-    current = await _current_chunks(pool, [f.id for f in fused], filters)
+    current = await reads.current_chunks([f.id for f in fused], **filters.restriction())
     hits: list[Hit] = []
     for f in fused:
         row = current.get(f.id)
@@ -312,16 +312,3 @@ async def _vector_candidates(qdrant, collection, embedder, query, candidates, fi
             continue
     return out
 
-
-async def _keyword_candidates(pool, query, candidates, filters) -> list[tuple[UUID, float]]:
-    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(queries.query("search_keyword"), {**filters.sql_params(), "query": query, "limit": candidates})
-        return [(r["chunk_id"], float(r["rank"])) for r in await cur.fetchall()]
-
-
-async def _current_chunks(pool, ids: list[UUID], filters) -> dict[UUID, dict[str, Any]]:
-    if not ids:
-        return {}
-    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(queries.query("search_hits"), {**filters.sql_params(), "chunk_ids": ids})
-        return {r["chunk_id"]: r for r in await cur.fetchall()}

@@ -118,15 +118,15 @@ def test_filters_to_qdrant_and_sql():
     assert conditions["metadata.paragraph"].range == models.Range(gte=2, lte=2)
     assert conditions["metadata.lang.code"].match == models.MatchValue(value="en")
     assert conditions["metadata.draft"].match == models.MatchValue(value=False)
-    params = f.sql_params()
-    assert (params["source_id"], params["document_id"], params["document_type"]) == (src, doc, "guide")
-    assert params["metadata"].obj == {"topic": "cooking", "paragraph": 2, "lang": {"code": "en"}, "draft": False}
+    restriction = f.restriction()
+    assert (restriction["source_id"], restriction["document_id"], restriction["document_type"]) == (src, doc, "guide")
+    assert restriction["metadata"] == {"topic": "cooking", "paragraph": 2, "lang": {"code": "en"}, "draft": False}
 
 
 def test_no_filters_means_none():
     """Without filters there is no Qdrant filter and every SQL filter parameter is NULL."""
     assert SearchFilters().qdrant_filter() is None
-    assert set(SearchFilters().sql_params().values()) == {None}
+    assert set(SearchFilters().restriction().values()) == {None}
 
 
 @pytest.mark.parametrize("metadata", [{"": "x"}, {"a..b": 1}, {"k": None}, {"k": [1]}, {"k": {"x": 1}},
