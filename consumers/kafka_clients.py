@@ -152,7 +152,7 @@ async def group_lag(settings: StreamSettings) -> dict[str, Any]:
 STATUS_BUDGET = KAFKA_STATUS.deadline  # seconds `outboxd status` keeps asking a broker that answers "not yet"
 
 
-def consumer_group_status(settings: StreamSettings) -> dict[str, Any]:
+async def consumer_group_status(settings: StreamSettings) -> dict[str, Any]:
     """`outboxd status`'s Kafka section: the consumer group's lag (the relay's own
     lag is the outbox's: it claims from it), or the error that kept status from it."""
     import asyncio
@@ -161,14 +161,11 @@ def consumer_group_status(settings: StreamSettings) -> dict[str, Any]:
 
     from daemon.errors import describe
 
-    async def lag() -> dict[str, Any]:
-        # retried while a broker that answers says "not yet" (a fresh cluster's group
-        # coordinator, a leader election); brokers that do not answer are reported at once
-        retry = Retry(KAFKA_STATUS, retry_if=lambda exc: not isinstance(exc, KafkaConnectionError))
-        return await asyncio.wait_for(retry.call(group_lag, settings), STATUS_BUDGET)
-
+    # retried while a broker that answers says "not yet" (a fresh cluster's group
+    # coordinator, a leader election); brokers that do not answer are reported at once
+    retry = Retry(KAFKA_STATUS, retry_if=lambda exc: not isinstance(exc, KafkaConnectionError))
     try:
-        return asyncio.run(lag())
+        return await asyncio.wait_for(retry.call(group_lag, settings), STATUS_BUDGET)
     except Exception as exc:  # status reports what it can reach
         cause = exc.last if isinstance(exc, GaveUp) else exc
         return {"topic": settings.kafka.topic, "group": settings.kafka.group, "error": describe(cause)}

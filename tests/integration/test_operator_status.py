@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from qdrant_client import AsyncQdrantClient
 
 from daemon import cli
-from daemon.commands import status
+from daemon.admin import status
 from daemon.core.catalog import CollectionRecord
 from daemon.errors import CollectionElsewhereError
 from daemon.runtime.backoff import EVENTS
@@ -293,13 +293,13 @@ async def test_inspect_counts_the_live_collection_in_process(conn, dsn, qdrant, 
     await drain(settings, dsn, embedder, qdrant)
     with psycopg.connect(dsn, row_factory=dict_row) as c:
         (live,) = c.execute("SELECT * FROM outboxd.collections WHERE alias = %s AND status = 'live'", (collection,)).fetchall()
-    section = await status._inspect(qdrant, settings, CollectionRecord(**live), {})
+    section = await status.inspect_collection(qdrant, settings, CollectionRecord(**live), {})
     assert (section["collection"], section["points"]) == (live["name"], 2)
     assert section["fingerprint"]["id"] == live["fingerprint_id"]
 
     await qdrant.delete_collection(live["name"])  # lost, or the wrong Qdrant: status cannot tell, and refuses
     with pytest.raises(CollectionElsewhereError, match="does not have it"):
-        await status._inspect(qdrant, settings, CollectionRecord(**live), {})
+        await status.inspect_collection(qdrant, settings, CollectionRecord(**live), {})
 
 
 # --- outboxd dead-letters ---------------------------------------------------------------------
