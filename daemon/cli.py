@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "backfill": ("daemon.commands.backfill:command", "enqueue existing chunks (resumable)"),
     "dead-letters": ("daemon.commands.dead_letters:command", "list, retry or purge events that kept failing"),
     "reindex": ("daemon.commands.reindex:command", "move the collection to another model without downtime"),
+    "collection": ("daemon.commands.collection:command",
+                   "the collection's shards, replicas, HNSW, quantization and indexes beside the settings"),
     "search": ("daemon.commands.search:command", "hybrid search: Qdrant vectors + PostgreSQL full text"),
     "roles": ("daemon.commands.roles:command", "create the least-privilege writer and worker roles"),
     "completion": ("daemon.commands.completion:command", "print a shell completion script (bash, zsh, fish)"),

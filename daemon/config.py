@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         "health_port": "health.port",
         "health_host": "health.host",
         "heartbeat_timeout": "health.heartbeat_timeout",
-        **{f"qdrant_{name}": f"qdrant.{name}" for name in QdrantSettings.model_fields},
+        **{f"qdrant_{name}": f"qdrant.{name}" for name in QdrantSettings.CONNECTION},
         "model": "embedding.name",
         "device": "embedding.device",
         "max_seq_length": "embedding.max_seq_length",

@@ -31,6 +31,7 @@ from daemon.admin.scan import CheckpointedScan
 from daemon.core.apply import Applier
 from daemon.core.catalog import Catalog, Home, view
 from daemon.core.chunk_state import ChunkState
+from daemon.core.collection_shape import CollectionShape
 from daemon.core.qdrant_store import QdrantStore, physical_name, read_identity
 from daemon.embedding.embedder import Embedder
 from daemon.errors import ConfigError
@@ -72,7 +73,9 @@ class Reindexer:
         qdrant_page_size: int = SERVER_QDRANT_PAGE,
         progress: Callable[[int], None] | None = None,
         qdrant_location: str = "",
+        shape: CollectionShape | None = None,
     ) -> None:
+        self.shape = shape  # the [qdrant] configuration the new collection is created with
         self.qdrant_location = qdrant_location  # where the collections live (daemon.core.qdrant_connect.location)
         self.pool = pool
         self.qdrant = qdrant
@@ -100,7 +103,7 @@ class Reindexer:
             return result
 
         await self.catalog.upsert(target, self.alias, fp, "building")
-        store = QdrantStore(self.qdrant, self.alias, collection=target)
+        store = QdrantStore(self.qdrant, self.alias, collection=target, shape=self.shape)
         await store.create_physical(fp)
         uid = (await read_identity(self.qdrant, target))[1]
         await self.catalog.record_home(target, Home(uid, self.qdrant_location), replace=True)

@@ -51,6 +51,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
     from daemon.admin.model_switch import Reindexer, retired_collection
     from daemon.commands.common import open_services, progress_bar
     from daemon.core.catalog import view
+    from daemon.core.collection_shape import CollectionShape
     from daemon.core.qdrant_connect import location
     from daemon.embedding.embedder import Embedder
     from daemon.embedding.fingerprint import settings_for
@@ -88,6 +89,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
                     qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant.url else LOCAL_QDRANT_PAGE,
                     progress=advance,
                     qdrant_location=location(settings),
+                    shape=CollectionShape(settings.qdrant),
                 ).run()
         finally:
             await embedder.close()

@@ -20,6 +20,7 @@ from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from daemon.core.chunk_state import METADATA_HASH
+from daemon.core.collection_shape import INDEXES, CollectionShape, Difference
 from daemon.embedding.embedder import Embedding, ModelFingerprint
 from daemon.embedding.fingerprint import check_fingerprint
 from daemon.errors import ConfigError
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_KEY = "outboxd_model"
 UID_KEY = "outboxd_uid"  # a random id per collection outboxd creates, kept in the catalog too (which Qdrant holds it)
-INDEXED_FIELDS = ("document_id", "source_id", "content_hash")
 NO_CHUNK = "00000000-0000-0000-0000-000000000000"  # the nil UUID: gen_random_uuid() never makes it
 
 # Local mode ignores payload indexes and says so on every create; we create them
@@ -115,9 +115,11 @@ class QdrantStore:
     whose fingerprint they checked, never through the alias, so a later switch
     of the alias to another model's collection cannot receive this model's vectors."""
 
-    def __init__(self, client: AsyncQdrantClient, alias: str, collection: str | None = None) -> None:
+    def __init__(self, client: AsyncQdrantClient, alias: str, collection: str | None = None, *,
+                 shape: CollectionShape | None = None) -> None:
         self.client = client
         self.alias = alias
+        self.shape = shape or CollectionShape()  # how a collection it creates is configured, and writes ordered
         # the physical collection: given (a command that resolved it), or settled by ensure_collection
         self.collection = collection or alias
         self.recreated = False  # ensure_collection created the live collection anew: it must be rebuilt
@@ -166,6 +168,12 @@ class QdrantStore:
                         extra={"alias": self.alias, "collection": live.name})
             await self.create_alias()
         return (await read_identity(self.client, self.collection))[1]
+
+    async def add_replicas(self, moves: list[models.ReplicateShard]) -> None:
+        """Start each shard replication (daemon.core.cluster plans them); Qdrant copies in the background."""
+        for move in moves:
+            await self.client.cluster_collection_update(
+                self.collection, models.ReplicateShardOperation(replicate_shard=move))
 
     async def write_uid(self, uid: str) -> None:
         """Give the collection the id the catalog keeps for it (a collection older than ids, or made by hand)."""
@@ -228,8 +236,9 @@ class QdrantStore:
         )
 
     async def create_physical(self, fingerprint: ModelFingerprint) -> bool:
-        """Create self.collection with its payload indexes; False where it already
-        existed (made earlier, or by a concurrent starter a moment ago)."""
+        """Create self.collection, configured as [qdrant] says, with its payload
+        indexes; False where it already existed (made earlier, or by a concurrent
+        starter a moment ago)."""
         created = True
         if await self.client.collection_exists(self.collection):
             created = False
@@ -237,20 +246,43 @@ class QdrantStore:
             try:
                 await self.client.create_collection(
                     self.collection,
-                    vectors_config=models.VectorParams(size=fingerprint.dimension, distance=models.Distance.COSINE),
                     metadata={FINGERPRINT_KEY: fingerprint.as_dict(), UID_KEY: uuid.uuid4().hex},
+                    **self.shape.create_kwargs(fingerprint.dimension),
                 )
             except Exception as exc:
                 if not already_exists(exc):
                     raise
                 created = False
-        for field in INDEXED_FIELDS:  # idempotent on a server; repeated so a starter that lost the race still has them
+        # Repeated so a starter that lost the race still has them; only the missing
+        # ones, so that a start never retypes an index (`outboxd collection --apply` does).
+        schema = (await self.client.get_collection(self.collection)).payload_schema or {}
+        await self.create_indexes({k: v for k, v in self.shape.indexes().items() if k not in schema})
+        return created
+
+    async def create_indexes(self, indexes: dict[str, Any]) -> None:
+        for name, schema in indexes.items():
             try:
-                await self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
+                await self.client.create_payload_index(self.collection, name, schema, wait=True)
             except Exception as exc:
                 if not already_exists(exc):
                     raise
-        return created
+
+    async def reshape(self, differences: list[Difference]) -> None:
+        """Make the in-place differences between [qdrant] and the collection: one
+        update of its parameters, then the payload indexes (a retyped one is
+        rebuilt by Qdrant). Replicas a raised replication factor asks for are
+        the cluster's to add (daemon.core.cluster)."""
+        kwargs = self.shape.update_kwargs(differences)
+        if kwargs:
+            await self.client.update_collection(self.collection, **kwargs)
+        names = {d.name for d in differences if d.in_place}
+        wanted = self.shape.indexes()
+        retyped = {k: v for k, v in wanted.items() if f"index {k}" in names
+                   or (k == self.shape.settings.tenant_key and "tenant_key" in names)}
+        for d in differences:  # the tenant key moved: the old one becomes a plain index again
+            if d.name == "tenant_key" and d.actual is not None and d.actual in INDEXES:
+                retyped[d.actual] = INDEXES[d.actual]
+        await self.create_indexes(retyped)
 
     async def check_writable(self) -> None:
         """A write that changes nothing (deleting the nil UUID, which is never a
@@ -313,7 +345,8 @@ class QdrantStore:
         """Drop these points' metadata_hash, which may no longer describe their payload
         (edited by hand): the next apply writes the payload whole (plan's changed_keys)."""
         if point_ids:
-            await self.client.delete_payload(self.collection, keys=[METADATA_HASH], points=point_ids, wait=True)
+            await self.client.delete_payload(self.collection, keys=[METADATA_HASH], points=point_ids, wait=True,
+                                             ordering=self.shape.ordering)
 
     async def write(
         self, upserts: Upserts | None, payload_updates: list[tuple[str, dict[str, Any]]], deletes: list[str]
@@ -332,4 +365,4 @@ class QdrantStore:
             ops.append(models.DeleteOperation(delete=models.PointIdsList(points=deletes)))
         if ops:
             with span("qdrant.write", histogram="qdrant_seconds", operations=len(ops)):
-                await self.client.batch_update_points(self.collection, ops, wait=True)
+                await self.client.batch_update_points(self.collection, ops, wait=True, ordering=self.shape.ordering)

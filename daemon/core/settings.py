@@ -5,8 +5,11 @@
 
 A Qdrant server (url, api_key, ca_file, the gRPC choice, the request timeout),
 or qdrant-client's local mode in a folder (path); never both. The collection's
-own configuration (its shape, which the operator chooses and every reindex
-keeps) belongs in this table too, beside the connection. Read by
+own configuration (shards, replicas, HNSW, quantization, what lives on disk:
+the operator's choice, with Qdrant's own names) sits beside the connection:
+daemon.core.collection_shape applies it when outboxd creates a collection (a
+reindex's too) and compares it with what a collection has. Unset means
+Qdrant's default, which outboxd then neither applies nor checks. Read by
 daemon.core.qdrant_connect; kept apart from it so that building the settings
 imports only pydantic.
 
@@ -17,13 +20,19 @@ names the new one (daemon.config.Settings.renamed).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 
 from daemon.settings.names import Table
 
 
 class QdrantSettings(Table):
+    # the connection's fields, which were flat settings before this table existed (OUTBOXD_QDRANT_PATH)
+    CONNECTION: ClassVar[tuple[str, ...]] = (
+        "url", "api_key", "ca_file", "path", "timeout", "prefer_grpc", "grpc_port",
+    )
+
     url: str | None = Field(
         None,
         validation_alias=AliasChoices("url", "QDRANT_URL"),
@@ -47,3 +56,70 @@ class QdrantSettings(Table):
         False, description="Talk to the Qdrant server over gRPC (faster bulk writes) instead of REST."
     )
     grpc_port: int = Field(6334, ge=1, le=65535, description="The Qdrant server's gRPC port.")
+
+
+    # --- the collection's own configuration (applied at creation; `outboxd collection` for one that exists)
+    shard_number: int | None = Field(
+        None, ge=1, description="Shards of a collection outboxd creates (Qdrant's default: one per node). Fixed "
+        "at creation: changing it takes a reindex into a new collection.",
+    )
+    replication_factor: int | None = Field(
+        None, ge=1, description="Copies of each shard on a cluster (Qdrant's default: 1). 2 keeps reads and "
+        "writes answering while one node is down.",
+    )
+    write_consistency_factor: int | None = Field(
+        None, ge=1, description="Replicas that must confirm a write before Qdrant (and so outboxd) acknowledges "
+        "it (Qdrant's default: 1); at most the replication factor.",
+    )
+    write_ordering: Literal["weak", "medium", "strong"] = Field(
+        "medium", description="Qdrant's ordering of every write outboxd makes: medium routes the writes to one "
+        "point through its shard's leader, so replicas apply them in the order outboxd made them; weak lets a "
+        "later write reach a replica first; strong refuses writes while a shard's leader is down.",
+    )
+    on_disk: bool | None = Field(
+        None, description="Keep the original vectors on disk (memory-mapped) instead of in RAM.",
+    )
+    on_disk_payload: bool | None = Field(
+        None, description="Keep payloads on disk instead of in RAM (indexed fields stay fast).",
+    )
+    hnsw_m: int | None = Field(None, ge=0, description="HNSW graph edges per node (Qdrant's default: 16).")
+    hnsw_ef_construct: int | None = Field(
+        None, ge=4, description="HNSW neighbours considered while building the index (Qdrant's default: 100).",
+    )
+    indexing_threshold: int | None = Field(
+        None, ge=0, description="KB of vectors a segment holds before Qdrant builds its HNSW index "
+        "(Qdrant's default: 10000; 0 never indexes).",
+    )
+    memmap_threshold: int | None = Field(
+        None, ge=0, description="KB of vectors a segment holds before Qdrant moves them to memory-mapped storage.",
+    )
+    quantization: Literal["none", "scalar", "binary"] | None = Field(
+        None, description="Compress the vectors Qdrant searches first: scalar (int8, 4x smaller) or binary "
+        "(1 bit, 32x smaller, for models that tolerate it); search rescores with the originals. none removes it.",
+    )
+    quantization_always_ram: bool = Field(
+        True, description="Keep the quantized vectors in RAM while the originals may live on disk.",
+    )
+    tenant_key: Literal["source_id", "document_id", "document_type"] | None = Field(
+        None, description="The payload field that partitions the collection between tenants (source_id is the "
+        "natural one): indexed with is_tenant, so Qdrant stores each tenant's points together and a filtered "
+        "search reads only its own.",
+    )
+    search_rescore: bool = Field(
+        True, description="With quantization: rescore the candidates with the original vectors.",
+    )
+    search_oversampling: float | None = Field(
+        None, ge=1.0, description="With quantization: candidates fetched per result before rescoring "
+        "(Qdrant's default: 1.0).",
+    )
+
+    @model_validator(mode="after")
+    def _consistency_within_replicas(self) -> "QdrantSettings":
+        w, r = self.write_consistency_factor, self.replication_factor
+        if w is not None and w > (r or 1):
+            raise ValueError(
+                f"write_consistency_factor {w} asks more replicas to confirm a write than the replication factor "
+                f"{r or 1} makes, so no write could succeed; lower OUTBOXD_QDRANT__WRITE_CONSISTENCY_FACTOR or "
+                "raise OUTBOXD_QDRANT__REPLICATION_FACTOR"
+            )
+        return self

@@ -14,6 +14,7 @@ from qdrant_client import AsyncQdrantClient
 from daemon.config import Settings
 from daemon.core.apply import Applier
 from daemon.core.catalog import CollectionRecord, view
+from daemon.core.collection_shape import CollectionShape
 from daemon.core.qdrant_connect import describe_target, embedding_checks, make_client, probe
 from daemon.core.qdrant_store import QdrantStore
 from daemon.embedding.embedder import Embedder, ModelFingerprint
@@ -30,7 +31,7 @@ class QdrantWriter:
         self._owns_qdrant = qdrant is None
         self.embedder = embedder or Embedder(settings)
         self.qdrant = qdrant or make_client(settings)
-        self.store = QdrantStore(self.qdrant, settings.collection)
+        self.store = QdrantStore(self.qdrant, settings.collection, shape=CollectionShape(settings.qdrant))
         self.applier = Applier(self.embedder, self.store, reuse_vectors=settings.reuse_stored_vectors)
 
     async def load_model(self, until_reachable: UntilReachable) -> ModelFingerprint:

@@ -108,8 +108,9 @@ def test_qdrant_and_embedding_are_tables(monkeypatch, tmp_path):
     """[qdrant] and [embedding] by their new names: QDRANT_URL stays conventional (no
     warning); a shared embedding setting alone is the default backend's, and every
     backend has the shared ones beside its own."""
-    assert set(Settings.model_fields["qdrant"].annotation.model_fields) == {
-        "url", "api_key", "ca_file", "path", "timeout", "prefer_grpc", "grpc_port"}
+    qdrant = Settings.model_fields["qdrant"].annotation
+    assert set(qdrant.CONNECTION) == {"url", "api_key", "ca_file", "path", "timeout", "prefer_grpc", "grpc_port"}
+    assert set(qdrant.CONNECTION) < set(qdrant.model_fields)  # the collection's own configuration beside it
     assert not [name for name in Settings.model_fields if name.startswith(("qdrant_", "embed"))
                 and name != "embedding"]
     for member in (SentenceTransformersSettings, OnnxSettings, HttpSettings):
