@@ -31,7 +31,7 @@ from daemon.errors import Failure, classify, describe
 from daemon.outbox.queue import Event
 from daemon.outbox.service import OutboxService
 from daemon.telemetry import inject_headers
-from db.gateway import fetch
+from db.outbox import OutboxRepository
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Publisher:
     def __init__(self, producer, pool, topic: str, metrics) -> None:
         self.producer = producer
         self.pool = pool
+        self.outbox = OutboxRepository(pool)
         self.topic = topic
         self.metrics = metrics
 
@@ -61,8 +62,7 @@ class Publisher:
         result = PublishResult()
         if not targets:
             return result
-        rows = await fetch(self.pool, "relay_versions", chunk_ids=list(targets))
-        versions = {r["chunk_id"]: r["version"] for r in rows}
+        versions = await self.outbox.relay_versions(list(targets))
         relayed_at = datetime.now(UTC)
         trace_headers = inject_headers()
         pending: list[tuple[UUID, asyncio.Future]] = []

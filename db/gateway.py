@@ -1,5 +1,7 @@
 """The one gateway to PostgreSQL: how outboxd connects, and how it runs the
-named queries of sql/ (db.queries loads them).
+named queries of sql/ (db.queries loads them). Only db/ runs them: the
+repositories (db.outbox, db.catalog, db.coordination, db.scans) name what
+each query does for the rest of outboxd.
 
 - A process that runs (`run`, `relay`) and an operator command (`status`,
   `reconcile`, ...) use a pool (make_pool): autocommit, so each statement is
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -96,9 +100,39 @@ async def probe(dsn: str, *, application_name: str, timeout: float) -> None:
     await conn.close()
 
 
-async def fetch(pool: AsyncConnectionPool, name: str, /, **params) -> list[dict]:
+async def _rows(conn: AsyncConnection, name: str, params: dict[str, Any]) -> list[dict]:
+    cur = await conn.execute(query(name), params)
+    return await cur.fetchall() if cur.description else []
+
+
+async def fetch(pool: AsyncConnectionPool, name: str, /, *, timeout: float | None = None, **params) -> list[dict]:
     """Run a named query on a connection from the pool (its own short autocommit
-    transaction) and return its rows, if it returns any."""
-    async with pool.connection() as conn:
-        cur = await conn.execute(query(name), params)
-        return await cur.fetchall() if cur.description else []
+    transaction) and return its rows, if it returns any. timeout: seconds to wait
+    for a connection (the pool's own by default)."""
+    async with pool.connection(timeout=timeout) as conn:
+        return await _rows(conn, name, params)
+
+
+class Transaction:
+    """Named queries on one connection, inside one transaction (db.gateway.transaction)."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def fetch(self, name: str, /, **params) -> list[dict]:
+        return await _rows(self._conn, name, params)
+
+
+@asynccontextmanager
+async def transaction(pool: AsyncConnectionPool) -> AsyncIterator[Transaction]:
+    """Several named queries in one short transaction: committed when the block
+    ends, rolled back if it raises. Only a repository method opens one, around
+    its own statements: never across embedding or a Qdrant call."""
+    async with pool.connection() as conn, conn.transaction():
+        yield Transaction(conn)
+
+
+async def ping(pool: AsyncConnectionPool, *, timeout: float) -> None:
+    """One round trip on a pooled connection (readiness, and the pool's first
+    connection at start-up); a connection not had within timeout is PoolTimeout."""
+    await fetch(pool, "ping", timeout=timeout)

@@ -14,7 +14,8 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.admin.scan import CheckpointedScan
-from db.gateway import fetch
+from db.outbox import OutboxRepository
+from db.scans import ScanRepository
 
 
 def job_name(source: UUID | None, document: UUID | None) -> str:
@@ -28,12 +29,12 @@ def job_name(source: UUID | None, document: UUID | None) -> str:
 async def backfill(pool: AsyncConnectionPool, source: UUID | None, document: UUID | None, page_size: int,
                    restart: bool, advance: Callable[[int], None] = lambda n: None) -> dict:
     job = job_name(source, document)
-    scope = {"source_id": source, "document_id": document}
+    outbox = OutboxRepository(pool)
     enqueued = 0
 
     async def page(after: UUID | None, limit: int) -> tuple[int, UUID | None]:
         nonlocal enqueued
-        (row,) = await fetch(pool, "backfill_page", job=job, after=after, limit=limit, **scope)
+        row = await outbox.backfill_page(job, after, limit, source_id=source, document_id=document)
         enqueued += row["enqueued"]
         return row["scanned"], row["last_id"]
 
@@ -44,4 +45,4 @@ async def backfill(pool: AsyncConnectionPool, source: UUID | None, document: UUI
 
 async def count_in_scope(pool: AsyncConnectionPool, source: UUID | None, document: UUID | None) -> int:
     """How many chunks a backfill of this scope passes (a full scan: for a progress bar someone watches)."""
-    return (await fetch(pool, "count_chunks", source_id=source, document_id=document))[0]["n"]
+    return await ScanRepository(pool).count_chunks(source_id=source, document_id=document)

@@ -38,7 +38,8 @@ from daemon.core.plan import POINT_KEYS, plan
 from daemon.core.qdrant_store import QdrantStore
 from daemon.errors import CollectionRetiredError
 from daemon.outbox.queue import read_chunk_states
-from db.gateway import fetch
+from db.outbox import OutboxRepository
+from db.scans import ScanRepository
 
 KINDS = ("missing", "orphaned", "stale", "wrong_model")
 # Points per scroll request. A Qdrant server pages through an index; qdrant-client's
@@ -193,6 +194,8 @@ class Reconciler:
         deep: bool = False,
     ) -> None:
         self.pool = pool
+        self.scans = ScanRepository(pool)
+        self.outbox = OutboxRepository(pool)
         self.qdrant = qdrant
         self.collection = collection
         self.model_id = model_id
@@ -222,7 +225,7 @@ class Reconciler:
         keyset page, one scroll from `after`), so neither many chunks nor many
         orphan points make one range large. The next range starts after its end."""
         started = time.perf_counter()
-        rows = await fetch(self.pool, "reconcile_chunks", after=after, limit=size, **self.scope.sql())
+        rows = await self.scans.chunk_page(after, size, **self.scope.sql())
         chunks = [(str(state.chunk_id), state) for state in map(ChunkState.from_row, rows)]
         points, more_points = await self._points_after(after, size)
         chunks, points, end = bound_range(chunks, len(rows) == size, points, more_points)
@@ -255,7 +258,7 @@ class Reconciler:
     async def _chunks(self) -> AsyncIterator[tuple[str, ChunkState]]:
         after = None
         while True:
-            rows = await fetch(self.pool, "reconcile_chunks", after=after, limit=self.page_size, **self.scope.sql())
+            rows = await self.scans.chunk_page(after, self.page_size, **self.scope.sql())
             for row in rows:
                 state = ChunkState.from_row(row)
                 yield str(state.chunk_id), state
@@ -315,7 +318,7 @@ class Reconciler:
         ids = list(candidates)
         states = await read_chunk_states(self.pool, ids)
         records = await self.qdrant.retrieve(self.collection, [str(i) for i in ids], with_payload=self.point_keys)
-        pending = {r["chunk_id"] for r in await fetch(self.pool, "pending_chunks", chunk_ids=ids)}
+        pending = await self.outbox.pending_chunks(ids)
         payloads = {UUID(str(r.id)): r.payload or {} for r in records}
         drift: dict[UUID, str] = {}
         in_flight: set[UUID] = set()
@@ -351,7 +354,7 @@ def in_id_order(batch: list, after: str = "") -> list[tuple[str, dict[str, Any]]
 
 async def count_chunks(pool: AsyncConnectionPool, scope: Scope = Scope()) -> int:
     """For progress bars: how many chunks a scan of this scope will pass."""
-    return (await fetch(pool, "count_chunks", **scope.sql()))[0]["n"]
+    return await ScanRepository(pool).count_chunks(**scope.sql())
 
 
 def enqueue_repair(pool: AsyncConnectionPool, while_live: str | None = None) -> Repair:
@@ -359,9 +362,10 @@ def enqueue_repair(pool: AsyncConnectionPool, while_live: str | None = None) -> 
     the daemon applies (re-embedding, re-payloading or deleting as needed).
     while_live: only while the catalog calls this collection live, else
     CollectionRetiredError (a reindex switched it; the verifier's case)."""
+    outbox = OutboxRepository(pool)
 
     async def repair(drift: dict[UUID, str]) -> int:
-        enqueued = len(await fetch(pool, "enqueue_chunks", chunk_ids=list(drift), collection=while_live))
+        enqueued = await outbox.enqueue_chunks(list(drift), while_live=while_live)
         if drift and not enqueued:
             raise CollectionRetiredError(
                 f"Qdrant collection {while_live!r} is no longer the live collection of its alias (a reindex "

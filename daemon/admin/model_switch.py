@@ -36,7 +36,7 @@ from daemon.core.qdrant_store import QdrantStore, physical_name, read_identity
 from daemon.embedding.embedder import Embedder
 from daemon.errors import ConfigError
 from daemon.outbox.queue import read_chunk_states
-from db.gateway import fetch
+from db.scans import ScanRepository
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,10 @@ class Reindexer:
     async def _build(self, applier: Applier, job: str) -> int:
         """Apply every chunk to the new collection, resuming from the checkpoint."""
         scan = CheckpointedScan(self.pool, job, self.page_size)
+        chunks = ScanRepository(self.pool)
 
         async def page(after: UUID | None, limit: int) -> tuple[int, UUID | None]:
-            rows = await fetch(self.pool, "reconcile_chunks", after=after, limit=limit, source_id=None, document_id=None)
+            rows = await chunks.chunk_page(after, limit)
             if not rows:
                 return 0, after
             applied = await applier.apply({r["chunk_id"]: ChunkState.from_row(r) for r in rows})

@@ -9,7 +9,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from db.gateway import fetch
+from db.scans import ScanRepository
 
 # one page: (the checkpoint to start after, the page size) -> (chunks scanned, the last id scanned)
 Page = Callable[[UUID | None, int], Awaitable[tuple[int, UUID | None]]]
@@ -26,6 +26,7 @@ class ScanResult:
 class CheckpointedScan:
     def __init__(self, pool: AsyncConnectionPool, job: str, page_size: int) -> None:
         self.pool = pool
+        self.db = ScanRepository(pool)
         self.job = job
         self.page_size = page_size
 
@@ -37,8 +38,8 @@ class CheckpointedScan:
         between pages neither loses nor repeats one."""
         result = ScanResult(self.job)
         if restart:
-            await fetch(self.pool, "scan_progress_reset", job=self.job)
-        progress = next(iter(await fetch(self.pool, "scan_progress", job=self.job)), None)
+            await self.db.reset(self.job)
+        progress = await self.db.progress(self.job)
         if progress and progress["completed_at"]:
             result.already_complete = True
             return result
@@ -53,8 +54,8 @@ class CheckpointedScan:
             if scanned < self.page_size:
                 break
             after = last
-        await fetch(self.pool, "scan_progress_complete", job=self.job)
+        await self.db.complete(self.job)
         return result
 
     async def save(self, last_chunk_id: UUID, done: int) -> None:
-        await fetch(self.pool, "scan_progress_save", job=self.job, last_chunk_id=last_chunk_id, done=done)
+        await self.db.save(self.job, last_chunk_id, done)

@@ -16,8 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from daemon.embedding.embedder import ModelFingerprint
 from daemon.errors import CollectionElsewhereError
-from db.gateway import fetch
-from db.queries import query
+from db.catalog import CatalogRepository
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +113,8 @@ async def view(qdrant, alias: str, record: CollectionRecord | None) -> Collectio
                           record, uid)
 
 
-def _params(name: str, alias: str, fp: ModelFingerprint, home: "Home | None" = None, **extra) -> dict:
+def _row(name: str, alias: str, fp: ModelFingerprint, home: "Home | None" = None) -> dict:
+    """The catalog row's fields for a collection made by `fp` (living at `home`)."""
     return dict(
         qdrant_uid=home.uid if home else None,
         qdrant_location=home.location if home else None,
@@ -126,20 +126,17 @@ def _params(name: str, alias: str, fp: ModelFingerprint, home: "Home | None" = N
         max_seq_length=fp.max_seq_length,
         fingerprint_id=fp.id,
         variant=fp.variant,
-        **extra,
     )
 
 
 class Catalog:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
-
-    async def _rows(self, query_name: str, /, **params) -> list[dict]:
-        return await fetch(self.pool, query_name, **params)
+        self.db = CatalogRepository(pool)
 
     async def live(self, alias: str) -> CollectionRecord | None:
-        rows = await self._rows("live_collection", alias=alias)
-        return CollectionRecord(**rows[0]) if rows else None
+        row = await self.db.live(alias)
+        return CollectionRecord(**row) if row else None
 
     async def retired(self, alias: str) -> list[CollectionRecord]:
         """The alias's retired collections, the most recently retired first (the rollback target)."""
@@ -153,35 +150,27 @@ class Catalog:
     async def register_live(self, name: str, alias: str, fp: ModelFingerprint, home: "Home") -> CollectionRecord:
         """Record `name` as live unless the alias already has a live collection;
         returns whichever is live now."""
-        await self._rows("register_live_collection", **_params(name, alias, fp, home))
+        await self.db.register_live(**_row(name, alias, fp, home))
         live = await self.live(alias)
         assert live is not None
         return live
 
     async def upsert(self, name: str, alias: str, fp: ModelFingerprint, status: str,
                      home: "Home | None" = None) -> CollectionRecord:
-        return CollectionRecord(
-            **(await self._rows("upsert_collection", **_params(name, alias, fp, home, status=status)))[0]
-        )
+        return CollectionRecord(**await self.db.upsert(**_row(name, alias, fp, home), status=status))
 
     async def record_home(self, name: str, home: "Home", *, replace: bool = False) -> str:
         """Where `name` lives: reached under another URL, adopted (a row without an
         id keeps the first one offered), or recreated (replace). The id recorded now."""
-        rows = await self._rows("record_collection_home", name=name, qdrant_uid=home.uid,
-                                qdrant_location=home.location, replace=replace)
-        return rows[0]["qdrant_uid"]
+        return await self.db.record_home(name, qdrant_uid=home.uid, qdrant_location=home.location,
+                                         replace=replace)
 
     async def records(self, alias: str | None = None) -> list[CollectionRecord]:
-        return [CollectionRecord(**r) for r in await self._rows("list_collections", alias=alias)]
+        return [CollectionRecord(**r) for r in await self.db.records(alias)]
 
     async def switch_live(self, alias: str, name: str) -> None:
         """Retire the alias's live collection and make `name` live, atomically."""
-        async with self.pool.connection() as conn:
-            async with conn.transaction():
-                await conn.execute(query("retire_live_collection"), {"alias": alias})
-                cur = await conn.execute(query("make_live_collection"), {"alias": alias, "name": name})
-                if not await cur.fetchall():
-                    raise LookupError(f"collection {name!r} is not in the catalog for alias {alias!r}")
+        await self.db.switch_live(alias, name)
 
     async def forget(self, name: str) -> bool:
-        return bool(await self._rows("delete_collection_record", name=name))
+        return await self.db.forget(name)

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from daemon.embedding.backend import Backend
 from daemon.embedding.budget import HORIZON, Budget, Grant, LocalBudget, Rates
-from db.gateway import fetch
+from db.coordination import CoordinationRepository, SharedBucket
 
 log = logging.getLogger(__name__)
 
@@ -34,38 +34,39 @@ class SharedBudget(Budget):
     def __init__(self, pool: AsyncConnectionPool, endpoint: str, rates: Rates, *, horizon: float = HORIZON) -> None:
         super().__init__(endpoint, rates)
         self.pool = pool
+        self.db = CoordinationRepository(pool)
         requests, tokens = rates.requests, rates.tokens
         # what every statement on the endpoint's row is given: its key, and the bucket's shape
-        self.params = {
-            "endpoint": endpoint,
-            "request_rate": requests.per_second if requests else None,
-            "request_capacity": requests.capacity if requests else None,
-            "token_rate": tokens.per_second if tokens else None,
-            "token_capacity": tokens.capacity if tokens else None,
-            "horizon": horizon,
-        }
+        self.bucket = SharedBucket(
+            endpoint,
+            request_rate=requests.per_second if requests else None,
+            request_capacity=requests.capacity if requests else None,
+            token_rate=tokens.per_second if tokens else None,
+            token_capacity=tokens.capacity if tokens else None,
+            horizon=horizon,
+        )
 
     async def open(self) -> None:
         """The endpoint's row, made full if no daemon made it yet."""
-        await fetch(self.pool, "embedding_budget_open", **self.params)
+        await self.db.open_budget(self.bucket)
 
     async def take(self, tokens: int) -> Grant:
-        rows = await fetch(self.pool, "embedding_budget_take", **self.params, tokens=tokens)
-        if not rows:  # the row went (deleted by hand, or an unlogged table emptied by a crash): a full one
+        row = await self.db.take_budget(self.bucket, tokens)
+        if row is None:  # the row went (deleted by hand, or an unlogged table emptied by a crash): a full one
             await self.open()
-            rows = await fetch(self.pool, "embedding_budget_take", **self.params, tokens=tokens)
-        row = rows[0]
+            row = await self.db.take_budget(self.bucket, tokens)
+            assert row is not None
         # the turn stays the server's timestamp: compared with the pause's end there, exactly
         return Grant(bool(row["taken"]), float(row["wait_seconds"]), bool(row["paused"]), row["turn"])
 
     async def pause(self, seconds: float) -> None:
-        await fetch(self.pool, "embedding_budget_pause", **self.params, seconds=seconds)
+        await self.db.pause_budget(self.bucket, seconds)
 
     async def release(self, grant: Grant, tokens: int) -> bool:
-        return bool(await fetch(self.pool, "embedding_budget_release", **self.params, tokens=tokens, turn=grant.turn))
+        return await self.db.release_budget_turn(self.bucket, tokens, grant.turn)
 
     async def settle(self, tokens: int) -> None:
-        await fetch(self.pool, "embedding_budget_settle", **self.params, tokens=tokens)
+        await self.db.settle_budget(self.bucket, tokens)
 
 
 async def share(backend: Backend, pool: AsyncConnectionPool, *,

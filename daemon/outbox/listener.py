@@ -12,10 +12,10 @@ from daemon.errors import Failure, describe
 from daemon.runtime.backoff import RECONNECT, Backoff
 from daemon.runtime.retry import Failed, Retry, Stopped
 from db.gateway import connect_async
+from db.outbox import listen
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "outboxd"  # the channel db/migrations' notify_outbox() uses
 CONNECT_TIMEOUT = 10.0  # seconds; then the attempt counts as failed and is retried with backoff
 
 
@@ -60,7 +60,7 @@ class Listener:
         try:
             async with await connect_async(self._dsn, application_name=self._application_name,
                                            timeout=CONNECT_TIMEOUT) as conn:
-                await conn.execute(f"LISTEN {CHANNEL}")
+                await listen(conn)
                 self.connected.set()
                 self._retry.reset()  # connected: the next loss starts from the first delay
                 # Anything committed while we were away sent its NOTIFY to nobody.

@@ -1,6 +1,7 @@
 """The outbox as its workers see it: claim, renew, read state, acknowledge, fail.
 
-Each method is one named query in one short autocommit transaction.
+Each method is one call of db.outbox's repository (one named query in one
+short autocommit transaction); this module says what its rows mean.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from psycopg_pool import AsyncConnectionPool
 from daemon.core.chunk_state import ChunkState
 from daemon.errors import CollectionRetiredError
 from daemon.runtime.backoff import Backoff
-from db.gateway import fetch
+from db.outbox import OutboxRepository
 
 
 async def read_chunk_states(pool: AsyncConnectionPool, chunk_ids: list[UUID]) -> dict[UUID, ChunkState]:
     """The current state of each chunk that exists, by id."""
-    return {r["chunk_id"]: ChunkState.from_row(r) for r in await fetch(pool, "chunk_states", chunk_ids=chunk_ids)}
+    return {r["chunk_id"]: ChunkState.from_row(r) for r in await OutboxRepository(pool).chunk_states(chunk_ids)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,18 +54,14 @@ class Outbox:
         self, pool: AsyncConnectionPool, worker: str, lease_seconds: float, collection: str | None = None
     ) -> None:
         self.pool = pool
+        self.db = OutboxRepository(pool)
         self.worker = worker
         self.lease_seconds = lease_seconds
         # the physical collection this worker writes; None skips the catalog check
         self.collection = collection
 
-    async def _fetch(self, name: str, /, **params) -> list[dict]:
-        return await fetch(self.pool, name, **params)
-
     async def claim(self, batch_size: int) -> Claim:
-        rows = await self._fetch(
-            "claim_batch", worker=self.worker, batch_size=batch_size, lease_seconds=self.lease_seconds
-        )
+        rows = await self.db.claim(self.worker, batch_size, self.lease_seconds)
         events, states = [], {}
         for r in rows:
             events.append(Event(r["id"], r["chunk_id"], r["op"], r["attempts"], r["created_at"]))
@@ -74,7 +71,7 @@ class Outbox:
         return Claim(events, states)
 
     async def renew(self, event_ids: list[int]) -> None:
-        await self._fetch("renew_lease", worker=self.worker, event_ids=event_ids, lease_seconds=self.lease_seconds)
+        await self.db.renew_lease(self.worker, event_ids, self.lease_seconds)
 
     async def chunk_states(self, chunk_ids: list[UUID]) -> dict[UUID, ChunkState]:
         return await read_chunk_states(self.pool, chunk_ids)
@@ -82,39 +79,26 @@ class Outbox:
     async def ack_verified(self, event_ids: list[int], written: dict[UUID, str | None]) -> tuple[int, int]:
         """(acknowledged, released): events of chunks whose state changed since it
         was read are released to be applied again instead of acknowledged."""
-        rows = await self._fetch(
-            "ack_verified",
-            worker=self.worker,
-            event_ids=event_ids,
-            chunk_ids=list(written),
-            state_hashes=list(written.values()),
-            collection=self.collection,
-        )
-        if not rows[0]["live"]:
+        row = await self.db.ack_verified(self.worker, event_ids, written, self.collection)
+        if not row["live"]:
             raise CollectionRetiredError(
                 f"Qdrant collection {self.collection!r} is no longer the live collection of its alias "
                 "(a reindex switched it); its events were released. Restart outboxd with the model the "
                 "live collection uses (see `outboxd status`)."
             )
-        return rows[0]["acked"], rows[0]["released"]
+        return row["acked"], row["released"]
 
     async def fail(self, event_ids: list[int], error: str, *, max_attempts: int, backoff: Backoff) -> list[dict]:
         """Count a failed attempt: the next one after a delay drawn from backoff's
         window (in PostgreSQL, with its parameters), or a dead letter at max_attempts."""
-        return await self._fetch(
-            "fail_events",
-            worker=self.worker,
-            event_ids=event_ids,
-            error=error,
-            max_attempts=max_attempts,
-            **backoff.sql_params(),
-        )
+        return await self.db.fail(self.worker, event_ids, error, max_attempts=max_attempts,
+                                  backoff=backoff.sql_params())
 
     async def release(self, event_ids: list[int]) -> None:
-        await self._fetch("release_events", worker=self.worker, event_ids=event_ids)
+        await self.db.release(self.worker, event_ids)
 
     async def pending(self) -> PendingSummary:
-        row = (await self._fetch("pending_summary"))[0]
+        row = await self.db.pending_summary()
         wait = None
         if row["next_at"] is not None:
             wait = max(0.0, (row["next_at"] - row["db_now"]).total_seconds())

@@ -39,7 +39,8 @@ from daemon.runtime.retry import Stopped, wait_for_any
 from daemon.runtime.service import READINESS_TIMEOUT, Service
 from daemon.telemetry import record_span, span
 from db import migrate
-from db.gateway import fetch, make_pool, probe
+from db.gateway import make_pool, ping, probe
+from db.outbox import OutboxRepository
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ class OutboxService(Service):
     async def _ready_postgresql(self) -> None:
         if self.pool is None:
             raise ServiceUnavailableError("not connected yet")
-        async with self.pool.connection(timeout=READINESS_TIMEOUT) as conn:
-            await conn.execute("SELECT 1")
+        await ping(self.pool, timeout=READINESS_TIMEOUT)
 
     async def _revisions(self) -> tuple[str | None, str]:
         """(the database's schema revision, the one this outboxd needs)."""
@@ -121,8 +121,7 @@ class OutboxService(Service):
         # The open pool keeps connecting in the background; each try asks it for one.
         await probe(self.dsn, application_name=self.settings.application_name, timeout=10.0)
         await self.pool.open()
-        async with self.pool.connection(timeout=min(10.0, self.settings.startup_timeout)) as conn:
-            await conn.execute("SELECT 1")
+        await ping(self.pool, timeout=min(10.0, self.settings.startup_timeout))
 
     async def _check_schema(self) -> None:
         current, head = await self._revisions()
@@ -203,11 +202,12 @@ class OutboxService(Service):
         """Every BACKLOG_EVERY seconds: the backlog into the gauges and systemd's
         STATUS=, and a heartbeat, so an idle daemon stays healthy (a wedged event
         loop does not, and a stuck batch ages the heartbeat by itself)."""
+        outbox = OutboxRepository(self.pool)
         while True:
             self.heartbeat.beat()
             stuck = self.stuck_workers()
             try:
-                row = (await asyncio.wait_for(fetch(self.pool, "backlog"), 2 * BACKLOG_EVERY))[0]
+                row = await asyncio.wait_for(outbox.backlog(), 2 * BACKLOG_EVERY)
             except Exception as exc:  # noqa: BLE001 - an outage shows in the workers' logs, /readyz and the gauges
                 log.debug("cannot read the backlog", extra={"error": describe(exc)})
                 status = f"backlog unknown: {describe(exc)}"

@@ -43,7 +43,6 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import orjson
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.admin.drift import KINDS, Reconciler, Repair
@@ -52,7 +51,7 @@ from daemon.outbox.settings import VerifySettings
 from daemon.runtime.backoff import OUTAGE
 from daemon.runtime.retry import Failed, Retry, Stopped, wait_for_any
 from daemon.telemetry import Metrics
-from db.gateway import fetch
+from db.coordination import CoordinationRepository
 
 log = logging.getLogger(__name__)
 
@@ -119,37 +118,35 @@ class PassState:
 
 
 class VerifierLease:
-    """The verifier's row of one collection alias: each method one named query,
-    one short statement (never a transaction across a Qdrant call)."""
+    """The verifier's row of one collection alias, as this worker holds it: each
+    method one short statement of db.coordination (never a transaction across a
+    Qdrant call)."""
 
     def __init__(self, pool: AsyncConnectionPool, collection: str, worker: str, lease_seconds: float) -> None:
         self.pool = pool
+        self.db = CoordinationRepository(pool)
         self.collection = collection
         self.worker = worker
         self.lease_seconds = lease_seconds
 
-    def _params(self, **more: Any) -> dict[str, Any]:
-        return {"collection": self.collection, "worker": self.worker, "lease_seconds": self.lease_seconds, **more}
-
     async def take(self) -> PassState:
         """Take or renew the lease; the row either way (held: whether this worker has it)."""
-        (row,) = await fetch(self.pool, "verify_lease", **self._params())
-        return PassState.from_row(row)
+        return PassState.from_row(await self.db.take_verifier_lease(self.collection, self.worker, self.lease_seconds))
 
     async def checkpoint(self, after: UUID, checked: int, drift: dict[str, int]) -> PassState | None:
         """Record a checked range; None: the lease was taken over."""
-        rows = await fetch(self.pool, "verify_checkpoint",
-                           **self._params(after=after, checked=checked, drift=orjson.dumps(drift).decode()))
-        return PassState.from_row(rows[0]) if rows else None
+        row = await self.db.save_verifier_checkpoint(self.collection, self.worker, self.lease_seconds,
+                                                     after=after, checked=checked, drift=drift)
+        return PassState.from_row(row) if row else None
 
     async def complete(self, checked: int, drift: dict[str, int]) -> PassState | None:
         """Record a full pass and start the next at the lowest id; None: the lease was taken over."""
-        rows = await fetch(self.pool, "verify_pass_complete",
-                           **self._params(checked=checked, drift=orjson.dumps(drift).decode()))
-        return PassState.from_row(rows[0]) if rows else None
+        row = await self.db.complete_verifier_pass(self.collection, self.worker, self.lease_seconds,
+                                                   checked=checked, drift=drift)
+        return PassState.from_row(row) if row else None
 
     async def release(self) -> None:
-        await fetch(self.pool, "verify_release", **self._params())
+        await self.db.release_verifier_lease(self.collection, self.worker)
 
 
 class Verifier:

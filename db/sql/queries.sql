@@ -132,6 +132,10 @@ UPDATE outboxd.outbox
 SET locked_by = NULL, locked_until = NULL
 WHERE id = ANY(%(event_ids)s) AND locked_by = %(worker)s;
 
+-- ping --
+-- One round trip: the pool's connection works (readiness, start-up).
+SELECT 1 AS ok;
+
 -- schema_revision --
 -- The revision outboxd's Alembic recorded (db.migrate.VERSION_TABLE, on the
 -- search_path as Alembic finds it); no table: never migrated.

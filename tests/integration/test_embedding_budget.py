@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 
 from daemon.embedding.budget import HORIZON, Bucket, Rates
 from daemon.outbox.budget import SharedBudget
-from db.gateway import fetch, make_pool
+from db.gateway import make_pool
 from tests.embedding_server import EmbeddingServer
 from tests.processes import daemon_env
 from tests.support import add_document, all_points, open_qdrant, outbox_rows, require_server
@@ -63,7 +63,7 @@ async def test_the_sql_is_the_buckets_arithmetic(budgets, rates):
     for n in range(40):
         if n < 20:
             await asyncio.sleep(0.03)  # time passing between requests, not a synchronisation
-        row = (await fetch(shared.pool, "embedding_budget_take", **shared.params, tokens=7))[0]
+        row = await shared.db.take_budget(shared.bucket, 7)
         now = row["now"].timestamp()
         bucket = bucket or Bucket.full(rates, now)
         assert_same_take(row, bucket.take(rates, 7, now), n)
@@ -85,7 +85,7 @@ async def test_the_sql_pauses_and_gives_turns_back_as_the_bucket_does(budgets):
 
     async def take(n: int) -> None:
         nonlocal bucket
-        row = (await fetch(shared.pool, "embedding_budget_take", **shared.params, tokens=7))[0]
+        row = await shared.db.take_budget(shared.bucket, 7)
         now = row["now"].timestamp()
         bucket = bucket or Bucket.full(rates, now)
         want = bucket.take(rates, 7, now)
@@ -95,11 +95,11 @@ async def test_the_sql_pauses_and_gives_turns_back_as_the_bucket_does(budgets):
 
     for n in range(6):  # one now, five reserved ahead
         await take(n)
-    row = (await fetch(shared.pool, "embedding_budget_pause", **shared.params, seconds=0.25))[0]
-    bucket.pause(rates, row["now"].timestamp(), 0.25)
+    paused_at = await shared.db.pause_budget(shared.bucket, 0.25)
+    bucket.pause(rates, paused_at.timestamp(), 0.25)
     released = []
     for turn, want_turn in reserved:
-        released.append(bool(await fetch(shared.pool, "embedding_budget_release", **shared.params, tokens=7, turn=turn)))
+        released.append(await shared.db.release_budget_turn(shared.bucket, 7, turn))
         assert released[-1] == bucket.release(rates, 7, want_turn)
     assert len(reserved) == 5 and released[0]  # the first turn, a tenth of a second ahead, is in the pause
     for n in range(6, 30):

@@ -9,11 +9,11 @@ import pytest
 from db.queries import QUERIES_FILE, QUERY_FILES, _all, parse, query
 
 REPO = Path(__file__).resolve().parents[2]
-QUERY_FUNCTIONS = {"query", "fetch", "_fetch"}  # db.queries.query, db.gateway.fetch, and Outbox._fetch
+QUERY_FUNCTIONS = {"query", "fetch"}  # db.queries.query, db.gateway.fetch and a transaction's fetch
 
 
 def names_used_in_code() -> set[str]:
-    """The query name of every query(...), fetch(pool, ...) and _fetch(...) call in
+    """The query name of every query(...), fetch(pool, ...) and tx.fetch(...) call in
     daemon/, consumers/ and db/'s own modules: the first string literal among its positional arguments."""
     names = set()
     files = [*sorted((REPO / "daemon").rglob("*.py")), *sorted((REPO / "consumers").rglob("*.py")),
@@ -65,10 +65,11 @@ def test_queries_file_parses_with_non_empty_bodies():
 
 
 def test_every_query_the_code_uses_exists():
-    """Each query("...") / _fetch("...") name in daemon/, consumers/ and db/ is defined in db/sql/*.sql."""
+    """Each query("...") / fetch(...) name in daemon/, consumers/ and db/ is defined in db/sql/*.sql."""
     used = names_used_in_code()
-    # the scan works, for query(...), _fetch(...) and fetch(pool, ...) calls alike
-    assert {"claim_batch", "ack_verified", "dead_letters", "retry_dead_letters", "backlog", "relay_versions"} <= used
+    # the scan works, for query(...), fetch(pool, ...) and tx.fetch(...) calls alike
+    assert {"claim_batch", "ack_verified", "dead_letters", "retry_dead_letters", "backlog", "relay_versions",
+            "make_live_collection"} <= used
     defined = set(_all())
     assert used - defined == set()
     for name in used:

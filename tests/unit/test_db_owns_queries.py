@@ -1,0 +1,82 @@
+"""db/ owns every query: outside it, no module loads a named query, runs one
+through the gateway, or executes SQL on a connection or cursor of its own. The
+rest of outboxd calls the repositories (db.outbox, db.catalog, db.coordination,
+db.scans, db.reads), whose methods say what they do."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OUTSIDE_DB = ("daemon", "consumers")
+
+# What only db/ may use: the query loader, and the gateway's runners of named queries.
+DB_ONLY_MODULES = {"db.queries"}
+DB_ONLY_NAMES = {"db.gateway": {"fetch", "transaction", "Transaction"}, "db": {"queries"}}
+SQL_METHODS = {"execute", "executemany", "cursor"}
+
+# Modules whose SQL is still being moved into db/'s repositories. Each entry is
+# a debt: remove it once its module calls a repository.
+NOT_YET_CONVERTED = {
+    "daemon/commands/status.py",
+    "daemon/hybrid_search.py",
+    "daemon/corpus/__init__.py",
+    "daemon/demo/narrative.py",
+    "daemon/commands/dead_letters.py",
+    "daemon/commands/roles.py",
+}
+
+
+def sql_outside_db(source: str) -> list[str]:
+    """What in this module's source only db/ may do, one line each (empty: nothing)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name in DB_ONLY_MODULES]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module in DB_ONLY_MODULES:
+                found.append(f"line {node.lineno}: from {node.module} import ...")
+            names = {a.name for a in node.names} & DB_ONLY_NAMES.get(node.module, set())
+            found += [f"line {node.lineno}: from {node.module} import {n}" for n in sorted(names)]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.attr in DB_ONLY_NAMES["db.gateway"] and node.value.id == "gateway":
+                found.append(f"line {node.lineno}: gateway.{node.attr}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SQL_METHODS:
+            found.append(f"line {node.lineno}: .{node.func.attr}(...)")
+    return found
+
+
+def modules_outside_db() -> dict[str, Path]:
+    return {p.relative_to(REPO).as_posix(): p for folder in OUTSIDE_DB for p in sorted((REPO / folder).rglob("*.py"))}
+
+
+def test_no_module_outside_db_runs_sql():
+    """Every module of daemon/ and consumers/ (those still being converted aside)
+    reaches PostgreSQL through db/'s repositories only."""
+    wrong = {name: found for name, path in modules_outside_db().items()
+             if name not in NOT_YET_CONVERTED and (found := sql_outside_db(path.read_text(encoding="utf-8")))}
+    assert wrong == {}
+
+
+def test_the_exceptions_name_modules_that_exist():
+    """An exception for a module that was renamed or removed would hide nothing and mislead."""
+    assert NOT_YET_CONVERTED <= set(modules_outside_db())
+
+
+def test_the_check_sees_each_way_of_running_sql():
+    """The scan finds each thing only db/ may do, and passes a repository's call."""
+    for source in (
+        "from db.queries import query",
+        "import db.queries",
+        "from db import queries",
+        "from db.gateway import make_pool, fetch",
+        "from db.gateway import transaction",
+        "from db import gateway\nasync def f(pool):\n    await gateway.fetch(pool, 'backlog')",
+        "async def f(conn):\n    await conn.execute('SELECT 1')",
+        "def f(conn):\n    with conn.cursor() as cur:\n        pass",
+    ):
+        assert sql_outside_db(source), source
+    assert sql_outside_db(
+        "from db.gateway import make_pool, probe\nfrom db.outbox import OutboxRepository\n"
+        "async def f(pool):\n    return await OutboxRepository(pool).backlog()"
+    ) == []
