@@ -34,7 +34,7 @@ from consumers.kafka_clients import client_options, describe_brokers, ensure_top
 from consumers.settings import StreamSettings
 from daemon.errors import describe
 from daemon.runtime.retry import Stopped
-from daemon.runtime.service import Service
+from daemon.runtime.service import Service, Worker
 from daemon.telemetry import extract_context, tracer
 
 log = logging.getLogger(__name__)
@@ -140,33 +140,31 @@ class StreamConsumer(Service):
         with suppress(Exception):
             await self.shutdown()
 
-    async def run(self) -> int:
-        log.info(
-            f"{self.role} running",
-            extra={"group": self.group, "topics": self.topics, "kafka": self.settings.kafka.bootstrap_servers},
-        )
-        try:
-            while not self.stop.is_set():
-                self.heartbeat.beat()
-                batches = await self._poll()
-                for tp, records in batches.items():
-                    if self.stop.is_set():
-                        break  # fetched but not started: uncommitted, delivered again
-                    async with self._busy:
-                        if self.group is not None and tp not in self.consumer.assignment():
-                            continue  # revoked while we waited: its new owner reads it from the last commit
-                        self._in_flight = f"partition-{tp.partition}"
-                        self.heartbeat.busy(self._in_flight)
-                        try:
-                            await self._process(tp, records)
-                        finally:
-                            self.heartbeat.idle(self._in_flight)
-                if batches:
-                    await self._observe_lag()
-        finally:
-            self.notifier.stopping()
-            self.log_stopped()
-        return 0
+    # --- the one worker: poll, process each partition's batch, commit ------------------
+    def workers(self) -> dict[str, Worker]:
+        return {"poll": self._consume}
+
+    def running(self) -> dict[str, Any]:
+        return {"group": self.group, "topics": self.topics, "kafka": self.settings.kafka.bootstrap_servers}
+
+    async def _consume(self) -> None:
+        while not self.stop.is_set():
+            self.heartbeat.beat()
+            batches = await self._poll()
+            for tp, records in batches.items():
+                if self.stop.is_set():
+                    break  # fetched but not started: uncommitted, delivered again
+                async with self._busy:
+                    if self.group is not None and tp not in self.consumer.assignment():
+                        continue  # revoked while we waited: its new owner reads it from the last commit
+                    self._in_flight = f"partition-{tp.partition}"
+                    self.heartbeat.busy(self._in_flight)
+                    try:
+                        await self._process(tp, records)
+                    finally:
+                        self.heartbeat.idle(self._in_flight)
+            if batches:
+                await self._observe_lag()
 
     async def _poll(self) -> dict:
         try:

@@ -82,10 +82,10 @@ class NotifyDaemon(OutboxService):
                 await self.until_reachable("Qdrant", lambda: self.writer.store.write_uid(recorded))
         return collection
 
-    async def run(self, *, drain: bool = False) -> int:
+    def workers(self, *, drain: bool = False):
         if not drain:  # a drain catches up and exits; verifying is the running daemon's work
             self._continuous.set()
-        return await super().run(drain=drain)
+        return super().workers(drain=drain)
 
     def side_tasks(self):
         tasks = super().side_tasks()

@@ -36,7 +36,7 @@ from daemon.outbox.listener import Listener, Wakeup
 from daemon.outbox.queue import Claim, Event, Outbox
 from daemon.runtime.backoff import EVENTS
 from daemon.runtime.retry import Stopped, wait_for_any
-from daemon.runtime.service import READINESS_TIMEOUT, Service
+from daemon.runtime.service import READINESS_TIMEOUT, Service, Worker
 from daemon.telemetry import record_span, span
 from db import migrate
 from db.gateway import make_pool, ping, probe
@@ -57,7 +57,6 @@ class OutboxService(Service):
         self.wakeup = Wakeup()
         self.pool: AsyncConnectionPool | None = None
         self.outbox: Outbox | None = None
-        self._tasks: list[asyncio.Task] = []
         self.first_batch_seen = False  # the first batch is logged at INFO
 
     # --- what differs between the notify daemon and the relay --------------------------
@@ -138,65 +137,23 @@ class OutboxService(Service):
             with suppress(Exception):
                 await self.pool.close(timeout=2.0)
 
-    def on_second_signal(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-
     # --- running ----------------------------------------------------------------------------
     def side_tasks(self):
-        return super().side_tasks() | {
-            "listener": self._listen, "backlog": self._watch_backlog, "stopping": self._announce_stop,
-        }
+        return super().side_tasks() | {"listener": self._listen, "backlog": self._watch_backlog}
 
     async def _listen(self) -> None:
         s = self.settings
         await Listener(self.dsn, f"{s.application_name}:listen"[:63], self.wakeup, stop=self.stop).run()
 
-    async def run(self, *, drain: bool = False) -> int:
-        """Run the claim loops until stopped (or, with drain, until nothing is pending);
-        a worker that fails stops the others (fail(): its exit code is the process's)."""
+    def workers(self, *, drain: bool = False) -> dict[str, Worker]:
+        """concurrency claim loops; with drain, each ends once nothing is pending."""
         s = self.settings
-        loops = [ClaimLoop(f"{s.worker_name}/{i}", self, drain=drain) for i in range(s.concurrency)]
-        workers = [asyncio.create_task(w.run(), name=f"worker-{i}") for i, w in enumerate(loops)]
-        self._tasks = workers
-        log.info(
-            f"{self.role} running",
-            extra={"mode": "drain" if drain else "daemon", **self.describe(), "concurrency": s.concurrency,
-                   "batch_size": s.batch_size},
-        )
-        stopper = asyncio.create_task(self.stop.wait())
-        try:
-            pending = set(workers)
-            while pending and not self.stop.is_set():
-                done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
-                pending.discard(stopper)
-                for t in done - {stopper}:
-                    self._outcome(t)
-            if pending:  # stopping: the batches in flight get drain_timeout to finish
-                done, late = await asyncio.wait(pending, timeout=s.drain_timeout)
-                if late:
-                    log.warning("drain timeout: releasing the batches in flight", extra={"batches": len(late)})
-                for t in late:
-                    t.cancel()
-                await asyncio.gather(*late, return_exceptions=True)
-                for t in done:
-                    self._outcome(t)
-        finally:
-            stopper.cancel()
-            self.log_stopped()
-        return self.exit_code
+        return {f"worker-{i}": ClaimLoop(f"{s.worker_name}/{i}", self, drain=drain).run for i in range(s.concurrency)}
 
-    def _outcome(self, task: asyncio.Task) -> None:
-        """A worker that ended: drained (nothing to do), or failed (the service stops)."""
-        if task.cancelled() or task.exception() is None:
-            return
-        self.fail(task.exception(), f"worker {task.get_name()}")
-
-    async def _announce_stop(self) -> None:
-        """STOPPING=1 as soon as the stop event is set (the drain begins)."""
-        await self.stop.wait()
-        self.notifier.stopping()
-        self.notifier.status("stopping: finishing the batches in flight")
+    def running(self, *, drain: bool = False) -> dict:
+        s = self.settings
+        return {"mode": "drain" if drain else "daemon", **self.describe(), "concurrency": s.concurrency,
+                "batch_size": s.batch_size}
 
     async def _watch_backlog(self) -> None:
         """Every BACKLOG_EVERY seconds: the backlog into the gauges and systemd's
@@ -293,9 +250,24 @@ class ClaimLoop:
                 svc.metrics.batch_seconds.record((claimed[1] - claimed[0]) / 1e9 + time.perf_counter() - started)
 
     async def _process_claimed(self, claim: Claim) -> None:
-        svc = self.service
         ids = [e.id for e in claim]
-        renewer = asyncio.create_task(self._renew(ids))
+        try:
+            # The lease renewer is the batch's child: it cannot outlive the batch, and
+            # its failure cancels the batch (claims handed back) and becomes the batch's.
+            async with asyncio.TaskGroup() as batch:
+                renewer = batch.create_task(self._renew(ids), name=f"{self.name}/renew")
+                try:
+                    await self._deliver_claimed(claim, ids)
+                finally:
+                    renewer.cancel()
+        except BaseExceptionGroup as failed:  # one error, the batch's or the renewer's: raised as itself
+            error = failed.exceptions[0]
+        else:
+            return
+        raise error  # outside the handler, so that its own cause and traceback are what a log shows
+
+    async def _deliver_claimed(self, claim: Claim, ids: list[int]) -> None:
+        svc = self.service
         states = claim.states  # read with the claim; an outage retry reads them again
 
         async def once() -> None:
@@ -306,8 +278,8 @@ class ClaimLoop:
         try:
             await svc.policy.retrying(self.name).call(once)
         except asyncio.CancelledError:
-            # Shutdown ran out of time: hand the claims back so another worker
-            # takes them now instead of after the lease.
+            # Shutdown ran out of time, or the renewer failed: hand the claims back
+            # so another worker takes them now instead of after the lease.
             with suppress(Exception):
                 await asyncio.wait_for(svc.outbox.release(ids), 5)
             raise
@@ -315,8 +287,6 @@ class ClaimLoop:
             with suppress(Exception):
                 await asyncio.wait_for(svc.outbox.release(ids), 5)
             log.warning("stopped during an outage; claims released", extra={"events": len(ids)})
-        finally:
-            renewer.cancel()
 
     async def _renew(self, ids: list[int]) -> None:
         svc = self.service

@@ -2,8 +2,10 @@
 `consume`, `tail`): one stop event and the signals that set it, start-up
 waiting, the batch policy, stats, secrets, health, systemd and telemetry.
 
-A transport subclasses Service and supplies start(), run() and close();
-run_service() does the rest:
+A transport subclasses Service and supplies start(), workers() (what one
+worker does: a claim loop, the poll loop) and close(); the lifecycle here does
+the rest, for workers and side tasks alike: start them, watch them, drain them
+with a deadline, cancel them, release what start() opened (run_service):
 
 READY=1 once started, WATCHDOG=1 while the heartbeat is fresh, STATUS= from
 the service, STOPPING=1 when the drain begins; /healthz answers from the
@@ -17,11 +19,16 @@ finish, and the process is gone a few seconds later whatever is still running
 signal stops at once: the work in flight is cancelled, and the process exits
 130 (interrupted) within SECOND_SIGNAL_GRACE.
 
-One supervisor: the transport's work (run()) and every side task (readiness
-gauges, watchdog, stats, and the transport's own: the LISTEN wake-up, the
-backlog gauges) are watched. Whatever fails first, a worker or a side task,
-goes through fail(): its exit code is recorded before the stop begins, so
-neither the drain nor the shutdown deadline can end the process with 0.
+One supervisor: every worker (run()) and every side task (readiness gauges,
+watchdog, stats, and the transport's own: the LISTEN wake-up, the backlog
+gauges, the verifier) is a task started and watched here (watch()), and no
+task is created anywhere else (the layout test holds every other module to
+that, with a short, explained allow-list). Whatever fails first, a worker or
+a side task, goes through fail(): its exit code is recorded before the stop
+begins, so neither the drain nor the shutdown deadline can end the process
+with 0. On stop the workers get drain_timeout to finish their current batch,
+then are cancelled (a claim loop hands its claims back); the side tasks are
+cancelled once the workers are done.
 """
 from __future__ import annotations
 
@@ -69,6 +76,7 @@ DEPENDENCY_OF_CHECK = {"postgresql": "postgresql", "qdrant": "qdrant", "kafka": 
 T = TypeVar("T")
 Check = Callable[[], Awaitable[None]]
 SideTask = Callable[[], Awaitable[None]]
+Worker = Callable[[], Awaitable[None]]  # one worker's loop: a claim loop, a poll loop
 
 
 def exit_code_of(exc: BaseException) -> int:
@@ -96,6 +104,7 @@ class Service:
         self.started = False  # set by start() once it has done its work (readiness: "running")
         self.exit_code = 0  # what the process exits with if the shutdown deadline has to end it
         self.exit_deadline = False  # run_service(exit_deadline=True): the CLI's processes
+        self._workers: list[asyncio.Task] = []  # run()'s, for a second signal to cancel
         self._deadline: threading.Timer | None = None
         self._deadline_due = 0.0  # time.monotonic() when the armed deadline ends the process
         self._cpu_at_start = time.process_time()
@@ -104,8 +113,15 @@ class Service:
     async def start(self) -> None:
         raise NotImplementedError
 
-    async def run(self, **kwargs: Any) -> int:
+    def workers(self, **kwargs: Any) -> dict[str, Worker]:
+        """The work, by name: what each worker does (one loop), given run()'s
+        arguments. run() starts and watches them; a worker may end (its work is
+        done: a drain found nothing left), one that fails stops the service."""
         raise NotImplementedError
+
+    def running(self, **kwargs: Any) -> dict[str, Any]:
+        """What the `running` log line says, given run()'s arguments."""
+        return {}
 
     async def close(self) -> None:
         """Close what start() opened; must not raise."""
@@ -122,10 +138,13 @@ class Service:
         """Long-running helpers, started once start() is done and watched like the
         work: one that fails or ends on its own stops the service (fail()). A
         subclass adds its own (super().side_tasks() | {...})."""
-        return {"stats": self.report_stats}
+        return {"stats": self.report_stats, "stopping": self._announce_stop}
 
     def on_second_signal(self) -> None:
-        """A second SIGTERM/SIGINT: stop now (the transport cancels its work in flight)."""
+        """A second SIGTERM/SIGINT: stop now, the work in flight cancelled (a claim
+        loop hands its claims back, a consumer's batch stays uncommitted)."""
+        for task in self._workers:
+            task.cancel()
 
     # --- provided ------------------------------------------------------------------------
     def fail(self, exc: BaseException, where: str) -> int:
@@ -143,22 +162,65 @@ class Service:
         self.arm_exit_deadline()
         return code
 
-    def watch(self, name: str, side_task: SideTask) -> asyncio.Task:
-        """Run a side task; if it fails, or ends while the service is not stopping, the service stops."""
-        task = asyncio.create_task(side_task(), name=name)
+    def watch(self, name: str, job: SideTask | Worker, *, worker: bool = False) -> asyncio.Task:
+        """Start a task and watch it: if it fails the service stops (fail(), its exit
+        code). A worker may end, its work done; a side task that ends while the
+        service is not stopping is a failure too."""
+        task = asyncio.create_task(job(), name=name)
+        where = f"worker {name}" if worker else f"side task {name!r}"
 
         def ended(t: asyncio.Task) -> None:
             if t.cancelled():
                 return
             exc = t.exception()
             if exc is None:
-                if self.stop.is_set():
+                if worker or self.stop.is_set():
                     return
                 exc = RuntimeError(f"the {name} task ended on its own")
-            self.fail(exc, f"side task {name!r}")
+            self.fail(exc, where)
 
         task.add_done_callback(ended)
         return task
+
+    async def run(self, **kwargs: Any) -> int:
+        """The work: the workers (workers(**kwargs)), started and watched until all
+        have ended or the stop is set; then those still busy get drain_timeout to
+        finish their current batch and are cancelled. None outlives it, even when
+        it is cancelled itself. The exit code: the first failure's, else 0."""
+        jobs = self.workers(**kwargs)
+        log.info(f"{self.role} running", extra=self.running(**kwargs))
+        tasks = [self.watch(name, job, worker=True) for name, job in jobs.items()]
+        self._workers = tasks
+        try:
+            pending = await self._until_done_or_stopped(tasks)
+            if pending:  # stopping: the batches in flight get drain_timeout to finish
+                _, late = await asyncio.wait(pending, timeout=self.settings.drain_timeout)
+                if late:
+                    log.warning("drain timeout: releasing the batches in flight", extra={"batches": len(late)})
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.log_stopped()
+        return self.exit_code
+
+    async def _until_done_or_stopped(self, tasks: list[asyncio.Task]) -> set[asyncio.Task]:
+        """Until every task has ended or the stop is set; the tasks still running."""
+        pending = set(tasks)
+        stopping = asyncio.create_task(self.stop.wait(), name="stop")
+        try:
+            while pending and not self.stop.is_set():
+                _, pending = await asyncio.wait(pending | {stopping}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stopping)
+        finally:
+            stopping.cancel()
+        return pending
+
+    async def _announce_stop(self) -> None:
+        """STOPPING=1 as soon as the stop event is set (the drain begins)."""
+        await self.stop.wait()
+        self.notifier.stopping()
+        self.notifier.status("stopping: finishing the batches in flight")
 
     async def _ready_running(self) -> None:
         if self.stop.is_set():
@@ -278,15 +340,17 @@ class Service:
 
 
 # --- the lifecycle -------------------------------------------------------------------
-async def run_service(service: Service, *, exit_deadline: bool = False, **run_kwargs: Any) -> int:
+async def run_service(service: Service, *, exit_deadline: bool = False, side_tasks: dict[str, SideTask] | None = None,
+                      **run_kwargs: Any) -> int:
     """Start, run until stopped, close; with health, systemd, the gauges and the
     service's side tasks around it, all watched. exit_deadline (the CLI's
     processes, not an embedding application or a test): once stopping, end the
     process after drain_timeout + SHUTDOWN_GRACE whatever is still running,
-    interpreter exit included."""
+    interpreter exit included. side_tasks: an embedding application's own,
+    watched beside the service's (one that is done sets the stop first)."""
     service.install_signals()
     started = time.perf_counter()
-    beating = asyncio.create_task(_beat(service.heartbeat), name="heartbeat")
+    beating = service.watch("heartbeat", lambda: _beat(service.heartbeat))
     side: list[asyncio.Task] = []
     service.exit_deadline = exit_deadline
     service.metrics.set_ready(False)
@@ -298,7 +362,7 @@ async def run_service(service: Service, *, exit_deadline: bool = False, **run_kw
         health = await start_health(service)
         await service.start()
         beating.cancel()
-        tasks = {"readiness": lambda: _readiness_gauges(service), **service.side_tasks()}
+        tasks = {"readiness": lambda: _readiness_gauges(service), **service.side_tasks(), **(side_tasks or {})}
         side += [service.watch(name, task) for name, task in tasks.items()]
         log.debug("started", extra={"seconds": round(time.perf_counter() - started, 3)})
         if service.stop.is_set():
