@@ -4,11 +4,11 @@ gardening, the history of computing, and more) for demos, search-quality tests
 and trying outboxd out. It is part of the package (corpus.json), written for
 this project and licensed with it.
 
-    import psycopg
     from daemon.corpus import load_corpus
+    from db.gateway import make_pool
 
-    with psycopg.connect(DATABASE_URL) as conn:
-        ids = load_corpus(conn)
+    async with make_pool(DATABASE_URL, application_name="corpus", min_size=1, max_size=1) as pool:
+        ids = await load_corpus(pool)
 
 Each paragraph becomes one chunk; the capture triggers enqueue them, and
 `outboxd run --drain` embeds them.
@@ -19,10 +19,10 @@ import json
 from functools import cache
 from importlib import resources
 from typing import Any
-from uuid import UUID
 
-import psycopg
-from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from db.demo import DemoContent
 
 CORPUS_FILE = "corpus.json"
 
@@ -46,12 +46,11 @@ def chunk_metadata(doc: dict[str, Any], index: int) -> dict[str, Any]:
     return {"topic": doc["topic"], "paragraph": index + 1}
 
 
-def load_corpus(conn: psycopg.Connection) -> dict[str, Any]:
-    """Insert the corpus through `conn` in one transaction: one source, its
+async def load_corpus(pool: AsyncConnectionPool) -> dict[str, Any]:
+    """Insert the corpus through `pool` in one transaction: one source, its
     documents (title, url, document_type, metadata {"topic", "corpus"}) and
     one chunk per paragraph (chunk_index from 0, token_count = words,
-    metadata {"topic", "paragraph"}). Commits, unless the caller already has a
-    transaction open on `conn` (then it is a savepoint of that transaction).
+    metadata {"topic", "paragraph"}).
 
     Returns the ids:
 
@@ -62,47 +61,34 @@ def load_corpus(conn: psycopg.Connection) -> dict[str, Any]:
     """
     data = _data()
     source = data["source"]
-    documents: dict[str, dict[str, Any]] = {}
-    with conn.transaction(), conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO sources (source_type, url, status, metadata) VALUES (%s, %s, 'completed', %s) RETURNING id",
-            (source["source_type"], source["url"], Jsonb(source["metadata"])),
-        )
-        source_id: UUID = cur.fetchone()[0]
-        for doc in data["documents"]:
-            paragraphs = doc["paragraphs"]
-            cur.execute(
-                "INSERT INTO documents (source_id, title, url, document_type, metadata, content_hash, "
-                "total_chunks, status) VALUES (%s, %s, %s, %s, %s, public.content_sha256(%s), %s, 'completed') "
-                "RETURNING id",
-                (
-                    source_id,
-                    doc["title"],
-                    document_url(doc["slug"]),
-                    doc["document_type"],
-                    Jsonb({"topic": doc["topic"], "corpus": source["metadata"]["corpus"]}),
-                    "\n\n".join(paragraphs),
-                    len(paragraphs),
-                ),
-            )
-            doc_id: UUID = cur.fetchone()[0]
-            chunk_ids = []
-            for i, text in enumerate(paragraphs):
-                cur.execute(
-                    "INSERT INTO chunks (document_id, chunk_index, text, token_count, metadata) "
-                    "VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                    (doc_id, i, text, len(text.split()), Jsonb(chunk_metadata(doc, i))),
-                )
-                chunk_ids.append(cur.fetchone()[0])
-            documents[doc["slug"]] = {
-                "id": doc_id,
+    shipped = data["documents"]
+    written = await DemoContent(pool).insert_corpus(
+        {"source_type": source["source_type"], "url": source["url"], "metadata": source["metadata"]},
+        [
+            {
                 "title": doc["title"],
+                "url": document_url(doc["slug"]),
                 "document_type": doc["document_type"],
-                "topic": doc["topic"],
-                "chunk_ids": chunk_ids,
+                "metadata": {"topic": doc["topic"], "corpus": source["metadata"]["corpus"]},
+                "content": "\n\n".join(doc["paragraphs"]),
+                "chunks": [{"text": text, "token_count": len(text.split()), "metadata": chunk_metadata(doc, i)}
+                           for i, text in enumerate(doc["paragraphs"])],
             }
+            for doc in shipped
+        ],
+    )
+    documents = {
+        doc["slug"]: {
+            "id": ids["id"],
+            "title": doc["title"],
+            "document_type": doc["document_type"],
+            "topic": doc["topic"],
+            "chunk_ids": ids["chunk_ids"],
+        }
+        for doc, ids in zip(shipped, written["documents"], strict=True)
+    }
     return {
-        "source_id": source_id,
+        "source_id": written["source_id"],
         "documents": documents,
         "chunk_count": sum(len(d["chunk_ids"]) for d in documents.values()),
     }

@@ -20,8 +20,8 @@ from typing import Any
 from daemon.commands.search import excerpt
 from daemon.demo.embedded import EmbeddedStores, cancel_on_sigterm, shown, stop_on_sigterm
 from daemon.errors import EXIT_OK, EXIT_UNAVAILABLE, ConfigError, OutboxdError
-from db.gateway import connect
-from db.queries import query
+from db.demo import DemoContent
+from db.gateway import make_pool
 
 # Example searches, each showing something off: both sides agreeing, an exact
 # code, a paraphrase that shares no word with its answer (vector only), and
@@ -120,24 +120,22 @@ class Demo:
                  f"up, schema migrated  {_secs(time.perf_counter() - t)}")
 
         self.step(2, "A sample corpus, written the way an application writes")
-        self.load_corpus()
         try:
             return asyncio.run(self.pipeline())
         finally:
             stop_on_sigterm()  # closing the loop reset it
 
-    def load_corpus(self) -> None:
-        from psycopg.rows import dict_row
-
+    async def load_corpus(self) -> None:
         from daemon.corpus import load_corpus
 
         t = time.perf_counter()
-        with connect(self.dsn, application_name="outboxd:demo", timeout=30, row_factory=None) as conn:
-            loaded = conn.execute(query("demo_document_count")).fetchone()[0] == 0
+        # a pool of its own: the daemon's opens with the daemon, after this step
+        async with make_pool(self.dsn, application_name="outboxd:demo", min_size=1, max_size=1) as pool:
+            content = DemoContent(pool)
+            loaded = await content.document_count() == 0
             if loaded:
-                load_corpus(conn)  # one transaction
-            with conn.cursor(row_factory=dict_row) as cur:
-                counts = cur.execute(query("demo_corpus_counts")).fetchone()
+                await load_corpus(pool)  # one transaction
+            counts = await content.corpus_counts()
         documents, chunks, pending = counts["documents"], counts["chunks"], counts["pending"]
         if loaded:
             self.say(f"   {documents} documents, {chunks} chunks inserted in one transaction  {_secs(time.perf_counter() - t)}")
@@ -151,6 +149,7 @@ class Demo:
         from daemon.outbox.notify_daemon import NotifyDaemon
 
         cancel_on_sigterm()
+        await self.load_corpus()  # step 2, before the daemon's own pool opens
         qdrant_path = self.settings.local_qdrant_path
         try:
             client = make_client(self.settings)  # one client for the daemon and the searches
@@ -193,9 +192,8 @@ class Demo:
 
     async def _progress(self, daemon) -> tuple[int, int]:
         """(chunks with text, those of them with no event pending)."""
-        async with daemon.pool.connection() as conn:
-            row = await (await conn.execute(query("demo_progress"))).fetchone()
-        return row["chunks"], row["chunks"] - row["pending"]
+        chunks, pending = await DemoContent(daemon.pool).progress()
+        return chunks, chunks - pending
 
     async def drain(self, daemon, *, progress: bool) -> tuple[float, dict[str, int]]:
         """Run the daemon until nothing is pending: with a progress bar of converged
@@ -279,8 +277,7 @@ class Demo:
     async def edit_and_follow(self, daemon, client) -> None:
         from daemon.corpus import document_url
 
-        async with daemon.pool.connection() as conn:
-            docs = await (await conn.execute(query("demo_documents"))).fetchall()
+        docs = await DemoContent(daemon.pool).documents()
         if len(docs) < 3:
             self.say(TOO_FEW)
             return
@@ -330,28 +327,18 @@ class Demo:
     async def write_edits(self, daemon, text_doc, title_doc, delete_doc) -> Edits:
         """Three transactions, as an application would write them."""
         e = Edits()
-        async with daemon.pool.connection() as conn:
-            async with conn.transaction():
-                chunk = await (
-                    await conn.execute(
-                        query("demo_chunk_to_edit"), {"document_id": text_doc["id"], "chunk_index": TEXT_EDIT_CHUNK}
-                    )
-                ).fetchone()
-                text = EDIT_TEXTS[1] if chunk["text"] == EDIT_TEXTS[0] else EDIT_TEXTS[0]
-                await conn.execute(query("demo_set_chunk_text"), {"text": text, "id": chunk["id"]})
-                e.text_chunk, e.text_title = chunk["id"], text_doc["title"]
-                e.text_before, e.text_after, e.text_index = chunk["text"], text, chunk["chunk_index"]
-            async with conn.transaction():
-                before = title_doc["title"]
-                after = before.removesuffix(TITLE_SUFFIX) if before.endswith(TITLE_SUFFIX) else before + TITLE_SUFFIX
-                await conn.execute(query("demo_set_document_title"), {"title": after, "id": title_doc["id"]})
-                rows = await (
-                    await conn.execute(query("demo_document_chunks"), {"document_id": title_doc["id"]})
-                ).fetchall()
-                e.title_before, e.title_after, e.retitled_chunks = before, after, [r["id"] for r in rows]
-            async with conn.transaction():
-                await conn.execute(query("demo_delete_document"), {"id": delete_doc["id"]})
-                e.deleted_title, e.deleted_chunks = delete_doc["title"], delete_doc["chunks"]
+        content = DemoContent(daemon.pool)
+        chunk = await content.retext_chunk(
+            text_doc["id"], TEXT_EDIT_CHUNK, lambda text: EDIT_TEXTS[1] if text == EDIT_TEXTS[0] else EDIT_TEXTS[0]
+        )
+        e.text_chunk, e.text_title = chunk["id"], text_doc["title"]
+        e.text_before, e.text_after, e.text_index = chunk["text"], chunk["new_text"], chunk["chunk_index"]
+        before = title_doc["title"]
+        after = before.removesuffix(TITLE_SUFFIX) if before.endswith(TITLE_SUFFIX) else before + TITLE_SUFFIX
+        e.title_before, e.title_after = before, after
+        e.retitled_chunks = await content.retitle_document(title_doc["id"], after)
+        await content.delete_document(delete_doc["id"])
+        e.deleted_title, e.deleted_chunks = delete_doc["title"], delete_doc["chunks"]
         return e
 
     # --- the end ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 -- The queries of `outboxd demo` (daemon/demo/narrative.py), which writes a
 -- sample corpus into its own embedded PostgreSQL and edits it the way an
--- application would. Loaded with queries.sql by db/queries.py; a name is
--- defined once across both files.
+-- application would, and of loading the shipped corpus (daemon/corpus). db/demo.py
+-- runs them. Loaded with queries.sql by db/queries.py; a name is defined once
+-- across both files.
 
 -- demo_document_count --
 SELECT count(*) AS n FROM public.documents;
@@ -49,3 +50,22 @@ SELECT id FROM public.chunks WHERE document_id = %(document_id)s AND text ~ '\S'
 -- demo_delete_document --
 -- Its chunks go with it (ON DELETE CASCADE), and the triggers capture that.
 DELETE FROM public.documents WHERE id = %(id)s;
+
+-- corpus_insert_source --
+-- The shipped corpus (daemon/corpus), written in one transaction with its
+-- documents and chunks, the way an application writes: the capture triggers
+-- enqueue every chunk.
+INSERT INTO public.sources (source_type, url, status, metadata)
+VALUES (%(source_type)s, %(url)s, 'completed', %(metadata)s)
+RETURNING id;
+
+-- corpus_insert_document --
+INSERT INTO public.documents (source_id, title, url, document_type, metadata, content_hash, total_chunks, status)
+VALUES (%(source_id)s, %(title)s, %(url)s, %(document_type)s, %(metadata)s, public.content_sha256(%(content)s),
+        %(total_chunks)s, 'completed')
+RETURNING id;
+
+-- corpus_insert_chunk --
+INSERT INTO public.chunks (document_id, chunk_index, text, token_count, metadata)
+VALUES (%(document_id)s, %(chunk_index)s, %(text)s, %(token_count)s, %(metadata)s)
+RETURNING id;

@@ -17,6 +17,7 @@ from daemon.embedding.embedder import Embedder
 from daemon.embedding.torch_backend import encode_now
 from daemon.errors import ModelMismatchError
 from daemon.hybrid_search import SearchFilters, hybrid_search
+from db.gateway import make_pool
 from tests.support import add_document, drain, open_qdrant, qdrant_choice, qdrant_flags
 
 # (query, document slug, paragraph index of the right chunk, which searches can find it)
@@ -37,9 +38,9 @@ VECTOR_ONLY = next(q for q in KNOWN_QUERIES if q[3] == "vector only")
 
 
 @pytest.fixture
-async def corpus(conn, dsn, qdrant, embedder, make_settings):
+async def corpus(pool, dsn, qdrant, embedder, make_settings):
     """The shipped corpus, loaded and converged into Qdrant."""
-    ids = load_corpus(conn)
+    ids = await load_corpus(pool)
     await drain(make_settings(), dsn, embedder, qdrant)
     return ids
 
@@ -48,12 +49,12 @@ def chunk(corpus, slug: str, index: int):
     return corpus["documents"][slug]["chunk_ids"][index]
 
 
-def test_corpus_is_varied_and_each_paragraph_is_a_chunk(conn):
+async def test_corpus_is_varied_and_each_paragraph_is_a_chunk(conn, pool):
     """About thirty documents on many topics and types; load_corpus stores one chunk per paragraph."""
     docs = corpus_documents()
     assert len(docs) >= 30
     assert len({d["topic"] for d in docs}) >= 10 and len({d["document_type"] for d in docs}) >= 5
-    ids = load_corpus(conn)
+    ids = await load_corpus(pool)
     assert set(ids["documents"]) == {d["slug"] for d in docs}
     assert ids["chunk_count"] == sum(len(d["paragraphs"]) for d in docs)
     rows = conn.execute(
@@ -238,14 +239,16 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
     """`outboxd search --json` is one document with the ranked hits; the table names the columns;
     --document-type/--metadata filter; the model loads without encoding a sample; another model exits 78."""
     path = tmp_path / "qdrant"  # in local mode, on disk, so the CLI can open it once the test closed it
-    ids = load_corpus(conn)
 
-    async def converge():
+    async def load_and_converge():
+        async with make_pool(dsn, application_name="outboxd:test", min_size=1, max_size=1) as pool:
+            ids = await load_corpus(pool)
         client = open_qdrant(path)
         await drain(make_settings(**qdrant_choice(path)), dsn, embedder, client)
         await client.close()
+        return ids
 
-    asyncio.run(converge())
+    ids = asyncio.run(load_and_converge())
     monkeypatch.setenv("DATABASE_URL", dsn)
     monkeypatch.setenv("OUTBOXD_COLLECTION", collection)
     base = ["search", *qdrant_flags(path)]
