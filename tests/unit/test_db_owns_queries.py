@@ -15,18 +15,6 @@ DB_ONLY_MODULES = {"db.queries"}
 DB_ONLY_NAMES = {"db.gateway": {"fetch", "transaction", "Transaction"}, "db": {"queries"}}
 SQL_METHODS = {"execute", "executemany", "cursor"}
 
-# Modules whose SQL is still being moved into db/'s repositories. Each entry is
-# a debt: remove it once its module calls a repository.
-NOT_YET_CONVERTED = {
-    "daemon/commands/status.py",
-    "daemon/hybrid_search.py",
-    "daemon/corpus/__init__.py",
-    "daemon/demo/narrative.py",
-    "daemon/commands/dead_letters.py",
-    "daemon/commands/roles.py",
-}
-
-
 def sql_outside_db(source: str) -> list[str]:
     """What in this module's source only db/ may do, one line each (empty: nothing)."""
     found = []
@@ -51,16 +39,10 @@ def modules_outside_db() -> dict[str, Path]:
 
 
 def test_no_module_outside_db_runs_sql():
-    """Every module of daemon/ and consumers/ (those still being converted aside)
-    reaches PostgreSQL through db/'s repositories only."""
+    """Every module of daemon/ and consumers/ reaches PostgreSQL through db/'s repositories only."""
     wrong = {name: found for name, path in modules_outside_db().items()
-             if name not in NOT_YET_CONVERTED and (found := sql_outside_db(path.read_text(encoding="utf-8")))}
+             if (found := sql_outside_db(path.read_text(encoding="utf-8")))}
     assert wrong == {}
-
-
-def test_the_exceptions_name_modules_that_exist():
-    """An exception for a module that was renamed or removed would hide nothing and mislead."""
-    assert NOT_YET_CONVERTED <= set(modules_outside_db())
 
 
 def test_the_check_sees_each_way_of_running_sql():
