@@ -5,8 +5,11 @@ winning, so duplicated and reordered events are harmless). It reads the small
 keys of their points, asks daemon.core.plan what each chunk needs (delete,
 embed and upsert, set some payload keys, write a point again with the vector
 it holds, or nothing), embeds only the texts that changed, and sends all of it to Qdrant as one confirmed batch. It knows
-nothing about transports: where targets carry versions (Kafka), a point that
-already reflects a newer version is left alone and written points record theirs.
+nothing about transports: where targets carry versions (the chunk's version,
+read with its state), a point that already reflects a newer version is left
+alone, written points record theirs, and Qdrant makes each write only over an
+older version (QdrantStore.write), so a write that was planned before a pause
+cannot land over a newer one.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ class ApplyResult(Outcome):
     unchanged: int = 0
     embedded: int = 0
     reused: int = 0  # vectors of identical text found in Qdrant instead of encoded
-    older: int = 0  # targets older than the version their point already reflects (Kafka)
+    older: int = 0  # targets older than the version their point already reflects (left as it was)
 
     def ops(self) -> dict[str, int]:
         return {"upsert": self.upserted, "payload": self.payload_only, "delete": self.deleted,
@@ -73,6 +76,7 @@ class Applier:
         to_embed: dict[str, tuple[str, dict[str, Any]]] = {}  # point id -> (text, payload)
         payload_updates: list[tuple[str, dict[str, Any]]] = []
         rewrites: dict[str, tuple[UUID, Target]] = {}  # point id -> its chunk; written again with its vector
+        versions: dict[str, int] = {}  # point id -> the version its write carries
         model_id = self.model_id
         for chunk_id, target in targets.items():
             point_id = point_ids[chunk_id]
@@ -84,6 +88,8 @@ class Applier:
                 result.older += 1  # replayed after a newer event (a relay that lost its lease, a rewound group)
                 continue
             result.written[chunk_id] = target.state_hash
+            if target.version is not None and todo.action is not Action.NOTHING:
+                versions[point_id] = target.version
             if todo.action is Action.DELETE:
                 deletes.append(point_id)
             elif todo.action is Action.UPSERT:
@@ -116,7 +122,7 @@ class Applier:
                     result.unchanged += 1
         if to_embed:
             await self._embed(to_embed, result, upserts)
-        await self.store.write(upserts, payload_updates, deletes)
+        result.older += await self.store.write(upserts, payload_updates, deletes, versions)
         result.deleted = len(deletes)
         return result
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 
 from daemon.core.chunk_state import METADATA_HASH
 from daemon.core.collection_shape import INDEXES, CollectionShape, Difference
+from daemon.core.plan import VERSION_KEY
 from daemon.embedding.embedder import Embedding, ModelFingerprint
 from daemon.embedding.fingerprint import check_fingerprint
 from daemon.errors import ConfigError
@@ -59,7 +61,7 @@ class Upserts:
     """Points to upsert, column-wise: handed to Qdrant as one Batch, without a
     model object per point."""
 
-    __slots__ = ("ids", "vectors", "payloads")
+    __slots__ = ("ids", "payloads", "vectors")
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -74,9 +76,23 @@ class Upserts:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def operation(self) -> models.UpsertOperation:
+    def split(self, versions: Mapping[str, int]) -> tuple[Upserts, Upserts]:
+        """(the points without a version, the versioned ones)."""
+        plain, versioned = Upserts(), Upserts()
+        for i, point_id in enumerate(self.ids):
+            (versioned if point_id in versions else plain).add(point_id, self.vectors[i], self.payloads[i])
+        return plain, versioned
+
+    def operation(self, update_filter: models.Filter | None = None) -> models.UpsertOperation:
         batch = models.Batch.model_construct(ids=self.ids, vectors=self.vectors, payloads=self.payloads)
-        return models.UpsertOperation(upsert=models.PointsBatch.model_construct(batch=batch))
+        return models.UpsertOperation(upsert=models.PointsBatch.model_construct(batch=batch,
+                                                                                update_filter=update_filter))
+
+
+def holds_older(version: int) -> models.Filter:
+    """A point that holds an older version than this, or none (written before versions)."""
+    return models.Filter(should=[models.IsEmptyCondition(is_empty=models.PayloadField(key=VERSION_KEY)),
+                                 models.FieldCondition(key=VERSION_KEY, range=models.Range(lt=version))])
 
 
 async def resolve_alias(client: AsyncQdrantClient, alias: str) -> str | None:
@@ -349,20 +365,71 @@ class QdrantStore:
                                              ordering=self.shape.ordering)
 
     async def write(
-        self, upserts: Upserts | None, payload_updates: list[tuple[str, dict[str, Any]]], deletes: list[str]
-    ) -> None:
-        """One batched request, confirmed before it returns."""
+        self, upserts: Upserts | None, payload_updates: list[tuple[str, dict[str, Any]]], deletes: list[str],
+        versions: Mapping[str, int] | None = None,
+    ) -> int:
+        """One batched request, confirmed before it returns. versions: the version of
+        the state each versioned point's write carries (an upsert's payload holds it
+        too); Qdrant makes such a write only where the point holds an older version or
+        none, so a writer that wakes from a pause cannot put an older state back. The
+        versioned writes share one condition (older than the batch's lowest version);
+        a point it left out because it holds a version between that and its own is
+        then written alone on its own condition. Returns how many versioned writes
+        found their point already holding a newer version (left as it was)."""
+        versions = versions or {}
         ops: list[Any] = []
-        if upserts:
-            ops.append(upserts.operation())
+        plain, versioned = upserts.split(versions) if upserts else (None, None)
+        if plain:
+            ops.append(plain.operation())
+        if versioned:
+            ops.append(versioned.operation(holds_older(min(versions[i] for i in versioned.ids))))
         # identical changes (a document's new title on all its chunks) become one operation
         same: dict[bytes, tuple[dict[str, Any], list[str]]] = {}
         for point_id, payload in payload_updates:
             same.setdefault(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS), (payload, []))[1].append(point_id)
         for payload, point_ids in same.values():
             ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=point_ids)))
-        if deletes:
-            ops.append(models.DeleteOperation(delete=models.PointIdsList(points=deletes)))
+        gone = [d for d in deletes if d not in versions]
+        if gone:
+            ops.append(models.DeleteOperation(delete=models.PointIdsList(points=gone)))
+        gone_versioned = [d for d in deletes if d in versions]
+        if gone_versioned:
+            ops.append(self._delete_older(gone_versioned, min(versions[d] for d in gone_versioned)))
         if ops:
             with span("qdrant.write", histogram="qdrant_seconds", operations=len(ops)):
                 await self.client.batch_update_points(self.collection, ops, wait=True, ordering=self.shape.ordering)
+        if not versioned and not gone_versioned:
+            return 0
+        return await self._each_on_its_own(versioned or Upserts(), gone_versioned, versions)
+
+    def _delete_older(self, point_ids: list[str], version: int) -> models.DeleteOperation:
+        where = models.Filter(must=[models.HasIdCondition(has_id=point_ids)], should=holds_older(version).should)
+        return models.DeleteOperation(delete=models.FilterSelector(filter=where))
+
+    async def _each_on_its_own(self, versioned: Upserts, deletes: list[str], versions: Mapping[str, int]) -> int:
+        """After the shared condition: each point that still holds an older version
+        than its own write is written alone, on its own version; how many hold a newer one."""
+        held = {str(r.id): (r.payload or {}).get(VERSION_KEY) for r in await self.client.retrieve(
+            self.collection, [*versioned.ids, *deletes], with_payload=[VERSION_KEY], with_vectors=False)}
+        newer = 0
+        ops: list[Any] = []
+        for i, point_id in enumerate(versioned.ids):
+            version, have = versions[point_id], held.get(point_id)
+            if isinstance(have, int) and have > version:
+                newer += 1
+            elif point_id in held and have != version:
+                alone = models.PointStruct(id=point_id, vector=versioned.vectors[i], payload=versioned.payloads[i])
+                ops.append(models.UpsertOperation(upsert=models.PointsList(points=[alone],
+                                                                           update_filter=holds_older(version))))
+        for point_id in deletes:
+            have = held.get(point_id, None)
+            if point_id not in held:
+                continue
+            if isinstance(have, int) and have >= versions[point_id]:
+                newer += 1
+            else:
+                ops.append(self._delete_older([point_id], versions[point_id]))
+        if ops:
+            with span("qdrant.write", histogram="qdrant_seconds", operations=len(ops)):
+                await self.client.batch_update_points(self.collection, ops, wait=True, ordering=self.shape.ordering)
+        return newer
