@@ -15,6 +15,7 @@ DB_ONLY_MODULES = {"db.queries"}
 DB_ONLY_NAMES = {"db.gateway": {"fetch", "transaction", "Transaction"}, "db": {"queries"}}
 SQL_METHODS = {"execute", "executemany", "cursor"}
 
+
 def sql_outside_db(source: str) -> list[str]:
     """What in this module's source only db/ may do, one line each (empty: nothing)."""
     found = []
@@ -26,9 +27,9 @@ def sql_outside_db(source: str) -> list[str]:
                 found.append(f"line {node.lineno}: from {node.module} import ...")
             names = {a.name for a in node.names} & DB_ONLY_NAMES.get(node.module, set())
             found += [f"line {node.lineno}: from {node.module} import {n}" for n in sorted(names)]
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            if node.attr in DB_ONLY_NAMES["db.gateway"] and node.value.id == "gateway":
-                found.append(f"line {node.lineno}: gateway.{node.attr}")
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id == "gateway" and node.attr in DB_ONLY_NAMES["db.gateway"]):
+            found.append(f"line {node.lineno}: gateway.{node.attr}")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SQL_METHODS:
             found.append(f"line {node.lineno}: .{node.func.attr}(...)")
     return found
