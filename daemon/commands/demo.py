@@ -27,7 +27,6 @@ DEMO_BATCH_SIZE = 16  # events per claim in the demo: 106 chunks converge in 7 s
 @click.option("--fresh", is_flag=True, help="wipe the demo's folder first and start over")
 @settings_options()
 def command(settings, fresh: bool) -> int:
-    import asyncio
     import logging
     import sys
     import time
@@ -80,8 +79,6 @@ def command(settings, fresh: bool) -> int:
     code = EXIT_FAILURE
     try:
         code = demo.run(fresh=fresh)
-    except asyncio.CancelledError:  # interrupted in the async part, which then closed what it opened
-        raise KeyboardInterrupt from None
     finally:
         still_up = stores.stop_postgres()
     if code == EXIT_OK:

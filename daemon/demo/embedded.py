@@ -1,12 +1,13 @@
 """The plumbing under `outboxd demo`: its own folder (`<data-dir>/demo`, marked
 so that --fresh wipes only what the demo created), a real PostgreSQL from
-pgserver in it, Qdrant's local mode next to it, and the signal handling that
-makes SIGTERM stop the demo like Ctrl-C: everything it started is closed and
-PostgreSQL stops.
+pgserver in it, Qdrant's local mode next to it, and the signal handling of its
+synchronous part (starting PostgreSQL, loading the corpus), where SIGTERM stops
+the demo like Ctrl-C: everything it started is closed and PostgreSQL stops.
+While the daemon runs, the runtime's shell handles the signals, as for
+`outboxd run`.
 """
 from __future__ import annotations
 
-import asyncio
 import shutil
 import signal
 import time
@@ -86,17 +87,10 @@ class EmbeddedStores:
 
 # --- signals ------------------------------------------------------------------------------
 def _interrupt(signum, frame) -> None:
-    """SIGTERM outside the event loop; inside it, cancel_on_sigterm() turns it into a cancellation."""
+    """SIGTERM outside the daemon's run (the shell's own handlers stand in for it there)."""
     raise KeyboardInterrupt
 
 
 def stop_on_sigterm() -> None:
     """Outside the event loop: SIGTERM stops the demo like Ctrl-C (KeyboardInterrupt)."""
     signal.signal(signal.SIGTERM, _interrupt)
-
-
-def cancel_on_sigterm() -> None:
-    """Inside the event loop: SIGTERM cancels the current task (as asyncio.run's own
-    Ctrl-C handler does), so the daemon finishes its batches in flight and
-    everything is closed."""
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)

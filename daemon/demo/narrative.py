@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon.commands.search import excerpt
-from daemon.demo.embedded import EmbeddedStores, cancel_on_sigterm, shown, stop_on_sigterm
-from daemon.errors import EXIT_OK, EXIT_UNAVAILABLE, ConfigError, OutboxdError
+from daemon.demo.embedded import EmbeddedStores, shown, stop_on_sigterm
+from daemon.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, ConfigError
+from daemon.runtime.retry import wait_for_any
 from db.demo import DemoContent
 from db.gateway import make_pool
 
@@ -48,6 +49,8 @@ TITLE_SUFFIX = " (2nd edition)"
 DELETE_DOC = "chess-openings"  # deleted (a later run deletes another one)
 SEARCH_HINT = 'search "how do I season a pan?"'
 TOO_FEW = "   too few documents are left from earlier runs to edit; `outboxd demo --fresh` starts over"
+SETTLED_EVERY = 0.25  # seconds between looks at whether the daemon has applied everything
+PROGRESS_LINE_EVERY = 5.0  # seconds between progress lines when not on a terminal
 
 
 def _secs(seconds: float) -> str:
@@ -63,6 +66,10 @@ def _prog() -> str:
     if on_path and Path(on_path).resolve() == Path(argv0).resolve():
         return "outboxd"
     return argv0
+
+
+class Interrupted(Exception):
+    """The daemon stopped before the story was told (Ctrl-C, SIGTERM, a failure)."""
 
 
 @dataclass
@@ -94,6 +101,7 @@ class Demo:
         self.hint_env, self.hint_flags = hint
         # Piped (a CI log, a README), tables get a fixed, readable width.
         self.console = console(highlight=False)
+        self.told = False  # the story reached its end (else a stop cut it short)
 
     @property
     def dsn(self) -> str | None:
@@ -147,8 +155,8 @@ class Demo:
     async def pipeline(self) -> int:
         from daemon.core.qdrant_connect import make_client
         from daemon.outbox.notify_daemon import NotifyDaemon
+        from daemon.runtime.service import run_service
 
-        cancel_on_sigterm()
         await self.load_corpus()  # step 2, before the daemon's own pool opens
         qdrant_path = self.settings.local_qdrant_path
         try:
@@ -164,24 +172,46 @@ class Demo:
         try:
             self.step(3, "The daemon: claim, embed, upsert, acknowledge")
             t = time.perf_counter()
-            await daemon.start()
-            self.say(f"   model {daemon.writer.embedder.fingerprint} loaded  {_secs(time.perf_counter() - t)}")
-            self.say(f"   Qdrant local mode in {shown(Path(qdrant_path))}: "
+            # The daemon runs as `outboxd run` runs it (the listener, the verifier, readiness;
+            # Ctrl-C and SIGTERM stop it through the shell), the story beside it, watched alike.
+            code = await run_service(daemon, side_tasks={"demo": lambda: self.story(daemon, client, t)})
+        finally:
+            stop_on_sigterm()  # the shell handed SIGTERM back to its default
+            await client.close()  # the daemon closed its pool and the model; the client is ours
+        if code != EXIT_OK:
+            return code
+        if not self.told:  # a first Ctrl-C or SIGTERM: the daemon stopped cleanly, the demo was interrupted
+            return EXIT_INTERRUPTED
+        self.next_steps()
+        return EXIT_OK
+
+    async def story(self, daemon, client, started: float) -> None:
+        """Steps 3 to 5, beside the running daemon; then the daemon's stop. A stop
+        before the end (Ctrl-C, SIGTERM, a failure, which the log tells) ends it quietly."""
+        try:
+            self.say(f"   model {daemon.writer.embedder.fingerprint} loaded  {_secs(time.perf_counter() - started)}")
+            self.say(f"   Qdrant local mode in {shown(Path(self.settings.local_qdrant_path))}: "
                      f"alias {self.settings.collection!r} → collection {daemon.writer.store.collection!r}")
             await self.converge(daemon, client)
 
+            self.go_on(daemon)
             self.step(4, "Hybrid search: Qdrant's vector similarity + PostgreSQL's full text, fused")
             self.say("   (vec, kw: the hit's rank among each side's candidates; — : not among them)")
             for q in QUERIES:
                 await self.search(daemon, client, q)
 
+            self.go_on(daemon)
             self.step(5, "Changes follow: edit a chunk, retitle a document, delete a document")
             await self.edit_and_follow(daemon, client)
-        finally:
-            await daemon.close()  # its pool and the model; the client is ours
-            await client.close()
-        self.next_steps()
-        return EXIT_OK
+        except Interrupted:
+            return  # the stop is set: the shell finishes the batches in flight
+        self.told = True
+        daemon.stop.set()  # told: the daemon stops as after a Ctrl-C, with nothing in flight
+
+    @staticmethod
+    def go_on(daemon) -> None:
+        if daemon.stop.is_set():
+            raise Interrupted
 
     async def count_points(self, client, document_id=None) -> int:
         from qdrant_client import models
@@ -195,46 +225,51 @@ class Demo:
         chunks, pending = await DemoContent(daemon.pool).progress()
         return chunks, chunks - pending
 
-    async def drain(self, daemon, *, progress: bool) -> tuple[float, dict[str, int]]:
-        """Run the daemon until nothing is pending: with a progress bar of converged
-        chunks on a terminal, a line every few seconds elsewhere. Returns the
-        seconds it took and the daemon's counters for this run."""
-        before = asdict(daemon.stats)
-        t = time.perf_counter()
-        task = asyncio.create_task(daemon.run(drain=True), name="demo-drain")
-        try:
-            if progress and self.console.is_terminal:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    @staticmethod
+    def mark(daemon) -> tuple[float, dict[str, int]]:
+        """Now, and the daemon's counters: what drain() measures from."""
+        return time.perf_counter(), asdict(daemon.stats)
 
-                total, done = await self._progress(daemon)
-                with Progress(
-                    TextColumn("   converging"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
-                    TimeElapsedColumn(), console=self.console, transient=True,
-                ) as bar:
-                    job = bar.add_task("converging", total=total, completed=done)
-                    while not task.done():
-                        await asyncio.wait({task}, timeout=0.25)
-                        total, done = await self._progress(daemon)
-                        bar.update(job, total=total, completed=done)
-            elif progress:
-                last = None
-                while not task.done():
-                    await asyncio.wait({task}, timeout=5.0)
-                    if not task.done() and (now := await self._progress(daemon)) != last:
+    async def settled(self, daemon) -> bool:
+        """Whether the running daemon has applied everything: nothing pending (dead
+        letters aside) and no batch in flight, what `outboxd run --drain` ends on; else
+        False after a short wait. A stop ends the story (Interrupted)."""
+        if (await daemon.outbox.pending()).pending == 0 and not daemon.heartbeat.in_flight:
+            return True
+        await wait_for_any([daemon.stop], SETTLED_EVERY)
+        self.go_on(daemon)
+        return False
+
+    async def drain(self, daemon, since: tuple[float, dict[str, int]], *, progress: bool) -> tuple[float, dict[str, int]]:
+        """Wait until the running daemon has applied everything pending: with a
+        progress bar of converged chunks on a terminal, a line every few seconds
+        elsewhere. Returns the seconds and the daemon's counters since `since` (mark())."""
+        t, before = since
+        if progress and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            total, done = await self._progress(daemon)
+            with Progress(
+                TextColumn("   converging"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+                TimeElapsedColumn(), console=self.console, transient=True,
+            ) as bar:
+                job = bar.add_task("converging", total=total, completed=done)
+                while not await self.settled(daemon):
+                    total, done = await self._progress(daemon)
+                    bar.update(job, total=total, completed=done)
+        else:
+            last, looked = None, time.perf_counter()
+            while not await self.settled(daemon):
+                if progress and time.perf_counter() - looked >= PROGRESS_LINE_EVERY:
+                    looked = time.perf_counter()
+                    if (now := await self._progress(daemon)) != last:
                         self.say(f"   converging: {now[1]}/{now[0]} chunks  {time.perf_counter() - t:.0f} s")
                         last = now
-            code = await asyncio.shield(task)
-        except asyncio.CancelledError:  # Ctrl-C or SIGTERM: finish the batches in flight, like `outboxd run`
-            daemon.stop.set()
-            await asyncio.gather(task, return_exceptions=True)
-            raise
-        if code != 0:
-            raise OutboxdError(f"the daemon stopped with exit code {code}; the log above says why")
         after = asdict(daemon.stats)
         return time.perf_counter() - t, {k: after[k] - before[k] for k in after}
 
     async def converge(self, daemon, client) -> None:
-        seconds, stats = await self.drain(daemon, progress=True)
+        seconds, stats = await self.drain(daemon, self.mark(daemon), progress=True)
         total, _ = await self._progress(daemon)
         points = await self.count_points(client)
         self.say(f"   converged: {points} points for {total} chunks with text  {_secs(seconds)}")
@@ -299,6 +334,7 @@ class Demo:
         points_before = await self.count_points(client)
         deleted_points_before = await self.count_points(client, delete_doc["id"])
 
+        since = self.mark(daemon)  # before the writes: the running daemon applies them at once
         e = await self.write_edits(daemon, text_doc, title_doc, delete_doc)
         self.say()
         self.say(f"   1) UPDATE chunks     {e.text_title!r}, chunk {e.text_index}: {excerpt(e.text_before, 40)!r}")
@@ -306,7 +342,7 @@ class Demo:
         self.say(f"   2) UPDATE documents  title {e.title_before!r} → {e.title_after!r}")
         self.say(f"   3) DELETE documents  {e.deleted_title!r} and its {e.deleted_chunks} chunks (ON DELETE CASCADE)")
 
-        seconds, stats = await self.drain(daemon, progress=False)
+        seconds, stats = await self.drain(daemon, since, progress=False)
         self.say(f"   the daemon applied the {stats['events_acked']} events they queued  {_secs(seconds)}")
         self.say(f"     {stats['upserted']} point upserted with {stats['embedded']} new embedding: the edited text")
         self.say(f"     {stats['payload_only']} payloads updated, no embedding: the new title")

@@ -62,6 +62,11 @@ class Heartbeat:
         self._busy.pop(name, None)
 
     @property
+    def in_flight(self) -> bool:
+        """Whether any work is busy now (a batch between its claim and its record)."""
+        return bool(self._busy)
+
+    @property
     def age(self) -> float:
         """Seconds since the last beat, or since the oldest busy work last progressed."""
         now = self._clock()

@@ -1,7 +1,7 @@
 """The layout the README promises: imports go one way (consumers -> daemon ->
 db) with no circle between modules and no module reaching into another's
 private names, and the notify worker, the relay and the Kafka consumer run in
-the one runtime shell."""
+the one runtime shell, whose lifecycle alone creates tasks."""
 from __future__ import annotations
 
 import ast
@@ -96,10 +96,82 @@ def test_every_long_running_transport_runs_in_the_one_shell():
 
     for transport in (NotifyDaemon, Relay, QdrantConsumer, TailConsumer):
         assert issubclass(transport, Service), transport
-    # and they plug in only what differs: none redefines the shell's policy
-    for transport in (NotifyDaemon, Relay, QdrantConsumer):
-        for shell_method in ("until_reachable", "install_signals", "log_stats", "secret_values", "report_stats"):
-            assert shell_method not in vars(transport), f"{transport.__name__} redefines {shell_method}"
+    # and they plug in only what differs: none redefines the shell's policy or its lifecycle
+    shell = ("until_reachable", "install_signals", "log_stats", "secret_values", "report_stats",
+             "run", "watch", "fail", "on_second_signal")
+    for transport in (NotifyDaemon, Relay, QdrantConsumer, TailConsumer):
+        for cls in transport.__mro__[:transport.__mro__.index(Service)]:
+            for shell_method in shell:
+                assert shell_method not in vars(cls), f"{cls.__name__} redefines {shell_method}"
+
+
+# The one lifecycle: the module that starts, watches, drains and cancels every
+# worker and side task (daemon.runtime.service: Service.watch, Service.run,
+# run_service). A task created anywhere else escapes it: nothing would see it
+# fail, and it could outlive the work it serves.
+LIFECYCLE = {"daemon/runtime/service.py"}
+SPAWNS = {"create_task", "ensure_future", "run_coroutine_threadsafe"}  # asyncio's, a loop's, a TaskGroup's
+# (module, function) -> why a task may be created there
+SPAWN_ALLOWED = {
+    ("daemon/runtime/retry.py", "wait_for_any"):
+        "waiters on events, each cancelled before the function returns",
+    ("daemon/embedding/http_backend.py", "_encode"):
+        "a TaskGroup's children (one request per part of a batch): they end and fail with the encode",
+    ("daemon/outbox/service.py", "_process_claimed"):
+        "a TaskGroup's child (the lease renewer): it ends and fails with its batch",
+}
+
+
+def spawns(source: str) -> list[tuple[str, int]]:
+    """(enclosing function, line) of every call that creates a task."""
+    found: list[tuple[str, int]] = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
+            if isinstance(child, ast.Call):
+                func = child.func
+                name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+                if name in SPAWNS:
+                    found.append((function, child.lineno))
+            visit(child, inner)
+
+    visit(ast.parse(source), "<module>")
+    return found
+
+
+def test_the_spawn_check_sees_every_way_to_create_a_task():
+    source = """
+import asyncio
+from asyncio import create_task, ensure_future
+async def a(loop, group):
+    asyncio.create_task(x())
+    loop.create_task(x())
+    group.create_task(x())
+    asyncio.ensure_future(x())
+    create_task(x())
+    ensure_future(x())
+    asyncio.get_running_loop().create_task(x())
+"""
+    assert [f for f, _ in spawns(source)] == ["a"] * 7
+
+
+def test_no_task_is_created_outside_the_lifecycle():
+    """Every worker and side task runs through the one lifecycle; a task created
+    elsewhere is either on the list above, with why, or a defect."""
+    found, seen = [], set()
+    for folder in ORDER:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            where = path.relative_to(REPO).as_posix()
+            if where in LIFECYCLE:
+                continue
+            for function, line in spawns(path.read_text(encoding="utf-8")):
+                if (where, function) in SPAWN_ALLOWED:
+                    seen.add((where, function))
+                else:
+                    found.append(f"{where}:{line} ({function}) creates a task outside the lifecycle")
+    assert found == [], "\n".join(found)
+    assert set(SPAWN_ALLOWED) == seen, f"allowed but gone: {sorted(set(SPAWN_ALLOWED) - seen)}"
 
 
 def test_every_package_data_pattern_matches_a_file():
