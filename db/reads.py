@@ -11,6 +11,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from db.capture import read_capture_mode
+from db.catalog import CatalogRepository
 from db.gateway import fetch
 
 
@@ -36,7 +37,7 @@ class OperatorReads:
 
     async def catalog(self) -> list[dict[str, Any]]:
         """Every collection the catalog records, of every alias, oldest first per alias."""
-        return await fetch(self.pool, "list_collections", alias=None)
+        return await CatalogRepository(self.pool).records()
 
     async def verifier(self, collection: str) -> dict[str, Any] | None:
         """The continuous verifier's row of this collection (alias), None before any daemon verified it."""

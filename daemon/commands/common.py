@@ -45,15 +45,6 @@ def resolve_dsn(settings: Settings, announce_to=None) -> str:
     return dsn
 
 
-def connect(settings: Settings) -> psycopg.Connection:
-    """A short-lived autocommit connection for an operator command; a server
-    that does not answer fails it after OUTBOXD_STARTUP_TIMEOUT (unless the
-    DSN sets its own connect_timeout)."""
-    from db.gateway import connect as connect_once
-
-    return connect_once(resolve_dsn(settings), application_name="outboxd:cli", timeout=settings.startup_timeout)
-
-
 def print_json(doc: Any) -> None:
     sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
 
