@@ -153,6 +153,9 @@ class QdrantServer:
                        QDRANT__TLS__KEY=str(self.tls.key))
         return env
 
+    def _arguments(self) -> list[str]:
+        return ["--disable-telemetry"]
+
     def start(self, timeout: float = READY_TIMEOUT) -> "QdrantServer":
         if self.running:
             return self
@@ -160,7 +163,7 @@ class QdrantServer:
         with open(self.folder / "qdrant.log", "ab") as log:
             # cwd: the folder, so that no ./config/*.yaml of the caller's is picked up
             self.proc = subprocess.Popen(
-                [str(self.binary), "--disable-telemetry"], cwd=self.folder, env=self._environment(),
+                [str(self.binary), *self._arguments()], cwd=self.folder, env=self._environment(),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
             )
         self._wait_ready(timeout)
