@@ -1,9 +1,10 @@
 """What `outboxd status` reads, gathered into one report (a dict whose keys are
 those of `status --json`): PostgreSQL through db.reads.OperatorReads (the
 outbox, leases, connected processes, the capture mode, the continuous verifier,
-the catalog), the live Qdrant collection, and, where KAFKA_BOOTSTRAP_SERVERS is
-set, the Kafka wing's consumer-group lag. Reading never judges: the limits and
-the text are daemon.commands.status_render's."""
+the catalog), the live Qdrant collection (on a server, its shards and their
+replicas too), and, where KAFKA_BOOTSTRAP_SERVERS is set, the Kafka wing's
+consumer-group lag. Reading never judges: the limits and the text are
+daemon.commands.status_render's."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +14,7 @@ from typing import Any
 import psycopg
 
 from daemon.core.catalog import CollectionRecord, live_of, view
+from daemon.core.cluster import placement
 from daemon.core.qdrant_connect import check_named, describe_target, make_client, probe
 from daemon.core.qdrant_store import read_fingerprint
 from daemon.embedding.fingerprint import check_fingerprint
@@ -160,6 +162,10 @@ async def inspect_collection(client, settings, record, section) -> dict[str, Any
         "collection": live.name,
         "points": None,
         "fingerprint": None,
+        "peers": None,
+        "replication_factor": None,
+        "shards": None,
+        "shard_problems": [],
         "notes": notes,
     }
     if live.name is None:
@@ -168,6 +174,16 @@ async def inspect_collection(client, settings, record, section) -> dict[str, Any
     if record and live.alias_target != record.name:
         notes.append(f"alias {settings.collection!r} points at {live.alias_target!r}, not at the live collection")
     section["points"] = (await client.count(live.name, exact=True)).count
+    if info is not None:  # a server: its shards and their replicas (local mode has none)
+        try:
+            shards = await placement(client, live.name)
+        except Exception as exc:  # noqa: BLE001 - a key that may not read the cluster's state: the rest stands
+            notes.append(f"the shards' placement could not be read ({describe(exc)})")
+        else:
+            section["peers"] = len(shards.peers)
+            section["replication_factor"] = shards.replication_factor
+            section["shards"] = [s.as_dict() for s in shards.shards]
+            section["shard_problems"] = shards.problems()
     recorded = await read_fingerprint(client, live.name)
     section["fingerprint"] = recorded.as_dict() if recorded else None
     if recorded is None:

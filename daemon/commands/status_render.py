@@ -125,4 +125,13 @@ def render(report: dict[str, Any]) -> None:
             {"": "model", "value": f"{ModelFingerprint.from_dict(fp)}, id {fp['id']}" if fp else None},
         ]
         rows += [{"": "note", "value": n} for n in q["notes"]]
+        rows += [{"": "warning", "value": p} for p in q["shard_problems"]]
     print_table(rows, ["", "value"], title="Qdrant")
+    if q["available"] and q["shards"] and q["peers"] > 1:  # a single node holds every shard once: nothing to show
+        print_table(
+            [{"shard": s["shard"], "active": f"{s['active']} of {q['replication_factor']}",
+              "replicas": ", ".join(f"peer {peer}: {state}" for peer, state in s["replicas"].items())}
+             for s in q["shards"]],
+            ["shard", "active", "replicas"],
+            title=f"Shards of {q['collection']} ({q['peers']} peers)",
+        )

@@ -264,6 +264,11 @@ async def test_status_reports_catalog_and_point_count_after_a_drain(dsn, conn, t
     assert q["points"] == 3
     assert q["fingerprint"] == embedder.fingerprint.as_dict()
     assert q["notes"] == []
+    if server_settings():  # one node without cluster mode: one shard, held once
+        assert (q["peers"], q["replication_factor"], q["shard_problems"]) == (1, 1, []), q
+        assert [(s["shard"], s["active"]) for s in q["shards"]] == [(0, 1)], q
+    else:
+        assert q["shards"] is None and q["shard_problems"] == []
     assert doc["outbox"]["backlog"] == 0 and doc["outbox"]["lag_seconds"] == 0.0
 
     # status closed its client: the folder opens again at once
