@@ -62,7 +62,10 @@ class Publisher:
         result = PublishResult()
         if not targets:
             return result
-        versions = await self.outbox.relay_versions(list(targets))
+        # each chunk's version, read with its state; one drawn now only for a chunk that never had one
+        unversioned = [cid for cid, t in targets.items() if t.version is None]
+        versions = await self.outbox.relay_versions(unversioned) if unversioned else {}
+        versions.update({cid: t.version for cid, t in targets.items() if t.version is not None})
         relayed_at = datetime.now(UTC)
         trace_headers = inject_headers()
         pending: list[tuple[UUID, asyncio.Future]] = []

@@ -93,5 +93,6 @@ class OutboxRepository:
 
     # --- the relay ---------------------------------------------------------------------
     async def relay_versions(self, chunk_ids: list[UUID]) -> dict[UUID, int]:
-        """A fresh version per chunk, drawn after its state was read."""
+        """A fresh version per chunk, drawn after its state was read (for a chunk
+        without one in chunk_versions: the state read gives every other its version)."""
         return {r["chunk_id"]: r["version"] for r in await fetch(self.pool, "relay_versions", chunk_ids=chunk_ids)}

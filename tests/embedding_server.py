@@ -22,7 +22,9 @@ in the request's own thread, so concurrent requests overlap as on a GPU server
 that batches): the endpoint, not the client's machine, is the bottleneck in
 throughput tests.
 
-Faults: fail_next(n, status, retry_after) answers the next n requests with that
+Faults: hold(marker) keeps a request with a text containing marker unanswered
+until the test releases it (`arrived` says it came: an embed request in flight);
+fail_next(n, status, retry_after) answers the next n requests with that
 status; malformed_next(n, kind) with a broken 200; a text containing
 reject_marker gets a 400 (OpenAI's error shape); with api_key set, a request
 without `Authorization: Bearer <api_key>` gets a 401 that echoes the key it was
@@ -100,6 +102,18 @@ def hash_vector(text: str, dimension: int, normalize: bool = True) -> np.ndarray
     return v / norm if normalize else v * np.float32(1 + seed % 5)
 
 
+@dataclass
+class Hold:
+    """A request held by the server: `arrived` once it came, answered once `released` is set."""
+
+    marker: str
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class EmbeddingServer:
     def __init__(
         self,
@@ -139,6 +153,7 @@ class EmbeddingServer:
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._faults: list[dict] = []
+        self._holds: list[Hold] = []
         self._connections: set[socket.socket] = set()  # open keep-alive connections, closed by stop()
         self._model = model
         if mode == "minilm":
@@ -165,6 +180,8 @@ class EmbeddingServer:
 
     def stop(self) -> None:
         """Stop listening and drop every open connection (as a killed server would)."""
+        for held in self._holds:
+            held.release()
         self._httpd.shutdown()
         self._httpd.server_close()
         with self._lock:
@@ -194,6 +211,13 @@ class EmbeddingServer:
         fewer), "ragged" (vectors of two lengths), "nan" (a NaN in the first vector)."""
         with self._lock:
             self._faults.extend({"malformed": kind} for _ in range(n))
+
+    def hold(self, marker: str) -> "Hold":
+        """Keep the requests with a text containing marker until the Hold is released."""
+        held = Hold(marker)
+        with self._lock:
+            self._holds.append(held)
+        return held
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -294,6 +318,10 @@ class EmbeddingServer:
                 return 400, {}, _error(
                     f"input[{i}] is not allowed: it contains the reject marker", "invalid_request_error", 400
                 )
+        for held in list(self._holds):
+            if any(held.marker in t for t in texts):
+                held.arrived.set()
+                held.released.wait(120)
         vectors = self._embed(texts, body.get("dimensions"))
         time.sleep(self.base_seconds + self.per_text_seconds * len(texts))
         with self._lock:

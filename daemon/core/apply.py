@@ -122,7 +122,8 @@ class Applier:
                     result.unchanged += 1
         if to_embed:
             await self._embed(to_embed, result, upserts)
-        result.older += await self.store.write(upserts, payload_updates, deletes, versions)
+        result.older += await self.store.write(upserts, payload_updates, deletes, versions,
+                                               seen=[p for p in versions if p in existing])
         result.deleted = len(deletes)
         return result
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import orjson
@@ -76,17 +76,19 @@ class Upserts:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def split(self, versions: Mapping[str, int]) -> tuple[Upserts, Upserts]:
-        """(the points without a version, the versioned ones)."""
-        plain, versioned = Upserts(), Upserts()
+    def split(self, keep: Callable[[str], bool]) -> tuple[Upserts, Upserts]:
+        """(the points keep() refuses, the points it keeps)."""
+        parts = Upserts(), Upserts()
         for i, point_id in enumerate(self.ids):
-            (versioned if point_id in versions else plain).add(point_id, self.vectors[i], self.payloads[i])
-        return plain, versioned
+            parts[keep(point_id)].add(point_id, self.vectors[i], self.payloads[i])
+        return parts
 
-    def operation(self, update_filter: models.Filter | None = None) -> models.UpsertOperation:
+    def operation(self, update_filter: models.Filter | None = None, *, update_only: bool = False
+                  ) -> models.UpsertOperation:
         batch = models.Batch.model_construct(ids=self.ids, vectors=self.vectors, payloads=self.payloads)
-        return models.UpsertOperation(upsert=models.PointsBatch.model_construct(batch=batch,
-                                                                                update_filter=update_filter))
+        mode = models.UpdateMode.UPDATE_ONLY if update_only else None
+        return models.UpsertOperation(upsert=models.PointsBatch.model_construct(
+            batch=batch, update_filter=update_filter, update_mode=mode))
 
 
 def holds_older(version: int) -> models.Filter:
@@ -366,7 +368,7 @@ class QdrantStore:
 
     async def write(
         self, upserts: Upserts | None, payload_updates: list[tuple[str, dict[str, Any]]], deletes: list[str],
-        versions: Mapping[str, int] | None = None,
+        versions: Mapping[str, int] | None = None, seen: Collection[str] = (),
     ) -> int:
         """One batched request, confirmed before it returns. versions: the version of
         the state each versioned point's write carries (an upsert's payload holds it
@@ -374,15 +376,20 @@ class QdrantStore:
         none, so a writer that wakes from a pause cannot put an older state back. The
         versioned writes share one condition (older than the batch's lowest version);
         a point it left out because it holds a version between that and its own is
-        then written alone on its own condition. Returns how many versioned writes
-        found their point already holding a newer version (left as it was)."""
+        then written alone on its own condition. seen: the versioned points the
+        writer found in Qdrant when it planned; they are only updated, never
+        inserted, so one deleted since (its chunk is gone) is not brought back.
+        Returns how many versioned writes found their point already holding a newer
+        version (left as it was)."""
         versions = versions or {}
         ops: list[Any] = []
-        plain, versioned = upserts.split(versions) if upserts else (None, None)
+        plain, versioned = upserts.split(versions.__contains__) if upserts else (None, None)
         if plain:
             ops.append(plain.operation())
         if versioned:
-            ops.append(versioned.operation(holds_older(min(versions[i] for i in versioned.ids))))
+            older = holds_older(min(versions[i] for i in versioned.ids))
+            new, known = versioned.split(set(seen).__contains__)
+            ops += [part.operation(older, update_only=part is known) for part in (new, known) if part]
         # identical changes (a document's new title on all its chunks) become one operation
         same: dict[bytes, tuple[dict[str, Any], list[str]]] = {}
         for point_id, payload in payload_updates:
@@ -400,13 +407,14 @@ class QdrantStore:
                 await self.client.batch_update_points(self.collection, ops, wait=True, ordering=self.shape.ordering)
         if not versioned and not gone_versioned:
             return 0
-        return await self._each_on_its_own(versioned or Upserts(), gone_versioned, versions)
+        return await self._each_on_its_own(versioned or Upserts(), gone_versioned, versions, seen)
 
     def _delete_older(self, point_ids: list[str], version: int) -> models.DeleteOperation:
         where = models.Filter(must=[models.HasIdCondition(has_id=point_ids)], should=holds_older(version).should)
         return models.DeleteOperation(delete=models.FilterSelector(filter=where))
 
-    async def _each_on_its_own(self, versioned: Upserts, deletes: list[str], versions: Mapping[str, int]) -> int:
+    async def _each_on_its_own(self, versioned: Upserts, deletes: list[str], versions: Mapping[str, int],
+                               seen: Collection[str]) -> int:
         """After the shared condition: each point that still holds an older version
         than its own write is written alone, on its own version; how many hold a newer one."""
         held = {str(r.id): (r.payload or {}).get(VERSION_KEY) for r in await self.client.retrieve(
@@ -419,8 +427,9 @@ class QdrantStore:
                 newer += 1
             elif point_id in held and have != version:
                 alone = models.PointStruct(id=point_id, vector=versioned.vectors[i], payload=versioned.payloads[i])
-                ops.append(models.UpsertOperation(upsert=models.PointsList(points=[alone],
-                                                                           update_filter=holds_older(version))))
+                mode = models.UpdateMode.UPDATE_ONLY if point_id in seen else None
+                ops.append(models.UpsertOperation(upsert=models.PointsList(
+                    points=[alone], update_filter=holds_older(version), update_mode=mode)))
         for point_id in deletes:
             have = held.get(point_id, None)
             if point_id not in held:

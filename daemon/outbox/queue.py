@@ -11,15 +11,28 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
+from daemon.core.batch import Target, Targets
 from daemon.core.chunk_state import ChunkState
 from daemon.errors import CollectionRetiredError
 from daemon.runtime.backoff import Backoff
 from db.outbox import OutboxRepository
 
 
+async def read_targets(pool: AsyncConnectionPool, chunk_ids: list[UUID]) -> Targets:
+    """What each chunk must become now: its current state (None: gone) and that state's version."""
+    return {r["chunk_id"]: target_of(r) for r in await OutboxRepository(pool).chunk_states(chunk_ids)}
+
+
 async def read_chunk_states(pool: AsyncConnectionPool, chunk_ids: list[UUID]) -> dict[UUID, ChunkState]:
     """The current state of each chunk that exists, by id."""
-    return {r["chunk_id"]: ChunkState.from_row(r) for r in await OutboxRepository(pool).chunk_states(chunk_ids)}
+    targets = await read_targets(pool, chunk_ids)
+    return {cid: t.state for cid, t in targets.items() if t.state is not None}
+
+
+def target_of(row: dict) -> Target:
+    """A chunk's state and version, as a query row holds them (no state_hash: the chunk is gone)."""
+    state = ChunkState(**{f: row[f] for f in STATE_FIELDS}) if row["state_hash"] is not None else None
+    return Target(state, version=row["version"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +48,12 @@ STATE_FIELDS = ChunkState.__slots__
 
 
 class Claim(list):
-    """The events one claim took (oldest first), and the current state of their
-    chunks, read in the same statement (a chunk without a state is gone)."""
+    """The events one claim took (oldest first), and what their chunks must become
+    (state and version, read in the same statement; a chunk without a state is gone)."""
 
-    def __init__(self, events: list[Event], states: dict[UUID, ChunkState]) -> None:
+    def __init__(self, events: list[Event], targets: Targets) -> None:
         super().__init__(events)
-        self.states = states
+        self.targets = targets
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +75,19 @@ class Outbox:
 
     async def claim(self, batch_size: int) -> Claim:
         rows = await self.db.claim(self.worker, batch_size, self.lease_seconds)
-        events, states = [], {}
+        events, targets = [], {}
         for r in rows:
             events.append(Event(r["id"], r["chunk_id"], r["op"], r["attempts"], r["created_at"]))
-            if r["state_hash"] is not None:  # on the chunk's first event only (a gone chunk has none)
-                states[r["chunk_id"]] = ChunkState(**{f: r[f] for f in STATE_FIELDS})
+            if r["nth"] == 1:  # the state and version ride on the chunk's first event only
+                targets[r["chunk_id"]] = target_of(r)
         events.sort(key=lambda e: e.id)
-        return Claim(events, states)
+        return Claim(events, targets)
 
     async def renew(self, event_ids: list[int]) -> None:
         await self.db.renew_lease(self.worker, event_ids, self.lease_seconds)
+
+    async def targets(self, chunk_ids: list[UUID]) -> Targets:
+        return await read_targets(self.pool, chunk_ids)
 
     async def chunk_states(self, chunk_ids: list[UUID]) -> dict[UUID, ChunkState]:
         return await read_chunk_states(self.pool, chunk_ids)

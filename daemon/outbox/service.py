@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.config import Settings
-from daemon.core.batch import Outcome, Target, Targets
+from daemon.core.batch import Outcome, Targets
 from daemon.errors import SchemaNotReadyError, ServiceUnavailableError, describe
 from daemon.outbox.listener import Listener, Wakeup
 from daemon.outbox.queue import Claim, Event, Outbox
@@ -268,11 +268,11 @@ class ClaimLoop:
 
     async def _deliver_claimed(self, claim: Claim, ids: list[int]) -> None:
         svc = self.service
-        states = claim.states  # read with the claim; an outage retry reads them again
+        targets = claim.targets  # read with the claim; an outage retry reads them again
 
         async def once() -> None:
-            nonlocal states
-            current, states = states, None
+            nonlocal targets
+            current, targets = targets, None
             await self._once(claim, current)
 
         try:
@@ -297,16 +297,15 @@ class ClaimLoop:
             except Exception as exc:  # noqa: BLE001 - a missed renewal only risks duplicate work
                 log.warning("lease renewal failed", extra={"error": describe(exc)})
 
-    async def _once(self, events: list[Event], states) -> None:
+    async def _once(self, events: list[Event], targets: Targets | None) -> None:
         svc = self.service
         started = time.perf_counter()
         events_of: dict[UUID, list[Event]] = defaultdict(list)
         for e in events:
             events_of[e.chunk_id].append(e)
-        if states is None:
+        if targets is None:
             with span("read_states", chunks=len(events_of)):
-                states = await svc.outbox.chunk_states(list(events_of))
-        targets = {cid: Target(states.get(cid)) for cid in events_of}
+                targets = await svc.outbox.targets(list(events_of))
         with span("apply", chunks=len(targets)) as applying:
             outcome = await svc.policy.deliver(lambda t: svc.deliver(t, events_of), targets, svc.result_type)
             applying.set_attributes({**outcome.counts(), "failed": len(outcome.failed)})

@@ -7,6 +7,7 @@
 -- chunks, in one short statement (one round trip per batch). The state is read
 -- after the events committed (same snapshot), and the acknowledgement verifies
 -- it again, so a change made meanwhile is never lost. No state: the chunk is gone.
+-- The chunk's version comes from the same snapshot, so it is its state's.
 WITH picked AS (
     SELECT id
     FROM outboxd.outbox
@@ -31,11 +32,12 @@ numbered AS (
 )
 -- A chunk's state once, on its first event: a chunk edited several times has
 -- several events in a claim, and its text need not cross the wire for each.
-SELECT c.id, c.chunk_id, c.op, c.attempts, c.created_at,
+SELECT c.id, c.chunk_id, c.op, c.attempts, c.created_at, c.nth, v.version,
        s.document_id, s.source_id, s.chunk_index, s.text, s.token_count, s.content_hash,
        s.metadata, s.title, s.url, s.document_type, s.state_hash
 FROM numbered c
-LEFT JOIN outboxd.chunk_state s ON s.chunk_id = c.chunk_id AND c.nth = 1;
+LEFT JOIN outboxd.chunk_state s ON s.chunk_id = c.chunk_id AND c.nth = 1
+LEFT JOIN outboxd.chunk_versions v ON v.chunk_id = c.chunk_id AND c.nth = 1;
 
 -- renew_lease --
 -- Keeps a long batch (slow embedding) from being re-claimed by another worker.
@@ -44,10 +46,13 @@ SET locked_until = now() + make_interval(secs => %(lease_seconds)s)
 WHERE id = ANY(%(event_ids)s) AND locked_by = %(worker)s;
 
 -- chunk_states --
-SELECT chunk_id, document_id, source_id, chunk_index, text, token_count, content_hash,
-       metadata, title, url, document_type, state_hash
-FROM outboxd.chunk_state
-WHERE chunk_id = ANY(%(chunk_ids)s);
+-- A row per chunk asked for: its state (all NULL where it is gone) and its
+-- version, read in one snapshot.
+SELECT c.chunk_id, v.version, s.document_id, s.source_id, s.chunk_index, s.text, s.token_count,
+       s.content_hash, s.metadata, s.title, s.url, s.document_type, s.state_hash
+FROM unnest(%(chunk_ids)s::uuid[]) AS c(chunk_id)
+LEFT JOIN outboxd.chunk_state s ON s.chunk_id = c.chunk_id
+LEFT JOIN outboxd.chunk_versions v ON v.chunk_id = c.chunk_id;
 
 -- ack_verified --
 -- Acknowledge only where the chunk still has the state that was written to
@@ -414,8 +419,9 @@ WHERE c.id = ANY(%(chunk_ids)s::uuid[])
   AND (%(metadata)s::jsonb IS NULL OR c.metadata @> %(metadata)s::jsonb);
 
 -- relay_versions --
--- One version per chunk the relay is about to publish, drawn after its state
--- was read: a later read always gets a higher version (see 0004).
+-- A version for a chunk the relay is about to publish that has none in
+-- outboxd.chunk_versions (every chunk with an event has one since 0011), drawn
+-- after its state was read: a later read always gets a higher version (see 0004).
 SELECT c.chunk_id, nextval('outboxd.event_version') AS version
 FROM unnest(%(chunk_ids)s::uuid[]) AS c(chunk_id);
 

@@ -383,7 +383,7 @@ async def test_poison_chunk_becomes_a_dead_letter_and_others_converge(conn, dsn,
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DATABASE_URL", dsn)
         env.setenv("OUTBOXD_LOG_FORMAT", "json")
-        assert cli.main(["dead-letters", "list", "--json"]) == 0
+        assert await asyncio.to_thread(cli.main, ["dead-letters", "list", "--json"]) == 0  # a command runs its own loop
     listed = orjson.loads(capsys.readouterr().out)
     assert {r["chunk_id"] for r in listed} == {str(ids[2])}
 
@@ -404,7 +404,7 @@ async def test_dead_letter_retry_puts_events_back(conn, dsn, qdrant, collection,
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DATABASE_URL", dsn)
-        assert cli.main(["dead-letters", "retry", "--all"]) == 0
+        assert await asyncio.to_thread(cli.main, ["dead-letters", "retry", "--all"]) == 0
     assert "1 dead letter(s) back to pending" in capsys.readouterr().out
     assert [(r["status"], r["attempts"]) for r in outbox_rows(conn)] == [("pending", 0)]
 

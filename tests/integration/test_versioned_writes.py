@@ -4,13 +4,20 @@ a writer that planned its write before a pause cannot put an older state back.
 Against the session's Qdrant (its server, else local mode)."""
 from __future__ import annotations
 
+import os
+import signal
+import time
 import uuid
+from contextlib import closing
 
 import pytest
 from qdrant_client import models
 
 from daemon.core.plan import VERSION_KEY
 from daemon.core.qdrant_store import QdrantStore, Upserts
+from tests.embedding_server import EmbeddingServer
+from tests.processes import MODEL_LOAD_S, daemon_env
+from tests.support import add_document, require_server
 
 pytestmark = [pytest.mark.integration]
 
@@ -72,3 +79,107 @@ async def test_unversioned_writes_are_unconditional(store):
     upserts.add(a, [0.0, 1.0], {"title": "written without a version"})
     assert await store.write(upserts, [], []) == 0
     assert await held(store, [a]) == {a: None}
+
+
+@pytest.mark.slow
+def test_a_daemon_frozen_past_its_lease_cannot_put_an_older_state_back(spawn, conn, dsn, collection, tmp_path):
+    """Daemon A is frozen (SIGSTOP) while its embed request for a chunk's first state
+    is in flight; the chunk changes and daemon B applies the second state; A is
+    thawed and finishes its batch. Polled every 20 ms from the thaw on, the point
+    never shows the first state again: Qdrant refuses A's older write."""
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(**require_server())
+
+    def text() -> str | None:
+        records = client.retrieve(collection, [str(chunk)], with_payload=["text"])
+        return records[0].payload["text"] if records else None
+
+    first, second = "the first state of the chunk", "the second state of the chunk"
+    with EmbeddingServer() as server, closing(client):
+        held = server.hold("first state")
+        env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_EMBEDDING__BACKEND="http",
+                         OUTBOXD_EMBEDDING__URL=server.url, OUTBOXD_BATCH_SIZE=1, OUTBOXD_LEASE_SECONDS=2,
+                         OUTBOXD_VERIFY__ENABLED="false")
+        _, (chunk,) = add_document(conn, [first])
+        a = spawn("run", env=env, name="daemon-a")
+        a.wait_for(lambda: held.arrived.is_set(), "A's embed request", MODEL_LOAD_S)
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            held.release()  # the answer waits in A's socket
+            conn.execute("UPDATE chunks SET text = %s WHERE id = %s", (second, chunk))
+            b = spawn("run", env=env, name="daemon-b")
+            b.wait_for(lambda: text() == second, "B's write of the second state", MODEL_LOAD_S)
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        seen = []
+        while not a.log("first batch applied"):  # A's write and acknowledgement, after the thaw
+            assert a.popen.poll() is None, a.describe()
+            seen.append(text())
+            time.sleep(0.02)
+        seen += [text() for _ in range(10)]
+        assert first not in seen, a.describe()
+        assert seen[-1] == second
+        assert a.popen.poll() is None and b.popen.poll() is None
+
+
+async def test_a_point_seen_when_planning_is_only_updated_never_brought_back(store):
+    """The writer saw the point when it planned; deleted since (its chunk is gone),
+    the point is not inserted again by that writer's update."""
+    a, b = ids(2)
+    await put(store, {a: 1})
+    await store.write(None, [], [a], {a: 5})  # another writer's delete, after this one planned
+    upserts = Upserts()
+    upserts.add(a, [1.0, 0.0], {VERSION_KEY: 3})
+    upserts.add(b, [1.0, 0.0], {VERSION_KEY: 3})
+    await store.write(upserts, [], [], {a: 3, b: 3}, seen=[a])
+    assert await held(store, [a, b]) == {b: 3}
+
+
+@pytest.mark.slow
+def test_a_new_chunk_deleted_while_its_writer_is_frozen_is_gone_after_one_claim_cycle(spawn, conn, dsn, collection,
+                                                                                     tmp_path):
+    """What versions cannot prevent: a chunk new to Qdrant (no point when A planned),
+    deleted while A is frozen, is inserted by A when it thaws. A's acknowledgement
+    finds the chunk gone and enqueues its delete, which the daemons apply: the point
+    goes again, and nothing stays pending. (docs/invariants.md, invariant 3, gives
+    the window this measures: OUTBOXD_TEST_REPORT prints it.)"""
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(**require_server())
+    with EmbeddingServer() as server, closing(client):
+        held = server.hold("brief chunk")
+        env = daemon_env(dsn, tmp_path / "qdrant", collection, OUTBOXD_EMBEDDING__BACKEND="http",
+                         OUTBOXD_EMBEDDING__URL=server.url, OUTBOXD_BATCH_SIZE=1, OUTBOXD_LEASE_SECONDS=2,
+                         OUTBOXD_VERIFY__ENABLED="false")
+        _, (chunk,) = add_document(conn, ["a brief chunk"])
+        a = spawn("run", env=env, name="daemon-a")
+        a.wait_for(lambda: held.arrived.is_set(), "A's embed request", MODEL_LOAD_S)
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            held.release()
+            conn.execute("DELETE FROM chunks WHERE id = %s", (chunk,))
+            b = spawn("run", env=env, name="daemon-b")
+            b.wait_for(lambda: pending(conn) == 0, "B's handling of the delete", MODEL_LOAD_S)
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        appeared = gone = None
+        deadline = time.monotonic() + 60
+        while gone is None and time.monotonic() < deadline:
+            there = bool(client.retrieve(collection, [str(chunk)], with_payload=False))
+            now = time.monotonic()
+            if there and appeared is None:
+                appeared = now
+            elif not there and appeared is not None:
+                gone = now
+            elif a.log("first batch applied") and appeared is None and pending(conn) == 0:
+                break  # A's write never showed (it landed and went between two looks, or not at all)
+            time.sleep(0.005)
+        assert not client.retrieve(collection, [str(chunk)], with_payload=False), a.describe()
+        b.wait_for(lambda: pending(conn) == 0, "the delete A's acknowledgement enqueued", MODEL_LOAD_S)
+        if appeared is not None and os.environ.get("OUTBOXD_TEST_REPORT"):
+            print(f"\nthe deleted chunk's point lived {1000 * (gone - appeared):.0f} ms after the thaw")
+
+
+def pending(conn) -> int:
+    return conn.execute("SELECT count(*) FROM outboxd.outbox").fetchone()[0]
