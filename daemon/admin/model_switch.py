@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient
@@ -74,8 +74,11 @@ class Reindexer:
         progress: Callable[[int], None] | None = None,
         qdrant_location: str = "",
         shape: CollectionShape | None = None,
+        rebuild: bool = False,
     ) -> None:
         self.shape = shape  # the [qdrant] configuration the new collection is created with
+        # a new collection for the same model: what Qdrant fixes at creation (the shard number) changed
+        self.rebuild = rebuild
         self.qdrant_location = qdrant_location  # where the collections live (daemon.core.qdrant_connect.location)
         self.pool = pool
         self.qdrant = qdrant
@@ -97,8 +100,10 @@ class Reindexer:
             )
         (await view(self.qdrant, self.alias, live)).check_home(self.qdrant_location)
         target = physical_name(self.alias, fp)
+        if self.rebuild:  # the same model's collection, built again under a name of its own
+            target = f"{target}_{uuid4().hex[:8]}"
         result = ReindexResult(self.alias, live.name, target, str(fp))
-        if live.fingerprint_id == fp.id:
+        if live.fingerprint_id == fp.id and not self.rebuild:
             result.status = "already live"
             return result
 

@@ -14,22 +14,25 @@ from daemon.commands.options import json_option, settings_options
                "up, verify, then switch writers and the alias readers use. Restart the daemons with the new "
                "model afterwards.")
 @click.option("--rollback", is_flag=True, help="switch back to the most recently retired collection")
+@click.option("--rebuild", is_flag=True, help="build a new collection for the same model, configured as the "
+              "[qdrant] settings are now (for what Qdrant fixes at creation: the shard number)")
 @click.option("--drop-retired", is_flag=True, help="delete retired collections (no rollback after)")
 @click.option("--yes", "-y", is_flag=True, help="do not ask before --drop-retired")
 @click.option("--page-size", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
               help="chunks embedded per build step")
 @json_option
 @settings_options(qdrant=True, model=True)
-def command(settings, rollback: bool, drop_retired: bool, yes: bool, page_size: int, as_json: bool) -> int:
+def command(settings, rollback: bool, rebuild: bool, drop_retired: bool, yes: bool, page_size: int,
+            as_json: bool) -> int:
     import asyncio
 
     from daemon.commands.common import print_json
 
-    if rollback and drop_retired:
-        raise click.UsageError("--rollback and --drop-retired are two different things: choose one")
+    if sum((rollback, drop_retired, rebuild)) > 1:
+        raise click.UsageError("--rollback, --rebuild and --drop-retired are different things: choose one")
     if drop_retired:
         return asyncio.run(_drop_retired(settings, yes))
-    result = asyncio.run(_reindex(settings, rollback, page_size, as_json))
+    result = asyncio.run(_reindex(settings, rollback, page_size, as_json, rebuild))
     if as_json:
         print_json(result.as_dict())
     elif result.status == "already live":
@@ -46,7 +49,7 @@ def command(settings, rollback: bool, drop_retired: bool, yes: bool, page_size: 
     return 0
 
 
-async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
+async def _reindex(settings, rollback: bool, page_size: int, quiet: bool, rebuild: bool = False):
     from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
     from daemon.admin.model_switch import Reindexer, retired_collection
     from daemon.commands.common import open_services, progress_bar
@@ -90,6 +93,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool):
                     progress=advance,
                     qdrant_location=location(settings),
                     shape=CollectionShape(settings.qdrant),
+                    rebuild=rebuild,
                 ).run()
         finally:
             await embedder.close()

@@ -156,3 +156,29 @@ def test_the_configuration_reaches_a_search():
     assert shape.search_params() == models.SearchParams(
         quantization=models.QuantizationSearchParams(rescore=True, oversampling=2.0))
     assert CollectionShape().search_params() is None
+
+
+@pytest.mark.slow
+def test_a_shard_number_change_is_a_rebuild_readers_never_miss(conn, dsn, collection, tmp_path):
+    """shard_number is fixed at creation: `outboxd reindex --rebuild` builds a new
+    collection of the same model with the configured shards, verifies it and moves
+    the alias; the old one is kept for --rollback."""
+    require_server()
+    path = tmp_path / "qdrant"
+    add_document(conn, [f"chunk number {i}" for i in range(6)])
+    env = daemon_env(dsn, path, collection, OUTBOXD_QDRANT__SHARD_NUMBER=1)
+    assert outboxd(["run", "--drain"], env, tmp_path, timeout=240).returncode == 0
+    before = collection_info(path, collection)
+
+    resharded = {**env, "OUTBOXD_QDRANT__SHARD_NUMBER": "2"}
+    rebuilt = outboxd(["reindex", "--rebuild", "--json"], resharded, tmp_path, timeout=300)
+    assert rebuilt.returncode == 0, report(rebuilt)
+    result = json.loads(rebuilt.stdout)
+    assert result["collection"] != result["previous"] and result["built"] == 6, result
+    after = collection_info(path, collection)
+    assert (before.config.params.shard_number, after.config.params.shard_number) == (1, 2)
+    assert after.points_count == 6
+    assert outboxd(["collection", "--check"], resharded, tmp_path).returncode == 0
+    check = outboxd(["reconcile", "--check"], resharded, tmp_path, timeout=240)
+    assert check.returncode == 0, report(check)
+    assert outboxd(["reindex", "--rebuild", "--rollback"], resharded, tmp_path).returncode == 2
