@@ -4,7 +4,7 @@ endpoint's shared budget (outboxd.embedding_budget).
 
 Each method runs one named query of sql/queries.sql, one short statement whose
 row lock ends with it: never held across a Qdrant call or an embedding request.
-Rows come back as dicts; daemon.outbox.verifier and daemon.outbox.budget say
+Rows come back as dicts; daemon.outbox.verifier and daemon.outbox.shared_budget say
 what they mean.
 """
 from __future__ import annotations

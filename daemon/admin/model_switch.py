@@ -26,7 +26,7 @@ from uuid import UUID, uuid4
 from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient
 
-from daemon.admin.drift import SERVER_QDRANT_PAGE, Reconciler, Repair
+from daemon.admin.reconcile import SERVER_QDRANT_PAGE, Reconciler, Repair
 from daemon.admin.scan import CheckpointedScan
 from daemon.core.apply import Applier
 from daemon.core.catalog import Catalog, Home, view

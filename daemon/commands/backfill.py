@@ -24,7 +24,7 @@ def command(settings, source: UUID | None, document: UUID | None, page_size: int
 
     from daemon.commands.common import print_json
 
-    result = asyncio.run(backfill(settings, source, document, page_size, restart, as_json))
+    result = asyncio.run(_backfill_with_progress(settings, source, document, page_size, restart, as_json))
     if as_json:
         print_json(result)
     elif result["already_complete"]:
@@ -38,7 +38,7 @@ def command(settings, source: UUID | None, document: UUID | None, page_size: int
     return 0
 
 
-async def backfill(settings, source, document, page_size: int, restart: bool, quiet: bool = True) -> dict:
+async def _backfill_with_progress(settings, source, document, page_size: int, restart: bool, quiet: bool = True) -> dict:
     import sys
 
     from daemon.admin import backfill as work

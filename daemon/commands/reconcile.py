@@ -60,7 +60,7 @@ def command(settings, check: bool, repair: bool, deep: bool, recreate_missing: b
 
 async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, document, page_size: int,
                      recreate_missing: bool = False):
-    from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, Reconciler, Scope, enqueue_repair
+    from daemon.admin.reconcile import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, Reconciler, Scope, enqueue_repair
     from daemon.commands.common import live_collection, open_services, progress_bar
     from db.capture import read_capture_mode
 
@@ -96,7 +96,7 @@ async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, do
 
 
 def _print(report, extra: dict[str, Any], *, repaired: bool) -> None:
-    from daemon.admin.drift import KINDS
+    from daemon.admin.reconcile import KINDS
     from daemon.commands.common import print_table
 
     rows = [

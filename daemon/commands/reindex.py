@@ -50,7 +50,7 @@ def command(settings, rollback: bool, rebuild: bool, drop_retired: bool, yes: bo
 
 
 async def _reindex(settings, rollback: bool, page_size: int, quiet: bool, rebuild: bool = False):
-    from daemon.admin.drift import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
+    from daemon.admin.reconcile import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
     from daemon.admin.model_switch import Reindexer, retired_collection
     from daemon.commands.common import open_services, progress_bar
     from daemon.core.catalog import view
@@ -59,7 +59,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool, rebuil
     from daemon.embedding.embedder import Embedder
     from daemon.embedding.fingerprint import settings_for
     from daemon.errors import ConfigError
-    from daemon.outbox.budget import share
+    from daemon.outbox.shared_budget import share
 
     async with open_services(settings) as (pool, client):
         if rollback:

@@ -29,7 +29,7 @@ import numpy as np
 from daemon.embedding.threads import run_in_thread
 
 if TYPE_CHECKING:
-    from daemon.embedding.budget import Budget
+    from daemon.embedding.token_bucket import Budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class Encoded:
 
 class Backend(ABC):
     kind: str  # the discriminator value: "sentence-transformers", "onnx", "http"
-    # how fast a remote backend may send requests (daemon.embedding.budget); None: a local model, no budget
+    # how fast a remote backend may send requests (daemon.embedding.token_bucket); None: a local model, no budget
     budget: "Budget | None" = None
 
     @abstractmethod

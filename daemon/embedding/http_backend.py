@@ -22,9 +22,9 @@ one. Its numerics and window are not outboxd's to prove, so the vectors get
 their own fingerprint (variant "remote:<model>").
 
 Every request, retries and the probe included, first takes its turn from the
-backend's budget (daemon.embedding.budget): OUTBOXD_EMBEDDING__REQUESTS_PER_MINUTE
+backend's budget (daemon.embedding.token_bucket): OUTBOXD_EMBEDDING__REQUESTS_PER_MINUTE
 and __TOKENS_PER_MINUTE, this process's own until the daemon gives it the one
-its database keeps for every daemon (daemon.outbox.budget). A Retry-After
+its database keeps for every daemon (daemon.outbox.shared_budget). A Retry-After
 pauses that budget: this process's requests, or the whole fleet's. Time spent
 waiting for a turn is not failing time: the retry budget below does not count it.
 
@@ -46,7 +46,7 @@ import numpy as np
 import orjson
 
 from daemon.embedding.backend import Backend, BackendInfo, Encoded
-from daemon.embedding.budget import Budget, LocalBudget, Rates
+from daemon.embedding.token_bucket import Budget, LocalBudget, Rates
 from daemon.embedding.http_protocol import (
     EndpointUnavailableError,
     Malformed,

@@ -13,7 +13,7 @@ from uuid import UUID, uuid4
 from qdrant_client import AsyncQdrantClient
 
 from daemon.admin.backfill import backfill
-from daemon.admin.drift import Reconciler, enqueue_repair
+from daemon.admin.reconcile import Reconciler, enqueue_repair
 from daemon.config import Settings
 from daemon.core.apply import ApplyResult
 from daemon.core.batch import Targets
@@ -23,7 +23,7 @@ from daemon.core.writer import QdrantWriter
 from daemon.embedding.embedder import Embedder
 from daemon.embedding.fingerprint import settings_for
 from daemon.errors import CollectionRetiredError
-from daemon.outbox.budget import share
+from daemon.outbox.shared_budget import share
 from daemon.outbox.queue import Event
 from daemon.outbox.service import OutboxService
 from daemon.outbox.verifier import Verifier, VerifierLease

@@ -11,7 +11,7 @@ catches them when someone runs it. The verifier runs all the time, slowly:
   with one statement); when its holder dies the lease runs out and another
   daemon takes it over;
 - the holder walks chunk ids and point ids in the same order, one bounded
-  range after the checkpoint at a time (daemon.admin.drift: Reconciler.
+  range after the checkpoint at a time (daemon.admin.reconcile: Reconciler.
   check_range), judging each pair with the apply core's decision
   (daemon.core.plan) on the point's small keys, never its vector;
 - a chunk with a pending event is in flight, not drift; confirmed drift is
@@ -45,7 +45,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from daemon.admin.drift import KINDS, Reconciler, Repair
+from daemon.admin.reconcile import KINDS, Reconciler, Repair
 from daemon.errors import Failure, describe
 from daemon.outbox.settings import VerifySettings
 from daemon.runtime.backoff import OUTAGE

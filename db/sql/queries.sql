@@ -426,7 +426,7 @@ SELECT c.chunk_id, nextval('outboxd.event_version') AS version
 FROM unnest(%(chunk_ids)s::uuid[]) AS c(chunk_id);
 
 -- embedding_budget_open --
--- The endpoint's shared budget, made full on first use (daemon.outbox.budget).
+-- The endpoint's shared budget, made full on first use (daemon.outbox.shared_budget).
 INSERT INTO outboxd.embedding_budget (endpoint, requests, tokens)
 VALUES (%(endpoint)s, coalesce(%(request_capacity)s::float8, 0), coalesce(%(token_capacity)s::float8, 0))
 ON CONFLICT (endpoint) DO NOTHING;
@@ -442,7 +442,7 @@ ON CONFLICT (endpoint) DO NOTHING;
 -- pause (a 429's Retry-After) holds every turn back until it ends: the bucket's
 -- time (updated_at) stands at its end meanwhile. A NULL rate is no limit. A
 -- cost over the capacity goes when the bucket is full and leaves it in debt.
--- The arithmetic is daemon.embedding.budget.Bucket.take's, on the server's clock
+-- The arithmetic is daemon.embedding.token_bucket.Bucket.take's, on the server's clock
 -- (the same for every daemon; greatest(): never behind the last update).
 WITH locked AS (
     SELECT endpoint, requests, tokens, updated_at, paused_until, clock_timestamp() AS now

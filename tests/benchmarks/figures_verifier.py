@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from daemon.admin.drift import Reconciler, enqueue_repair
+from daemon.admin.reconcile import Reconciler, enqueue_repair
 from daemon.embedding.backend import BackendInfo
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon

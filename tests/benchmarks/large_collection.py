@@ -105,7 +105,7 @@ def figure_large_collection(pg: Postgres, target: QdrantTarget, sizes: list[int]
 def local_reconcile(pg: Postgres, n: int) -> dict:
     """Reconcile in local mode, in this process (a labelled second row: local mode
     admits no second process, so its memory cannot be told apart from the harness's)."""
-    from daemon.admin.drift import LOCAL_QDRANT_PAGE
+    from daemon.admin.reconcile import LOCAL_QDRANT_PAGE
 
     r = asyncio.run(reconcile_scale.measure(pg.fresh(), n, LOCAL_QDRANT_PAGE, trace_memory=False))
     return {**r, "qdrant": QdrantTarget.local().label}

@@ -22,7 +22,7 @@ import orjson
 import psycopg
 from qdrant_client import AsyncQdrantClient, models
 
-from daemon.admin.drift import LOCAL_QDRANT_PAGE, Reconciler
+from daemon.admin.reconcile import LOCAL_QDRANT_PAGE, Reconciler
 from daemon.core.chunk_state import ChunkState
 from daemon.core.qdrant_store import QdrantStore
 from daemon.embedding.embedder import ModelFingerprint

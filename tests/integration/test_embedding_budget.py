@@ -1,6 +1,6 @@
-"""The embedding budget shared by every daemon of a database (daemon.outbox.budget)
+"""The embedding budget shared by every daemon of a database (daemon.outbox.shared_budget)
 on a real PostgreSQL: the bucket's SQL does the arithmetic of
-daemon.embedding.budget.Bucket; a pause (one daemon's 429) holds back every
+daemon.embedding.token_bucket.Bucket; a pause (one daemon's 429) holds back every
 daemon's turns; and `outboxd run` processes on one database, against the
 test endpoint in its rate-limited mode, send no request over the budget, keep
 up with it, meet no 429 and converge with no dead letter."""
@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from daemon.embedding.budget import HORIZON, Bucket, Rates
-from daemon.outbox.budget import SharedBudget
+from daemon.embedding.token_bucket import HORIZON, Bucket, Rates
+from daemon.outbox.shared_budget import SharedBudget
 from db.gateway import make_pool
 from tests.embedding_server import EmbeddingServer
 from tests.processes import daemon_env

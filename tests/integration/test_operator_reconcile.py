@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon import cli
-from daemon.admin.drift import Reconciler, Scope, enqueue_repair
+from daemon.admin.reconcile import Reconciler, Scope, enqueue_repair
 from daemon.errors import EXIT_CHECK_FAILED
 from daemon.outbox.notify_daemon import NotifyDaemon
 from db import migrate

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from daemon import cli
-from daemon.admin.drift import Reconciler
+from daemon.admin.reconcile import Reconciler
 from daemon.admin.model_switch import Reindexer, retired_collection
 from daemon.config import Settings
 from daemon.core.catalog import Catalog

@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 from qdrant_client import models
 
 from daemon import cli
-from daemon.admin.drift import KINDS, Reconciler, enqueue_repair
+from daemon.admin.reconcile import KINDS, Reconciler, enqueue_repair
 from daemon.errors import CollectionRetiredError
 from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.outbox.settings import VerifySettings

@@ -1,4 +1,4 @@
-"""The embedding budget's arithmetic (daemon.embedding.budget): a bucket of
+"""The embedding budget's arithmetic (daemon.embedding.token_bucket): a bucket of
 requests and tokens that never lets a window of a minute hold more than the
 limit, keeps up with it, reserves turns at most HORIZON ahead, pauses for a
 Retry-After, and settles the tokens the endpoint reports. Pure: a fake clock."""
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from daemon.embedding.budget import HORIZON, Bucket, Limit, LocalBudget, Rates, TokenEstimate
+from daemon.embedding.token_bucket import HORIZON, Bucket, Limit, LocalBudget, Rates, TokenEstimate
 
 
 def greedy_sends(rates: Rates, n: int, tokens: float = 1.0, waiters: int = 1) -> list[float]:

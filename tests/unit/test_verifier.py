@@ -11,7 +11,7 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from daemon.admin.drift import bound_range, merge_by_id, range_end
+from daemon.admin.reconcile import bound_range, merge_by_id, range_end
 from daemon.config import Settings
 from daemon.outbox.settings import VerifySettings
 from daemon.outbox.verifier import add_counts, expected_pass_seconds, position_of

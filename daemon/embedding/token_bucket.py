@@ -36,7 +36,7 @@ many it counted.
 
 Two places keep the bucket: LocalBudget, in this process (a Kafka consumer, a
 command without a database, or OUTBOXD_EMBEDDING__BUDGET_SCOPE=process); and
-daemon.outbox.budget.SharedBudget, one row in PostgreSQL that every daemon of
+daemon.outbox.shared_budget.SharedBudget, one row in PostgreSQL that every daemon of
 the database takes from, which the daemon gives the backend in place of its
 own. Waiting on a budget is neither an attempt nor an outage: it is measured
 (the embedding_budget_wait_seconds metric) and counts as progress of the work

@@ -1,5 +1,5 @@
 """The embedding budget every daemon of one database shares: the bucket of
-daemon.embedding.budget kept in one row of outboxd.embedding_budget per
+daemon.embedding.token_bucket kept in one row of outboxd.embedding_budget per
 endpoint (its URL and model), taken from by each request in one short
 statement (embedding_budget_take: the row is locked for that statement only,
 never across a request), paused by any daemon's 429 for all of them (a turn
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from psycopg_pool import AsyncConnectionPool
 
 from daemon.embedding.backend import Backend
-from daemon.embedding.budget import HORIZON, Budget, Grant, LocalBudget, Rates
+from daemon.embedding.token_bucket import HORIZON, Budget, Grant, LocalBudget, Rates
 from db.coordination import CoordinationRepository, SharedBucket
 
 log = logging.getLogger(__name__)
