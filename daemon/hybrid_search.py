@@ -261,9 +261,11 @@ async def hybrid_search(
     fusion: Fusion = "weighted",
     vector_weight: float = 0.7,
     filters: SearchFilters = SearchFilters(),
+    search_params: models.SearchParams | None = None,
 ) -> list[Hit]:
     """The best `limit` chunks for `query`, fused from the `candidates` best
-    of each search (see the module documentation). Raises ModelMismatchError
+    of each search (see the module documentation). search_params: Qdrant's
+    (CollectionShape.search_params: rescoring a quantized search). Raises ModelMismatchError
     when the embedder's model is not the collection's, ConfigError when there
     is no collection, ValueError for an empty query or a bad argument."""
     if not query or not query.strip():
@@ -278,7 +280,7 @@ async def hybrid_search(
     collection = await check_model(qdrant, alias, embedder)
     reads = SearchReads(pool)
     vector, keyword = await asyncio.gather(
-        _vector_candidates(qdrant, collection, embedder, query, candidates, filters),
+        _vector_candidates(qdrant, collection, embedder, query, candidates, filters, search_params),
         reads.keyword_candidates(query, limit=candidates, **filters.restriction()),
     )
     fused = fuse(vector, keyword, fusion=fusion, vector_weight=vector_weight)
@@ -294,12 +296,14 @@ async def hybrid_search(
     return hits
 
 
-async def _vector_candidates(qdrant, collection, embedder, query, candidates, filters) -> list[tuple[UUID, float]]:
+async def _vector_candidates(qdrant, collection, embedder, query, candidates, filters,
+                             search_params=None) -> list[tuple[UUID, float]]:
     vector = await embedder.embed_query(query)
     response = await qdrant.query_points(
         collection,
         query=vector,
         query_filter=filters.qdrant_filter(),
+        search_params=search_params,
         limit=candidates,
         with_payload=False,
         with_vectors=False,

@@ -111,6 +111,7 @@ def query_settings(settings):
 
 async def _search(settings, query: str, filters, options: dict) -> list:
     from daemon.commands.common import open_services
+    from daemon.core.collection_shape import CollectionShape
     from daemon.embedding.embedder import Embedder
     from daemon.hybrid_search import hybrid_search
 
@@ -118,7 +119,8 @@ async def _search(settings, query: str, filters, options: dict) -> list:
     try:
         async with open_services(settings) as (pool, client):
             await embedder.load()
-            return await hybrid_search(pool, client, settings.collection, embedder, query, filters=filters, **options)
+            return await hybrid_search(pool, client, settings.collection, embedder, query, filters=filters,
+                                       search_params=CollectionShape(settings.qdrant).search_params(), **options)
     finally:
         await embedder.close()
 

@@ -60,6 +60,9 @@ def test_the_collection_is_created_as_configured_and_changed_only_by_the_operato
                       "content_hash": "keyword"}
     check = outboxd(["collection", "--check"], env, tmp_path)
     assert check.returncode == 0 and "the collection is as configured" in check.stdout, report(check)
+    found = outboxd(["search", "stars", "--json", "--limit", "1"], env, tmp_path, timeout=240)  # rescored
+    assert found.returncode == 0, report(found)
+    assert json.loads(found.stdout)["hits"][0]["text"] == "a chunk about stars", report(found)
 
     # The operator changes the settings: a daemon start leaves the collection as it is ...
     changed = {**env, "OUTBOXD_QDRANT__HNSW_M": "32", "OUTBOXD_QDRANT__QUANTIZATION": "none"}
