@@ -66,6 +66,8 @@ LEFT JOIN outboxd.chunk_versions v ON v.chunk_id = c.chunk_id;
 -- be stale is never left without an event that will correct it.
 -- Nothing is acknowledged for a collection the catalog no longer calls live
 -- (a reindex retired it): its claims are released for the new model's daemon.
+-- A gone chunk whose last events go here has its version forgotten: should its
+-- id ever come back, its first event draws a version above every earlier one.
 WITH live AS (
     SELECT %(collection)s::text IS NULL OR EXISTS (
         SELECT 1 FROM outboxd.collections WHERE name = %(collection)s AND status = 'live'
@@ -89,6 +91,13 @@ acked AS (
            OR o.locked_until IS NULL
            OR o.locked_until < now())
     RETURNING o.id
+),
+forgotten AS (
+    DELETE FROM outboxd.chunk_versions cv
+    USING written w, verified v
+    WHERE cv.chunk_id = w.chunk_id AND v.chunk_id = w.chunk_id AND w.state_hash IS NULL
+      AND NOT EXISTS (SELECT 1 FROM outboxd.outbox o
+                      WHERE o.chunk_id = w.chunk_id AND o.id NOT IN (SELECT id FROM acked))
 ),
 released AS (
     UPDATE outboxd.outbox o

@@ -48,7 +48,8 @@ REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER
 GRANT SELECT ON public.outboxd_alembic_version TO {worker};
 GRANT USAGE ON SCHEMA outboxd TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outboxd.outbox TO {worker};
-GRANT SELECT ON outboxd.chunk_state, outboxd.chunk_versions TO {worker};
+GRANT SELECT ON outboxd.chunk_state TO {worker};
+GRANT SELECT, DELETE ON outboxd.chunk_versions TO {worker};  -- a gone chunk's version is forgotten at its ack
 GRANT SELECT, INSERT, UPDATE, DELETE ON outboxd.collections, outboxd.scan_progress TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON outboxd.verifier TO {worker};  -- the verifier's lease and checkpoint
 GRANT SELECT, INSERT, UPDATE ON outboxd.embedding_budget TO {worker};  -- the shared embedding budget

@@ -17,7 +17,7 @@ from daemon.core.plan import VERSION_KEY
 from daemon.core.qdrant_store import QdrantStore, Upserts
 from tests.embedding_server import EmbeddingServer
 from tests.processes import MODEL_LOAD_S, daemon_env
-from tests.support import add_document, require_server
+from tests.support import add_document, drain, require_server
 
 pytestmark = [pytest.mark.integration]
 
@@ -183,3 +183,20 @@ def test_a_new_chunk_deleted_while_its_writer_is_frozen_is_gone_after_one_claim_
 
 def pending(conn) -> int:
     return conn.execute("SELECT count(*) FROM outboxd.outbox").fetchone()[0]
+
+
+async def test_a_gone_chunks_version_is_forgotten_once_its_delete_is_acknowledged(conn, dsn, qdrant, embedder,
+                                                                                    make_settings):
+    """chunk_versions keeps a row per chunk that exists or has events waiting: a deleted
+    chunk's row goes with the acknowledgement of its last events, and should the same id
+    come back, its new version is above the one it had."""
+    _, (kept, gone) = add_document(conn, ["a chunk that stays", "a chunk that goes"])
+    before = dict(conn.execute("SELECT chunk_id, version FROM outboxd.chunk_versions").fetchall())
+    conn.execute("DELETE FROM chunks WHERE id = %s", (gone,))
+    await drain(make_settings(), dsn, embedder, qdrant)
+    after = dict(conn.execute("SELECT chunk_id, version FROM outboxd.chunk_versions").fetchall())
+    assert set(after) == {kept} and after[kept] == before[kept]
+    conn.execute("INSERT INTO chunks (id, document_id, chunk_index, text) SELECT %s, document_id, 9, 'back again' "
+                 "FROM chunks WHERE id = %s", (gone, kept))
+    (back,) = conn.execute("SELECT version FROM outboxd.chunk_versions WHERE chunk_id = %s", (gone,)).fetchone()
+    assert back > before[gone]
