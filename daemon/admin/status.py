@@ -15,6 +15,7 @@ import psycopg
 
 from daemon.core.catalog import CollectionRecord, live_of, view
 from daemon.core.cluster import placement
+from daemon.core.collection_shape import CollectionShape
 from daemon.core.qdrant_connect import check_named, describe_target, make_client, probe
 from daemon.core.qdrant_store import read_fingerprint
 from daemon.embedding.fingerprint import check_fingerprint
@@ -166,6 +167,7 @@ async def inspect_collection(client, settings, record, section) -> dict[str, Any
         "replication_factor": None,
         "shards": None,
         "shard_problems": [],
+        "configuration": None,
         "notes": notes,
     }
     if live.name is None:
@@ -174,7 +176,13 @@ async def inspect_collection(client, settings, record, section) -> dict[str, Any
     if record and live.alias_target != record.name:
         notes.append(f"alias {settings.collection!r} points at {live.alias_target!r}, not at the live collection")
     section["points"] = (await client.count(live.name, exact=True)).count
-    if info is not None:  # a server: its shards and their replicas (local mode has none)
+    if info is not None:  # a server: its configuration, shards and replicas (local mode has none)
+        shape = CollectionShape(settings.qdrant)
+        collection = await client.get_collection(live.name)
+        section["configuration"] = {
+            "configured": shape.wanted(), "actual": shape.actual(collection),
+            "differences": [str(d) for d in shape.differences(collection)],
+        }
         try:
             shards = await placement(client, live.name)
         except Exception as exc:  # noqa: BLE001 - a key that may not read the cluster's state: the rest stands

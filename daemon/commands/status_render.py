@@ -126,6 +126,8 @@ def render(report: dict[str, Any]) -> None:
         ]
         rows += [{"": "note", "value": n} for n in q["notes"]]
         rows += [{"": "warning", "value": p} for p in q["shard_problems"]]
+        if q["configuration"]:
+            rows += [{"": "differs", "value": d} for d in q["configuration"]["differences"]]
     print_table(rows, ["", "value"], title="Qdrant")
     if q["available"] and q["shards"] and q["peers"] > 1:  # a single node holds every shard once: nothing to show
         print_table(

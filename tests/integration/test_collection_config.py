@@ -75,6 +75,10 @@ def test_the_collection_is_created_as_configured_and_changed_only_by_the_operato
     assert "differs: hnsw_m: configured 32, the collection has 8 (can change in place)" in dry.stdout, report(dry)
     assert "differs: quantization: configured none, the collection has scalar" in dry.stdout, report(dry)
     assert outboxd(["collection", "--check"], changed, tmp_path).returncode == 3
+    status = outboxd(["status", "--json"], changed, tmp_path)
+    configuration = json.loads(status.stdout)["qdrant"]["configuration"]
+    assert configuration["actual"]["hnsw_m"] == 8 and configuration["configured"]["hnsw_m"] == 32, report(status)
+    assert any(d.startswith("hnsw_m: configured 32") for d in configuration["differences"]), report(status)
     assert CollectionShape().actual(collection_info(path, collection))["quantization"] == "scalar"
     # ... and --apply makes them.
     applied = outboxd(["collection", "--apply", "--json"], changed, tmp_path)
