@@ -6,6 +6,8 @@ click at module level: aiokafka and the rest load when a command runs.
 """
 from __future__ import annotations
 
+import sys
+
 import click
 
 from daemon.commands.options import settings_options
@@ -19,8 +21,8 @@ SETTINGS = "consumers.settings:StreamSettings"  # the core's settings and the [k
 @click.option("--drain", is_flag=True, help="exit 0 once no event is pending (dead letters aside)")
 @settings_options(settings=SETTINGS)
 def relay(settings, drain: bool) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
-    import sys
 
     from consumers.kafka_clients import require_bootstrap
     from consumers.relay import Relay
@@ -38,6 +40,7 @@ def relay(settings, drain: bool) -> int:
                "beginning of the (compacted) topic and rebuilds the collection from it.")
 @settings_options(qdrant=True, settings=SETTINGS)
 def consume(settings) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
 
     from consumers.kafka_clients import require_bootstrap
@@ -58,6 +61,7 @@ def consume(settings) -> int:
 @click.option("-n", "--limit", type=click.IntRange(min=1), metavar="N", help="exit after printing this many events")
 @settings_options(settings=SETTINGS)
 def tail(settings, from_beginning: bool, document: tuple, source: tuple, as_json: bool, limit: int | None) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
 
     from consumers.kafka_clients import require_bootstrap

@@ -2,11 +2,12 @@
 security options, and the topics outboxd needs, created when missing (or a clear error)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from consumers.settings import StreamSettings
-from daemon.errors import ConfigError, ServiceUnavailableError
+from daemon.errors import ConfigError, ServiceUnavailableError, describe
 from daemon.runtime.backoff import KAFKA_STATUS
 from daemon.runtime.retry import GaveUp, Retry
 
@@ -155,11 +156,7 @@ STATUS_BUDGET = KAFKA_STATUS.deadline  # seconds `outboxd status` keeps asking a
 async def consumer_group_status(settings: StreamSettings) -> dict[str, Any]:
     """`outboxd status`'s Kafka section: the consumer group's lag (the relay's own
     lag is the outbox's: it claims from it), or the error that kept status from it."""
-    import asyncio
-
-    from aiokafka.errors import KafkaConnectionError
-
-    from daemon.errors import describe
+    from aiokafka.errors import KafkaConnectionError  # the kafka extra: status imports this module without it
 
     # retried while a broker that answers says "not yet" (a fresh cluster's group
     # coordinator, a leader election); brokers that do not answer are reported at once

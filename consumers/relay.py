@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from uuid import UUID
 
 import orjson
+from aiokafka import AIOKafkaProducer
 
 from consumers import contract
 from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
@@ -130,8 +131,6 @@ class Relay(OutboxService):
         return await self.publisher.publish(targets, events)
 
     async def _start_producer(self) -> None:
-        from aiokafka import AIOKafkaProducer
-
         producer = AIOKafkaProducer(
             **client_options(self.settings, suffix="-relay"),
             enable_idempotence=True,  # broker-side dedupe of retries, in order per partition

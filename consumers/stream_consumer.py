@@ -28,7 +28,8 @@ import logging
 from contextlib import suppress
 from typing import Any
 
-from aiokafka import ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError
 
 from consumers.kafka_clients import client_options, describe_brokers, ensure_topics, kafka_ready
 from consumers.settings import StreamSettings
@@ -103,8 +104,6 @@ class StreamConsumer(Service):
         self.started = True
 
     async def _start_clients(self) -> None:
-        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
         s = self.settings
         consumer = AIOKafkaConsumer(
             **client_options(s, suffix="-consumer"),
@@ -212,8 +211,6 @@ class StreamConsumer(Service):
     async def _commit(self, tp, offset: int) -> None:
         if self.group is None:
             return
-        from aiokafka.errors import CommitFailedError
-
         try:
             await self.consumer.commit({tp: offset})
         except CommitFailedError as exc:

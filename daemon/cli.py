@@ -25,6 +25,7 @@ from typing import NoReturn
 import click
 
 from daemon.commands.options import ended_by_reader, reader_gone
+from db.embedded import release_embedded_postgres
 
 # name -> (module:attribute of the click command, one line for `outboxd --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -136,8 +137,6 @@ def end_process(code: int) -> NoReturn:
     their leak reports in it (nanobind's, from the triton that PyPI's torch brings),
     on every exit; nothing in it is outboxd's to finish (the services have closed
     and flushed their telemetry)."""
-    from db.embedded import release_embedded_postgres
-
     for sig in (signal.SIGINT, signal.SIGTERM):  # another Ctrl-C now would only cut the release short
         with suppress(ValueError, OSError):
             signal.signal(sig, signal.SIG_IGN)

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -270,8 +271,6 @@ def _resource(service_name: str):
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: service_name}))
     try:
-        from importlib.metadata import version
-
         resource = Resource({"service.version": version("outboxd")}).merge(resource)
     except Exception:  # noqa: BLE001 - not installed as a distribution (a source checkout)
         pass

@@ -87,6 +87,7 @@ from __future__ import annotations
 import psycopg
 from psycopg.rows import dict_row
 
+from db.gateway import fetch
 from db.queries import query
 
 # The modes set_capture_mode accepts.
@@ -109,8 +110,6 @@ def capture_mode(conn: psycopg.Connection) -> str | None:
 
 async def read_capture_mode(pool) -> str | None:
     """capture_mode() through a process's pool."""
-    from db.gateway import fetch
-
     try:
         return (await fetch(pool, "capture_mode"))[0]["mode"]
     except psycopg.errors.UndefinedFunction:

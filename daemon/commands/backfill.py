@@ -2,6 +2,7 @@
 (daemon.admin.backfill does the work; this parses the options and prints)."""
 from __future__ import annotations
 
+import sys
 from uuid import UUID
 
 import click
@@ -20,6 +21,7 @@ from daemon.commands.options import json_option, settings_options
 @json_option
 @settings_options()
 def command(settings, source: UUID | None, document: UUID | None, page_size: int, restart: bool, as_json: bool) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
 
     from daemon.commands.common import print_json
@@ -38,9 +40,9 @@ def command(settings, source: UUID | None, document: UUID | None, page_size: int
     return 0
 
 
-async def _backfill_with_progress(settings, source, document, page_size: int, restart: bool, quiet: bool = True) -> dict:
-    import sys
-
+async def _backfill_with_progress(settings, source, document, page_size: int, restart: bool,
+                                  quiet: bool = True) -> dict:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.admin import backfill as work
     from daemon.commands.common import open_services, progress_bar
 

@@ -14,6 +14,7 @@ import sys
 import click
 
 from daemon.commands.options import json_option, settings_options, verdict
+from daemon.errors import EXIT_CHECK_FAILED
 
 
 @click.command(help="Show the live collection's configuration (shards, replicas, HNSW, quantization, on-disk "
@@ -26,10 +27,10 @@ from daemon.commands.options import json_option, settings_options, verdict
 @json_option
 @settings_options(qdrant=True)
 def command(settings, apply: bool, check: bool, as_json: bool) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
 
     from daemon.commands.common import print_json
-    from daemon.errors import EXIT_CHECK_FAILED
 
     report = asyncio.run(_collection(settings, apply))
     left = report["differences"]
@@ -44,6 +45,7 @@ def command(settings, apply: bool, check: bool, as_json: bool) -> int:
 
 
 async def _collection(settings, apply: bool) -> dict:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.commands.common import live_collection, open_services
     from daemon.core.cluster import placement
     from daemon.core.collection_shape import CollectionShape
@@ -85,6 +87,7 @@ async def _collection(settings, apply: bool) -> dict:
 
 
 def _print(report: dict, apply: bool) -> None:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.core.collection_shape import show
 
     print(f"collection {report['collection']} (alias {report['alias']})")

@@ -8,13 +8,18 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from daemon.config import Settings
-from daemon.errors import ConfigError, ServiceUnavailableError, describe
+from daemon.errors import ConfigError, ServiceUnavailableError, describe, refusal
+from db.embedded import start_embedded_postgres
+from db.gateway import connect_async, make_pool
+from db.gateway import probe as probe_postgres
 
 if TYPE_CHECKING:
     from daemon.core.catalog import CollectionView
@@ -34,8 +39,7 @@ def resolve_dsn(settings: Settings, announce_to=None) -> str:
             "would start an empty embedded PostgreSQL and take every point of that server for drift. Set "
             "DATABASE_URL to the database those points come from, or unset QDRANT_URL for the embedded defaults."
         )
-    from db import migrate
-    from db.embedded import start_embedded_postgres
+    from db import migrate  # Alembic: only where outboxd starts its embedded PostgreSQL
 
     dsn = start_embedded_postgres(settings.data_dir.resolve())
     migrate.upgrade(dsn)
@@ -105,8 +109,8 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: s
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, *, qdrant: bool = True):
     """A small pool and (optionally) a Qdrant client for an operator command."""
+    # qdrant-client loads only for the commands that open Qdrant (not migrate, roles, backfill)
     from daemon.core.qdrant_connect import make_client, probe
-    from db.gateway import make_pool
 
     dsn = resolve_dsn(settings)
     await _refused_at_once(dsn)
@@ -143,11 +147,8 @@ async def _refused_at_once(dsn: str) -> None:
     """One direct connection first: a refusal (no such database, bad credentials,
     an invalid option) is a configuration error now, where the pool would retry
     it until the start-up timeout. An outage is left to the pool's wait."""
-    from daemon.errors import refusal
-    from db.gateway import probe
-
     try:
-        await probe(dsn, application_name="outboxd:cli", timeout=10.0)
+        await probe_postgres(dsn, application_name="outboxd:cli", timeout=10.0)
     except psycopg.Error as exc:
         if (refused := refusal(exc)) is not None:
             raise refused from None
@@ -156,10 +157,6 @@ async def _refused_at_once(dsn: str) -> None:
 def stale_embedded_hint(dsn: str) -> str:
     """Where DATABASE_URL names the socket folder of an embedded PostgreSQL that
     has stopped (it runs only while an outboxd process holds it), say so."""
-    from pathlib import Path
-
-    from psycopg.conninfo import conninfo_to_dict
-
     with contextlib.suppress(Exception):
         host = conninfo_to_dict(dsn).get("host") or ""
         if host.startswith("/") and (Path(host) / "PG_VERSION").exists():
@@ -172,8 +169,6 @@ def stale_embedded_hint(dsn: str) -> str:
 async def _why_not(dsn: str, timeout: Exception) -> str:
     """Why the pool could not connect: the server's or the network's own words
     (PoolTimeout only says that it timed out)."""
-    from db.gateway import connect_async
-
     try:
         conn = await connect_async(dsn, application_name="outboxd:cli", timeout=2)
     except psycopg.Error as exc:
@@ -187,6 +182,7 @@ async def live_collection(settings: Settings, pool, client, *, recreate_missing:
     must exist in this Qdrant (the one the catalog says holds it) and record the
     model that made its vectors. recreate_missing: where this Qdrant lacks it (a
     new server, a lost volume), create it empty here and record that it lives here."""
+    # qdrant-client loads only for the commands that open Qdrant (not migrate, roles, backfill)
     from daemon.core.catalog import Catalog, Home
     from daemon.core.qdrant_connect import describe_target, location
     from daemon.core.qdrant_store import QdrantStore

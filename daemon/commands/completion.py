@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+from click.shell_completion import get_completion_class
 
 
 @click.command(help="Print the completion script for SHELL. Install it with, for bash: "
@@ -9,11 +10,9 @@ import click
                "`outboxd completion zsh > \"${fpath[1]}/_outboxd\"`; fish: "
                "`outboxd completion fish > ~/.config/fish/completions/outboxd.fish`.")
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
-def command(shell: str) -> int:
-    from click.shell_completion import get_completion_class
-
-    from daemon.cli import cli
-
-    complete = get_completion_class(shell)(cli, {}, "outboxd", "_OUTBOXD_COMPLETE")
+@click.pass_context
+def command(ctx: click.Context, shell: str) -> int:
+    # the root group is this command's caller (daemon.cli, which finds this module by name)
+    complete = get_completion_class(shell)(ctx.find_root().command, {}, "outboxd", "_OUTBOXD_COMPLETE")
     click.echo(complete.source())
     return 0

@@ -44,12 +44,14 @@ def command(settings, action: str, ids: tuple[int, ...], error: str | None, ever
     if yes and action != "purge":
         raise click.UsageError("--yes is for purge")
 
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
 
     return asyncio.run(_act(settings, action, selected, ids, yes, as_json))
 
 
 async def _act(settings, action: str, selected: dict | None, ids: tuple[int, ...], yes: bool, as_json: bool) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.commands.common import open_services, print_json
     from db.dead_letters import DeadLetters
 
@@ -87,6 +89,7 @@ def print_dead_letters(rows: list[dict[str, Any]]) -> None:
     """One line per dead letter: its ids whole (for grep and --id), its error cut
     to the width that is left, since an error can run to pages; --json has it
     whole, and the attempts (which are OUTBOXD_MAX_ATTEMPTS for nearly all)."""
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from rich.table import Column, Table
     from rich.text import Text
 
@@ -130,6 +133,7 @@ def confirmed(count: int) -> bool:
 
 
 def report(as_json: bool, asked: tuple[int, ...], verb: str, done: list[int], sentence: str) -> None:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.commands.common import print_json
 
     if as_json:

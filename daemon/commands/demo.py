@@ -13,9 +13,14 @@ daemon.demo.narrative; the embedded stores and signals, daemon.demo.embedded.
 """
 from __future__ import annotations
 
+import logging
+import sys
+import time
+
 import click
 
 from daemon.commands.options import settings_options
+from daemon.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
 DEMO_BATCH_SIZE = 16  # events per claim in the demo: 106 chunks converge in 7 steps
 
@@ -27,15 +32,11 @@ DEMO_BATCH_SIZE = 16  # events per claim in the demo: 106 chunks converge in 7 s
 @click.option("--fresh", is_flag=True, help="wipe the demo's folder first and start over")
 @settings_options()
 def command(settings, fresh: bool) -> int:
-    import logging
-    import sys
-    import time
-
     started = time.monotonic()  # "Done in": the demo's own time, not a `pip install &&` before it
 
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.demo.embedded import EmbeddedStores, stop_on_sigterm
     from daemon.demo.narrative import Demo
-    from daemon.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
     configured = [
         name
@@ -89,6 +90,7 @@ def command(settings, fresh: bool) -> int:
 def hint(settings, demo_dir) -> tuple[list[str], list[str]]:
     """What points another outboxd command (run, status, search, reconcile) at the
     demo's stores: VARIABLE=value words for settings that are no flags, and flags."""
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.config import DEFAULT_MODEL
     from daemon.demo.embedded import shown
 

@@ -18,6 +18,7 @@ log = logging.getLogger("outboxd")
               help="after upgrading, set the capture mode (kept until changed; `outboxd status` shows it)")
 @settings_options()
 def command(settings, downgrade: str | None, capture_triggers: str | None) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.commands.common import resolve_dsn
     from db import capture, migrate
     from db.gateway import connect

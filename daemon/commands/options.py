@@ -9,6 +9,7 @@ stay light (click only; pydantic and the rest are imported when a command runs).
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import select
@@ -17,6 +18,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+
+from daemon.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_UNAVAILABLE,
+    ConfigError,
+    Failure,
+    InvalidSettings,
+    OutboxdError,
+    classify,
+    dependency_of,
+    describe,
+    refusal,
+)
+from daemon.wings import PLUGINS, WING_SETTINGS, installed
 
 log = logging.getLogger("outboxd")
 
@@ -134,10 +150,6 @@ def settings_class(name: str | None = None) -> type:
     """The settings class a command builds: the core's (daemon.config.Settings) by
     default; a "module:Class"; or a wing's by its name in daemon.wings.PLUGINS, the
     core's where that wing is not installed (`status` reports Kafka where it can)."""
-    import importlib
-
-    from daemon.wings import PLUGINS, installed
-
     if name in PLUGINS:
         return installed(name) or settings_class()
     module, _, attribute = (name or CORE_SETTINGS).partition(":")
@@ -147,8 +159,6 @@ def settings_class(name: str | None = None) -> type:
 def every_settings_class() -> list[type]:
     """The core's settings class and every installed wing's: a variable that one
     of them reads is never "unknown", whichever command reads the environment."""
-    from daemon.wings import WING_SETTINGS, installed
-
     return [settings_class(), *filter(None, map(installed, WING_SETTINGS))]
 
 
@@ -158,9 +168,9 @@ def load_settings(config_file: Path | None, flags: dict[str, Any], strict: bool,
     file. Returns them with the warnings to log: unknown OUTBOXD_ names (refused
     with strict) and deprecated names. A bad value raises InvalidSettings naming
     where it was set."""
+    # pydantic and the settings machinery load when a command runs, not at --help (this module's docstring)
     from pydantic import ValidationError
 
-    from daemon.errors import ConfigError, InvalidSettings
     from daemon.settings.check import check_names
     from daemon.settings.report import Given, describe_validation
     from daemon.settings.sources import dotenv_entries, environment, read_config, using_config
@@ -196,25 +206,13 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict, s
     """Build the settings, set up logging, run the command; map what it raises
     to the exit-code contract (daemon.errors). A bad setting is reported before
     anything heavy is imported (daemon.errors imports its clients lazily)."""
-    from daemon.errors import (
-        EXIT_CONFIG,
-        EXIT_FAILURE,
-        EXIT_UNAVAILABLE,
-        Failure,
-        OutboxdError,
-        classify,
-        dependency_of,
-        describe,
-        refusal,
-    )
-
     _output.update(verdict=0, reader_gone=False)
     try:
         built, warnings = load_settings(config_file, flags, strict, settings)
     except OutboxdError as exc:  # an invalid setting, a broken config file, --strict
         click.echo(f"outboxd: {exc}", err=True)
         return getattr(exc, "exit_code", EXIT_CONFIG)
-    from daemon.logs import setup_logging
+    from daemon.logs import setup_logging  # OpenTelemetry's logging: only once the settings are good
 
     setup_logging(built.log_level, built.log_format)
     for warning in warnings:
@@ -241,7 +239,7 @@ def run_command(body: Callable[[Any], int | None], config_file, flags, strict, s
         if (outage := failures.get(Failure.TRANSIENT)) is not None:  # an outage outside a service's own waiting
             hint = ""
             if dependency_of(outage) == "postgresql" and built.database_url is not None:
-                from daemon.commands.common import stale_embedded_hint
+                from daemon.commands.common import stale_embedded_hint  # psycopg, pydantic: only on this path
 
                 hint = stale_embedded_hint(built.database_url.get_secret_value())
             log.error(f"{dependency_of(outage)} is unreachable: {describe(outage)}{hint}",

@@ -14,6 +14,7 @@ from uuid import UUID
 import click
 
 from daemon.commands.options import json_option, settings_options, verdict
+from daemon.errors import EXIT_CHECK_FAILED
 
 # qdrant-client's local mode keeps every point in memory; Qdrant recommends a
 # server above this many points
@@ -39,10 +40,10 @@ SAFETY_NET = "writes made with the capture triggers disabled are caught here"
 @settings_options(qdrant=True)
 def command(settings, check: bool, repair: bool, deep: bool, recreate_missing: bool, as_json: bool,
             source: UUID | None, document: UUID | None, page_size: int) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
 
     from daemon.commands.common import print_json
-    from daemon.errors import EXIT_CHECK_FAILED
 
     if recreate_missing and not repair:
         raise click.UsageError("--recreate-missing rebuilds the collection: it goes with --repair")
@@ -60,6 +61,7 @@ def command(settings, check: bool, repair: bool, deep: bool, recreate_missing: b
 
 async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, document, page_size: int,
                      recreate_missing: bool = False):
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.admin.reconcile import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, Reconciler, Scope, enqueue_repair
     from daemon.commands.common import live_collection, open_services, progress_bar
     from db.capture import read_capture_mode
@@ -96,6 +98,7 @@ async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, do
 
 
 def _print(report, extra: dict[str, Any], *, repaired: bool) -> None:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.admin.reconcile import KINDS
     from daemon.commands.common import print_table
 

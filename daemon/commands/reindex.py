@@ -7,6 +7,7 @@ import sys
 import click
 
 from daemon.commands.options import json_option, settings_options
+from daemon.errors import ConfigError
 
 
 @click.command(help="Build the collection for the configured model (--model, --max-seq-length, --normalize, or "
@@ -24,6 +25,7 @@ from daemon.commands.options import json_option, settings_options
 @settings_options(qdrant=True, model=True)
 def command(settings, rollback: bool, rebuild: bool, drop_retired: bool, yes: bool, page_size: int,
             as_json: bool) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
 
     from daemon.commands.common import print_json
@@ -50,15 +52,15 @@ def command(settings, rollback: bool, rebuild: bool, drop_retired: bool, yes: bo
 
 
 async def _reindex(settings, rollback: bool, page_size: int, quiet: bool, rebuild: bool = False):
-    from daemon.admin.reconcile import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.admin.model_switch import Reindexer, retired_collection
+    from daemon.admin.reconcile import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
     from daemon.commands.common import open_services, progress_bar
     from daemon.core.catalog import view
     from daemon.core.collection_shape import CollectionShape
     from daemon.core.qdrant_connect import location
     from daemon.embedding.embedder import Embedder
     from daemon.embedding.fingerprint import settings_for
-    from daemon.errors import ConfigError
     from daemon.outbox.shared_budget import share
 
     async with open_services(settings) as (pool, client):
@@ -100,6 +102,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool, rebuil
 
 
 async def _drop_retired(settings, yes: bool) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.commands.common import open_services
     from daemon.core.catalog import Catalog
     from daemon.core.qdrant_store import QdrantStore

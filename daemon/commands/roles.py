@@ -13,6 +13,7 @@ import sys
 import click
 
 from daemon.commands.options import settings_options
+from daemon.errors import OutboxdError, SchemaNotReadyError, ServiceUnavailableError, describe, refusal
 
 DEFAULT_WRITER = "outboxd_writer"
 DEFAULT_WORKER = "outboxd_worker"
@@ -47,10 +48,10 @@ def command(settings, print_sql: bool, apply: bool, writer: str, worker: str) ->
         print(statement.as_string().rstrip() + "\n")
         print(next_steps(writer, worker), end="")
     if apply:
+        # the command's work loads when it runs: `--help` and a bad setting's message stay quick
         import psycopg
 
         from daemon.commands.common import resolve_dsn
-        from daemon.errors import OutboxdError, SchemaNotReadyError, ServiceUnavailableError, describe, refusal
 
         dsn = resolve_dsn(settings)
         try:
@@ -72,6 +73,7 @@ def command(settings, print_sql: bool, apply: bool, writer: str, worker: str) ->
 
 def render(writer: str = DEFAULT_WRITER, worker: str = DEFAULT_WORKER):
     """The roles SQL for these two names (a psycopg.sql.Composed): db.roles."""
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from db.roles import render as render_roles
 
     return render_roles(writer, worker)
@@ -80,6 +82,7 @@ def render(writer: str = DEFAULT_WRITER, worker: str = DEFAULT_WORKER):
 def apply_roles(dsn: str, writer: str = DEFAULT_WRITER, worker: str = DEFAULT_WORKER) -> None:
     """Create the roles if missing and (re)grant, in one transaction: db.roles (the command's one
     bridge to its asynchronous database access)."""
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
 
     from db.roles import apply_roles as apply_in_db
@@ -91,6 +94,7 @@ apply = apply_roles  # the name tests and scripts have used
 
 
 def next_steps(writer: str, worker: str) -> str:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from psycopg import sql
 
     return (

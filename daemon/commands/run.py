@@ -1,6 +1,8 @@
 """`outboxd run`: the daemon (notify transport)."""
 from __future__ import annotations
 
+import sys
+
 import click
 
 from daemon.commands.options import settings_options
@@ -11,8 +13,8 @@ from daemon.commands.options import settings_options
 @click.option("--drain", is_flag=True, help="exit 0 once no event is pending (dead letters aside)")
 @settings_options(qdrant=True)
 def command(settings, drain: bool) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
-    import sys
 
     from daemon.commands.common import resolve_dsn
     from daemon.outbox.notify_daemon import NotifyDaemon

@@ -57,6 +57,7 @@ def _metadata(ctx, param, values: tuple[str, ...]) -> dict[str, object]:
 def command(settings, query: str, limit: int, candidates: int, fusion: str, vector_weight: float,
             source: UUID | None, document: UUID | None, document_type: str | None, metadata: dict,
             as_json: bool) -> int:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     import asyncio
 
     from daemon.commands.common import print_json
@@ -97,6 +98,7 @@ def query_settings(settings):
     there, where starting CUDA takes seconds, and a lower precision is checked
     against fp32 on a sample of texts at every load; the vectors agree either way
     (the same fingerprint)."""
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.embedding.settings import SentenceTransformersSettings
 
     update: dict = {}
@@ -110,6 +112,7 @@ def query_settings(settings):
 
 
 async def _search(settings, query: str, filters, options: dict) -> list:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.commands.common import open_services
     from daemon.core.collection_shape import CollectionShape
     from daemon.embedding.embedder import Embedder
@@ -131,6 +134,7 @@ def excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:
 
 
 def _print(query: str, fusion: str, vector_weight: float, hits: list) -> None:
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.commands.common import print_table
 
     how = "reciprocal rank fusion" if fusion == "rrf" else f"weighted, vector {vector_weight:g}"

@@ -17,6 +17,7 @@ import sys
 import click
 
 from daemon.commands.options import json_option, settings_options, verdict
+from daemon.errors import EXIT_CHECK_FAILED, EXIT_CONFIG
 
 
 @click.command(help="Show the outbox backlog and lag, the relay (Kafka transport), leases by worker, retries, "
@@ -32,12 +33,11 @@ from daemon.commands.options import json_option, settings_options, verdict
 @settings_options(qdrant=True, settings="stream_settings")  # the Kafka wing's, where it is installed
 def command(settings, as_json: bool, max_lag: float | None, max_pending: int | None,
             max_dead_letters: int | None) -> int:
+    # deferred like every command's: the readers and the tables pull in psycopg, qdrant-client and rich
     import asyncio
 
-    # deferred like every command's: the readers and the tables pull in psycopg, qdrant-client and rich
     from daemon.commands.common import print_json
     from daemon.commands.status_render import render, thresholds
-    from daemon.errors import EXIT_CHECK_FAILED, EXIT_CONFIG
 
     limits = {"max_lag": max_lag, "max_pending": max_pending, "max_dead_letters": max_dead_letters}
     report = asyncio.run(_gather(settings))
@@ -63,6 +63,7 @@ def command(settings, as_json: bool, max_lag: float | None, max_pending: int | N
 async def _gather(settings) -> dict:
     """daemon.admin.status.gather on a small pool: a refusal (78) or an outage of PostgreSQL
     (69, with the stopped-embedded hint) is the exit-code contract's to report."""
+    # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.admin.status import gather
     from daemon.commands.common import open_services
     from db.reads import OperatorReads

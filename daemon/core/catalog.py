@@ -14,6 +14,7 @@ from datetime import datetime
 
 from psycopg_pool import AsyncConnectionPool
 
+from daemon.core.qdrant_store import read_identity, resolve_alias
 from daemon.embedding.embedder import ModelFingerprint
 from daemon.errors import CollectionElsewhereError
 from db.catalog import CatalogRepository
@@ -101,8 +102,6 @@ class CollectionView:
 
 async def view(qdrant, alias: str, record: CollectionRecord | None) -> CollectionView:
     """The collection behind `record` (the catalog's), else behind the alias."""
-    from daemon.core.qdrant_store import read_identity, resolve_alias
-
     alias_target = await resolve_alias(qdrant, alias)
     name = record.name if record is not None else alias_target
     exists = bool(name) and await qdrant.collection_exists(name)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from qdrant_client import AsyncQdrantClient, QdrantClient
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from daemon.config import Settings
 from daemon.errors import ConfigError, ServiceUnavailableError, describe, refusal
@@ -176,8 +177,6 @@ def answered_otherwise(exc: BaseException) -> bool:
     404 or 405 for Qdrant's own paths, a gRPC service without Qdrant's methods.
     An outage (no answer, a 5xx or 429 from a proxy in front of a restarting
     Qdrant) is not this."""
-    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
-
     if isinstance(exc, UnexpectedResponse):
         return exc.status_code is not None and 400 <= exc.status_code < 500 and exc.status_code not in (408, 429)
     if isinstance(exc, ResponseHandlingException):  # qdrant-client's wrapper: an outage is a transport error inside

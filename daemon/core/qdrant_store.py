@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import grpc
 import orjson
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
@@ -49,12 +50,7 @@ def already_exists(exc: BaseException) -> bool:
         return exc.status_code == 409 or "already exists" in str(exc).lower()
     if isinstance(exc, ValueError):
         return "already exists" in str(exc)
-    try:
-        import grpc
-
-        return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.ALREADY_EXISTS
-    except ImportError:  # pragma: no cover
-        return False
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 class Upserts:

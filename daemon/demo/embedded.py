@@ -13,6 +13,11 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
+
+from db import migrate
+from db.embedded import postmaster_pid, release_embedded_postgres, start_embedded_postgres, stop_abandoned_postgres
+
 POSTGRES_GONE_TIMEOUT = 10.0  # seconds to wait for the stopped server's process to be gone
 MARKER = ".outboxd-demo"  # written into the demo folder: --fresh wipes only a folder that has it
 
@@ -39,7 +44,6 @@ class EmbeddedStores:
         if fresh and demo_dir.exists():
             if any(demo_dir.iterdir()) and not (demo_dir / MARKER).exists():
                 return f"--fresh would delete {demo_dir}, which the demo did not create; remove it yourself"
-            from db.embedded import stop_abandoned_postgres
 
             pid = stop_abandoned_postgres(demo_dir)  # a server left running by a process that is gone stops here
             if pid is not None:
@@ -54,9 +58,6 @@ class EmbeddedStores:
 
     def start_postgres(self) -> str:
         """Start (or attach to) the demo's PostgreSQL and migrate it; its URL."""
-        from db import migrate
-        from db.embedded import start_embedded_postgres
-
         self.dsn = start_embedded_postgres(self.demo_dir.resolve())
         migrate.upgrade(self.dsn)
         return self.dsn
@@ -70,9 +71,6 @@ class EmbeddedStores:
         init, collects it: in a container that can take seconds."""
         if self.dsn is None:  # never started
             return None
-        import psutil
-
-        from db.embedded import postmaster_pid, release_embedded_postgres
 
         pgdata = self.pgdata.resolve()
         pid = postmaster_pid(pgdata)

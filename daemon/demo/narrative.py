@@ -17,10 +17,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qdrant_client import models
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from daemon.commands.common import console
 from daemon.commands.search import excerpt
+from daemon.core.qdrant_connect import make_client
+from daemon.corpus import document_url, load_corpus
 from daemon.demo.embedded import EmbeddedStores, shown, stop_on_sigterm
 from daemon.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, ConfigError
+from daemon.hybrid_search import hybrid_search
+from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.runtime.retry import wait_for_any
+from daemon.runtime.service import run_service
 from db.demo import DemoContent
 from db.gateway import make_pool
 
@@ -91,8 +101,6 @@ class Edits:
 class Demo:
     def __init__(self, settings, stores: EmbeddedStores, *, hint: tuple[list[str], list[str]],
                  started: float | None = None) -> None:
-        from daemon.commands.common import console
-
         self.settings = settings
         self.stores = stores
         self.started = time.monotonic() if started is None else started  # for "Done in"
@@ -111,8 +119,6 @@ class Demo:
         self.console.print(text, markup=False, soft_wrap=True)
 
     def step(self, n: int, title: str) -> None:
-        from rich.text import Text
-
         self.console.print()
         self.console.print(Text(f"{n}. {title}", style="bold"), soft_wrap=True)
 
@@ -134,8 +140,6 @@ class Demo:
             stop_on_sigterm()  # closing the loop reset it
 
     async def load_corpus(self) -> None:
-        from daemon.corpus import load_corpus
-
         t = time.perf_counter()
         # a pool of its own: the daemon's opens with the daemon, after this step
         async with make_pool(self.dsn, application_name="outboxd:demo", min_size=1, max_size=1) as pool:
@@ -153,10 +157,6 @@ class Demo:
 
     # --- the async part: the daemon, searches, edits ---------------------------------------------
     async def pipeline(self) -> int:
-        from daemon.core.qdrant_connect import make_client
-        from daemon.outbox.notify_daemon import NotifyDaemon
-        from daemon.runtime.service import run_service
-
         await self.load_corpus()  # step 2, before the daemon's own pool opens
         qdrant_path = self.settings.local_qdrant_path
         try:
@@ -214,8 +214,6 @@ class Demo:
             raise Interrupted
 
     async def count_points(self, client, document_id=None) -> int:
-        from qdrant_client import models
-
         flt = None if document_id is None else models.Filter(
             must=[models.FieldCondition(key="document_id", match=models.MatchValue(value=str(document_id)))])
         return (await client.count(self.settings.collection, count_filter=flt, exact=True)).count
@@ -246,8 +244,6 @@ class Demo:
         elsewhere. Returns the seconds and the daemon's counters since `since` (mark())."""
         t, before = since
         if progress and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             total, done = await self._progress(daemon)
             with Progress(
                 TextColumn("   converging"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
@@ -279,10 +275,6 @@ class Demo:
             self.say(f"   {stats['dead_letters']} events became dead letters: `outboxd dead-letters list` shows why")
 
     async def search(self, daemon, client, text: str, *, limit: int = 3, mark=None) -> list:
-        from rich.text import Text
-
-        from daemon.hybrid_search import hybrid_search
-
         t = time.perf_counter()
         hits = await hybrid_search(daemon.pool, client, self.settings.collection, daemon.writer.embedder, text, limit=limit)
         ms = (time.perf_counter() - t) * 1000
@@ -310,8 +302,6 @@ class Demo:
 
     # --- the edits -----------------------------------------------------------------------
     async def edit_and_follow(self, daemon, client) -> None:
-        from daemon.corpus import document_url
-
         docs = await DemoContent(daemon.pool).documents()
         if len(docs) < 3:
             self.say(TOO_FEW)

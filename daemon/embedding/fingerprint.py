@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from daemon.errors import ConfigError, ModelMismatchError
+
 
 @dataclass(frozen=True)
 class ModelFingerprint:
@@ -104,8 +106,6 @@ def check_fingerprint(recorded: ModelFingerprint | None, configured: ModelFinger
     8), with its one message each way: the daemon's start, search, reconcile, reindex
     and status ask it. ModelMismatchError where another model made them; ConfigError
     where the collection records no model at all."""
-    from daemon.errors import ConfigError, ModelMismatchError  # errors imports nothing of this module
-
     if recorded is None:
         raise ConfigError(
             f"Qdrant collection {collection!r} (alias {alias!r}) records no outboxd model fingerprint, so "

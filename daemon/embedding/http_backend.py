@@ -46,7 +46,6 @@ import numpy as np
 import orjson
 
 from daemon.embedding.backend import Backend, BackendInfo, Encoded
-from daemon.embedding.token_bucket import Budget, LocalBudget, Rates
 from daemon.embedding.http_protocol import (
     EndpointUnavailableError,
     Malformed,
@@ -61,6 +60,7 @@ from daemon.embedding.http_protocol import (
     rejected_texts,
 )
 from daemon.embedding.settings import HttpSettings
+from daemon.embedding.token_bucket import Budget, LocalBudget, Rates
 from daemon.errors import ConfigError, InvalidChunkError
 from daemon.runtime.backoff import Backoff
 from daemon.runtime.retry import Failed, GaveUp, Retry

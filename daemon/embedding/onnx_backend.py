@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from daemon.embedding.backend import BackendInfo, StagedBackend
 from daemon.embedding.folder_model import FolderModel, normalize, pool
@@ -71,7 +72,6 @@ class OnnxBackend(StagedBackend):
 
     def _load(self) -> BackendInfo:
         ort = require_onnxruntime()
-        from tokenizers import Tokenizer
 
         s = self._settings
         folder = FolderModel(model_folder(self._source), s.max_seq_length)

@@ -21,14 +21,17 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from daemon.embedding.folder_model import FolderModel, pool, read_json
 from daemon.embedding.model_source import quiet_transformers
 from daemon.embedding.samples import AGREEMENT, AGREEMENT_SAMPLE, cosine_min
+from daemon.embedding.tokens import pad, window_tokenizer
 from daemon.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -241,8 +244,6 @@ def _export_fp32(model: FolderModel, target: Path, *, optimize: bool) -> dict:
     dummy = torch.ones((2, 8), dtype=torch.long)
     args = (dummy, dummy) + ((torch.zeros_like(dummy),) if with_types else ())
     raw = target.with_name("raw.onnx")
-    import warnings
-
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes about Python conditionals (constant for BERT)
         kwargs = dict(
@@ -302,10 +303,6 @@ def _tokenizer_inputs(model: FolderModel) -> list[str]:
 
 
 def _sample_batches(model: FolderModel):
-    from tokenizers import Tokenizer
-
-    from daemon.embedding.tokens import pad, window_tokenizer
-
     tok = window_tokenizer(Tokenizer.from_file(str(model.folder / "tokenizer.json")), model.window)
     texts = [t.lower() for t in AGREEMENT_SAMPLE] if model.lowercase else AGREEMENT_SAMPLE
     ids = [e.ids for e in tok.encode_batch(texts)]

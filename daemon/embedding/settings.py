@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, HttpUrl, SecretStr, field_validator
 
+from daemon.errors import ConfigError
 from daemon.settings.names import secret_file_problem
 
 if TYPE_CHECKING:
@@ -144,8 +145,6 @@ class HttpSettings(_Backend):
     )
 
     def build(self, data_dir: Path) -> Backend:
-        from daemon.errors import ConfigError
-
         try:
             return super().build(data_dir)
         except ImportError as exc:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from daemon.embedding.backend import BackendInfo, StagedBackend
 from daemon.embedding.model_source import quiet_transformers, resolve_model
@@ -78,8 +79,6 @@ def reference_model(model: str, device: str | None = None, max_seq_length: int |
 def rust_tokenizer(model, folder: str | None = None):
     """The model's Rust tokenizer (tokenizers.Tokenizer): the fast tokenizer's
     backend, else the folder's tokenizer.json."""
-    from tokenizers import Tokenizer
-
     backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
     if backend is not None:
         return Tokenizer.from_str(backend.to_str())  # a copy: transformers changes its truncation per call

@@ -11,6 +11,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
 from pydantic_settings import PydanticBaseSettingsSource
 
 from daemon.errors import ConfigError
@@ -174,7 +175,6 @@ def dotenv_entries(path: Path = Path(".env")) -> dict[str, str]:
     """The variables a .env file sets."""
     if not path.is_file():
         return {}
-    from dotenv import dotenv_values
 
     return {k: v or "" for k, v in dotenv_values(path).items()}
 
