@@ -1,2 +1,2 @@
 """What the operator commands do beyond the daemon: prove and repair drift
-(reconcile), and move a collection to another model without downtime (model_switch)."""
+(reconcile), and move a collection to another model without downtime (reindex)."""

@@ -53,8 +53,8 @@ def command(settings, rollback: bool, rebuild: bool, drop_retired: bool, yes: bo
 
 async def _reindex(settings, rollback: bool, page_size: int, quiet: bool, rebuild: bool = False):
     # the command's work loads when it runs: `--help` and a bad setting's message stay quick
-    from daemon.admin.model_switch import Reindexer, retired_collection
     from daemon.admin.reconcile import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, count_chunks
+    from daemon.admin.reindex import Reindexer, retired_collection
     from daemon.commands.common import open_services, progress_bar
     from daemon.core.catalog import view
     from daemon.core.collection_shape import CollectionShape

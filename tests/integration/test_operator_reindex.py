@@ -12,7 +12,7 @@ import pytest
 
 from daemon import cli
 from daemon.admin.reconcile import Reconciler
-from daemon.admin.model_switch import Reindexer, retired_collection
+from daemon.admin.reindex import Reindexer, retired_collection
 from daemon.config import Settings
 from daemon.core.catalog import Catalog
 from daemon.core.qdrant_store import physical_name

@@ -238,7 +238,7 @@ DEFERRED = {
     ("daemon.commands.reconcile", "daemon.commands.common"): COMMAND,
     ("daemon.commands.reconcile", "db.capture"): COMMAND,
     ("daemon.commands.reindex", "asyncio"): COMMAND,
-    ("daemon.commands.reindex", "daemon.admin.model_switch"): COMMAND,
+    ("daemon.commands.reindex", "daemon.admin.reindex"): COMMAND,
     ("daemon.commands.reindex", "daemon.admin.reconcile"): COMMAND,
     ("daemon.commands.reindex", "daemon.commands.common"): COMMAND,
     ("daemon.commands.reindex", "daemon.core.catalog"): COMMAND,
