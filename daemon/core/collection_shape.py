@@ -117,6 +117,17 @@ class CollectionShape:
     def ordering(self) -> models.WriteOrdering:
         return models.WriteOrdering(self.settings.write_ordering)
 
+    @property
+    def read_consistency(self) -> int | None:
+        """How many replicas the reads that plan a write must find agreeing. A write
+        Qdrant could not confirm at write_consistency_factor may still have landed on
+        some replicas; planned from one of those, its retry would find nothing to do
+        and acknowledge what the cluster never confirmed. Read from as many replicas
+        as a write must reach, a point they disagree on is not taken as written.
+        None (Qdrant's default: one replica) where one confirmation is all a write needs."""
+        factor = self.settings.write_consistency_factor
+        return factor if factor is not None and factor > 1 else None
+
     def wanted(self) -> dict[str, Any]:
         """The configured values of every knob that is set."""
         s = self.settings

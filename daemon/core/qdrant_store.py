@@ -312,13 +312,15 @@ class QdrantStore:
         if not point_ids:
             return {}
         selector = keys if keys is not None else True
-        records = await self.client.retrieve(self.collection, point_ids, with_payload=selector, with_vectors=False)
+        records = await self.client.retrieve(self.collection, point_ids, with_payload=selector, with_vectors=False,
+                                             consistency=self.shape.read_consistency)
         return {str(r.id): (r.payload or {}) for r in records}
 
     async def vectors(self, point_ids: list[str], keys: list[str]) -> dict[str, tuple[Embedding, dict[str, Any]]]:
         """The vector each existing point holds now, with these keys of its payload, by point id."""
         records = await self.client.retrieve(
-            self.collection, point_ids, with_payload=[*keys, "truncated"], with_vectors=True
+            self.collection, point_ids, with_payload=[*keys, "truncated"], with_vectors=True,
+            consistency=self.shape.read_consistency,
         )
         return {
             str(r.id): (Embedding(list(r.vector), bool(payload.get("truncated"))), payload)
@@ -414,7 +416,8 @@ class QdrantStore:
         """After the shared condition: each point that still holds an older version
         than its own write is written alone, on its own version; how many hold a newer one."""
         held = {str(r.id): (r.payload or {}).get(VERSION_KEY) for r in await self.client.retrieve(
-            self.collection, [*versioned.ids, *deletes], with_payload=[VERSION_KEY], with_vectors=False)}
+            self.collection, [*versioned.ids, *deletes], with_payload=[VERSION_KEY], with_vectors=False,
+            consistency=self.shape.read_consistency)}
         newer = 0
         ops: list[Any] = []
         for i, point_id in enumerate(versioned.ids):

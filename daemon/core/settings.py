@@ -69,7 +69,8 @@ class QdrantSettings(Table):
     )
     write_consistency_factor: int | None = Field(
         None, ge=1, description="Replicas that must confirm a write before Qdrant (and so outboxd) acknowledges "
-        "it (Qdrant's default: 1); at most the replication factor.",
+        "it (Qdrant's default: 1); at most the replication factor. Above 1, the reads that plan a write ask as "
+        "many replicas, so a write that reached only some of them is made again.",
     )
     write_ordering: Literal["weak", "medium", "strong"] = Field(
         "medium", description="Qdrant's ordering of every write outboxd makes: medium routes the writes to one "

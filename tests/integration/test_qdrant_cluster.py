@@ -27,6 +27,7 @@ import pytest
 
 from daemon.core.cluster import placement
 from daemon.errors import describe
+from daemon.outbox.notify_daemon import NotifyDaemon
 from tests.integration.test_exit_codes import outboxd, report
 from tests.processes import VOCAB, base_env, health_port, insert_backlog, long_texts, outbox_counts, sample
 from tests.qdrant_cluster import QdrantCluster
@@ -208,6 +209,47 @@ async def test_the_collection_has_the_configured_shards_replicas_and_write_consi
     assert status["shards"] == shown["shards"]
     text = await asyncio.to_thread(outboxd, ["status"], env, tmp_path)
     assert text.returncode == 0 and "Shards of" in text.stdout, report(text)
+
+
+async def test_a_write_short_of_its_write_consistency_is_retried_not_acknowledged(
+        cluster, conn, dsn, collection, embedder, make_settings):
+    """write_consistency_factor 2 with two replicas per shard: while a node is down Qdrant
+    cannot confirm a write to a shard with a replica there, so the daemon acknowledges
+    nothing; it retries (an outage: no attempt counted, no dead letter) until the node
+    is back, then the backlog converges."""
+    node = cluster.nodes[0]
+    client = node.client()
+    settings = make_settings(max_attempts=2, qdrant={"url": node.url, "grpc_port": node.grpc_port, "shard_number": 3,
+                                                     "replication_factor": 2, "write_consistency_factor": 2})
+    daemon = NotifyDaemon(settings, dsn, embedder=embedder, qdrant=client)
+    await daemon.start()
+    run = asyncio.create_task(daemon.run())
+    try:
+        add_document(conn, [f"written while every node is up {i}" for i in range(6)])
+        await wait_until(lambda: not outbox_rows(conn), "the first writes to be confirmed")
+        await asyncio.to_thread(cluster.kill, 2)
+        retries = daemon.stats.transient_retries
+        add_document(conn, [f"written while a node is down {i}" for i in range(30)])
+        await wait_until(lambda: daemon.stats.transient_retries >= retries + 3,
+                         "three writes to fail short of their write consistency")
+        rows = outbox_rows(conn)
+        assert len(rows) == 30
+        assert {r["status"] for r in rows} == {"pending"} and {r["attempts"] for r in rows} == {0}
+        await asyncio.to_thread(cluster.restart, 2)
+        await wait_until(lambda: not outbox_rows(conn), "the backlog to drain once the node is back")
+    finally:
+        daemon.stop.set()
+        assert await run == 0
+        await daemon.close()
+    assert daemon.stats.dead_letters == 0 and daemon.stats.events_failed == 0
+    try:
+        assert await assert_converged(dsn, client, collection, embedder) == 36
+    finally:
+        await client.close()
+
+
+# --- a node lost under writes -----------------------------------------------------------
+@pytest.mark.slow
 
 
 # --- a node lost under writes -----------------------------------------------------------
