@@ -75,8 +75,8 @@ class Applier:
         deletes: list[str] = []
         to_embed: dict[str, tuple[str, dict[str, Any]]] = {}  # point id -> (text, payload)
         payload_updates: list[tuple[str, dict[str, Any]]] = []
-        rewrites: dict[str, tuple[UUID, Target]] = {}  # point id -> its chunk; written again with its vector
         versions: dict[str, int] = {}  # point id -> the version its write carries
+        holds: dict[str, str] = {}  # point id -> the text (content hash) a versioned payload update assumes
         model_id = self.model_id
         for chunk_id, target in targets.items():
             point_id = point_ids[chunk_id]
@@ -96,34 +96,17 @@ class Applier:
                 to_embed[point_id] = (target.state.text, todo.payload)
             elif todo.action is Action.SET:
                 payload_updates.append((point_id, todo.payload))
+                if target.version is not None:
+                    holds[point_id] = target.state.content_hash
                 result.payload_only += 1
-            elif todo.action is Action.REWRITE:
-                rewrites[point_id] = (chunk_id, target)
             elif target.state is not None and target.state.has_text:
                 result.unchanged += 1
 
         upserts = Upserts()
-        if rewrites:
-            held = await self.store.vectors(list(rewrites), keys=POINT_KEYS)
-            for point_id, (chunk_id, target) in rewrites.items():
-                vector, point = held.get(point_id, (None, None))
-                # planned again on what the point holds now: a vector is only ever kept with the text it embeds
-                todo = plan(target.state, point, model_id, target.version, target.deleted)
-                if todo.action is Action.REWRITE:
-                    todo.payload["truncated"] = vector.truncated
-                    upserts.add(point_id, vector.vector, todo.payload)
-                    result.payload_only += 1
-                elif todo.action is Action.UPSERT:
-                    to_embed[point_id] = (target.state.text, todo.payload)
-                elif todo.action is Action.OLDER:
-                    del result.written[chunk_id]
-                    result.older += 1
-                else:
-                    result.unchanged += 1
         if to_embed:
             await self._embed(to_embed, result, upserts)
         result.older += await self.store.write(upserts, payload_updates, deletes, versions,
-                                               seen=[p for p in versions if p in existing])
+                                               seen=[p for p in versions if p in existing], holds=holds)
         result.deleted = len(deletes)
         return result
 

@@ -12,7 +12,7 @@ the point (POINT_KEYS), so they can never disagree about the same point.
     has text                none                       upsert   missing
     has text                of another model           upsert   wrong_model
     has text                other content_hash         upsert   stale
-    has text                payload keys differ        set      stale   (rewrite where versioned)
+    has text                payload keys differ        set      stale
     has text                all keys agree             nothing  -
     invalid (no point can   none / exists              reject   missing / stale
       be made of it)
@@ -21,13 +21,11 @@ A chunk no point can be made of (metadata that is not a JSON object, ...) is
 rejected with the projection's words: the apply core fails that chunk alone
 (its events retry, then become dead letters), reconcile reports the drift.
 
-A versioned target (Kafka) whose point already reflects a newer version, or
-that is older than a delete this process applied (the point is gone, so only
-the process's memory of that delete can tell), is left alone (`older`); where its text is unchanged but other keys differ, the
-point is written again whole with the vector it holds (`rewrite`): each
-point's version differs, so one payload-set operation could not serve several
-points, and a server applies hundreds of one-point operations far slower than
-one upsert of as many points. Bulky keys are judged by the key that stands for them:
+A versioned target (every target carries its chunk's version) whose point
+already reflects a newer version, or that is older than a delete this process
+applied (the point is gone, so only the process's memory of that delete can
+tell), is left alone (`older`); the payload a versioned plan writes carries
+the version (a set includes it among the keys it sets). Bulky keys are judged by the key that stands for them:
 text by content_hash, metadata by metadata_hash; where the point holds the
 bulky key itself (a deep check reads it), its value is compared too. Values are
 compared as the store keeps them (same_value): a float within FLOAT_REL_TOL of
@@ -62,7 +60,6 @@ class Action(str, Enum):
     DELETE = "delete"
     UPSERT = "upsert"  # embed (or reuse a vector) and write the whole point
     SET = "set"  # set these payload keys; the vector stays
-    REWRITE = "rewrite"  # write the whole payload again with the vector the point holds (versioned targets)
     OLDER = "older"  # the point reflects a newer version than this target
     REJECT = "reject"  # no point can be made of this chunk (`error` says why)
 
@@ -71,7 +68,7 @@ class Action(str, Enum):
 class Plan:
     action: Action
     drift: str | None = None  # missing, orphaned, stale, wrong_model; None: the point agrees
-    payload: dict[str, Any] | None = None  # UPSERT, REWRITE: the whole payload; SET: the keys to set
+    payload: dict[str, Any] | None = None  # UPSERT: the whole payload; SET: the keys to set
     error: str | None = None  # REJECT: what is wrong with the chunk (names the field and the limit)
 
 
@@ -110,7 +107,7 @@ def plan(state: ChunkState | None, point: dict[str, Any] | None, model_id: str, 
     changed = changed_keys(point, payload)
     if not changed:
         return AGREES
-    return Plan(Action.REWRITE, "stale", payload) if version is not None else Plan(Action.SET, "stale", changed)
+    return Plan(Action.SET, "stale", changed)
 
 
 def changed_keys(point: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:

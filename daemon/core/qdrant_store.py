@@ -316,19 +316,6 @@ class QdrantStore:
                                              consistency=self.shape.read_consistency)
         return {str(r.id): (r.payload or {}) for r in records}
 
-    async def vectors(self, point_ids: list[str], keys: list[str]) -> dict[str, tuple[Embedding, dict[str, Any]]]:
-        """The vector each existing point holds now, with these keys of its payload, by point id."""
-        records = await self.client.retrieve(
-            self.collection, point_ids, with_payload=[*keys, "truncated"], with_vectors=True,
-            consistency=self.shape.read_consistency,
-        )
-        return {
-            str(r.id): (Embedding(list(r.vector), bool(payload.get("truncated"))), payload)
-            for r in records
-            if r.vector is not None
-            for payload in [r.payload or {}]
-        }
-
     async def vectors_by_hash(self, hashes: list[str], model_id: str) -> dict[str, Embedding]:
         """Vectors this model already made for these texts (any point with the same
         content_hash), so identical text is not encoded again."""
@@ -366,7 +353,7 @@ class QdrantStore:
 
     async def write(
         self, upserts: Upserts | None, payload_updates: list[tuple[str, dict[str, Any]]], deletes: list[str],
-        versions: Mapping[str, int] | None = None, seen: Collection[str] = (),
+        versions: Mapping[str, int] | None = None, seen: Collection[str] = (), holds: Mapping[str, str] | None = None,
     ) -> int:
         """One batched request, confirmed before it returns. versions: the version of
         the state each versioned point's write carries (an upsert's payload holds it
@@ -377,7 +364,10 @@ class QdrantStore:
         then written alone on its own condition. seen: the versioned points the
         writer found in Qdrant when it planned; they are only updated, never
         inserted, so one deleted since (its chunk is gone) is not brought back.
-        Returns how many versioned writes found their point already holding a newer
+        holds: the content hash each versioned payload update assumes its point
+        holds; an update (its payload carries its version) lands only on a point
+        that still holds one of its group's texts and an older version, so a
+        payload is never set beside another text's vector. Returns how many versioned writes found their point already holding a newer
         version (left as it was)."""
         versions = versions or {}
         ops: list[Any] = []
@@ -392,8 +382,17 @@ class QdrantStore:
         same: dict[bytes, tuple[dict[str, Any], list[str]]] = {}
         for point_id, payload in payload_updates:
             same.setdefault(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS), (payload, []))[1].append(point_id)
+        holds = holds or {}
         for payload, point_ids in same.values():
-            ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=point_ids)))
+            version = payload.get(VERSION_KEY)
+            if version is None:
+                ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=point_ids)))
+                continue
+            where = models.Filter(
+                must=[models.HasIdCondition(has_id=point_ids), models.FieldCondition(
+                    key="content_hash", match=models.MatchAny(any=sorted({holds[p] for p in point_ids})))],
+                should=holds_older(version).should)
+            ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, filter=where)))
         gone = [d for d in deletes if d not in versions]
         if gone:
             ops.append(models.DeleteOperation(delete=models.PointIdsList(points=gone)))

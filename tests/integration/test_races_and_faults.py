@@ -127,23 +127,24 @@ def _edit_rounds(dsn: str, ids: list, rounds: int = 5, pause: float = 0.3) -> No
             time.sleep(pause)
 
 
-class MovedOnBetweenReads(QdrantStore):
-    """A store where another writer changes each point after apply read its keys,
-    before it reads the vector to keep (the window a rebalanced Kafka partition opens)."""
+class MovedOnBeforeWrite(QdrantStore):
+    """A store where another writer changes each point after apply planned from its keys,
+    just before apply's write lands (a paused daemon, a rebalanced Kafka partition)."""
 
     def __init__(self, client, collection, other_write):
         super().__init__(client, collection)
         self.other_write = other_write
 
-    async def vectors(self, point_ids, keys):
+    async def write(self, *args, **kwargs):
         await self.other_write()
-        return await super().vectors(point_ids, keys)
+        return await super().write(*args, **kwargs)
 
 
-async def test_a_versioned_rewrite_is_planned_again_on_the_point_it_reads(qdrant, collection, embedder):
-    """A retitled chunk of a versioned target is written again whole with the vector its
-    point holds. Where the point moved on between the two reads, it is planned again:
-    a vector is never kept beside another text, and a newer point is left alone."""
+async def test_a_versioned_payload_update_lands_only_beside_the_text_it_assumes(qdrant, collection, embedder):
+    """A retitled chunk of a versioned target is one payload update carrying its version,
+    nothing embedded. Where the point moved on between the plan and the write (another
+    text, or a newer version), Qdrant leaves it as it is: a payload is never set beside
+    another text's vector, and a newer point is never set back."""
     store = QdrantStore(qdrant, collection)
     await store.ensure_collection(embedder.fingerprint)
     cid = uuid.uuid4()
@@ -152,30 +153,30 @@ async def test_a_versioned_rewrite_is_planned_again_on_the_point_it_reads(qdrant
                        title="A title", url=None, document_type=None, state_hash="s1")
     await Applier(embedder, store).apply({cid: Target(first, version=1)})
 
-    # a newer text lands in between: the retitled older text is embedded, not paired with the newer vector
-    newer = replace(first, text="A different text altogether.", content_hash="h-newer")
-    moved = MovedOnBetweenReads(qdrant, collection, lambda: Applier(embedder, store).apply({cid: Target(newer, 2)}))
-    result = await Applier(embedder, moved).apply({cid: Target(replace(first, title="Retitled"), version=3)})
-    assert (result.upserted, result.payload_only) == (1, 0)
+    # another text lands in between (a version the update is newer than): the update does not land
+    newer = replace(first, text="A different text altogether.", content_hash="h-newer", title="Newer")
+    moved = MovedOnBeforeWrite(qdrant, collection, lambda: Applier(embedder, store).apply({cid: Target(newer, 2)}))
+    await Applier(embedder, moved).apply({cid: Target(replace(first, title="Retitled"), version=3)})
     (point,) = await qdrant.retrieve(collection, [str(cid)], with_payload=True, with_vectors=True)
-    vectors, _ = await embedder.embed({"h-first": first.text})
-    assert point.payload["content_hash"] == "h-first" and point.payload["title"] == "Retitled"
-    assert point.payload["version"] == 3 and point.vector == pytest.approx(vectors["h-first"].vector, abs=1e-6)
+    vectors, _ = await embedder.embed({"h-newer": newer.text})
+    assert (point.payload["content_hash"], point.payload["title"], point.payload["version"]) == ("h-newer", "Newer", 2)
+    assert point.vector == pytest.approx(vectors["h-newer"].vector, abs=1e-6)
 
-    # a newer version lands in between: the older target is left alone, and not acknowledged as written
-    moved = MovedOnBetweenReads(qdrant, collection,
-                                lambda: Applier(embedder, store).apply({cid: Target(first, version=9)}))
-    result = await Applier(embedder, moved).apply({cid: Target(replace(first, title="Older"), version=4)})
-    assert (result.older, result.written) == (1, {})
+    # a newer version of the same text lands in between: the older update does not land
+    await Applier(embedder, store).apply({cid: Target(first, version=4)})
+    moved = MovedOnBeforeWrite(qdrant, collection,
+                               lambda: Applier(embedder, store).apply({cid: Target(first, version=9)}))
+    await Applier(embedder, moved).apply({cid: Target(replace(first, title="Older"), version=5)})
     (point,) = await qdrant.retrieve(collection, [str(cid)], with_payload=True)
     assert (point.payload["version"], point.payload["title"]) == (9, first.title)
 
-    # nothing in between: one upsert of the vector the point holds, nothing embedded
+    # nothing in between: one payload update, nothing embedded, the vector kept
     kept = await all_points(qdrant, collection)
     result = await Applier(embedder, store).apply({cid: Target(replace(first, title="Kept"), version=10)})
     assert (result.payload_only, result.embedded, result.upserted) == (1, 0, 0)
     after = (await all_points(qdrant, collection))[str(cid)]
-    assert after.vector == kept[str(cid)].vector and after.payload["title"] == "Kept"
+    assert after.vector == kept[str(cid)].vector
+    assert (after.payload["title"], after.payload["version"]) == ("Kept", 10)
 
 
 async def test_two_daemon_instances_in_one_process_share_the_work_under_concurrent_writes(

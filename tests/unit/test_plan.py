@@ -92,13 +92,18 @@ def test_a_set_carries_only_what_differs():
     assert edited == {"text": "Some chunk text."}
 
 
-@pytest.mark.parametrize("applied, version, action", [(7, 5, Action.OLDER), (5, 7, Action.REWRITE), (None, 7, Action.REWRITE)])
+@pytest.mark.parametrize("applied, version, action", [(7, 5, Action.OLDER), (5, 7, Action.SET), (None, 7, Action.SET)])
 def test_a_point_of_a_newer_version_is_left_alone(applied, version, action):
     point = point_of(state(), **({VERSION_KEY: applied} if applied is not None else {}))
     got = plan(state(), point, MODEL, version)
     assert got.action is action
-    if action is Action.REWRITE:  # the whole payload, so one upsert carries every point's own version
-        assert got.payload == {**state().payload(MODEL), VERSION_KEY: version}
+    if action is Action.SET:  # the content agrees: only the version moves on, so no older writer can land
+        assert got.payload == {VERSION_KEY: version}
+
+
+def test_a_versioned_payload_change_sets_the_keys_that_differ_and_the_version():
+    got = plan(state(title="New title"), point_of(state(), **{VERSION_KEY: 3}), MODEL, 4)
+    assert (got.action, got.payload) == (Action.SET, {"title": "New title", VERSION_KEY: 4})
 
 
 def test_a_versioned_change_of_the_text_is_still_an_upsert_and_an_agreeing_one_nothing():

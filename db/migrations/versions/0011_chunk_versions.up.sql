@@ -23,14 +23,20 @@ ON CONFLICT (chunk_id) DO NOTHING;
 -- A wake-up, not a message: identical notifications collapse, so a transaction
 -- sends one however many events it wrote. The events themselves are in the table.
 -- The same statement trigger gives each chunk its new version (in chunk id order,
--- so two transactions lock the rows they share in the same order).
+-- so two transactions lock the rows they share in the same order): one drawn for
+-- the statement, so a document's new title gives all its chunks the same version
+-- (one payload update in Qdrant serves them all); a row a later commit finds at a
+-- higher version (it waited on the row lock) takes a fresh one above it.
 CREATE OR REPLACE FUNCTION outboxd.notify_outbox() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    WITH drawn AS MATERIALIZED (SELECT nextval('outboxd.event_version') AS version)
     INSERT INTO outboxd.chunk_versions AS v (chunk_id, version)
-    SELECT c.chunk_id, nextval('outboxd.event_version')
-    FROM (SELECT DISTINCT chunk_id FROM inserted ORDER BY chunk_id) c
-    ON CONFLICT (chunk_id) DO UPDATE SET version = nextval('outboxd.event_version');
+    SELECT c.chunk_id, drawn.version
+    FROM (SELECT DISTINCT chunk_id FROM inserted ORDER BY chunk_id) c, drawn
+    ON CONFLICT (chunk_id) DO UPDATE
+    SET version = CASE WHEN EXCLUDED.version > v.version THEN EXCLUDED.version
+                       ELSE nextval('outboxd.event_version') END;
     IF EXISTS (SELECT 1 FROM inserted) THEN
         PERFORM pg_notify('outboxd', '');
     END IF;
