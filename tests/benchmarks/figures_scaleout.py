@@ -177,6 +177,7 @@ def figure_daemons(pg: Postgres, qdrant: QdrantTarget, info: BackendInfo, n: int
     doc_id = add_chunks(dsn, "scale-out", [f"short chunk {i}" for i in range(n)])
     assert asyncio.run(converge(dsn, qdrant, collection, info)) == n
     out: dict = {"qdrant": qdrant.label, "events": n, "load_average_before": load_average(),
+                 "collection": asyncio.run(qdrant.params(collection)),
                  "what": "payload-only events, N `python -m daemon.cli run --drain` processes (default settings), "
                          "from the update's commit to the last process's exit (interpreter exit included; drained: to "
                          "the last process's 'outboxd stopped' log line instead); every event acknowledged once (sum "
@@ -293,7 +294,9 @@ def _consumers_round(dsn: str, qdrant: QdrantTarget, collection: str, bootstrap:
     """The relay publishes the payload-only events to a staging topic; they are
     read into memory; `count` consumers start on an empty topic and wait until
     the group holds every partition; then the staged records are published to
-    that topic at once, and the clock runs until every offset is committed."""
+    that topic at once, and the clock runs until every offset is committed.
+    The round starts once the server's optimizers are idle: each payload-only
+    write of a versioned point rewrites its vector, which the server indexes again."""
     from consumers.kafka_clients import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
@@ -313,6 +316,7 @@ def _consumers_round(dsn: str, qdrant: QdrantTarget, collection: str, bootstrap:
         time.sleep(0.5)
         wait_until("the group holding every partition", lambda: _group_stable(procs, partitions), procs, START_TIMEOUT)
         held = [sorted(_assignment(p)) for p in procs]
+        settled = asyncio.run(qdrant.settle(collection))  # the previous round's index builds are not this round's
         timing = asyncio.run(_publish_and_watch(bootstrap, records, topic, group, procs))
         codes = [p.stop() for p in procs]
         applied = [(p.said("outboxd consume stopped") or [{}])[-1].get("records", 0) for p in procs]
@@ -325,7 +329,8 @@ def _consumers_round(dsn: str, qdrant: QdrantTarget, collection: str, bootstrap:
     seconds = timing["committed_seconds"]
     return {"consumers": count, "partitions": partitions, "events": total, "partitions_held": held,
             "relay_seconds": round(relay_seconds, 2), "publish_seconds": round(timing["publish_seconds"], 3),
-            "seconds": round(seconds, 3), "events_per_s": round(total / seconds), "records_per_process": applied}
+            "seconds": round(seconds, 3), "events_per_s": round(total / seconds), "records_per_process": applied,
+            "seconds_waited_for_idle_optimizers": settled}
 
 
 def figure_consumers(pg: Postgres, qdrant: QdrantTarget, info: BackendInfo, n: int, counts: list[int],
@@ -336,7 +341,8 @@ def figure_consumers(pg: Postgres, qdrant: QdrantTarget, info: BackendInfo, n: i
     collection = qdrant.name("consumers")
     doc_id = add_chunks(dsn, "scale-out, Kafka", [f"short chunk {i}" for i in range(n)])
     assert asyncio.run(converge(dsn, qdrant, collection, info)) == n
-    out: dict = {"qdrant": qdrant.label, "events": n, "load_average_before": load_average()}
+    out: dict = {"qdrant": qdrant.label, "events": n, "load_average_before": load_average(),
+                 "collection": asyncio.run(qdrant.params(collection))}
     runs = []
     for k, count in enumerate(counts):
         update_metadata(dsn, doc_id, rev=k + 2)

@@ -19,7 +19,9 @@ measures nothing worth publishing.
 Figures by theme: figures_embedding (1, 1b, 1c, 1d, 7), figures_outbox (2, 3,
 4), figures_transport (5, 5b, 5c, 5f), figures_scaleout (5d, 5e),
 large_collection (6, 8), figures_verifier (9), http_backend (10: a fleet's
-embedding budget); services holds the set-up, report the table and plots.
+embedding budget), figures_qdrant (11: a cascaded delete; 12: memory and
+recall by quantization; 5d and 5e on a 3-node cluster); services holds the
+set-up, report the table and plots.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from daemon.config import Settings
 from daemon.embedding.embedder import Embedder
 from tests.benchmarks import figures_embedding as emb
 from tests.benchmarks import figures_outbox as outbox
+from tests.benchmarks import figures_qdrant as production
 from tests.benchmarks import figures_scaleout as scale
 from tests.benchmarks import figures_transport as transport
 from tests.benchmarks import figures_verifier as verifier
@@ -46,6 +49,7 @@ from tests.benchmarks import kafka_transport
 from tests.benchmarks import large_collection as large
 from tests.benchmarks.report import FIGURES, NO_GPU, collect_figures, markdown, plots
 from tests.benchmarks.services import Postgres, QdrantTarget, load_average
+from tests.qdrant_server import find_binary
 
 __all__ = ["FIGURES", "FULL", "QUICK", "main"]
 
@@ -53,12 +57,15 @@ FULL = dict(pipeline_chunks=1000, claim_batches=[16, 64, 256], backend_chunks=50
             ceiling_chunks=20_000, write_rows=100_000, freshness_seconds=60.0, freshness_rate=10.0, wasted_chunks=300,
             transport_chunks=5000, cpu_events=30_000, cpu_repeats=2, scale_events=60_000, scale_counts=[1, 2, 4],
             scale_repeats=2, grpc_points=20_000, large_sizes=[50_000, 100_000, 200_000], local_reconcile=50_000,
-            verify_chunks=20_000, verify_pipeline_chunks=400, verify_base=5000, budget_chunks=960)
+            verify_chunks=20_000, verify_pipeline_chunks=400, verify_base=5000, budget_chunks=960,
+            cascade_chunks=1000, cascade_runs=20, memory_points=200_000, memory_queries=200, memory_real=None,
+            cluster_counts=[1, 2, 4])
 QUICK = dict(pipeline_chunks=24, claim_batches=[8, 64], backend_chunks=24, backend_rounds=1, ceiling_chunks=300,
              write_rows=1000, freshness_seconds=2.0, freshness_rate=10.0, wasted_chunks=12, transport_chunks=200,
              cpu_events=300, cpu_repeats=1, scale_events=2000, scale_counts=[1, 2, 4], scale_repeats=1, grpc_points=1000,
              large_sizes=[200, 600], local_reconcile=600, verify_chunks=1000, verify_pipeline_chunks=24, verify_base=200,
-             budget_chunks=96)
+             budget_chunks=96, cascade_chunks=100, cascade_runs=3, memory_points=1500, memory_queries=20,
+             memory_real=300, cluster_counts=[1, 2])
 
 
 def say(what: str) -> None:
@@ -108,9 +115,28 @@ def run_figures(sizes: dict, device: str, quick: bool, pg: Postgres, target: Qdr
             say("figure 5e: N consumers")
             d["consumers"] = scale.figure_consumers(pg, target, info, sizes["scale_events"], sizes["scale_counts"],
                                                     bootstrap)
+            binary = find_binary()
+            if binary is None:
+                d["daemons_cluster"] = d["consumers_cluster"] = production.NEEDS_BINARY
+            else:
+                with ExitStack() as stack:
+                    say("figures 5d and 5e on a 3-node Qdrant cluster")
+                    cluster = QdrantTarget.on_cluster(stack, binary, target.prefer_grpc, replication_factor=2,
+                                                      write_consistency_factor=1)
+                    d["daemons_cluster"] = scale.figure_daemons(pg, cluster, info, sizes["scale_events"],
+                                                                sizes["cluster_counts"], sizes["scale_repeats"])
+                    d["consumers_cluster"] = scale.figure_consumers(pg, cluster, info, sizes["scale_events"],
+                                                                    sizes["cluster_counts"], bootstrap)
+                    cluster.cleanup()
         say("figures 6 and 8: a growing collection (backfill, reconcile)")
         d["large"] = large.figure_large_collection(pg, target, sizes["large_sizes"])
         d["reconcile_local"] = large.local_reconcile(pg, sizes["local_reconcile"])
+        say("figure 11: a source deleted with its chunks")
+        d["cascade_delete"] = production.figure_cascade_delete(pg, target, info, sizes["cascade_chunks"],
+                                                               sizes["cascade_runs"])
+        say("figure 12: the server's memory and the search's recall by quantization and on-disk setting")
+        d["memory_recall"] = production.figure_memory_recall(embedder, sizes["memory_points"], sizes["memory_queries"],
+                                                             sizes["memory_real"])
         say("figure 9: the continuous verifier's cost")
         d["verifier"] = verifier.figure_verifier(pg, target, embedder, info, sizes["verify_chunks"],
                                                  sizes["verify_pipeline_chunks"], sizes["verify_base"])

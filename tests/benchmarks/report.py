@@ -23,6 +23,9 @@ def _on(device: str, threshold: float):
 
 
 SCALE = "≥ 0.9× here (2 cores), every run; ≥ 1.8× where cores are free"
+# figure 12's settings (figures_qdrant.SETTINGS), as the table names them
+MEMORY_SETTINGS = {"none": "no quantization", "scalar": "scalar (int8)", "binary": "binary",
+                   "scalar_on_disk": "scalar, originals on disk", "none_on_disk": "no quantization, on disk"}
 # key -> (label, target, check(value, figures, meta) -> True/False/None/text, details section naming the Qdrant)
 FIGURES: dict[str, tuple] = {
     "1_pipeline_efficiency": ("1. pipeline efficiency (pipeline ÷ sentence-transformers' raw encode, default claim batch)", "≥ 0.90", lambda v, f, m: v >= 0.90, "pipeline"),
@@ -74,6 +77,13 @@ FIGURES: dict[str, tuple] = {
     "5e_one_consumer_events_per_s": ("5e. one consumer process, payload-only (events/s)", "", None, "consumers"),
     "5e_two_consumers_vs_one": ("5e. 2 consumer processes ÷ 1, one group (events/s)", SCALE, _scale_target, "consumers"),
     "5e_four_consumers_vs_one": ("5e. 4 consumer processes ÷ 1, one group (events/s)", SCALE, _scale_target, "consumers"),
+    "5d_one_daemon_events_per_s_cluster": ("5d on a 3-node cluster (replication 2, write consistency 1): one daemon (events/s, mean of its runs)", "", None, "daemons_cluster"),
+    "5d_one_daemon_cluster_vs_server": ("5d. one daemon: the cluster ÷ the single server (events/s)", "", None, "daemons_cluster"),
+    "5d_two_daemons_vs_one_cluster": ("5d on the cluster: 2 daemon processes ÷ 1, least of the runs", SCALE, _scale_target, "daemons_cluster"),
+    "5d_four_daemons_vs_one_cluster": ("5d on the cluster: 4 daemon processes ÷ 1, least of the runs", SCALE, _scale_target, "daemons_cluster"),
+    "5e_one_consumer_events_per_s_cluster": ("5e on the cluster: one consumer process (events/s)", "", None, "consumers_cluster"),
+    "5e_two_consumers_vs_one_cluster": ("5e on the cluster: 2 consumer processes ÷ 1, one group", SCALE, _scale_target, "consumers_cluster"),
+    "5e_four_consumers_vs_one_cluster": ("5e on the cluster: 4 consumer processes ÷ 1, one group", SCALE, _scale_target, "consumers_cluster"),
     "5f_grpc_vs_rest_upserts": ("5f. gRPC ÷ REST upserts, same server (points/s)", "≥ 1.3", lambda v, f, m: v >= 1.3, "grpc"),
     "6_reconcile_chunks_per_s": ("6. reconcile chunks/s at the largest N (`outboxd reconcile`, its own process)", "≥ 20,000", lambda v, f, m: v >= 20_000, "large"),
     "6_reconcile_rss_growth": ("6. reconcile peak RSS, largest N ÷ smallest N", "flat (≤ 1.2)", lambda v, f, m: v <= 1.2, "large"),
@@ -94,6 +104,12 @@ FIGURES: dict[str, tuple] = {
     "10_budget_over_per_process": ("10. requests sent over the budget, per process", "", None, "fleet_budget"),
     "10_budget_429_per_process": ("10. 429s, per process", "", None, "fleet_budget"),
     "10_budget_throughput_per_process": ("10. fleet throughput ÷ budget, per process (the endpoint's limit caps it)", "", None, "fleet_budget"),
+    "11_cascade_delete_p50_ms": ("11. a source deleted with its chunks: DELETE's commit → its last point gone from Qdrant, p50 (ms)", "", None, "cascade_delete"),
+    "11_cascade_delete_p99_ms": ("11. the same, p99 (ms)", "≤ 250", lambda v, f, m: v <= 250, "cascade_delete"),
+    **{f"12_rss_mib_{k}": (f"12. Qdrant server RSS with the collection, restarted and searched: {label} (MiB)", "", None, "memory_recall")
+       for k, label in MEMORY_SETTINGS.items()},
+    **{f"12_recall_at_10_{k}": (f"12. recall@10 of outboxd's search ÷ exact, {label}", "≥ 0.97", lambda v, f, m: v >= 0.97, "memory_recall")
+       for k, label in MEMORY_SETTINGS.items()},
     "7_gpu_pipeline_efficiency": ("7. pipeline efficiency with the model on the GPU", "≥ 0.90", lambda v, f, m: v >= 0.90, "gpu"),
     "7_gpu_pipeline_vs_limit": ("7. pipeline ÷ limit on the GPU (fp16 recipe)", "≥ 0.9", lambda v, f, m: v >= 0.9, "gpu"),
 }
@@ -184,6 +200,36 @@ def collect_figures(d: dict) -> tuple[dict, dict]:
         f["5e_four_consumers_vs_one"] = runs[4]["ratio_to_one"] if 4 in runs else "not measured: see details"
     else:
         f["5e_one_consumer_events_per_s"] = f["5e_two_consumers_vs_one"] = f["5e_four_consumers_vs_one"] = consumers
+    run = d["daemons_cluster"]
+    keys = ["5d_one_daemon_events_per_s_cluster", "5d_two_daemons_vs_one_cluster", "5d_four_daemons_vs_one_cluster",
+            "5d_one_daemon_cluster_vs_server"]
+    if isinstance(run, dict):
+        f[keys[0]] = run["one_events_per_s"]
+        f[keys[1]] = run["least_ratio"].get(2, "not measured: see details")
+        f[keys[2]] = run["least_ratio"].get(4, "not measured: see details")
+        f[keys[3]] = (round(run["one_events_per_s"] / daemons["one_events_per_s"], 3) if isinstance(daemons, dict)
+                      else daemons)
+    else:
+        for key in keys:
+            f[key] = run
+    run = d["consumers_cluster"]
+    keys = ["5e_one_consumer_events_per_s_cluster", "5e_two_consumers_vs_one_cluster", "5e_four_consumers_vs_one_cluster"]
+    if isinstance(run, dict):
+        runs = {r["consumers"]: r for r in run["runs"]}
+        f[keys[0]] = runs[1]["events_per_s"]
+        f[keys[1]] = runs[2]["ratio_to_one"] if 2 in runs else "not measured: see details"
+        f[keys[2]] = runs[4]["ratio_to_one"] if 4 in runs else "not measured: see details"
+    else:
+        for key in keys:
+            f[key] = run
+    cascade = d["cascade_delete"]
+    f["11_cascade_delete_p50_ms"] = cascade["p50_ms"] if isinstance(cascade, dict) else cascade
+    f["11_cascade_delete_p99_ms"] = cascade["p99_ms"] if isinstance(cascade, dict) else cascade
+    memory = d["memory_recall"]
+    for k in MEMORY_SETTINGS:
+        one = memory["settings"][k] if isinstance(memory, dict) else None
+        f[f"12_rss_mib_{k}"] = one["after_queries"]["rss_mib"] if one else memory
+        f[f"12_recall_at_10_{k}"] = one["recall_at_10"] if one else memory
     g = d["grpc"]
     f["5f_grpc_vs_rest_upserts"] = g["ratio"] if isinstance(g, dict) else g
     large = d["large"]

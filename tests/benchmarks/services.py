@@ -36,6 +36,7 @@ from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
 from db import migrate
 from tests.folders import server_folder
+from tests.qdrant_cluster import QdrantCluster
 from tests.qdrant_server import QdrantServer, find_binary
 
 LOCAL_LABEL = "qdrant-client local mode, in memory"
@@ -122,13 +123,16 @@ class QdrantTarget:
     `server`: the QdrantServer this run started, whose CPU the figures can read."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, prefer_grpc: bool = False,
-                 grpc_port: int = 6334, server: QdrantServer | None = None, ca_file: str | None = None) -> None:
+                 grpc_port: int = 6334, server: QdrantServer | None = None, ca_file: str | None = None,
+                 cluster: QdrantCluster | None = None, shape: dict | None = None) -> None:
         self.url = url
         self.api_key = api_key
         self.prefer_grpc = prefer_grpc
         self.grpc_port = grpc_port
         self.server = server
         self.ca_file = ca_file
+        self.cluster = cluster  # the cluster this run started, reached through its first node (url)
+        self.shape = shape or {}  # [qdrant] settings of the collections outboxd creates here
         self.prefix = f"outboxd_bench_{uuid.uuid4().hex[:8]}"
         self._names = 0
 
@@ -148,6 +152,15 @@ class QdrantTarget:
         return cls(server.url, None, s.qdrant.prefer_grpc, server.grpc_port, server=server)
 
     @classmethod
+    def on_cluster(cls, stack: ExitStack, binary: Path, prefer_grpc: bool = False, **shape) -> QdrantTarget:
+        """A 3-node cluster of the binary started for this run (stopped with `stack`),
+        reached through its first node as a client reaches one address; `shape`:
+        the [qdrant] settings of the collections outboxd creates on it."""
+        cluster = stack.enter_context(QdrantCluster(binary))
+        first = cluster.nodes[0]
+        return cls(first.url, None, prefer_grpc, first.grpc_port, cluster=cluster, shape=shape)
+
+    @classmethod
     def local(cls) -> "QdrantTarget":
         return cls()
 
@@ -164,7 +177,10 @@ class QdrantTarget:
         if self.url is None:
             return LOCAL_LABEL
         what = f"Qdrant server {self.server.version}" if self.server else "Qdrant server"
-        return f"{what} at {self.url} ({'gRPC' if self.prefer_grpc else 'REST'})"
+        if self.cluster:
+            what = f"{len(self.cluster)}-node Qdrant {self.cluster.nodes[0].version} cluster, through its first node,"
+        shape = "".join(f", {k}={v}" for k, v in self.shape.items())
+        return f"{what} at {self.url} ({'gRPC' if self.prefer_grpc else 'REST'}{shape})"
 
     def client(self, *, prefer_grpc: bool | None = None) -> AsyncQdrantClient:
         """A new client, made as the daemon makes its own: a new empty in-memory
@@ -187,7 +203,7 @@ class QdrantTarget:
         if self.url is None:
             return {"qdrant": {"url": None, "path": ":memory:"}}
         return {"qdrant": {"url": self.url, "api_key": self.api_key, "prefer_grpc": self.prefer_grpc,
-                           "grpc_port": self.grpc_port, "ca_file": self.ca_file}}
+                           "grpc_port": self.grpc_port, "ca_file": self.ca_file, **self.shape}}
 
     def env(self) -> dict[str, str]:
         """Environment for an `outboxd` process (a server only: local mode admits one process)."""
@@ -198,10 +214,13 @@ class QdrantTarget:
             env["QDRANT_API_KEY"] = self.api_key
         if self.ca_file:
             env["OUTBOXD_QDRANT__CA_FILE"] = self.ca_file
+        env.update({f"OUTBOXD_QDRANT__{k.upper()}": str(v) for k, v in self.shape.items()})
         return env
 
     def cpu_seconds(self) -> float | None:
-        """The server's CPU so far, where this run started it (None: not ours to read)."""
+        """The server's CPU so far (a cluster's: its nodes'), where this run started it (None: not ours to read)."""
+        if self.cluster:
+            return cpu_of([psutil.Process(node.pid) for node in self.cluster.nodes if node.running])
         return cpu_of([psutil.Process(self.server.pid)]) if self.server and self.server.running else None
 
     def thread_cpu(self) -> dict[str, float]:
@@ -243,6 +262,16 @@ class QdrantTarget:
         finally:
             await client.close()
         return round(time.perf_counter() - started - quiet, 2)
+
+    async def params(self, collection: str) -> dict:
+        """The collection's shards, replication and write consistency, as the server reports them."""
+        client = self.client(prefer_grpc=False)
+        try:
+            p = (await client.get_collection(collection)).config.params
+        finally:
+            await client.close()
+        return {"shard_number": p.shard_number, "replication_factor": p.replication_factor,
+                "write_consistency_factor": p.write_consistency_factor}
 
     def cleanup(self) -> list[str]:
         """Delete this run's aliases and collections (a server only); their names."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import orjson
 
-from tests.benchmarks import harness
+from tests.benchmarks import harness, report
 
 TINY = dict(harness.QUICK, pipeline_chunks=8, claim_batches=[4, 16], backend_chunks=8, ceiling_chunks=100,
             write_rows=200, freshness_seconds=1.0, wasted_chunks=4, transport_chunks=40, cpu_events=100,
             scale_events=300, scale_repeats=1, grpc_points=100, large_sizes=[100, 200], local_reconcile=100,
-            verify_chunks=100, verify_pipeline_chunks=8, verify_base=50)
+            verify_chunks=100, verify_pipeline_chunks=8, verify_base=50, cascade_chunks=50, cascade_runs=2,
+            memory_points=600, memory_queries=10, memory_real=120, cluster_counts=[1, 2])
 
 
 def test_quick_run_writes_every_figure(tmp_path, monkeypatch):
@@ -35,9 +36,17 @@ def test_quick_run_writes_every_figure(tmp_path, monkeypatch):
         assert figures["6_reconcile_chunks_per_s"] > 0 and figures["8_backfill_chunks_per_s"] > 0
         assert figures["5f_grpc_vs_rest_upserts"] > 0
         assert figures["9_verifier_cpu_per_10k"] > 0 and figures["9_verifier_throughput_ratio"] > 0
+        assert figures["11_cascade_delete_p50_ms"] > 0 and figures["11_cascade_delete_p99_ms"] > 0
+        for k in report.MEMORY_SETTINGS:  # a fresh server per setting, each measured
+            assert figures[f"12_rss_mib_{k}"] > 0 and 0 < figures[f"12_recall_at_10_{k}"] <= 1, k
+        # the 3-node cluster beside the single server, its collection replicated as asked
+        assert "3-node" in result["qdrant_of_figure"]["5d_two_daemons_vs_one_cluster"]
+        assert result["details"]["daemons_cluster"]["collection"]["replication_factor"] == 2
+        assert figures["5d_two_daemons_vs_one_cluster"] > 0 and figures["5e_two_consumers_vs_one_cluster"] > 0
     else:  # local mode admits one process: they say so instead
         assert figures["5d_two_daemons_vs_one"].startswith("not measured: several processes need a Qdrant server")
         assert figures["9_verifier_cpu_per_10k"].startswith("not measured: ")
+        assert figures["11_cascade_delete_p99_ms"].startswith("not measured: ")
     table = (tmp_path / "results.md").read_text()
     assert "| figure | value | target | met? | Qdrant measured |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
