@@ -184,7 +184,7 @@ async def inspect_collection(client, settings, record, section) -> dict[str, Any
             "differences": [str(d) for d in shape.differences(collection)],
         }
         try:
-            shards = await placement(client, live.name)
+            shards = await placement(client, live.name, collection.config.params.replication_factor)
         except Exception as exc:  # noqa: BLE001 - a key that may not read the cluster's state: the rest stands
             notes.append(f"the shards' placement could not be read ({describe(exc)})")
         else:

@@ -58,18 +58,20 @@ async def _collection(settings, apply: bool) -> dict:
         server = settings.qdrant.url is not None
         info = await client.get_collection(live.name)
         differences = shape.differences(info) if server else []
+        factor = info.config.params.replication_factor
         applied: list[str] = []
         if apply and server:
             await store.reshape(differences)
             applied = [d.name for d in differences if d.in_place]
-            shards = await placement(client, live.name)
-            moves = shards.replications()
+            info = await client.get_collection(live.name)
+            differences = shape.differences(info)
+            # the factor just applied: the node may not show it yet (a cluster applies it through consensus)
+            factor = shape.settings.replication_factor or factor
+            moves = (await placement(client, live.name, factor)).replications()
             await store.add_replicas(moves)
             applied += [f"shard {m.shard_id}: a replica from peer {m.from_peer_id} to peer {m.to_peer_id}"
                         for m in moves]
-            info = await client.get_collection(live.name)
-            differences = shape.differences(info)
-        shards = await placement(client, live.name) if server else None
+        shards = await placement(client, live.name, factor) if server else None
         return {
             "collection": live.name,
             "alias": settings.collection,

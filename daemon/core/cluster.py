@@ -80,8 +80,9 @@ class Placement:
         return moves
 
 
-async def placement(client: AsyncQdrantClient, collection: str) -> Placement:
-    """The shards of this collection and their replicas, as the node the client talks to sees them."""
+async def placement(client: AsyncQdrantClient, collection: str, replication_factor: int | None) -> Placement:
+    """The shards of this collection and their replicas, as the node the client talks to sees them,
+    against the replication factor the caller read from the collection (or has just given it)."""
     info = await client.collection_cluster_info(collection)
     status = await client.cluster_status()
     peers = sorted(int(p) for p in (getattr(status, "peers", None) or {})) or [info.peer_id]
@@ -90,8 +91,7 @@ async def placement(client: AsyncQdrantClient, collection: str) -> Placement:
         shards.setdefault(local.shard_id, Shard(local.shard_id)).replicas[info.peer_id] = _state(local.state)
     for remote in info.remote_shards:
         shards.setdefault(remote.shard_id, Shard(remote.shard_id)).replicas[remote.peer_id] = _state(remote.state)
-    factor = (await client.get_collection(collection)).config.params.replication_factor or 1
-    return Placement(peers, [shards[k] for k in sorted(shards)], factor)
+    return Placement(peers, [shards[k] for k in sorted(shards)], replication_factor or 1)
 
 
 def _state(state: models.ReplicaState | str | None) -> str:

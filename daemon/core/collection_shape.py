@@ -136,11 +136,6 @@ class CollectionShape:
             values.pop("quantization_always_ram", None)  # it describes quantized vectors only
         return values
 
-    def describe(self) -> str:
-        """One line for a log or a message: the configured values (or Qdrant's defaults)."""
-        wanted = self.wanted()
-        return ", ".join(f"{k}={show(v)}" for k, v in wanted.items()) or "Qdrant's defaults"
-
     # --- creating a collection ------------------------------------------------
     def create_kwargs(self, dimension: int) -> dict[str, Any]:
         """The arguments of create_collection beyond the name and metadata."""

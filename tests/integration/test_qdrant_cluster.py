@@ -157,14 +157,20 @@ class Reader:
         return self.ok + self.failed
 
 
+async def placed(client, collection: str):
+    """The collection's shards, against its replication factor as the node reports it."""
+    factor = (await client.get_collection(collection)).config.params.replication_factor
+    return await placement(client, collection, factor)
+
+
 async def degraded(client, collection: str, peer: int) -> list:
     """The shards whose replica on `peer` Qdrant no longer counts as active."""
-    shards = await placement(client, collection)
+    shards = await placed(client, collection)
     return [s for s in shards.shards if peer in s.replicas and s.replicas[peer] != "Active"]
 
 
 async def all_active(client, collection: str, replicas: int) -> bool:
-    shards = await placement(client, collection)
+    shards = await placed(client, collection)
     return all(s.active == len(s.replicas) == replicas for s in shards.shards)
 
 
@@ -185,7 +191,7 @@ async def test_the_collection_has_the_configured_shards_replicas_and_write_consi
         physical = await physical_collection(client, collection)
         params = (await client.get_collection(physical)).config.params
         assert (params.shard_number, params.replication_factor, params.write_consistency_factor) == (6, 2, 2)
-        shards = await placement(client, physical)
+        shards = await placed(client, physical)
         assert shards.peers == sorted(cluster.peer_ids)
         assert [s.shard_id for s in shards.shards] == list(range(6))
         assert all(list(s.replicas.values()) == ["Active", "Active"] for s in shards.shards), shards
@@ -406,7 +412,7 @@ async def test_a_raised_replication_factor_gets_its_replicas_from_collection_app
                                          "replication_factor": 1})
         await drain(settings, dsn, embedder, client)
         physical = await physical_collection(client, collection)
-        shards = await placement(client, physical)
+        shards = await placed(client, physical)
         assert all(len(s.replicas) == 1 for s in shards.shards)
         assert {peer for s in shards.shards for peer in s.replicas} == set(cluster.peer_ids)  # one on each node
 
