@@ -17,7 +17,7 @@ from daemon.core.catalog import CollectionRecord, live_of, view
 from daemon.core.cluster import placement
 from daemon.core.collection_shape import CollectionShape
 from daemon.core.qdrant_connect import check_named, describe_target, make_client, probe
-from daemon.core.qdrant_store import read_fingerprint
+from daemon.core.qdrant_store import identity
 from daemon.embedding.fingerprint import check_fingerprint
 from daemon.errors import ConfigError, SchemaNotReadyError, describe, refusal
 from daemon.outbox.verifier import position_of
@@ -176,9 +176,9 @@ async def inspect_collection(client, settings, record, section) -> dict[str, Any
     if record and live.alias_target != record.name:
         notes.append(f"alias {settings.collection!r} points at {live.alias_target!r}, not at the live collection")
     section["points"] = (await client.count(live.name, exact=True)).count
+    collection = await client.get_collection(live.name)
     if info is not None:  # a server: its configuration, shards and replicas (local mode has none)
         shape = CollectionShape(settings.qdrant)
-        collection = await client.get_collection(live.name)
         section["configuration"] = {
             "configured": shape.wanted(), "actual": shape.actual(collection),
             "differences": [str(d) for d in shape.differences(collection)],
@@ -192,7 +192,7 @@ async def inspect_collection(client, settings, record, section) -> dict[str, Any
             section["replication_factor"] = shards.replication_factor
             section["shards"] = [s.as_dict() for s in shards.shards]
             section["shard_problems"] = shards.problems()
-    recorded = await read_fingerprint(client, live.name)
+    recorded = identity(collection)[0]
     section["fingerprint"] = recorded.as_dict() if recorded else None
     if recorded is None:
         try:

@@ -112,7 +112,11 @@ async def resolve_alias(client: AsyncQdrantClient, alias: str) -> str | None:
 async def read_identity(client: AsyncQdrantClient, collection: str) -> tuple[ModelFingerprint | None, str | None]:
     """What a collection's metadata says of it: the model fingerprint its vectors
     were made with, and the id outboxd gave it when it created it (None: none)."""
-    info = await client.get_collection(collection)
+    return identity(await client.get_collection(collection))
+
+
+def identity(info: models.CollectionInfo) -> tuple[ModelFingerprint | None, str | None]:
+    """read_identity of a collection's info already read."""
     meta = info.config.metadata or {}
     fingerprint = meta.get(FINGERPRINT_KEY)
     return (ModelFingerprint.from_dict(fingerprint) if fingerprint else None), meta.get(UID_KEY)
