@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from daemon.core.settings import QdrantSettings
+from daemon.core.settings import PayloadSettings, QdrantSettings
 from daemon.embedding.settings import (
     DEFAULT_BACKEND,
     DEFAULT_MODEL,
@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         "config file.",
     )
     collection: str = Field("chunks", min_length=1, description="Qdrant collection the points live in.")
+    payload: PayloadSettings = Field(
+        default_factory=PayloadSettings,
+        description="What each point's payload holds (OUTBOXD_PAYLOAD__TEXT_CHARS, __PROFILE; the [payload] "
+        "table of the config file).",
+    )
 
     # --- embedding ------------------------------------------------------------
     embedding: EmbeddingSettings = Field(

@@ -20,7 +20,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from qdrant_client import AsyncQdrantClient, models
 
-from daemon.core.chunk_state import ChunkState
+from daemon.core.chunk_state import ChunkState, Projection
+from daemon.core.qdrant_store import is_local
+from daemon.core.settings import QdrantSettings
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
 
@@ -182,10 +184,15 @@ async def all_points(qdrant: AsyncQdrantClient, collection: str) -> dict[str, An
             return points
 
 
-async def assert_converged(dsn: str, qdrant: AsyncQdrantClient, collection: str, embedder: Embedder) -> int:
+async def assert_converged(dsn: str, qdrant: AsyncQdrantClient, collection: str, embedder: Embedder,
+                           sparse: str | None | bool = True) -> int:
     """Invariant 2: one point per chunk with non-empty text, id = chunk id, the
     vector = the model's embedding of the text, the payload = the projection;
-    no other points. Returns the number of points."""
+    no other points. sparse: the id of the BM25 settings every point's sparse
+    vector is made with (True: the default settings' on a server, none in local
+    mode; None: no point has one). Returns the number of points."""
+    if sparse is True:
+        sparse = None if is_local(qdrant) else QdrantSettings().sparse_id()
     with psycopg.connect(dsn, row_factory=dict_row) as conn:
         states = [ChunkState.from_row(r) for r in conn.execute(
             "SELECT chunk_id, document_id, source_id, chunk_index, text, token_count, content_hash, metadata, "
@@ -210,9 +217,15 @@ async def assert_converged(dsn: str, qdrant: AsyncQdrantClient, collection: str,
     )
     for (pid, state), vec in zip(expected.items(), truth):
         point = points[pid]
-        want = state.payload(model_id)
+        want = state.payload(Projection(model_id, sparse))
         got = {k: point.payload.get(k) for k in want}
+        got["outboxd"] = {k: v for k, v in (got["outboxd"] or {}).items() if k not in ("truncated", "version")}
         assert orjson.loads(orjson.dumps(got)) == orjson.loads(orjson.dumps(want)), f"payload of {pid} differs"
-        cos = float(np.dot(np.asarray(point.vector), vec))
+        vectors = point.vector if isinstance(point.vector, dict) else {"": point.vector}
+        if sparse is None:
+            assert "bm25" not in vectors, f"point {pid} has a sparse vector where none is configured"
+        else:  # Qdrant's BM25 of the whole text: at least one term of it
+            assert vectors.get("bm25") is not None and vectors["bm25"].indices, f"point {pid} lacks its bm25 vector"
+        cos = float(np.dot(np.asarray(vectors[""]), vec))
         assert cos > 0.999, f"vector of {pid} is not the embedding of its text (cosine {cos:.4f})"
     return len(expected)

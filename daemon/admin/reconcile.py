@@ -11,6 +11,10 @@ included). Each difference is one of:
 - orphaned     a point has no chunk (or its chunk's text is empty)
 - stale        the point's content_hash or payload differs from the chunk's state
 - wrong_model  the point was written under another model fingerprint
+- missing_sparse / wrong_sparse  the point lacks the sparse vector the collection
+               carries, or holds one made with other BM25 settings (or one where
+               none is configured); a repair writes it again with the dense vector
+               it holds, embedding nothing
 
 A running daemon may be applying a change while the scan passes it, so each
 candidate is confirmed before it is reported: a chunk with an event still
@@ -33,7 +37,7 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 from qdrant_client import AsyncQdrantClient, models
 
-from daemon.core.chunk_state import ChunkState
+from daemon.core.chunk_state import ChunkState, Projection
 from daemon.core.plan import POINT_KEYS, plan
 from daemon.core.qdrant_store import QdrantStore
 from daemon.errors import CollectionRetiredError
@@ -41,7 +45,7 @@ from daemon.outbox.queue import read_chunk_states
 from db.outbox import OutboxRepository
 from db.scans import ScanRepository
 
-KINDS = ("missing", "orphaned", "stale", "wrong_model")
+KINDS = ("missing", "orphaned", "stale", "wrong_model", "missing_sparse", "wrong_sparse")
 # Points per scroll request. A Qdrant server pages through an index; qdrant-client's
 # local mode sorts every point and walks to the offset on each request, so with it
 # fewer, larger pages are far faster (at the cost of holding one page in memory).
@@ -110,10 +114,10 @@ class ReconcileReport:
         }
 
 
-def classify(state: ChunkState | None, payload: dict[str, Any] | None, model_id: str) -> str | None:
+def classify(state: ChunkState | None, payload: dict[str, Any] | None, projection: Projection) -> str | None:
     """The kind of drift between a chunk and its point, or None if they agree (plan()'s
     drift; a chunk no point can be made of is drift too, which its dead letter explains)."""
-    return plan(state, payload, model_id).drift
+    return plan(state, payload, projection).drift
 
 
 async def merge_by_id(
@@ -185,7 +189,7 @@ class Reconciler:
         pool: AsyncConnectionPool,
         qdrant: AsyncQdrantClient,
         collection: str,
-        model_id: str,
+        projection: Projection,
         *,
         scope: Scope = Scope(),
         page_size: int = 2000,
@@ -198,7 +202,8 @@ class Reconciler:
         self.outbox = OutboxRepository(pool)
         self.qdrant = qdrant
         self.collection = collection
-        self.model_id = model_id
+        self.projection = projection  # what each point must hold beside its chunk (QdrantStore.projection)
+        self.model_id = projection.model_id
         self.scope = scope
         self.page_size = page_size
         self.qdrant_page_size = qdrant_page_size
@@ -246,7 +251,7 @@ class Reconciler:
                     progress(1)
             if payload is not None:
                 report.points += 1
-            kind = classify(state, payload, self.model_id)
+            kind = classify(state, payload, self.projection)
             if kind is not None:
                 candidates[UUID(pid)] = kind
                 if len(candidates) >= CONFIRM_BATCH:
@@ -323,7 +328,7 @@ class Reconciler:
         drift: dict[UUID, str] = {}
         in_flight: set[UUID] = set()
         for cid in ids:
-            kind = classify(states.get(cid), payloads.get(cid), self.model_id)
+            kind = classify(states.get(cid), payloads.get(cid), self.projection)
             if kind is None:
                 continue
             if cid in pending and self.trust_pending:

@@ -126,7 +126,8 @@ class Reindexer:
         if not await self._catch_up_rounds(applier, result, trust_pending=True):
             raise RuntimeError(f"reindex could not catch up {target!r} in {CATCH_UP_ROUNDS} rounds")
 
-        verify = await Reconciler(self.pool, self.qdrant, target, fp.id, qdrant_page_size=self.qdrant_page_size).run()
+        verify = await Reconciler(self.pool, self.qdrant, target, await store.projection(fp.id),
+                                  qdrant_page_size=self.qdrant_page_size).run()
         if verify.drift:
             raise RuntimeError(f"reindex verification found {verify.drift} drifted chunks: {verify.counts}")
         result.in_flight = verify.in_flight
@@ -167,7 +168,7 @@ class Reindexer:
                 self.pool,
                 self.qdrant,
                 applier.store.collection,
-                applier.model_id,
+                await applier.store.projection(applier.model_id),
                 trust_pending=trust_pending,
                 qdrant_page_size=self.qdrant_page_size,
             )

@@ -178,7 +178,7 @@ async def inspect_collection(client, settings, record, section) -> dict[str, Any
     section["points"] = (await client.count(live.name, exact=True)).count
     collection = await client.get_collection(live.name)
     if info is not None:  # a server: its configuration, shards and replicas (local mode has none)
-        shape = CollectionShape(settings.qdrant)
+        shape = CollectionShape.of(settings)
         section["configuration"] = {
             "configured": shape.wanted(), "actual": shape.actual(collection),
             "differences": [str(d) for d in shape.differences(collection)],

@@ -51,7 +51,7 @@ async def _collection(settings, apply: bool) -> dict:
     from daemon.core.collection_shape import CollectionShape
     from daemon.core.qdrant_store import QdrantStore
 
-    shape = CollectionShape(settings.qdrant)
+    shape = CollectionShape.of(settings)
     async with open_services(settings) as (pool, client):
         live = await live_collection(settings, pool, client)
         store = QdrantStore(client, settings.collection, live.name, shape=shape)

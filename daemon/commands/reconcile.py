@@ -64,16 +64,19 @@ async def _reconcile(settings, repair: bool, deep: bool, quiet: bool, source, do
     # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.admin.reconcile import LOCAL_QDRANT_PAGE, SERVER_QDRANT_PAGE, Reconciler, Scope, enqueue_repair
     from daemon.commands.common import live_collection, open_services, progress_bar
+    from daemon.core.collection_shape import CollectionShape
+    from daemon.core.qdrant_store import QdrantStore
     from db.capture import read_capture_mode
 
     async with open_services(settings) as (pool, client):
         live = await live_collection(settings, pool, client, recreate_missing=recreate_missing)
         collection = live.name
+        store = QdrantStore(client, settings.collection, collection, shape=CollectionShape.of(settings))
         reconciler = Reconciler(
             pool,
             client,
             collection,
-            live.fingerprint.id,
+            await store.projection(live.fingerprint.id),
             scope=Scope(source_id=source, document_id=document),
             page_size=page_size,
             qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant.url else LOCAL_QDRANT_PAGE,

@@ -94,7 +94,7 @@ async def _reindex(settings, rollback: bool, page_size: int, quiet: bool, rebuil
                     qdrant_page_size=SERVER_QDRANT_PAGE if settings.qdrant.url else LOCAL_QDRANT_PAGE,
                     progress=advance,
                     qdrant_location=location(settings),
-                    shape=CollectionShape(settings.qdrant),
+                    shape=CollectionShape.of(settings),
                     rebuild=rebuild,
                 ).run()
         finally:

@@ -123,7 +123,7 @@ async def _search(settings, query: str, filters, options: dict) -> list:
         async with open_services(settings) as (pool, client):
             await embedder.load()
             return await hybrid_search(pool, client, settings.collection, embedder, query, filters=filters,
-                                       search_params=CollectionShape(settings.qdrant).search_params(), **options)
+                                       search_params=CollectionShape.of(settings).search_params(), **options)
     finally:
         await embedder.close()
 

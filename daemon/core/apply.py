@@ -4,7 +4,8 @@ A transport hands it one Target per chunk, already coalesced (the latest state
 winning, so duplicated and reordered events are harmless). It reads the small
 keys of their points, asks daemon.core.plan what each chunk needs (delete,
 embed and upsert, set some payload keys, write a point again with the vector
-it holds, or nothing), embeds only the texts that changed, and sends all of it to Qdrant as one confirmed batch. It knows
+it holds, or nothing), embeds only the texts that changed, and sends all of it
+to Qdrant as one confirmed batch. It knows
 nothing about transports: where targets carry versions (the chunk's version,
 read with its state), a point that already reflects a newer version is left
 alone, written points record theirs, and Qdrant makes each write only over an
@@ -20,7 +21,7 @@ from typing import Any
 from uuid import UUID
 
 from daemon.core.batch import Outcome, Target
-from daemon.core.chunk_state import ChunkState
+from daemon.core.chunk_state import BOOKKEEPING, ChunkState
 from daemon.core.plan import POINT_KEYS, Action, plan
 from daemon.core.qdrant_store import QdrantStore, Upserts
 from daemon.embedding.embedder import Embedder
@@ -38,10 +39,11 @@ class ApplyResult(Outcome):
     embedded: int = 0
     reused: int = 0  # vectors of identical text found in Qdrant instead of encoded
     older: int = 0  # targets older than the version their point already reflects (left as it was)
+    rewritten: int = 0  # points written again with the dense vector they hold (sparse vector, layout)
 
     def ops(self) -> dict[str, int]:
         return {"upsert": self.upserted, "payload": self.payload_only, "delete": self.deleted,
-                "unchanged": self.unchanged, "older": self.older}
+                "unchanged": self.unchanged, "older": self.older, "rewrite": self.rewritten}
 
     def embedding_kinds(self) -> dict[str, int]:
         """How each written chunk's vector was obtained (the embeddings metric)."""
@@ -49,7 +51,7 @@ class ApplyResult(Outcome):
             "computed": self.embedded,
             "reused": self.reused,
             "cache_hit": max(0, self.upserted - self.embedded - self.reused),  # cache, or the same text in the batch
-            "payload_only": self.payload_only,
+            "payload_only": self.payload_only + self.rewritten,
             "unchanged": self.unchanged,
         }
 
@@ -70,6 +72,7 @@ class Applier:
         target without a version, as reindex and embedding applications pass them."""
         targets = {cid: t if isinstance(t, Target) else Target(t) for cid, t in targets.items()}
         result = ApplyResult()
+        projection = await self.store.projection(self.model_id)
         point_ids = {chunk_id: str(chunk_id) for chunk_id in targets}  # each id made a string once
         existing = await self.store.payloads(list(point_ids.values()), keys=POINT_KEYS)
         deletes: list[str] = []
@@ -77,10 +80,10 @@ class Applier:
         payload_updates: list[tuple[str, dict[str, Any]]] = []
         versions: dict[str, int] = {}  # point id -> the version its write carries
         holds: dict[str, str] = {}  # point id -> the text (content hash) a versioned payload update assumes
-        model_id = self.model_id
+        rewrites: dict[str, tuple[UUID, Target]] = {}  # point id -> its chunk; written again with its vector
         for chunk_id, target in targets.items():
             point_id = point_ids[chunk_id]
-            todo = plan(target.state, existing.get(point_id), model_id, target.version, target.deleted)
+            todo = plan(target.state, existing.get(point_id), projection, target.version, target.deleted)
             if todo.action is Action.REJECT:
                 result.failed[chunk_id] = todo.error
                 continue
@@ -94,6 +97,8 @@ class Applier:
                 deletes.append(point_id)
             elif todo.action is Action.UPSERT:
                 to_embed[point_id] = (target.state.text, todo.payload)
+            elif todo.action is Action.REWRITE:
+                rewrites[point_id] = (chunk_id, target)
             elif todo.action is Action.SET:
                 payload_updates.append((point_id, todo.payload))
                 if target.version is not None:
@@ -103,6 +108,30 @@ class Applier:
                 result.unchanged += 1
 
         upserts = Upserts()
+        if rewrites:
+            held = await self.store.vectors(list(rewrites), keys=POINT_KEYS)
+            for point_id, (chunk_id, target) in rewrites.items():
+                vector, point = held.get(point_id, (None, None))
+                # planned again on the point as read with its vector: a vector is only kept with the text it embeds
+                todo = plan(target.state, point, projection, target.version, target.deleted)
+                if todo.action is Action.REWRITE:
+                    todo.payload[BOOKKEEPING]["truncated"] = vector.truncated
+                    upserts.add(point_id, vector.vector, todo.payload, target.state.text)
+                    result.rewritten += 1
+                elif todo.action is Action.UPSERT:
+                    to_embed[point_id] = (target.state.text, todo.payload)
+                elif todo.action is Action.OLDER:
+                    del result.written[chunk_id]
+                    versions.pop(point_id, None)
+                    result.older += 1
+                elif todo.action is Action.SET:  # the point moved on meanwhile, to a layout a set serves
+                    payload_updates.append((point_id, todo.payload))
+                    if target.version is not None:
+                        holds[point_id] = target.state.content_hash
+                    result.payload_only += 1
+                else:
+                    versions.pop(point_id, None)
+                    result.unchanged += 1
         if to_embed:
             await self._embed(to_embed, result, upserts)
         result.older += await self.store.write(upserts, payload_updates, deletes, versions,
@@ -111,7 +140,7 @@ class Applier:
         return result
 
     async def _embed(self, to_embed: dict[str, tuple[str, dict[str, Any]]], result: ApplyResult, upserts: Upserts) -> None:
-        texts = {payload["content_hash"]: text for text, payload in to_embed.values()}
+        texts = {payload[BOOKKEEPING]["content_hash"]: text for text, payload in to_embed.values()}
         reused = {}
         if self.reuse_vectors:
             unknown = [h for h in texts if not self.embedder.cached(h)]
@@ -121,8 +150,8 @@ class Applier:
             vectors, result.embedded = await self.embedder.embed(wanted)
         vectors.update(reused)
         result.reused = len(reused)
-        for point_id, (_text, payload) in to_embed.items():
-            emb = vectors[payload["content_hash"]]
-            payload["truncated"] = emb.truncated
-            upserts.add(point_id, emb.vector, payload)
-        result.upserted = len(to_embed)
+        for point_id, (text, payload) in to_embed.items():
+            emb = vectors[payload[BOOKKEEPING]["content_hash"]]
+            payload[BOOKKEEPING]["truncated"] = emb.truncated
+            upserts.add(point_id, emb.vector, payload, text)
+        result.upserted += len(to_embed)

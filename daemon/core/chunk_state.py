@@ -1,14 +1,23 @@
 """A chunk as PostgreSQL has it now, and the Qdrant payload it projects to.
 
-The payload is the documented contract readers filter on: document_id,
-source_id, chunk_index, text (first 1000 characters), token_count,
-content_hash, metadata, title, url, document_type, plus embedding_model (the
-fingerprint id of the model that made the vector) and truncated (the text was
-longer than the model's window).
+The payload is the documented contract readers filter on (docs/search.md):
 
-One more key, metadata_hash, stands for the metadata (which may be large), so
-that telling what a payload-only change changed needs only the small keys of
-the point, never its bulk (metadata, text).
+    text           the chunk's text, its first [payload] text_chars characters (0: whole)
+    text_cut       the text above is shorter than the chunk's
+    document_id, source_id, chunk_index, title, url, document_type
+    metadata       the chunk's metadata object
+    outboxd        outboxd's bookkeeping, one object so that a reader leaves it out
+                   of an LLM prompt in one step: content_hash, metadata_hash (stands
+                   for the metadata, which may be large, so that telling what a
+                   payload-only change changed needs only small keys, never the
+                   point's bulk), embedding_model (the fingerprint id of the model
+                   that made the vector), text_chars (what text was cut to),
+                   token_count, truncated (the text was longer than the model's
+                   window), version and sparse (what the point's
+                   sparse vector was made with; None: it has none)
+
+The langchain profile also puts the provenance keys inside metadata, where
+LangChain's QdrantVectorStore looks for a Document's metadata.
 """
 from __future__ import annotations
 
@@ -21,13 +30,29 @@ import orjson
 
 from daemon.errors import InvalidChunkError
 
-PAYLOAD_TEXT_CHARS = 1000
+PAYLOAD_TEXT_CHARS = 1000  # [payload] text_chars's default
 # Deepest nesting of a chunk's metadata that outboxd accepts. Real metadata is a
 # few levels deep; far deeper JSON cannot be serialised everywhere it must go (a
 # Qdrant server parses JSON to a recursion limit of 128, Python's pickling in local
 # mode fails near 500, orjson at 255), so it is refused by name instead.
 MAX_METADATA_DEPTH = 64
-METADATA_HASH = "metadata_hash"  # payload key: outboxd's bookkeeping, not part of the documented projection
+BOOKKEEPING = "outboxd"  # payload key of the object that groups outboxd's own keys
+METADATA_HASH = "metadata_hash"  # keys inside it
+SPARSE = "sparse"
+VERSION = "version"
+PROVENANCE = ("document_id", "source_id", "chunk_index", "title", "url", "document_type")
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """What a chunk's point holds besides the chunk itself: which model made its
+    vector, what its sparse vector is made with (None: it has none), and how the
+    payload is laid out ([payload])."""
+
+    model_id: str
+    sparse: str | None = None
+    text_chars: int = PAYLOAD_TEXT_CHARS
+    profile: str = "outboxd"
 
 
 def metadata_hash(metadata: Any) -> str:
@@ -103,21 +128,34 @@ class ChunkState:
                 "or run `outboxd dead-letters retry --error nested`"
             )
 
-    def payload(self, model_id: str) -> dict[str, Any]:
+    def payload(self, projection: Projection) -> dict[str, Any]:
+        """The point's payload (without `truncated`, which the embedding decides, nor a version)."""
         self.check_limits()
-        metadata = self.metadata if self.metadata is not None else {}
-        payload = {
+        limit = projection.text_chars
+        cut = bool(limit) and len(self.text) > limit
+        provenance = {
             "document_id": str(self.document_id),
             "source_id": str(self.source_id),
             "chunk_index": self.chunk_index,
-            "text": self.text[:PAYLOAD_TEXT_CHARS],
-            "token_count": self.token_count,
-            "content_hash": self.content_hash,
-            "metadata": metadata,
             "title": self.title,
             "url": self.url,
             "document_type": self.document_type,
-            "embedding_model": model_id,
         }
-        payload[METADATA_HASH] = metadata_hash(metadata)
-        return payload
+        metadata = self.metadata if self.metadata is not None else {}
+        if projection.profile == "langchain":
+            # provenance wins over a metadata key of the same name: the reader asked for it there
+            metadata = {**metadata, **provenance, "text_cut": cut}
+        return {
+            "text": self.text[:limit] if cut else self.text,
+            "text_cut": cut,
+            **provenance,
+            "metadata": metadata,
+            BOOKKEEPING: {
+                "content_hash": self.content_hash,
+                "text_chars": limit,
+                METADATA_HASH: metadata_hash(metadata),
+                "embedding_model": projection.model_id,
+                "token_count": self.token_count,
+                SPARSE: projection.sparse,
+            },
+        }

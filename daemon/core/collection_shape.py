@@ -16,14 +16,17 @@ from typing import Any
 
 from qdrant_client import models
 
-from daemon.core.settings import QdrantSettings
+from daemon.core.chunk_state import BOOKKEEPING
+from daemon.core.settings import PayloadSettings, QdrantSettings
 
+DENSE = ""  # the model's vector is the collection's unnamed one: every reader's default
+SPARSE_VECTOR = "bm25"  # the sparse vector's name
 # the payload fields outboxd's own search and writes filter on, indexed as what they hold
 INDEXES: dict[str, models.PayloadSchemaType] = {
     "document_id": models.PayloadSchemaType.UUID,
     "source_id": models.PayloadSchemaType.UUID,
     "document_type": models.PayloadSchemaType.KEYWORD,
-    "content_hash": models.PayloadSchemaType.KEYWORD,
+    f"{BOOKKEEPING}.content_hash": models.PayloadSchemaType.KEYWORD,
 }
 
 
@@ -73,6 +76,10 @@ def _always_ram(info: models.CollectionInfo) -> bool | None:
     return getattr(inner, "always_ram", None)
 
 
+def _sparse(info: models.CollectionInfo) -> str:
+    return "bm25" if SPARSE_VECTOR in (info.config.params.sparse_vectors or {}) else "none"
+
+
 def _tenant_key(info: models.CollectionInfo) -> str | None:
     for name, index in (info.payload_schema or {}).items():
         if getattr(index.params, "is_tenant", None):
@@ -103,6 +110,7 @@ KNOBS = (
     Knob("quantization", _quantization_kind),
     Knob("quantization_always_ram", _always_ram),
     Knob("tenant_key", _tenant_key),
+    Knob("sparse", _sparse),  # added in place (create_vector_name, Qdrant 1.18) or dropped
 )
 
 
@@ -112,6 +120,13 @@ class CollectionShape:
     (Qdrant's defaults) and writes with medium ordering."""
 
     settings: QdrantSettings = field(default_factory=QdrantSettings)
+    payload: PayloadSettings = field(default_factory=PayloadSettings)
+    local: bool = False  # qdrant-client's local mode: no sparse vector (the server computes BM25)
+
+    @classmethod
+    def of(cls, settings: Any) -> CollectionShape:
+        """The shape a daemon.config.Settings asks for (local mode where it names no server)."""
+        return cls(settings.qdrant, settings.payload, local=settings.qdrant.url is None)
 
     @property
     def ordering(self) -> models.WriteOrdering:
@@ -132,13 +147,16 @@ class CollectionShape:
         """The configured values of every knob that is set."""
         s = self.settings
         values = {k.name: getattr(s, k.name) for k in KNOBS if getattr(s, k.name) is not None}
+        if self.local:
+            values.pop("sparse", None)
         if s.quantization in (None, "none"):
             values.pop("quantization_always_ram", None)  # it describes quantized vectors only
         return values
 
     # --- creating a collection ------------------------------------------------
-    def create_kwargs(self, dimension: int) -> dict[str, Any]:
-        """The arguments of create_collection beyond the name and metadata."""
+    def create_kwargs(self, dimension: int, *, sparse: bool = True) -> dict[str, Any]:
+        """The arguments of create_collection beyond the name and metadata (sparse:
+        False where no sparse vector can be made, in local mode)."""
         s = self.settings
         kwargs: dict[str, Any] = {
             "vectors_config": models.VectorParams(
@@ -151,14 +169,22 @@ class CollectionShape:
             "hnsw_config": self._hnsw_diff(),
             "optimizers_config": self._optimizers_diff(),
             "quantization_config": self._quantization_config(),
+            "sparse_vectors_config": {SPARSE_VECTOR: self.sparse_params()} if sparse and s.sparse == "bm25" else None,
         }
         if isinstance(kwargs["quantization_config"], models.Disabled):
             kwargs["quantization_config"] = None  # a new collection has none to remove
         return {k: v for k, v in kwargs.items() if v is not None}
 
+    @staticmethod
+    def sparse_params() -> models.SparseVectorParams:
+        # IDF from the collection's own documents, which the server keeps as points change
+        return models.SparseVectorParams(modifier=models.Modifier.IDF)
+
     def indexes(self) -> dict[str, Any]:
-        """Each indexed payload field and its schema; the tenant key's marked is_tenant."""
-        schemas: dict[str, Any] = dict(INDEXES)
+        """Each indexed payload field and its schema: outboxd's, then the operator's
+        payload_indexes; the tenant key's marked is_tenant."""
+        schemas: dict[str, Any] = {**INDEXES, **{k: models.PayloadSchemaType(v)
+                                                for k, v in self.settings.payload_indexes.items()}}
         key = self.settings.tenant_key
         if key is not None:
             params = models.UuidIndexParams if INDEXES[key] == models.PayloadSchemaType.UUID else (

@@ -21,9 +21,9 @@ import orjson
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
-from daemon.core.chunk_state import METADATA_HASH
-from daemon.core.collection_shape import INDEXES, CollectionShape, Difference
-from daemon.core.plan import VERSION_KEY
+from daemon.core.chunk_state import BOOKKEEPING, METADATA_HASH, Projection
+from daemon.core.collection_shape import DENSE, INDEXES, SPARSE_VECTOR, CollectionShape, Difference
+from daemon.core.plan import VERSION_KEY, bookkeeping
 from daemon.embedding.embedder import Embedding, ModelFingerprint
 from daemon.embedding.fingerprint import check_fingerprint
 from daemon.errors import ConfigError
@@ -32,12 +32,24 @@ from daemon.telemetry import span
 log = logging.getLogger(__name__)
 
 FINGERPRINT_KEY = "outboxd_model"
+UNSETTLED = object()
 UID_KEY = "outboxd_uid"  # a random id per collection outboxd creates, kept in the catalog too (which Qdrant holds it)
 NO_CHUNK = "00000000-0000-0000-0000-000000000000"  # the nil UUID: gen_random_uuid() never makes it
+BM25_MODEL = "qdrant/bm25"  # the server's own BM25: it tokenises, stems and weighs the text itself
 
 # Local mode ignores payload indexes and says so on every create; we create them
 # for the day the same collection lives on a server.
 warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local Qdrant")
+
+
+def is_local(client: Any) -> bool:
+    """qdrant-client's local mode (no server: no server-side inference, no sparse vector made from text)."""
+    return type(getattr(client, "_client", None)).__name__ in ("QdrantLocal", "AsyncQdrantLocal")
+
+
+def has_sparse(info: models.CollectionInfo) -> bool:
+    """The collection has the sparse vector outboxd writes (made with create_collection, or added since)."""
+    return SPARSE_VECTOR in (info.config.params.sparse_vectors or {})
 
 
 def physical_name(alias: str, fingerprint: ModelFingerprint) -> str:
@@ -55,19 +67,22 @@ def already_exists(exc: BaseException) -> bool:
 
 class Upserts:
     """Points to upsert, column-wise: handed to Qdrant as one Batch, without a
-    model object per point."""
+    model object per point. Each keeps its whole text too, which the server
+    makes the sparse vector of, where the collection has one."""
 
-    __slots__ = ("ids", "payloads", "vectors")
+    __slots__ = ("ids", "payloads", "texts", "vectors")
 
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.vectors: list[list[float]] = []
         self.payloads: list[dict[str, Any]] = []
+        self.texts: list[str] = []
 
-    def add(self, point_id: str, vector: list[float], payload: dict[str, Any]) -> None:
+    def add(self, point_id: str, vector: list[float], payload: dict[str, Any], text: str) -> None:
         self.ids.append(point_id)
         self.vectors.append(vector)
         self.payloads.append(payload)
+        self.texts.append(text)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -76,15 +91,33 @@ class Upserts:
         """(the points keep() refuses, the points it keeps)."""
         parts = Upserts(), Upserts()
         for i, point_id in enumerate(self.ids):
-            parts[keep(point_id)].add(point_id, self.vectors[i], self.payloads[i])
+            parts[keep(point_id)].add(point_id, self.vectors[i], self.payloads[i], self.texts[i])
         return parts
 
-    def operation(self, update_filter: models.Filter | None = None, *, update_only: bool = False
-                  ) -> models.UpsertOperation:
-        batch = models.Batch.model_construct(ids=self.ids, vectors=self.vectors, payloads=self.payloads)
+    def vectors_of(self, sparse: dict[str, Any] | None, i: int | None = None) -> Any:
+        """The vectors of every point (of point i): the dense ones alone, or named,
+        with the document the server makes each sparse vector of (`sparse`: its options)."""
+        if sparse is None:
+            return self.vectors if i is None else self.vectors[i]
+        def document(text: str) -> models.Document:
+            return models.Document(text=text, model=BM25_MODEL, options=sparse)
+        if i is not None:
+            return {DENSE: self.vectors[i], SPARSE_VECTOR: document(self.texts[i])}
+        return {DENSE: self.vectors, SPARSE_VECTOR: [document(t) for t in self.texts]}
+
+    def operation(self, sparse: dict[str, Any] | None, update_filter: models.Filter | None = None, *,
+                  update_only: bool = False) -> models.UpsertOperation:
+        batch = models.Batch.model_construct(ids=self.ids, vectors=self.vectors_of(sparse), payloads=self.payloads)
         mode = models.UpdateMode.UPDATE_ONLY if update_only else None
         return models.UpsertOperation(upsert=models.PointsBatch.model_construct(
             batch=batch, update_filter=update_filter, update_mode=mode))
+
+
+def dense(vector: Any) -> list[float] | None:
+    """The dense vector of a point read back: the vector itself, or the unnamed one among its named vectors."""
+    if isinstance(vector, dict):
+        vector = vector.get(DENSE)
+    return list(vector) if vector is not None else None
 
 
 def holds_older(version: int) -> models.Filter:
@@ -141,6 +174,39 @@ class QdrantStore:
         # the physical collection: given (a command that resolved it), or settled by ensure_collection
         self.collection = collection or alias
         self.recreated = False  # ensure_collection created the live collection anew: it must be rebuilt
+        self._sparse: dict[str, Any] | None | object = UNSETTLED  # the options of the sparse vectors it writes
+
+    async def projection(self, model_id: str) -> Projection:
+        """What this store's points hold beside the chunk: the payload's layout, and
+        a sparse vector where [qdrant] asks for one and the collection has it (read
+        once; a collection that lacks it gets dense vectors, with a warning that
+        names the fix)."""
+        if self._sparse is UNSETTLED:
+            self._sparse = await self._settle_sparse()
+        payload = self.shape.payload
+        sparse = self.shape.settings.sparse_id() if self._sparse is not None else None
+        return Projection(model_id, sparse, payload.text_chars, payload.profile)
+
+    async def _settle_sparse(self) -> dict[str, Any] | None:
+        settings = self.shape.settings
+        if settings.sparse == "none":
+            return None
+        if is_local(self.client):
+            log.info("local mode makes no sparse vectors (BM25 is computed by a Qdrant server): the points carry "
+                     "the dense vector only, and search takes its keywords from PostgreSQL")
+            return None
+        if not has_sparse(await self.client.get_collection(self.collection)):
+            log.warning(
+                "the collection has no sparse vector %r, so its points carry the dense vector only and readers get "
+                "no native hybrid search; `outboxd collection --apply` adds it in place, then `outboxd reconcile "
+                "--repair` gives every point its sparse vector (nothing is embedded again); or set "
+                "OUTBOXD_QDRANT__SPARSE=none", SPARSE_VECTOR, extra={"collection": self.collection})
+            return None
+        return settings.bm25_options()
+
+    def _settled(self) -> dict[str, Any] | None:
+        assert self._sparse is not UNSETTLED, "await projection() before writing"
+        return self._sparse  # type: ignore[return-value]
 
     async def resolve(self) -> str | None:
         return await resolve_alias(self.client, self.alias)
@@ -155,6 +221,7 @@ class QdrantStore:
         last). A Qdrant that lacks it, or holds another collection of its name,
         is refused (CollectionElsewhereError) unless recreate_missing: then a
         missing one is created empty (the caller rebuilds it from PostgreSQL)."""
+        self._sparse = UNSETTLED  # the collection may change below: what it has is read again
         if live is not None and live.name is not None:
             if not live.exists and recreate_missing:
                 log.warning("the live collection is missing in Qdrant; recreating it empty",
@@ -265,7 +332,7 @@ class QdrantStore:
                 await self.client.create_collection(
                     self.collection,
                     metadata={FINGERPRINT_KEY: fingerprint.as_dict(), UID_KEY: uuid.uuid4().hex},
-                    **self.shape.create_kwargs(fingerprint.dimension),
+                    **self.shape.create_kwargs(fingerprint.dimension, sparse=not is_local(self.client)),
                 )
             except Exception as exc:
                 if not already_exists(exc):
@@ -293,6 +360,13 @@ class QdrantStore:
         kwargs = self.shape.update_kwargs(differences)
         if kwargs:
             await self.client.update_collection(self.collection, **kwargs)
+        if any(d.name == "sparse" for d in differences):
+            if self.shape.settings.sparse == "bm25":  # the points get theirs from `reconcile --repair`
+                await self.client.create_vector_name(self.collection, SPARSE_VECTOR, models.SparseVectorNameConfig(
+                    sparse=models.SparseVectorConfig(modifier=self.shape.sparse_params().modifier)))
+            else:
+                await self.client.delete_vector_name(self.collection, SPARSE_VECTOR)
+            self._sparse = UNSETTLED
         names = {d.name for d in differences if d.in_place}
         wanted = self.shape.indexes()
         retyped = {k: v for k, v in wanted.items() if f"index {k}" in names
@@ -325,23 +399,38 @@ class QdrantStore:
         content_hash), so identical text is not encoded again."""
         if not hashes:
             return {}
+        def held(key: str) -> models.Filter:
+            return models.Filter(must=[
+                models.FieldCondition(key=f"{key}content_hash", match=models.MatchAny(any=hashes)),
+                models.FieldCondition(key=f"{key}embedding_model", match=models.MatchValue(value=model_id))])
+
         points, _ = await self.client.scroll(
             self.collection,
-            scroll_filter=models.Filter(
-                must=[
-                    models.FieldCondition(key="content_hash", match=models.MatchAny(any=hashes)),
-                    models.FieldCondition(key="embedding_model", match=models.MatchValue(value=model_id)),
-                ]
-            ),
+            # the top-level keys: a point laid out before the bookkeeping group
+            scroll_filter=models.Filter(should=[held(f"{BOOKKEEPING}."), held("")]),
             limit=len(hashes) * 4,  # a hash may stand on several points; missing ones are just encoded
-            with_payload=["content_hash", "truncated"],
+            with_payload=[BOOKKEEPING, "content_hash", "truncated"],
             with_vectors=True,
         )
-        return {
-            p.payload["content_hash"]: Embedding(list(p.vector), bool(p.payload.get("truncated")))
-            for p in points
-            if p.payload and p.vector is not None
-        }
+        found = {}
+        for p in points:
+            vector, kept = dense(p.vector), bookkeeping(p.payload or {})
+            if vector is not None and "content_hash" in kept:
+                found[kept["content_hash"]] = Embedding(vector, bool(kept.get("truncated")))
+        return found
+
+    async def vectors(self, point_ids: list[str], keys: list[str]) -> dict[str, tuple[Embedding, dict[str, Any]]]:
+        """The dense vector each existing point holds now, with these keys of its payload, by point id."""
+        records = await self.client.retrieve(
+            self.collection, point_ids, with_payload=[*keys, "truncated"], with_vectors=True,
+            consistency=self.shape.read_consistency,
+        )
+        held = {}
+        for r in records:
+            vector, payload = dense(r.vector), r.payload or {}
+            if vector is not None:
+                held[str(r.id)] = (Embedding(vector, bool(bookkeeping(payload).get("truncated"))), payload)
+        return held
 
     async def drop(self) -> None:
         """Delete the physical collection (a retired one the operator gave up on), where it exists."""
@@ -352,7 +441,8 @@ class QdrantStore:
         """Drop these points' metadata_hash, which may no longer describe their payload
         (edited by hand): the next apply writes the payload whole (plan's changed_keys)."""
         if point_ids:
-            await self.client.delete_payload(self.collection, keys=[METADATA_HASH], points=point_ids, wait=True,
+            await self.client.delete_payload(self.collection, keys=[f"{BOOKKEEPING}.{METADATA_HASH}"],
+                                             points=point_ids, wait=True,
                                              ordering=self.shape.ordering)
 
     async def write(
@@ -374,29 +464,32 @@ class QdrantStore:
         payload is never set beside another text's vector. Returns how many versioned writes found their point already holding a newer
         version (left as it was)."""
         versions = versions or {}
+        sparse = self._settled() if upserts else None
         ops: list[Any] = []
         plain, versioned = upserts.split(versions.__contains__) if upserts else (None, None)
         if plain:
-            ops.append(plain.operation())
+            ops.append(plain.operation(sparse))
         if versioned:
             older = holds_older(min(versions[i] for i in versioned.ids))
             new, known = versioned.split(set(seen).__contains__)
-            ops += [part.operation(older, update_only=part is known) for part in (new, known) if part]
+            ops += [part.operation(sparse, older, update_only=part is known) for part in (new, known) if part]
         # identical changes (a document's new title on all its chunks) become one operation
         same: dict[bytes, tuple[dict[str, Any], list[str]]] = {}
         for point_id, payload in payload_updates:
             same.setdefault(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS), (payload, []))[1].append(point_id)
         holds = holds or {}
         for payload, point_ids in same.values():
-            version = payload.get(VERSION_KEY)
-            if version is None:
-                ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=point_ids)))
-                continue
-            where = models.Filter(
+            top = {k: v for k, v in payload.items() if k != BOOKKEEPING}
+            group = payload.get(BOOKKEEPING)  # merged into the point's group: its other keys (truncated) stay
+            version = (group or {}).get("version")
+            where = None if version is None else models.Filter(
                 must=[models.HasIdCondition(has_id=point_ids), models.FieldCondition(
-                    key="content_hash", match=models.MatchAny(any=sorted({holds[p] for p in point_ids})))],
+                    key=f"{BOOKKEEPING}.content_hash", match=models.MatchAny(any=sorted({holds[p] for p in point_ids})))],
                 should=holds_older(version).should)
-            ops.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, filter=where)))
+            which = {"points": point_ids} if where is None else {"filter": where}
+            # the group last: its version moves only once the rest has landed under the same condition
+            ops += [models.SetPayloadOperation(set_payload=models.SetPayload(payload=keys, key=key, **which))
+                    for keys, key in ((top, None), (group, BOOKKEEPING)) if keys]
         gone = [d for d in deletes if d not in versions]
         if gone:
             ops.append(models.DeleteOperation(delete=models.PointIdsList(points=gone)))
@@ -418,7 +511,8 @@ class QdrantStore:
                                seen: Collection[str]) -> int:
         """After the shared condition: each point that still holds an older version
         than its own write is written alone, on its own version; how many hold a newer one."""
-        held = {str(r.id): (r.payload or {}).get(VERSION_KEY) for r in await self.client.retrieve(
+        sparse = self._settled() if versioned else None
+        held = {str(r.id): bookkeeping(r.payload or {}).get("version") for r in await self.client.retrieve(
             self.collection, [*versioned.ids, *deletes], with_payload=[VERSION_KEY], with_vectors=False,
             consistency=self.shape.read_consistency)}
         newer = 0
@@ -428,7 +522,8 @@ class QdrantStore:
             if isinstance(have, int) and have > version:
                 newer += 1
             elif point_id in held and have != version:
-                alone = models.PointStruct(id=point_id, vector=versioned.vectors[i], payload=versioned.payloads[i])
+                alone = models.PointStruct(id=point_id, vector=versioned.vectors_of(sparse, i),
+                                           payload=versioned.payloads[i])
                 mode = models.UpdateMode.UPDATE_ONLY if point_id in seen else None
                 ops.append(models.UpsertOperation(upsert=models.PointsList(
                     points=[alone], update_filter=holds_older(version), update_mode=mode)))

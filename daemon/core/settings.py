@@ -19,12 +19,16 @@ names the new one (daemon.config.Settings.renamed).
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+import orjson
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 
 from daemon.settings.names import Table
+
+PayloadIndexType = Literal["keyword", "integer", "float", "bool", "uuid", "datetime", "text"]
 
 
 class QdrantSettings(Table):
@@ -113,9 +117,55 @@ class QdrantSettings(Table):
         None, ge=1.0, description="With quantization: candidates fetched per result before rescoring "
         "(Qdrant's default: 1.0).",
     )
+    payload_indexes: dict[str, PayloadIndexType] = Field(
+        default_factory=dict, description="Extra payload indexes, field -> type (keyword, integer, float, bool, "
+        "uuid, datetime, text), e.g. {\"metadata.topic\": \"keyword\"}: created with every collection outboxd "
+        "creates (every reindex too), so a reader's filter stays fast after a reindex.",
+    )
+
+    # --- the sparse vector: BM25, computed by the Qdrant server from each chunk's text
+    sparse: Literal["bm25", "none"] = Field(
+        "bm25", description="A sparse BM25 vector named bm25 beside the model's dense vector, computed by the "
+        "Qdrant server from the chunk's whole text (IDF from the collection), so readers get native hybrid "
+        "search. A server's only: local mode has none, and says so once. none: dense vectors only.",
+    )
+    bm25_language: str = Field(
+        "english", min_length=1, description="The language of BM25's stemmer and stopwords (Qdrant's names: "
+        "english, german, french, ...; none: neither).",
+    )
+    bm25_k: float | None = Field(None, gt=0, description="BM25's term frequency saturation (Qdrant's default: 1.2).")
+    bm25_b: float | None = Field(
+        None, ge=0, le=1, description="BM25's document length normalisation, 0 to 1 (Qdrant's default: 0.75).",
+    )
+    bm25_avg_len: float | None = Field(
+        None, gt=0, description="The average chunk length in words that BM25 normalises by (Qdrant's default: 256).",
+    )
+
+    @field_validator("payload_indexes", mode="before")
+    @classmethod
+    def _indexes_from_json(cls, v: object) -> object:
+        # OUTBOXD_QDRANT__PAYLOAD_INDEXES='{"metadata.topic": "keyword"}'
+        if isinstance(v, (str, bytes)):
+            try:
+                return orjson.loads(v)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object of field -> index type ({exc})") from None
+        return v
+
+    def bm25_options(self) -> dict[str, Any]:
+        """The options of the server's qdrant/bm25 model, as every document and query is sent with them."""
+        options = {"language": self.bm25_language, "k": self.bm25_k, "b": self.bm25_b, "avg_len": self.bm25_avg_len}
+        return {k: v for k, v in options.items() if v is not None}
+
+    def sparse_id(self) -> str | None:
+        """What a point's sparse vector was made with, as its payload records it (None: no sparse vector)."""
+        if self.sparse == "none":
+            return None
+        options = orjson.dumps(self.bm25_options(), option=orjson.OPT_SORT_KEYS)
+        return f"bm25-{hashlib.blake2b(options, digest_size=4).hexdigest()}"
 
     @model_validator(mode="after")
-    def _consistency_within_replicas(self) -> "QdrantSettings":
+    def _consistency_within_replicas(self) -> QdrantSettings:
         w, r = self.write_consistency_factor, self.replication_factor
         if w is not None and w > (r or 1):
             raise ValueError(
@@ -124,3 +174,17 @@ class QdrantSettings(Table):
                 "raise OUTBOXD_QDRANT__REPLICATION_FACTOR"
             )
         return self
+
+
+class PayloadSettings(Table):
+    """What each point's payload holds beyond the documented keys (daemon.core.chunk_state)."""
+
+    text_chars: int = Field(
+        1000, ge=0, description="Characters of the chunk's text the payload's text holds (text_cut says where it "
+        "holds fewer than the chunk has); 0: the whole text.",
+    )
+    profile: Literal["outboxd", "langchain"] = Field(
+        "outboxd", description="langchain: the payload's metadata object also carries title, url, document_id, "
+        "source_id, chunk_index, document_type and text_cut, which LangChain's QdrantVectorStore returns as a "
+        "Document's metadata (with content_payload_key=\"text\").",
+    )

@@ -31,7 +31,7 @@ class QdrantWriter:
         self._owns_qdrant = qdrant is None
         self.embedder = embedder or Embedder(settings)
         self.qdrant = qdrant or make_client(settings)
-        self.store = QdrantStore(self.qdrant, settings.collection, shape=CollectionShape(settings.qdrant))
+        self.store = QdrantStore(self.qdrant, settings.collection, shape=CollectionShape.of(settings))
         self.applier = Applier(self.embedder, self.store, reuse_vectors=settings.reuse_stored_vectors)
 
     async def load_model(self, until_reachable: UntilReachable) -> ModelFingerprint:
@@ -61,6 +61,9 @@ class QdrantWriter:
 
         uid = await until_reachable(qdrant, ensure)
         await until_reachable(qdrant, self.store.check_writable)
+        # what the points hold beside the chunk, settled now: a collection without the
+        # configured sparse vector is named at start, not at the first batch
+        await until_reachable(qdrant, lambda: self.store.projection(fingerprint.id))
         return self.store.collection, uid
 
     def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:

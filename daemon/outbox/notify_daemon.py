@@ -95,13 +95,13 @@ class NotifyDaemon(OutboxService):
 
     async def _verify(self) -> None:
         await self._continuous.wait()
-        await self.verifier().run()
+        await (await self.verifier()).run()
 
-    def verifier(self) -> Verifier:
+    async def verifier(self) -> Verifier:
         """The continuous verifier of this daemon's live collection (once started)."""
         s = self.settings
-        reconciler = Reconciler(self.pool, self.writer.qdrant, self.outbox.collection,
-                                self.writer.embedder.fingerprint.id)
+        projection = await self.writer.store.projection(self.writer.embedder.fingerprint.id)
+        reconciler = Reconciler(self.pool, self.writer.qdrant, self.outbox.collection, projection)
         lease = VerifierLease(self.pool, s.collection, s.worker_name, s.verify.lease_seconds)
         repair = enqueue_repair(self.pool, while_live=self.outbox.collection)  # a reindex may retire it
         return Verifier(reconciler, lease, s.verify, self.metrics, repair, self.stop)

@@ -48,6 +48,7 @@ class Stats:
     older: int = 0
     embedded: int = 0
     reused: int = 0
+    rewritten: int = 0  # points written again with the vector they hold (a sparse vector, a new layout)
     published: int = 0
     records: int = 0  # Kafka messages consumed: applied or parked in the dead-letter topic
 
@@ -55,7 +56,7 @@ class Stats:
     # Named here, not looked up: an outcome counter missing from this list is an
     # error, never a metric silently dropped.
     FROM_OUTCOMES: ClassVar[tuple[str, ...]] = (
-        "upserted", "payload_only", "deleted", "unchanged", "older", "embedded", "reused", "published",
+        "upserted", "payload_only", "deleted", "unchanged", "older", "rewritten", "embedded", "reused", "published",
     )
 
     def add(self, outcome: Outcome) -> None:

@@ -170,8 +170,8 @@ async def _upserts_per_s(client: AsyncQdrantClient, collection: str, n: int, bat
         up = Upserts()
         for i in range(lo, min(n, lo + batch)):
             up.add(str(uuid.UUID(int=seed * 10_000_000 + i)), rows[i],
-                   {"chunk_index": i, "content_hash": f"{i:064x}", "title": "bench"})
-        await client.batch_update_points(collection, [up.operation()], wait=True)
+                   {"chunk_index": i, "outboxd": {"content_hash": f"{i:064x}"}, "title": "bench"}, "bench")
+        await client.batch_update_points(collection, [up.operation(None)], wait=True)
     return n / (time.perf_counter() - started)
 
 

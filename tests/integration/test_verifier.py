@@ -186,7 +186,7 @@ async def test_a_verifier_of_a_retired_collection_stops_instead_of_repairing(con
         await qdrant.delete(target, models.PointIdsList(points=[str(ids[0])]), wait=True)
         conn.execute("UPDATE outboxd.collections SET status = 'retired' WHERE alias = %s", (collection,))
         with pytest.raises(CollectionRetiredError, match="no longer the live collection") as stopped:
-            await asyncio.wait_for(daemon.verifier().run(), 30)
+            await asyncio.wait_for((await daemon.verifier()).run(), 30)
         assert stopped.value.exit_code == 78
         assert outbox_rows(conn) == []
     finally:

@@ -13,7 +13,7 @@ from contextlib import closing
 import pytest
 from qdrant_client import models
 
-from daemon.core.plan import VERSION_KEY
+from daemon.core.plan import bookkeeping
 from daemon.core.qdrant_store import QdrantStore, Upserts
 from tests.embedding_server import EmbeddingServer
 from tests.processes import MODEL_LOAD_S, daemon_env
@@ -25,7 +25,9 @@ pytestmark = [pytest.mark.integration]
 @pytest.fixture
 async def store(qdrant, collection):
     await qdrant.create_collection(collection, vectors_config=models.VectorParams(size=2, distance="Cosine"))
-    return QdrantStore(qdrant, collection, collection)
+    store = QdrantStore(qdrant, collection, collection)
+    await store.projection("a-model")  # settles what the points hold beside the chunk (no sparse vector here)
+    return store
 
 
 def ids(n: int) -> list[str]:
@@ -34,13 +36,13 @@ def ids(n: int) -> list[str]:
 
 async def held(store: QdrantStore, point_ids: list[str]) -> dict[str, int | None]:
     records = await store.client.retrieve(store.collection, point_ids, with_payload=True)
-    return {str(r.id): (r.payload or {}).get(VERSION_KEY) for r in records}
+    return {str(r.id): bookkeeping(r.payload or {}).get("version") for r in records}
 
 
 async def put(store: QdrantStore, versions: dict[str, int | None]) -> int:
     upserts = Upserts()
     for point_id, version in versions.items():
-        upserts.add(point_id, [1.0, 0.0], {} if version is None else {VERSION_KEY: version})
+        upserts.add(point_id, [1.0, 0.0], {} if version is None else {"outboxd": {"version": version}}, "a text")
     return await store.write(upserts, [], [], {k: v for k, v in versions.items() if v is not None})
 
 
@@ -76,7 +78,7 @@ async def test_unversioned_writes_are_unconditional(store):
     a, = ids(1)
     await put(store, {a: 50})
     upserts = Upserts()
-    upserts.add(a, [0.0, 1.0], {"title": "written without a version"})
+    upserts.add(a, [0.0, 1.0], {"title": "written without a version"}, "a text")
     assert await store.write(upserts, [], []) == 0
     assert await held(store, [a]) == {a: None}
 
@@ -130,8 +132,8 @@ async def test_a_point_seen_when_planning_is_only_updated_never_brought_back(sto
     await put(store, {a: 1})
     await store.write(None, [], [a], {a: 5})  # another writer's delete, after this one planned
     upserts = Upserts()
-    upserts.add(a, [1.0, 0.0], {VERSION_KEY: 3})
-    upserts.add(b, [1.0, 0.0], {VERSION_KEY: 3})
+    upserts.add(a, [1.0, 0.0], {"outboxd": {"version": 3}}, "a text")
+    upserts.add(b, [1.0, 0.0], {"outboxd": {"version": 3}}, "a text")
     await store.write(upserts, [], [], {a: 3, b: 3}, seen=[a])
     assert await held(store, [a, b]) == {b: 3}
 

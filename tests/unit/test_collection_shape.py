@@ -30,13 +30,30 @@ def info(**params) -> models.CollectionInfo:
     )
 
 
-def test_unset_settings_ask_nothing_and_a_new_collection_gets_qdrants_defaults():
+def test_unset_settings_ask_nothing_but_bm25_and_a_new_collection_gets_qdrants_defaults():
     shape = CollectionShape()
-    assert shape.wanted() == {}
+    assert shape.wanted() == {"sparse": "bm25"}
+    assert CollectionShape(local=True).wanted() == {}  # local mode makes no sparse vector
     assert shape.create_kwargs(384) == {
+        "vectors_config": models.VectorParams(size=384, distance=models.Distance.COSINE),
+        "sparse_vectors_config": {"bm25": models.SparseVectorParams(modifier=models.Modifier.IDF)}}
+    assert shape.create_kwargs(384, sparse=False) == {
         "vectors_config": models.VectorParams(size=384, distance=models.Distance.COSINE)}
-    assert [d.name for d in shape.differences(info())] == [
-        "index document_id", "index source_id", "index document_type", "index content_hash"]
+    found = {d.name: d for d in shape.differences(info())}
+    assert list(found) == [
+        "sparse", "index document_id", "index source_id", "index document_type", "index outboxd.content_hash"]
+    assert found["sparse"].in_place  # create_vector_name adds it to the live collection
+
+
+def test_a_readers_payload_indexes_are_part_of_every_collection():
+    shape = CollectionShape(QdrantSettings(payload_indexes='{"metadata.topic": "keyword", "chunk_index": "integer"}'))
+    assert shape.indexes()["metadata.topic"] == models.PayloadSchemaType.KEYWORD
+    assert shape.indexes()["chunk_index"] == models.PayloadSchemaType.INTEGER
+    assert {"index metadata.topic", "index chunk_index"} <= {d.name for d in shape.differences(info())}
+    with pytest.raises(ValueError, match="keyword"):
+        QdrantSettings(payload_indexes={"metadata.topic": "keywords"})
+    with pytest.raises(ValueError, match="JSON"):
+        QdrantSettings(payload_indexes="{metadata.topic: keyword}")
 
 
 def test_each_setting_reaches_the_new_collection():

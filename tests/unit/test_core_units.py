@@ -15,15 +15,15 @@ import psycopg
 import pytest
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from daemon.core.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState, metadata_hash
+from daemon.core.chunk_state import PAYLOAD_TEXT_CHARS, ChunkState, Projection, metadata_hash
 from daemon.errors import ConfigError, InvalidChunkError, describe, is_transient, refusal
 from daemon.logs import JsonFormatter
 from daemon.outbox.listener import Wakeup
 from daemon.runtime.retry import wait_for_any
 
-PAYLOAD_KEYS = {
-    "document_id", "source_id", "chunk_index", "text", "token_count", "content_hash",
-    "metadata", "title", "url", "document_type", "embedding_model", "metadata_hash"}
+PAYLOAD_KEYS = {"text", "text_cut", "document_id", "source_id", "chunk_index", "title", "url", "document_type",
+                "metadata", "outboxd"}
+M = Projection("minilm-384-norm")
 
 
 def state(**overrides) -> ChunkState:
@@ -51,49 +51,74 @@ def unexpected(status: int | None) -> UnexpectedResponse:
 
 # --- ChunkState ------------------------------------------------------------------------
 def test_payload_is_the_documented_projection():
-    """payload holds exactly the documented fields, ids as strings, plus the model id."""
+    """payload holds exactly the documented fields, ids as strings, outboxd's own keys in one group."""
     s = state()
-    p = s.payload("minilm-384-norm")
+    p = s.payload(M)
     assert set(p) == PAYLOAD_KEYS
     assert p == {
+        "text": "Some chunk text.",
+        "text_cut": False,
         "document_id": str(s.document_id),
         "source_id": str(s.source_id),
         "chunk_index": 3,
-        "text": "Some chunk text.",
-        "token_count": 3,
-        "content_hash": "abc123",
-        "metadata": {"lang": "en"},
         "title": "A title",
         "url": "https://example.org/a",
         "document_type": "html",
-        "embedding_model": "minilm-384-norm",
-        "metadata_hash": metadata_hash({"lang": "en"}),
+        "metadata": {"lang": "en"},
+        "outboxd": {
+            "content_hash": "abc123",
+            "text_chars": 1000,
+            "metadata_hash": metadata_hash({"lang": "en"}),
+            "embedding_model": "minilm-384-norm",
+            "token_count": 3,
+            "sparse": None,
+        },
     }
+    assert s.payload(Projection("m", sparse="bm25-1"))["outboxd"]["sparse"] == "bm25-1"
+
+
+def test_the_langchain_profile_puts_provenance_in_the_metadata():
+    """LangChain returns payload["metadata"] as a Document's metadata: the profile puts
+    the provenance there too (winning over a chunk metadata key of the same name)."""
+    s = state(metadata={"lang": "en", "title": "the chunk's own"})
+    p = s.payload(Projection("m", profile="langchain"))
+    assert p["metadata"] == {"lang": "en", "title": "A title", "url": "https://example.org/a",
+                             "document_id": str(s.document_id), "source_id": str(s.source_id), "chunk_index": 3,
+                             "document_type": "html", "text_cut": False}
+    assert p["outboxd"]["metadata_hash"] == metadata_hash(p["metadata"])  # a title change is a metadata change
+    assert state(metadata={"lang": "en"}).payload(M)["metadata"] == {"lang": "en"}
 
 
 def test_metadata_hash_follows_the_metadata_and_nothing_else():
     """Equal metadata (key order aside), equal hash; any change, another hash: what
     lets a payload-only change be judged without reading the point's metadata."""
-    base = state().payload("m")["metadata_hash"]
-    assert state(metadata={"lang": "en"}).payload("m")["metadata_hash"] == base
-    assert state(title="Another", chunk_index=9).payload("m")["metadata_hash"] == base
-    assert state(metadata={"lang": "fr"}).payload("m")["metadata_hash"] != base
-    assert state(metadata={"b": 1, "a": 2}).payload("m")["metadata_hash"] == state(metadata={"a": 2, "b": 1}).payload("m")["metadata_hash"]
+    def h(**kw):
+        return state(**kw).payload(M)["outboxd"]["metadata_hash"]
+    base = h()
+    assert h(metadata={"lang": "en"}) == base
+    assert h(title="Another", chunk_index=9) == base
+    assert h(metadata={"lang": "fr"}) != base
+    assert h(metadata={"b": 1, "a": 2}) == h(metadata={"a": 2, "b": 1})
 
 
-def test_payload_text_is_cut_at_1000_characters():
-    """Long text is stored in the payload only up to its first 1000 characters."""
+def test_payload_text_is_cut_at_text_chars_and_says_so():
+    """Long text is stored in the payload only up to its first text_chars characters
+    (1000 unless set), and text_cut tells a reader; 0 keeps the whole text."""
     text = "é" * 999 + "xyz" + "tail" * 500
-    p = state(text=text).payload("m")
+    p = state(text=text).payload(M)
     assert PAYLOAD_TEXT_CHARS == 1000
-    assert p["text"] == text[:1000]
-    assert len(p["text"]) == 1000
-    assert state(text="short").payload("m")["text"] == "short"
+    assert p["text"] == text[:1000] and len(p["text"]) == 1000 and p["text_cut"] is True
+    short = state(text="short").payload(M)
+    assert (short["text"], short["text_cut"]) == ("short", False)
+    assert state(text="x" * 1000).payload(M)["text_cut"] is False
+    whole = state(text=text).payload(Projection("m", text_chars=0))
+    assert (whole["text"], whole["text_cut"], whole["outboxd"]["text_chars"]) == (text, False, 0)
+    assert state(text=text).payload(Projection("m", text_chars=10))["text"] == text[:10]
 
 
 def test_payload_metadata_none_becomes_empty_object():
     """A chunk without metadata gets {} so readers can always filter on metadata.<key>."""
-    assert state(metadata=None).payload("m")["metadata"] == {}
+    assert state(metadata=None).payload(M)["metadata"] == {}
 
 
 @pytest.mark.parametrize("metadata", [[1, 2], "a string", 42, True])
@@ -101,7 +126,7 @@ def test_payload_rejects_non_object_metadata_with_advice(metadata):
     """Non-object metadata is an InvalidChunkError that names the chunk and says how to fix it."""
     s = state(metadata=metadata)
     with pytest.raises(InvalidChunkError) as exc:
-        s.payload("m")
+        s.payload(M)
     message = str(exc.value)
     assert str(s.chunk_id) in message
     assert "object" in message

@@ -237,6 +237,8 @@ DEFERRED = {
     ("daemon.commands.reconcile", "daemon.admin.reconcile"): COMMAND,
     ("daemon.commands.reconcile", "daemon.commands.common"): COMMAND,
     ("daemon.commands.reconcile", "db.capture"): COMMAND,
+    ("daemon.commands.reconcile", "daemon.core.collection_shape"): COMMAND,
+    ("daemon.commands.reconcile", "daemon.core.qdrant_store"): COMMAND,
     ("daemon.commands.reindex", "asyncio"): COMMAND,
     ("daemon.commands.reindex", "daemon.admin.reindex"): COMMAND,
     ("daemon.commands.reindex", "daemon.admin.reconcile"): COMMAND,

@@ -8,11 +8,14 @@ import uuid
 
 import pytest
 
-from daemon.core.chunk_state import ChunkState
-from daemon.core.plan import AGREES, POINT_KEYS, VERSION_KEY, Action, plan, same_value
+from daemon.core.chunk_state import ChunkState, Projection
+from daemon.core.plan import AGREES, POINT_KEYS, Action, plan, same_value
 from daemon.errors import InvalidChunkError
 
-MODEL = "model-a"
+MODEL = Projection("model-a")
+VERSION = "version"
+GROUP = ("content_hash", "text_chars", "metadata_hash", "embedding_model", "token_count", "sparse", "truncated",
+         VERSION)
 
 
 def state(**overrides) -> ChunkState:
@@ -23,12 +26,21 @@ def state(**overrides) -> ChunkState:
     return ChunkState(**values)
 
 
-def point_of(s: ChunkState, model: str = MODEL, *, deep: bool = False, **changes) -> dict:
-    """What the apply core would have written for s, as reconcile or apply reads it back."""
-    payload = s.payload(model)
-    payload["truncated"] = False
+def point_of(s: ChunkState, model: str = "model-a", *, deep: bool = False, sparse: str | None = None,
+             **changes) -> dict:
+    """What the apply core would have written for s, as reconcile or apply reads it back;
+    changes to a bookkeeping key go inside the group."""
+    payload = s.payload(Projection(model, sparse))
+    payload["outboxd"]["truncated"] = False
     keys = payload if deep else {k: v for k, v in payload.items() if k in POINT_KEYS}
-    return {**keys, **changes}
+    group = {**keys.pop("outboxd"), **{k: v for k, v in changes.items() if k in GROUP}}
+    return {**keys, **{k: v for k, v in changes.items() if k not in GROUP}, "outboxd": group}
+
+
+def legacy_point(s: ChunkState) -> dict:
+    """A point as an outboxd before the bookkeeping group wrote it: every key at the top."""
+    point = point_of(s)
+    return {**{k: v for k, v in point.items() if k != "outboxd"}, **point["outboxd"]}
 
 
 CHUNKS = {
@@ -44,7 +56,11 @@ POINTS = {
     "other content": lambda s: point_of(s, content_hash="h0"),
     "other title": lambda s: point_of(s, title="An old title"),
     "other metadata": lambda s: point_of(s, metadata_hash="0" * 16),
-    "no metadata_hash": lambda s: {k: v for k, v in point_of(s).items() if k != "metadata_hash"},
+    "no metadata_hash": lambda s: {**point_of(s), "outboxd": {
+        k: v for k, v in point_of(s)["outboxd"].items() if k != "metadata_hash"}},
+    "an earlier layout": legacy_point,
+    "no sparse vector": lambda s: point_of(s),
+    "another sparse vector": lambda s: point_of(s, sparse="bm25-other"),
     "deep, text edited": lambda s: point_of(s, deep=True, text="edited by hand"),
     "deep, metadata edited": lambda s: point_of(s, deep=True, metadata={"lang": "xx"}),
     "deep, agrees": lambda s: point_of(s, deep=True),
@@ -60,6 +76,9 @@ EXPECTED = {  # (chunk, point) -> (action, drift); "text" rows below, the others
     ("text", "deep, text edited"): (Action.SET, "stale"),
     ("text", "deep, metadata edited"): (Action.SET, "stale"),
     ("text", "deep, agrees"): (Action.NOTHING, None),
+    ("text", "an earlier layout"): (Action.REWRITE, "stale"),
+    ("text", "no sparse vector"): (Action.NOTHING, None),  # none configured either
+    ("text", "another sparse vector"): (Action.REWRITE, "wrong_sparse"),
 }
 
 
@@ -87,29 +106,30 @@ def test_a_set_carries_only_what_differs():
     s = state(title="New title")
     assert plan(s, point_of(state()), MODEL).payload == {"title": "New title"}
     s = state(metadata={"lang": "de"})
-    assert set(plan(s, point_of(state()), MODEL).payload) == {"metadata", "metadata_hash"}
+    assert plan(s, point_of(state()), MODEL).payload == {
+        "metadata": {"lang": "de"}, "outboxd": {"metadata_hash": s.payload(MODEL)["outboxd"]["metadata_hash"]}}
     edited = plan(state(), point_of(state(), deep=True, text="edited by hand"), MODEL).payload
     assert edited == {"text": "Some chunk text."}
 
 
 @pytest.mark.parametrize("applied, version, action", [(7, 5, Action.OLDER), (5, 7, Action.SET), (None, 7, Action.SET)])
 def test_a_point_of_a_newer_version_is_left_alone(applied, version, action):
-    point = point_of(state(), **({VERSION_KEY: applied} if applied is not None else {}))
+    point = point_of(state(), **({VERSION: applied} if applied is not None else {}))
     got = plan(state(), point, MODEL, version)
     assert got.action is action
     if action is Action.SET:  # the content agrees: only the version moves on, so no older writer can land
-        assert got.payload == {VERSION_KEY: version}
+        assert got.payload == {"outboxd": {VERSION: version}}
 
 
 def test_a_versioned_payload_change_sets_the_keys_that_differ_and_the_version():
-    got = plan(state(title="New title"), point_of(state(), **{VERSION_KEY: 3}), MODEL, 4)
-    assert (got.action, got.payload) == (Action.SET, {"title": "New title", VERSION_KEY: 4})
+    got = plan(state(title="New title"), point_of(state(), **{VERSION: 3}), MODEL, 4)
+    assert (got.action, got.payload) == (Action.SET, {"title": "New title", "outboxd": {VERSION: 4}})
 
 
 def test_a_versioned_change_of_the_text_is_still_an_upsert_and_an_agreeing_one_nothing():
     s = state()
-    assert plan(state(text="Other text.", content_hash="h2"), point_of(s, **{VERSION_KEY: 3}), MODEL, 4).action is Action.UPSERT
-    assert plan(s, point_of(s, **{VERSION_KEY: 4}), MODEL, 4) is AGREES
+    assert plan(state(text="Other text.", content_hash="h2"), point_of(s, **{VERSION: 3}), MODEL, 4).action is Action.UPSERT
+    assert plan(s, point_of(s, **{VERSION: 4}), MODEL, 4) is AGREES
 
 
 @pytest.mark.parametrize("point, drift", [(None, "missing"), ("agrees", "stale")])
@@ -177,3 +197,33 @@ def test_a_deep_check_takes_floats_as_a_qdrant_server_keeps_them():
     for edited in ({**kept, "score": 0.98}, {**kept, "seen": True}, {**kept, "spans": [{"w": 0.1}]}):
         got = plan(s, point_of(s, deep=True, metadata=edited), MODEL)
         assert (got.action, got.drift) == (Action.SET, "stale") and got.payload == {"metadata": s.metadata}
+
+
+def test_the_sparse_vector_is_judged_like_the_dense_one():
+    """A point without the configured sparse vector, or with one made otherwise, is
+    written again whole with the vector it holds (nothing embedded); one that has a
+    sparse vector where none is configured loses it the same way."""
+    s = state()
+    bm25 = Projection("model-a", sparse="bm25-1")
+    for point, drift in ((point_of(s), "missing_sparse"), (point_of(s, sparse="bm25-2"), "wrong_sparse")):
+        got = plan(s, point, bm25)
+        assert (got.action, got.drift) == (Action.REWRITE, drift)
+        assert got.payload == s.payload(bm25)
+    assert plan(s, point_of(s, sparse="bm25-1"), bm25) is AGREES
+    assert (plan(s, point_of(s, sparse="bm25-1"), MODEL).drift) == "wrong_sparse"
+    assert plan(state(content_hash="h2"), point_of(s), bm25).action is Action.UPSERT  # new text: embedded
+
+
+def test_a_point_of_an_earlier_layout_is_rewritten_and_its_version_still_counts():
+    s = state()
+    assert plan(s, legacy_point(s), MODEL).action is Action.REWRITE
+    assert plan(s, {**legacy_point(s), VERSION: 9}, MODEL, 5).action is Action.OLDER
+    assert plan(s, {**legacy_point(s), "embedding_model": "model-b"}, MODEL).action is Action.UPSERT
+
+
+def test_a_new_text_length_in_the_payload_rewrites_the_text_without_embedding():
+    """[payload] text_chars changed: the payload's text is set again (text_cut too where it flips)."""
+    long = state(text="x" * 1500)
+    got = plan(long, point_of(long), Projection("model-a", text_chars=0))
+    assert got.action is Action.SET
+    assert got.payload == {"text": "x" * 1500, "text_cut": False, "outboxd": {"text_chars": 0}}
