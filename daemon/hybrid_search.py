@@ -1,6 +1,8 @@
-"""Hybrid retrieval over the converged collection: semantic (Qdrant) and
-keyword (PostgreSQL full text) candidates, fused into one ranking, answered
-with PostgreSQL's current text.
+"""Hybrid retrieval over the converged collection: semantic and keyword
+candidates fused into one ranking, answered with PostgreSQL's current text.
+The keywords come from Qdrant's own BM25 vector (native hybrid: both searches
+and their fusion run in the server, in one request) or from PostgreSQL's full
+text (fused here).
 
     from daemon.hybrid_search import SearchFilters, hybrid_search
 
@@ -17,14 +19,24 @@ configured like the daemon that writes the collection.
 1. The query is embedded with the collection's own model: the embedder's
    fingerprint must equal the one the collection records (ModelMismatchError,
    a ConfigError, otherwise; vectors of two models are not comparable).
-2. Qdrant returns the `candidates` nearest points of the collection the alias
-   points at (resolved per call, so a reindex switch is followed), and
-   PostgreSQL the `candidates` best full-text matches (websearch_to_tsquery
-   over chunks.search_vector, ranked with ts_rank), both under the filters.
-3. The two ranked lists are fused: "weighted" min-max normalises each list's
-   scores to [0, 1] and adds them with weights vector_weight and
-   1 - vector_weight (a chunk missing from a list scores 0 there); "rrf"
-   (reciprocal rank fusion) adds 1 / (60 + rank) from each list.
+2. keywords="qdrant" (what "auto" means where the collection has the bm25
+   sparse vector): one Query API request to the collection the alias points
+   at (resolved per call, so a reindex switch is followed) prefetches the
+   `candidates` nearest points by the dense vector and the `candidates` best
+   by BM25 (the server makes the query's sparse vector from its text), both
+   under the filters, and fuses them server-side: "rrf" (reciprocal rank
+   fusion) or "dbsf" (distribution-based score fusion). Readers of the
+   collection get the same search with qdrant-client alone (docs/search.md).
+   keywords="postgres" (what "auto" means in local mode, or on a collection
+   without the sparse vector; said once per process): Qdrant returns the
+   `candidates` nearest points, PostgreSQL the `candidates` best full-text
+   matches (websearch_to_tsquery over chunks.search_vector, ranked with
+   ts_rank), both under the filters, and the two lists are fused here:
+   "weighted" min-max normalises each list's scores to [0, 1] and adds them
+   with weights vector_weight and 1 - vector_weight (a chunk missing from a
+   list scores 0 there); "rrf" adds 1 / (60 + rank) from each list.
+   keywords="none": the dense search alone.
+3. fusion=None takes rrf for Qdrant's keywords and weighted for PostgreSQL's.
 4. The fused candidates are read from PostgreSQL as they are now: a chunk
    deleted or emptied since Qdrant indexed it, or no longer passing the
    filters, is dropped (the next candidate takes its place), and every hit
@@ -33,6 +45,7 @@ configured like the daemon that writes the collection.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,14 +54,23 @@ from uuid import UUID
 
 from qdrant_client import models
 
-from daemon.core.catalog import view
+from daemon.core.catalog import CollectionView, view
+from daemon.core.collection_shape import SPARSE_VECTOR
+from daemon.core.qdrant_store import BM25_MODEL
 from daemon.embedding.fingerprint import check_fingerprint
 from daemon.errors import ConfigError
 from db.reads import SearchReads
 
+log = logging.getLogger(__name__)
+
 RRF_K = 60
-FUSIONS = ("weighted", "rrf")
-Fusion = Literal["weighted", "rrf"]
+FUSIONS = ("weighted", "rrf", "dbsf")
+Fusion = Literal["weighted", "rrf", "dbsf"]
+KEYWORDS = ("auto", "qdrant", "postgres", "none")
+Keywords = Literal["auto", "qdrant", "postgres", "none"]
+# the fusions each source of keywords takes: Qdrant's are the server's own
+FUSIONS_OF = {"qdrant": ("rrf", "dbsf"), "postgres": ("weighted", "rrf"), "none": FUSIONS}
+_said_fallback: set[str] = set()  # collections whose fallback to PostgreSQL's keywords was logged
 
 
 @dataclass(frozen=True)
@@ -139,6 +161,16 @@ class Hit:
         return d
 
 
+class Hits(list):
+    """The hits, best first, and how they were found: where the keywords came from
+    ("qdrant", "postgres", "none") and the fusion that ranked them."""
+
+    def __init__(self, hits: list[Hit], keywords: str, fusion: str) -> None:
+        super().__init__(hits)
+        self.keywords = keywords
+        self.fusion = fusion
+
+
 # --- fusion: pure functions over ranked lists ------------------------------------------------
 @dataclass(frozen=True)
 class Fused:
@@ -209,12 +241,12 @@ def fuse(
     fusion: Fusion = "weighted",
     vector_weight: float = 0.7,
 ) -> list[Fused]:
-    """Fuse two ranked (id, score) lists with the chosen method."""
+    """Fuse two ranked (id, score) lists with the chosen method (client-side: weighted or rrf)."""
     if fusion == "weighted":
         return weighted_fusion(vector, keyword, vector_weight)
     if fusion == "rrf":
         return rrf_fusion([i for i, _ in vector], [i for i, _ in keyword])
-    raise ValueError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSIONS)}")
+    raise ValueError(f"fusion {fusion!r} is not one fused here: use one of {', '.join(FUSIONS_OF['postgres'])}")
 
 
 def _dedupe(pairs: Sequence[tuple[Hashable, float]]) -> list[tuple[Hashable, float]]:
@@ -233,7 +265,7 @@ def _check_weight(w: float) -> None:
 
 
 # --- the search -----------------------------------------------------------------------------
-async def check_model(qdrant, alias: str, embedder) -> str:
+async def check_model(qdrant, alias: str, embedder) -> CollectionView:
     """The physical collection behind `alias` (readers follow the alias), after
     checking that its vectors were made by the embedder's model; ModelMismatchError otherwise."""
     configured = embedder.fingerprint
@@ -246,7 +278,28 @@ async def check_model(qdrant, alias: str, embedder) -> str:
             "or check OUTBOXD_COLLECTION and QDRANT_URL"
         )
     check_fingerprint(seen.fingerprint, configured, alias, seen.name)
-    return seen.name
+    return seen
+
+
+def keyword_source(keywords: Keywords, seen: CollectionView) -> str:
+    """Where the keyword candidates come from: "qdrant", "postgres" or "none"."""
+    if keywords not in KEYWORDS:
+        raise ValueError(f"unknown keywords {keywords!r}: use one of {', '.join(KEYWORDS)}")
+    if keywords == "qdrant" and not seen.sparse:
+        raise ConfigError(
+            f"the collection {seen.name!r} has no {SPARSE_VECTOR!r} sparse vector, so Qdrant cannot search its "
+            "keywords: on a server, `outboxd collection --apply` adds it and `outboxd reconcile --repair` fills it "
+            "(local mode has none); or take PostgreSQL's (keywords=\"postgres\")"
+        )
+    if keywords != "auto":
+        return keywords
+    if seen.sparse:
+        return "qdrant"
+    if seen.name not in _said_fallback:
+        _said_fallback.add(seen.name)
+        log.info("the collection has no BM25 vector (local mode, or not added yet): search takes its keywords from "
+                 "PostgreSQL's full text", extra={"collection": seen.name})
+    return "postgres"
 
 
 async def hybrid_search(
@@ -258,32 +311,50 @@ async def hybrid_search(
     *,
     limit: int = 10,
     candidates: int = 50,
-    fusion: Fusion = "weighted",
+    keywords: Keywords = "auto",
+    fusion: Fusion | None = None,
     vector_weight: float = 0.7,
     filters: SearchFilters = SearchFilters(),
     search_params: models.SearchParams | None = None,
-) -> list[Hit]:
+    sparse_options: dict[str, Any] | None = None,
+) -> Hits:
     """The best `limit` chunks for `query`, fused from the `candidates` best
     of each search (see the module documentation). search_params: Qdrant's
-    (CollectionShape.search_params: rescoring a quantized search). Raises ModelMismatchError
-    when the embedder's model is not the collection's, ConfigError when there
-    is no collection, ValueError for an empty query or a bad argument."""
+    (CollectionShape.search_params: rescoring a quantized search);
+    sparse_options: the BM25 options the collection's sparse vectors were made
+    with (QdrantSettings.bm25_options), which the query's must match. Raises
+    ModelMismatchError when the embedder's model is not the collection's,
+    ConfigError when there is no collection (or keywords="qdrant" on one
+    without the sparse vector), ValueError for an empty query or a bad argument."""
     if not query or not query.strip():
         raise ValueError("the search query is empty")
     if limit < 1 or candidates < 1:
         raise ValueError("limit and candidates must be at least 1")
-    if fusion not in FUSIONS:
+    if fusion is not None and fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSIONS)}")
     _check_weight(vector_weight)
     candidates = max(candidates, limit)
 
-    collection = await check_model(qdrant, alias, embedder)
+    seen = await check_model(qdrant, alias, embedder)
+    source = keyword_source(keywords, seen)
+    fusion = fusion or ("rrf" if source == "qdrant" else "weighted")
+    if fusion not in FUSIONS_OF[source]:
+        raise ValueError(f"fusion {fusion!r} does not go with {source}'s keywords: use one of "
+                         f"{', '.join(FUSIONS_OF[source])}")
     reads = SearchReads(pool)
-    vector, keyword = await asyncio.gather(
-        _vector_candidates(qdrant, collection, embedder, query, candidates, filters, search_params),
-        reads.keyword_candidates(query, limit=candidates, **filters.restriction()),
-    )
-    fused = fuse(vector, keyword, fusion=fusion, vector_weight=vector_weight)
+    if source == "qdrant":
+        ranked = await _native_candidates(qdrant, seen.name, embedder, query, candidates, filters, search_params,
+                                          fusion, sparse_options)
+        fused = [Fused(i, score, None, None) for i, score in ranked]
+    elif source == "postgres":
+        vector, keyword = await asyncio.gather(
+            _vector_candidates(qdrant, seen.name, embedder, query, candidates, filters, search_params),
+            reads.keyword_candidates(query, limit=candidates, **filters.restriction()),
+        )
+        fused = fuse(vector, keyword, fusion=fusion, vector_weight=vector_weight)
+    else:
+        vector = await _vector_candidates(qdrant, seen.name, embedder, query, candidates, filters, search_params)
+        fused = [Fused(i, score, rank, None) for rank, (i, score) in enumerate(vector, start=1)]
     current = await reads.current_chunks([f.id for f in fused], **filters.restriction())
     hits: list[Hit] = []
     for f in fused:
@@ -293,7 +364,27 @@ async def hybrid_search(
         hits.append(Hit(**row, score=f.score, vector_rank=f.vector_rank, keyword_rank=f.keyword_rank))
         if len(hits) == limit:
             break
-    return hits
+    return Hits(hits, source, fusion)
+
+
+async def _native_candidates(qdrant, collection, embedder, query, candidates, filters, search_params, fusion,
+                             sparse_options) -> list[tuple[UUID, float]]:
+    """Dense and BM25 prefetches under the same filter, fused by the server, in one request."""
+    vector = await embedder.embed_query(query)
+    where = filters.qdrant_filter()
+    document = models.Document(text=query, model=BM25_MODEL, options=sparse_options or None)
+    response = await qdrant.query_points(
+        collection,
+        prefetch=[
+            models.Prefetch(query=vector, filter=where, params=search_params, limit=candidates),
+            models.Prefetch(query=document, using=SPARSE_VECTOR, filter=where, limit=candidates),
+        ],
+        query=models.FusionQuery(fusion=models.Fusion.RRF if fusion == "rrf" else models.Fusion.DBSF),
+        limit=candidates,
+        with_payload=False,
+        with_vectors=False,
+    )
+    return _chunk_ids(response.points)
 
 
 async def _vector_candidates(qdrant, collection, embedder, query, candidates, filters,
@@ -308,8 +399,12 @@ async def _vector_candidates(qdrant, collection, embedder, query, candidates, fi
         with_payload=False,
         with_vectors=False,
     )
+    return _chunk_ids(response.points)
+
+
+def _chunk_ids(points) -> list[tuple[UUID, float]]:
     out = []
-    for point in response.points:
+    for point in points:
         try:
             out.append((UUID(str(point.id)), float(point.score)))
         except ValueError:  # not a chunk id: a point outboxd did not write

@@ -10,7 +10,8 @@ import click
 from daemon.commands.options import json_option, settings_options
 
 EXCERPT_CHARS = 100
-FUSIONS = ("weighted", "rrf")  # daemon.hybrid_search.FUSIONS (not imported here: --help stays light)
+FUSIONS = ("weighted", "rrf", "dbsf")  # daemon.hybrid_search.FUSIONS (not imported here: --help stays light)
+KEYWORDS = ("auto", "qdrant", "postgres", "none")  # daemon.hybrid_search.KEYWORDS
 
 
 def _metadata_value(text: str):
@@ -34,16 +35,23 @@ def _metadata(ctx, param, values: tuple[str, ...]) -> dict[str, object]:
     return dict(parse_metadata(text) for text in values)
 
 
-@click.command(help="Embed QUERY with the collection's model, take the best candidates from Qdrant and from "
-               "PostgreSQL full-text search (websearch syntax: \"quoted phrase\", or, -word), fuse the two "
-               "rankings and print the best chunks with their current text from PostgreSQL.")
+@click.command(help="Embed QUERY with the collection's model, take the best candidates by meaning and by "
+               "keywords, fuse the two rankings and print the best chunks with their current text from "
+               "PostgreSQL. On a Qdrant server the keywords are the collection's own BM25 vector and the server "
+               "fuses; in local mode (or with --keywords postgres) they come from PostgreSQL full-text search "
+               "(websearch syntax: \"quoted phrase\", or, -word).")
 @click.argument("query")
 @click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
               help="results to show")
 @click.option("--candidates", type=click.IntRange(min=1), default=50, show_default=True, metavar="N",
               help="candidates taken from each search before fusing")
-@click.option("--fusion", type=click.Choice(FUSIONS), default="weighted", show_default=True,
-              help="weighted: normalised scores, weighted; rrf: reciprocal rank fusion")
+@click.option("--keywords", type=click.Choice(KEYWORDS), default="auto", show_default=True,
+              help="where keyword candidates come from: qdrant (the collection's BM25 vector, fused by the server), "
+              "postgres (full text, fused here), none (meaning alone); auto: qdrant where the collection has the "
+              "BM25 vector, else postgres")
+@click.option("--fusion", type=click.Choice(FUSIONS), default=None,
+              help="rrf: reciprocal rank fusion; dbsf: distribution-based score fusion (qdrant's keywords); weighted: "
+              "normalised scores, weighted (postgres's keywords) [default: rrf for qdrant, weighted for postgres]")
 @click.option("--vector-weight", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True, metavar="W",
               help="weight of the semantic score in weighted fusion; keyword gets 1 - W")
 @click.option("--source", type=click.UUID, metavar="ID", help="only chunks of this source")
@@ -54,7 +62,7 @@ def _metadata(ctx, param, values: tuple[str, ...]) -> dict[str, object]:
               "text; a dotted KEY names a nested field); repeatable, all must match")
 @json_option
 @settings_options(qdrant=True)
-def command(settings, query: str, limit: int, candidates: int, fusion: str, vector_weight: float,
+def command(settings, query: str, limit: int, candidates: int, keywords: str, fusion: str | None, vector_weight: float,
             source: UUID | None, document: UUID | None, document_type: str | None, metadata: dict,
             as_json: bool) -> int:
     # the command's work loads when it runs: `--help` and a bad setting's message stay quick
@@ -70,12 +78,18 @@ def command(settings, query: str, limit: int, candidates: int, fusion: str, vect
                                 metadata=metadata)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    options = {"limit": limit, "candidates": candidates, "fusion": fusion, "vector_weight": vector_weight}
-    hits = asyncio.run(_search(settings, query, filters, options))
+    options = {"limit": limit, "candidates": candidates, "keywords": keywords, "fusion": fusion,
+               "vector_weight": vector_weight}
+    try:
+        hits = asyncio.run(_search(settings, query, filters, options))
+    except ValueError as exc:  # a fusion that does not go with the keywords' source
+        raise click.UsageError(str(exc)) from None
+    fusion = hits.fusion
     if as_json:
         print_json(
             {
                 "query": query,
+                "keywords": hits.keywords,
                 "fusion": fusion,
                 "vector_weight": vector_weight if fusion == "weighted" else None,
                 "filters": {
@@ -88,7 +102,7 @@ def command(settings, query: str, limit: int, candidates: int, fusion: str, vect
             }
         )
     else:
-        _print(query, fusion, vector_weight, hits)
+        _print(query, hits.keywords, fusion, vector_weight, hits)
     return 0
 
 
@@ -123,7 +137,8 @@ async def _search(settings, query: str, filters, options: dict) -> list:
         async with open_services(settings) as (pool, client):
             await embedder.load()
             return await hybrid_search(pool, client, settings.collection, embedder, query, filters=filters,
-                                       search_params=CollectionShape.of(settings).search_params(), **options)
+                                       search_params=CollectionShape.of(settings).search_params(),
+                                       sparse_options=settings.qdrant.bm25_options(), **options)
     finally:
         await embedder.close()
 
@@ -133,11 +148,14 @@ def excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:
     return flat if len(flat) <= chars else flat[: chars - 1].rstrip() + "…"
 
 
-def _print(query: str, fusion: str, vector_weight: float, hits: list) -> None:
+def _print(query: str, keywords: str, fusion: str, vector_weight: float, hits: list) -> None:
     # the command's work loads when it runs: `--help` and a bad setting's message stay quick
     from daemon.commands.common import print_table
 
-    how = "reciprocal rank fusion" if fusion == "rrf" else f"weighted, vector {vector_weight:g}"
+    fused = {"rrf": "reciprocal rank fusion", "dbsf": "distribution-based score fusion"}.get(
+        fusion, f"weighted, vector {vector_weight:g}")
+    how = {"qdrant": f"Qdrant's BM25, {fused} in Qdrant", "postgres": f"PostgreSQL's full text, {fused}",
+           "none": "meaning alone"}[keywords]
     rows = [
         {
             "rank": i,

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from psycopg_pool import AsyncConnectionPool
 
-from daemon.core.qdrant_store import read_identity, resolve_alias
+from daemon.core.qdrant_store import has_sparse, identity, resolve_alias
 from daemon.embedding.embedder import ModelFingerprint
 from daemon.errors import CollectionElsewhereError
 from db.catalog import CatalogRepository
@@ -83,6 +83,7 @@ class CollectionView:
     alias_target: str | None  # where the Qdrant alias points now (what readers see)
     record: CollectionRecord | None = None  # the catalog's row, where there is one
     uid: str | None = None  # the id the collection's metadata in Qdrant holds
+    sparse: bool = False  # it has the bm25 sparse vector (native hybrid search)
 
     def check_home(self, here: str) -> None:
         """Refuse (78) a Qdrant that is not where the catalog's live collection was
@@ -105,11 +106,12 @@ async def view(qdrant, alias: str, record: CollectionRecord | None) -> Collectio
     alias_target = await resolve_alias(qdrant, alias)
     name = record.name if record is not None else alias_target
     exists = bool(name) and await qdrant.collection_exists(name)
-    fingerprint, uid = await read_identity(qdrant, name) if exists else (None, None)
+    info = await qdrant.get_collection(name) if exists else None
+    fingerprint, uid = identity(info) if info is not None else (None, None)
     if fingerprint is None and record is not None:
         fingerprint = record.fingerprint
     return CollectionView(alias, name, exists, fingerprint, record.status if record else None, alias_target,
-                          record, uid)
+                          record, uid, sparse=info is not None and has_sparse(info))
 
 
 def _row(name: str, alias: str, fp: ModelFingerprint, home: "Home | None" = None) -> dict:

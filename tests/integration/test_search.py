@@ -18,7 +18,7 @@ from daemon.embedding.torch_backend import encode_now
 from daemon.errors import ModelMismatchError
 from daemon.hybrid_search import SearchFilters, hybrid_search
 from db.gateway import make_pool
-from tests.support import add_document, drain, open_qdrant, qdrant_choice, qdrant_flags
+from tests.support import add_document, drain, open_qdrant, qdrant_choice, qdrant_flags, server_settings
 
 # (query, document slug, paragraph index of the right chunk, which searches can find it)
 KNOWN_QUERIES = [
@@ -33,6 +33,12 @@ KNOWN_QUERIES = [
     # A paraphrase sharing no word with the eclipse paragraph it describes.
     ("the lunar shadow covering our star in the middle of the day", "solar-eclipses", 0, "vector only"),
 ]
+async def pg_search(*args, **kwargs):
+    """The search with PostgreSQL's keywords, fused here (what local mode takes by itself), asked for by name:
+    its ranks are the two lists' own. Native hybrid in Qdrant: tests/integration/test_native_hybrid.py."""
+    return await hybrid_search(*args, **{"keywords": "postgres", **kwargs})
+
+
 KEYWORD_ONLY = next(q for q in KNOWN_QUERIES if q[3] == "keyword only")
 VECTOR_ONLY = next(q for q in KNOWN_QUERIES if q[3] == "vector only")
 
@@ -72,7 +78,7 @@ async def test_corpus_is_varied_and_each_paragraph_is_a_chunk(conn, pool):
 async def test_known_queries_rank_the_right_chunk_in_the_top_3(corpus, pool, qdrant, collection, embedder, fusion):
     """Each known query's chunk is among the first three hybrid results, with both fusion methods."""
     for text, slug, index, _ in KNOWN_QUERIES:
-        hits = await hybrid_search(pool, qdrant, collection, embedder, text, limit=3, fusion=fusion)
+        hits = await pg_search(pool, qdrant, collection, embedder, text, limit=3, fusion=fusion)
         assert chunk(corpus, slug, index) in [h.chunk_id for h in hits], (
             f"{text!r}: expected {slug}[{index}] in the top 3, got {[(h.title, h.chunk_index) for h in hits]}"
         )
@@ -82,7 +88,7 @@ async def test_fusion_matters_keyword_only_and_vector_only_targets(corpus, pool,
     """The keyword-only target is outside the vector top 3 but first by keyword; the vector-only
     target is absent from the keyword list (it shares no lexeme with its query); hybrid ranks both."""
     text, slug, index, _ = KEYWORD_ONLY
-    hits = await hybrid_search(pool, qdrant, collection, embedder, text, limit=10)
+    hits = await pg_search(pool, qdrant, collection, embedder, text, limit=10)
     target = next(h for h in hits if h.chunk_id == chunk(corpus, slug, index))
     assert target.keyword_rank == 1
     assert target.vector_rank is None or target.vector_rank > 3
@@ -91,7 +97,7 @@ async def test_fusion_matters_keyword_only_and_vector_only_targets(corpus, pool,
     assert len(vector_top3) == 3 and target not in vector_top3
 
     text, slug, index, _ = VECTOR_ONLY
-    hits = await hybrid_search(pool, qdrant, collection, embedder, text, limit=10)
+    hits = await pg_search(pool, qdrant, collection, embedder, text, limit=10)
     target = next(h for h in hits if h.chunk_id == chunk(corpus, slug, index))
     assert target.keyword_rank is None and target.vector_rank <= 3 and hits.index(target) < 3
     query_lexemes, chunk_lexemes = conn.execute(
@@ -104,7 +110,7 @@ async def test_fusion_matters_keyword_only_and_vector_only_targets(corpus, pool,
 
 async def test_hits_carry_the_chunk_and_document_fields(corpus, pool, qdrant, collection, embedder):
     """A hit is the chunk as PostgreSQL has it: ids, title, url, type, index and full text; scores descend."""
-    hits = await hybrid_search(pool, qdrant, collection, embedder, "transactional outbox dual write", limit=5)
+    hits = await pg_search(pool, qdrant, collection, embedder, "transactional outbox dual write", limit=5)
     assert len(hits) == 5
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     top = hits[0]
@@ -124,11 +130,11 @@ async def test_source_and_document_filters(corpus, conn, dsn, pool, qdrant, coll
     )
     await drain(make_settings(), dsn, embedder, qdrant)
     query = "transactional outbox dual write"
-    unfiltered = await hybrid_search(pool, qdrant, collection, embedder, query, limit=5)
+    unfiltered = await pg_search(pool, qdrant, collection, embedder, query, limit=5)
     copy = next(h for h in unfiltered if h.chunk_id == other_chunk)
     assert copy.keyword_rank == 1 and copy.vector_rank <= 2
 
-    only_corpus = await hybrid_search(pool, qdrant, collection, embedder, query, limit=5,
+    only_corpus = await pg_search(pool, qdrant, collection, embedder, query, limit=5,
                                       filters=SearchFilters(source_id=corpus["source_id"]))
     assert len(only_corpus) == 5 and {h.source_id for h in only_corpus} == {corpus["source_id"]}
     # Both searches were filtered, not just the answer: the ranks are ranks among the corpus alone.
@@ -136,11 +142,11 @@ async def test_source_and_document_filters(corpus, conn, dsn, pool, qdrant, coll
         chunk(corpus, "transactional-outbox", 1), 1, 1)
 
     kafka = corpus["documents"]["kafka-basics"]
-    in_doc = await hybrid_search(pool, qdrant, collection, embedder, query, limit=10,
+    in_doc = await pg_search(pool, qdrant, collection, embedder, query, limit=10,
                                  filters=SearchFilters(document_id=kafka["id"]))
     assert sorted(h.chunk_id for h in in_doc) == sorted(kafka["chunk_ids"])
     assert sorted(h.vector_rank for h in in_doc) == [1, 2, 3]  # Qdrant searched only this document
-    only_other = await hybrid_search(pool, qdrant, collection, embedder, query,
+    only_other = await pg_search(pool, qdrant, collection, embedder, query,
                                      filters=SearchFilters(document_id=other_doc))
     assert [(h.chunk_id, h.vector_rank, h.keyword_rank) for h in only_other] == [(other_chunk, 1, 1)]
 
@@ -149,7 +155,7 @@ async def test_document_type_and_metadata_filters(corpus, pool, qdrant, collecti
     """--document-type and --metadata restrict both searches: every hit matches, and the ranks
     are ranks within the filtered candidates."""
     recipes = {c for d in corpus["documents"].values() if d["document_type"] == "recipe" for c in d["chunk_ids"]}
-    hits = await hybrid_search(pool, qdrant, collection, embedder, "water", limit=50,
+    hits = await pg_search(pool, qdrant, collection, embedder, "water", limit=50,
                                filters=SearchFilters(document_type="recipe"))
     assert {h.chunk_id for h in hits} == recipes and {h.document_type for h in hits} == {"recipe"}
     assert sorted(h.vector_rank for h in hits) == list(range(1, len(recipes) + 1))
@@ -157,12 +163,12 @@ async def test_document_type_and_metadata_filters(corpus, pool, qdrant, collecti
     assert keyword_ranked == list(range(1, len(keyword_ranked) + 1)) and keyword_ranked  # "water" is in recipes
 
     astronomy = {c for d in corpus["documents"].values() if d["topic"] == "astronomy" for c in d["chunk_ids"]}
-    hits = await hybrid_search(pool, qdrant, collection, embedder, "PGX-4471", limit=50,
+    hits = await pg_search(pool, qdrant, collection, embedder, "PGX-4471", limit=50,
                                filters=SearchFilters(metadata={"topic": "astronomy"}))
     assert {h.chunk_id for h in hits} == astronomy and all(h.keyword_rank is None for h in hits)
 
     first_cooking = {d["chunk_ids"][0] for d in corpus["documents"].values() if d["topic"] == "cooking"}
-    hits = await hybrid_search(pool, qdrant, collection, embedder, "water", limit=50, fusion="rrf",
+    hits = await pg_search(pool, qdrant, collection, embedder, "water", limit=50, fusion="rrf",
                                filters=SearchFilters(metadata={"topic": "cooking", "paragraph": 1}))
     assert {h.chunk_id for h in hits} == first_cooking
     assert sorted(h.vector_rank for h in hits) == list(range(1, len(first_cooking) + 1))
@@ -177,34 +183,34 @@ async def test_stale_guard_deleted_changed_and_refiltered_chunks(corpus, conn, p
     sink.collection = await sink.resolve()
 
     gone = chunk(corpus, *KEYWORD_ONLY[1:3])
-    hits = await hybrid_search(pool, qdrant, collection, embedder, "PGX-4471", limit=10)
+    hits = await pg_search(pool, qdrant, collection, embedder, "PGX-4471", limit=10)
     assert next(h for h in hits if h.chunk_id == gone).vector_rank is not None  # Qdrant finds it
     conn.execute("DELETE FROM chunks WHERE id = %s", (gone,))
     assert str(gone) in await sink.payloads([str(gone)])  # and still has it
-    hits = await hybrid_search(pool, qdrant, collection, embedder, "PGX-4471", limit=10)
+    hits = await pg_search(pool, qdrant, collection, embedder, "PGX-4471", limit=10)
     assert gone not in [h.chunk_id for h in hits] and len(hits) == 10
 
     changed = chunk(corpus, "kafka-basics", 1)
     new_text = "Consumer groups were rewritten: this paragraph now says something else entirely."
     conn.execute("UPDATE chunks SET text = %s WHERE id = %s", (new_text, changed))
-    hits = await hybrid_search(pool, qdrant, collection, embedder, "kafka consumer group rebalance", limit=3)
+    hits = await pg_search(pool, qdrant, collection, embedder, "kafka consumer group rebalance", limit=3)
     hit = next(h for h in hits if h.chunk_id == changed)
     assert hit.text == new_text and hit.vector_rank is not None  # found by its old vector, shown as it is now
 
     emptied = chunk(corpus, "kafka-basics", 0)
     conn.execute("UPDATE chunks SET text = '  ' WHERE id = %s", (emptied,))
-    hits = await hybrid_search(pool, qdrant, collection, embedder, "kafka consumer group rebalance", limit=10)
+    hits = await pg_search(pool, qdrant, collection, embedder, "kafka consumer group rebalance", limit=10)
     assert emptied not in [h.chunk_id for h in hits]
 
     beekeeping = corpus["documents"]["beekeeping"]
     filters = SearchFilters(document_type="guide")
-    before = await hybrid_search(pool, qdrant, collection, embedder, "bees", limit=3, filters=filters)
+    before = await pg_search(pool, qdrant, collection, embedder, "bees", limit=3, filters=filters)
     assert {h.document_id for h in before} == {beekeeping["id"]}
     conn.execute("UPDATE documents SET document_type = 'article', title = 'Bees, renamed' WHERE id = %s",
                  (beekeeping["id"],))
-    after = await hybrid_search(pool, qdrant, collection, embedder, "bees", limit=3, filters=filters)
+    after = await pg_search(pool, qdrant, collection, embedder, "bees", limit=3, filters=filters)
     assert beekeeping["id"] not in {h.document_id for h in after}
-    unfiltered = await hybrid_search(pool, qdrant, collection, embedder, "bees", limit=3)
+    unfiltered = await pg_search(pool, qdrant, collection, embedder, "bees", limit=3)
     assert {h.title for h in unfiltered} == {"Bees, renamed"}  # the current title, not the payload's
 
 
@@ -218,7 +224,7 @@ async def test_a_different_model_is_refused_with_both_fingerprints(conn, dsn, po
     await other.load()
     try:
         with pytest.raises(ModelMismatchError) as info:
-            await hybrid_search(pool, qdrant, collection, other, "anything")
+            await pg_search(pool, qdrant, collection, other, "anything")
     finally:
         await other.close()
     message = str(info.value)
@@ -231,7 +237,7 @@ async def test_bad_arguments_are_value_errors(corpus, pool, qdrant, collection, 
     for kwargs in ({"query": "  "}, {"query": "x", "vector_weight": 1.5}, {"query": "x", "fusion": "borda"},
                    {"query": "x", "limit": 0}):
         with pytest.raises(ValueError):
-            await hybrid_search(pool, qdrant, collection, embedder, **kwargs)
+            await pg_search(pool, qdrant, collection, embedder, **kwargs)
 
 
 def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embedder, make_settings, tmp_path,
@@ -255,8 +261,15 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
     capsys.readouterr()
 
     assert cli.main(base + ["--json", "--limit", "3", "PGX-4471"]) == 0
+    doc = orjson.loads(capsys.readouterr().out)  # auto: Qdrant's own BM25 on a server, else PostgreSQL's
+    native = server_settings() is not None
+    assert (doc["keywords"], doc["fusion"]) == (("qdrant", "rrf") if native else ("postgres", "weighted"))
+    assert doc["hits"][0]["chunk_id"] == str(ids["documents"]["greenhouse-tomatoes"]["chunk_ids"][2])
+
+    assert cli.main(base + ["--json", "--keywords", "postgres", "--limit", "3", "PGX-4471"]) == 0
     doc = orjson.loads(capsys.readouterr().out)
-    assert (doc["query"], doc["fusion"], doc["vector_weight"]) == ("PGX-4471", "weighted", 0.7)
+    assert (doc["query"], doc["keywords"], doc["fusion"], doc["vector_weight"]) == (
+        "PGX-4471", "postgres", "weighted", 0.7)
     assert len(doc["hits"]) == 3
     first = doc["hits"][0]
     assert first["chunk_id"] == str(ids["documents"]["greenhouse-tomatoes"]["chunk_ids"][2])
@@ -278,6 +291,8 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
     assert "The transactional outbox pattern" in out and "removes the dual write" in out
 
     assert cli.main(base + ["--fusion", "borda", "anything"]) == 2  # a usage error, before anything runs
+    assert cli.main(base + ["--keywords", "postgres", "--fusion", "dbsf", "anything"]) == 2  # the server's own
+    assert "does not go with postgres's keywords" in capsys.readouterr().err
     assert cli.main(base + ["--document", "not-a-uuid", "anything"]) == 2
     assert "is not a valid UUID" in capsys.readouterr().err
 
