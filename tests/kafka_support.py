@@ -86,7 +86,11 @@ async def matches(dsn: str, qdrant: AsyncQdrantClient, collection: str) -> bool:
         return False
     if set(points) != set(want):
         return False
-    return all({k: points[pid].payload.get(k) for k in w} == w for pid, w in want.items())
+    def held(payload: dict[str, Any]) -> dict[str, Any]:
+        return {"content_hash": (payload.get("outboxd") or {}).get("content_hash"), "title": payload.get("title"),
+                "metadata": payload.get("metadata")}
+
+    return all(held(points[pid].payload) == w for pid, w in want.items())
 
 
 async def wait_until_matches(dsn: str, qdrant: AsyncQdrantClient, collection: str, timeout: float = 120) -> None:

@@ -131,7 +131,7 @@ async def make_every_drift(conn: psycopg.Connection, qdrant: AsyncQdrantClient, 
         conn.execute("DELETE FROM chunks WHERE id = %s", (ids[1],))
         conn.execute("UPDATE chunks SET text = 'changed behind the back' WHERE id = %s", (ids[2],))
     await qdrant.set_payload(target, {"title": "tampered"}, points=[str(ids[3])])
-    await qdrant.set_payload(target, {"embedding_model": "another-model"}, points=[str(ids[4])])
+    await qdrant.set_payload(target, {"embedding_model": "another-model"}, key="outboxd", points=[str(ids[4])])
     return stray
 
 
@@ -182,6 +182,13 @@ async def all_points(qdrant: AsyncQdrantClient, collection: str) -> dict[str, An
         points.update({str(p.id): p for p in batch})
         if offset is None:
             return points
+
+
+async def projection_of(qdrant: AsyncQdrantClient, collection: str, model_id: str):
+    """What the points of a collection written with the default settings hold beside each chunk."""
+    from daemon.core.qdrant_store import QdrantStore
+
+    return await QdrantStore(qdrant, collection, collection).projection(model_id)
 
 
 async def assert_converged(dsn: str, qdrant: AsyncQdrantClient, collection: str, embedder: Embedder,

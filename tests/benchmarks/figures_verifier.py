@@ -18,6 +18,8 @@ import asyncio
 import time
 
 from daemon.admin.reconcile import Reconciler, enqueue_repair
+from daemon.core.chunk_state import Projection
+from daemon.core.qdrant_store import QdrantStore
 from daemon.embedding.backend import BackendInfo
 from daemon.embedding.embedder import Embedder
 from daemon.outbox.notify_daemon import NotifyDaemon
@@ -57,11 +59,12 @@ async def _physical(client, alias: str) -> str:
     return {a.alias_name: a.collection_name for a in (await client.get_aliases()).aliases}.get(alias, alias)
 
 
-def verifier(pool, client, collection: str, alias: str, model_id: str, settings: VerifySettings, stop: asyncio.Event,
+def verifier(pool, client, collection: str, alias: str, projection: Projection, settings: VerifySettings,
+             stop: asyncio.Event,
              lease: VerifierLease | None = None) -> Verifier:
     """A verifier made as NotifyDaemon.verifier() makes it (metrics as no-ops)."""
     lease = lease or VerifierLease(pool, alias, "bench-verifier", settings.lease_seconds)
-    return Verifier(Reconciler(pool, client, collection, model_id), lease, settings, Metrics(None),
+    return Verifier(Reconciler(pool, client, collection, projection), lease, settings, Metrics(None),
                     enqueue_repair(pool), stop)
 
 
@@ -81,7 +84,8 @@ async def pass_cost(pg: Postgres, target: QdrantTarget, info: BackendInfo, n: in
         unthrottled = VerifySettings(chunks_per_second=1e9, range_size=DEFAULT.range_size)
         stop = asyncio.Event()
         lease = OnePass(pool, alias, "bench-verifier", unthrottled.lease_seconds, stop=stop)
-        task = verifier(pool, client, collection, alias, probe.fingerprint.id, unthrottled, stop, lease)
+        projection = await QdrantStore(client, alias, collection).projection(probe.fingerprint.id)
+        task = verifier(pool, client, collection, alias, projection, unthrottled, stop, lease)
         q0, p0 = target.cpu_seconds(), pg.cpu_seconds()
         c0, w0 = time.process_time(), time.perf_counter()
         running = asyncio.create_task(task.run())
@@ -121,8 +125,9 @@ async def pipeline_round(dsn: str, target: QdrantTarget, embedder: Embedder, ali
     beside = None
     try:
         if with_verifier:
+            projection = await daemon.writer.store.projection(embedder.fingerprint.id)
             beside = asyncio.create_task(verifier(daemon.pool, client, daemon.outbox.collection, alias,
-                                                  embedder.fingerprint.id, DEFAULT, stop).run())
+                                                  projection, DEFAULT, stop).run())
         add_chunks(dsn, "pipeline", texts)
         started = time.perf_counter()
         assert await daemon.run(drain=True) == 0

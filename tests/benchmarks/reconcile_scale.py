@@ -23,7 +23,7 @@ import psycopg
 from qdrant_client import AsyncQdrantClient, models
 
 from daemon.admin.reconcile import LOCAL_QDRANT_PAGE, Reconciler
-from daemon.core.chunk_state import ChunkState
+from daemon.core.chunk_state import ChunkState, Projection
 from daemon.core.qdrant_store import QdrantStore
 from daemon.embedding.embedder import ModelFingerprint
 from db import migrate
@@ -31,6 +31,7 @@ from db.gateway import make_pool
 from tests.folders import server_folder
 
 FINGERPRINT = ModelFingerprint("bench/model", 8, True, 256)
+PROJECTION = Projection(FINGERPRINT.id)  # random vectors written directly: no sparse vector
 
 
 def populate(dsn: str, n: int) -> None:
@@ -61,7 +62,7 @@ async def load_points(dsn: str, client: AsyncQdrantClient, collection: str) -> N
                 models.PointStruct(
                     id=str(r["chunk_id"]),
                     vector=[rng.random() for _ in range(FINGERPRINT.dimension)],
-                    payload={**ChunkState.from_row(r).payload(FINGERPRINT.id), "truncated": False},
+                    payload=ChunkState.from_row(r).payload(PROJECTION),
                 )
                 for r in rows
             ]
@@ -83,7 +84,7 @@ async def measure(dsn: str, n: int, qdrant_page_size: int, client: AsyncQdrantCl
         if trace_memory:
             tracemalloc.start()
         started = time.perf_counter()
-        report = await Reconciler(pool, client, collection, FINGERPRINT.id, qdrant_page_size=qdrant_page_size).run()
+        report = await Reconciler(pool, client, collection, PROJECTION, qdrant_page_size=qdrant_page_size).run()
         seconds = time.perf_counter() - started
         peak = tracemalloc.get_traced_memory()[1] if trace_memory else None
         tracemalloc.stop()

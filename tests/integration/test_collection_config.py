@@ -57,7 +57,7 @@ def test_the_collection_is_created_as_configured_and_changed_only_by_the_operato
         "tenant_key": "source_id", "shard_number": 2}
     schema = {name: index.data_type.value for name, index in info.payload_schema.items()}
     assert schema == {"document_id": "uuid", "source_id": "uuid", "document_type": "keyword",
-                      "content_hash": "keyword"}
+                      "outboxd.content_hash": "keyword"}
     check = outboxd(["collection", "--check"], env, tmp_path)
     assert check.returncode == 0 and "the collection is as configured" in check.stdout, report(check)
     found = outboxd(["search", "stars", "--json", "--limit", "1"], env, tmp_path, timeout=240)  # rescored

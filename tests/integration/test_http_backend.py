@@ -587,4 +587,4 @@ async def test_the_daemon_converges_through_the_endpoint_and_a_rate_limit_is_no_
     for n, chunk_id in enumerate(ids):
         if n != 13:
             assert np.allclose(points[str(chunk_id)].vector, server.vector_for(texts[n]), atol=1e-5)
-            assert points[str(chunk_id)].payload["truncated"] is False
+            assert points[str(chunk_id)].payload["outboxd"]["truncated"] is False

@@ -105,8 +105,8 @@ async def test_changes_converge_through_relay_and_consumer(conn, dsn, qdrant, co
     # a retitled chunk is written again whole, with the vector it held and the newer version
     after = (await all_points(qdrant, collection))[str(ids[1])]
     assert after.payload["title"] == "Renamed" and after.vector == before.vector
-    assert after.payload["version"] > before.payload["version"]
-    assert after.payload["truncated"] is before.payload["truncated"] is False
+    assert after.payload["outboxd"]["version"] > before.payload["outboxd"]["version"]
+    assert after.payload["outboxd"]["truncated"] is before.payload["outboxd"]["truncated"] is False
     assert outbox_rows(conn) == []
     assert await assert_converged(dsn, qdrant, collection, embedder) == 3
 
@@ -257,7 +257,7 @@ async def test_an_older_event_never_overwrites_a_newer_one(
         await producer.stop()
     assert consumer.stats.records == 3
     [point] = (await all_points(qdrant, collection)).values()
-    assert point.payload["text"] == "The current text." and point.payload["version"] == newest.version
+    assert point.payload["text"] == "The current text." and point.payload["outboxd"]["version"] == newest.version
     assert consumer.stats.older == 2
 
 

@@ -28,6 +28,7 @@ from tests.support import (
     open_qdrant,
     outbox_rows,
     physical_collection,
+    projection_of,
     qdrant_choice,
     qdrant_flags,
     require_server,
@@ -37,7 +38,8 @@ from tests.support import (
 
 async def reconcile(pool, qdrant, collection, embedder, repair=None, **kw):
     target = await physical_collection(qdrant, collection)
-    return await Reconciler(pool, qdrant, target, embedder.fingerprint.id, **kw).run(repair)
+    return await Reconciler(pool, qdrant, target, await projection_of(qdrant, target, embedder.fingerprint.id),
+                            **kw).run(repair)
 
 
 async def test_each_drift_class_is_found_then_repaired(conn, dsn, qdrant, collection, embedder, make_settings, pool):

@@ -19,7 +19,15 @@ from daemon.core.qdrant_store import physical_name
 from daemon.embedding.embedder import Embedder
 from daemon.errors import EXIT_CONFIG
 from daemon.outbox.notify_daemon import NotifyDaemon
-from tests.support import add_document, assert_converged, drain, outbox_rows, physical_collection, wait_until
+from tests.support import (
+    add_document,
+    assert_converged,
+    drain,
+    outbox_rows,
+    physical_collection,
+    projection_of,
+    wait_until,
+)
 
 LONG = " ".join(f"token{i}" for i in range(200))  # past 128 tokens: the two settings embed it differently
 
@@ -86,7 +94,8 @@ async def test_reindex_under_concurrent_writes_then_rollback(
 
     await drain(new_settings, dsn, new, qdrant)
     await assert_converged(dsn, qdrant, collection, new)
-    assert (await Reconciler(pool, qdrant, target, new.fingerprint.id).run()).drift == 0
+    assert (await Reconciler(pool, qdrant, target, await projection_of(qdrant, target, new.fingerprint.id)).run()
+            ).drift == 0
 
     # Rollback: back to the retired collection, caught up with what changed meanwhile.
     conn.execute("UPDATE chunks SET text = 'changed while the new model was live' WHERE id = %s", (ids[1],))

@@ -20,7 +20,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from qdrant_client import AsyncQdrantClient
 
-from daemon.core.qdrant_store import FINGERPRINT_KEY
+from daemon.core.qdrant_store import FINGERPRINT_KEY, dense
 from tests.processes import (
     MODEL_LOAD_S,
     DaemonProcess,
@@ -254,7 +254,7 @@ async def test_model_mismatch_refuses_to_start(spawn, conn, dsn, collection, tmp
     assert set(after) == set(before)
     for pid, point in before.items():
         assert after[pid].payload == point.payload, f"payload of {pid} changed"
-        assert np.allclose(after[pid].vector, point.vector, atol=1e-6), f"vector of {pid} changed"
+        assert np.allclose(dense(after[pid].vector), dense(point.vector), atol=1e-6), f"vector of {pid} changed"
     assert info.config.metadata[FINGERPRINT_KEY]["name"] == "other/model", "the recorded fingerprint was overwritten"
 
 
@@ -324,7 +324,7 @@ async def test_embedded_default_without_database_url(spawn, tmp_path, embedder, 
         await client.close()
     assert len(points) == 1
     assert points[0].payload["text"] == text
-    assert points[0].payload["embedding_model"] == embedder.fingerprint.id
+    assert points[0].payload["outboxd"]["embedding_model"] == embedder.fingerprint.id
 
     truth = reference.encode([text], normalize_embeddings=True, convert_to_numpy=True)[0]
     assert float(np.dot(np.asarray(points[0].vector), truth)) > 0.999

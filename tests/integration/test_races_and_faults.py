@@ -26,7 +26,7 @@ from daemon import cli
 from daemon.core.apply import Applier
 from daemon.core.batch import Target
 from daemon.core.chunk_state import ChunkState
-from daemon.core.qdrant_store import QdrantStore
+from daemon.core.qdrant_store import QdrantStore, dense
 from daemon.outbox.notify_daemon import NotifyDaemon
 from daemon.outbox.queue import Outbox
 from daemon.runtime.service import run_service
@@ -159,8 +159,9 @@ async def test_a_versioned_payload_update_lands_only_beside_the_text_it_assumes(
     await Applier(embedder, moved).apply({cid: Target(replace(first, title="Retitled"), version=3)})
     (point,) = await qdrant.retrieve(collection, [str(cid)], with_payload=True, with_vectors=True)
     vectors, _ = await embedder.embed({"h-newer": newer.text})
-    assert (point.payload["content_hash"], point.payload["title"], point.payload["version"]) == ("h-newer", "Newer", 2)
-    assert point.vector == pytest.approx(vectors["h-newer"].vector, abs=1e-6)
+    held = point.payload["outboxd"]
+    assert (held["content_hash"], point.payload["title"], held["version"]) == ("h-newer", "Newer", 2)
+    assert dense(point.vector) == pytest.approx(vectors["h-newer"].vector, abs=1e-6)
 
     # a newer version of the same text lands in between: the older update does not land
     await Applier(embedder, store).apply({cid: Target(first, version=4)})
@@ -168,7 +169,7 @@ async def test_a_versioned_payload_update_lands_only_beside_the_text_it_assumes(
                                lambda: Applier(embedder, store).apply({cid: Target(first, version=9)}))
     await Applier(embedder, moved).apply({cid: Target(replace(first, title="Older"), version=5)})
     (point,) = await qdrant.retrieve(collection, [str(cid)], with_payload=True)
-    assert (point.payload["version"], point.payload["title"]) == (9, first.title)
+    assert (point.payload["outboxd"]["version"], point.payload["title"]) == (9, first.title)
 
     # nothing in between: one payload update, nothing embedded, the vector kept
     kept = await all_points(qdrant, collection)
@@ -176,7 +177,7 @@ async def test_a_versioned_payload_update_lands_only_beside_the_text_it_assumes(
     assert (result.payload_only, result.embedded, result.upserted) == (1, 0, 0)
     after = (await all_points(qdrant, collection))[str(cid)]
     assert after.vector == kept[str(cid)].vector
-    assert (after.payload["title"], after.payload["version"]) == ("Kept", 10)
+    assert (after.payload["title"], after.payload["outboxd"]["version"]) == ("Kept", 10)
 
 
 async def test_two_daemon_instances_in_one_process_share_the_work_under_concurrent_writes(
@@ -429,8 +430,8 @@ async def test_long_text_is_embedded_truncated_and_says_so(conn, dsn, qdrant, co
     _, (short_id, long_id) = add_document(conn, ["a short text", long_text])
     await drain(make_settings(), dsn, embedder, qdrant)
     points = await all_points(qdrant, collection)
-    assert points[str(short_id)].payload["truncated"] is False
-    assert points[str(long_id)].payload["truncated"] is True
+    assert points[str(short_id)].payload["outboxd"]["truncated"] is False
+    assert points[str(long_id)].payload["outboxd"]["truncated"] is True
     assert len(points[str(long_id)].payload["text"]) == 1000
     await assert_converged(dsn, qdrant, collection, embedder)
 
@@ -441,4 +442,4 @@ async def test_text_near_the_window_is_flagged_correctly(conn, dsn, qdrant, coll
     await drain(make_settings(), dsn, embedder, qdrant)
     (point,) = await qdrant.retrieve(collection, [str(cid)], with_payload=True)
     tokens = len(reference.tokenizer(text)["input_ids"])
-    assert point.payload["truncated"] is (tokens > embedder.max_seq_length)
+    assert point.payload["outboxd"]["truncated"] is (tokens > embedder.max_seq_length)

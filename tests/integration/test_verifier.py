@@ -41,6 +41,7 @@ from tests.support import (
     open_qdrant,
     outbox_rows,
     physical_collection,
+    projection_of,
     require_server,
     wait_until,
 )
@@ -107,7 +108,7 @@ async def test_a_pass_of_small_ranges_finds_each_drift_class_once(conn, dsn, qdr
     _, ids = add_document(conn, [f"chunk {i} of the verifier's corpus" for i in range(40)])
     await drain(settings, dsn, embedder, qdrant)
     target = await physical_collection(qdrant, collection)
-    reconciler = Reconciler(pool, qdrant, target, embedder.fingerprint.id)
+    reconciler = Reconciler(pool, qdrant, target, await projection_of(qdrant, target, embedder.fingerprint.id))
 
     async def one_pass(repair=None):
         after, ranges, counts, chunks, points = None, 0, dict.fromkeys(KINDS, 0), 0, 0
