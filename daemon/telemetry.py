@@ -88,7 +88,7 @@ INSTRUMENTS: dict[str, tuple[str, str, str]] = {
     "verify_chunks_checked": ("counter", "{chunk}", "Chunks the continuous verifier checked against their points."),
     "verify_drift": (
         "counter", "{chunk}",
-        "Drift the continuous verifier found and confirmed, by kind (missing, orphaned, stale, wrong_model).",
+        "Drift the continuous verifier found and confirmed, by kind (missing, orphaned, stale, wrong_model, missing_sparse, wrong_sparse).",
     ),
     "verify_repaired": ("counter", "{event}", "Repair events the continuous verifier enqueued."),
     "verify_holder": ("gauge", "1", "1 in the daemon that holds the verifier's lease (verifies now), else 0."),

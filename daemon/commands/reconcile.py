@@ -23,7 +23,7 @@ SAFETY_NET = "writes made with the capture triggers disabled are caught here"
 
 
 @click.command(help="Stream chunks (PostgreSQL) and points (Qdrant) in id order and classify each difference: "
-               "missing, orphaned, stale, wrong_model. The safety net for writes made with the capture "
+               "missing, orphaned, stale, wrong_model, missing_sparse, wrong_sparse. The safety net for writes made with the capture "
                "triggers off: --repair enqueues an event per drifted chunk. --check exits 3 on drift.")
 @click.option("--check", is_flag=True, help="exit 3 when any drift exists, else 0 (for cron and CI)")
 @click.option("--repair", is_flag=True, help="enqueue an outbox event for each drifted chunk")

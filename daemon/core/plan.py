@@ -80,7 +80,7 @@ class Action(str, Enum):
 @dataclass(frozen=True, slots=True)
 class Plan:
     action: Action
-    drift: str | None = None  # missing, orphaned, stale, wrong_model; None: the point agrees
+    drift: str | None = None  # missing, orphaned, stale, wrong_model, missing_sparse, wrong_sparse; None: agrees
     payload: dict[str, Any] | None = None  # UPSERT, REWRITE: the whole payload; SET: the keys to set
     error: str | None = None  # REJECT: what is wrong with the chunk (names the field and the limit)
 
