@@ -43,8 +43,13 @@ warnings.filterwarnings("ignore", message="Payload indexes have no effect in the
 
 
 def is_local(client: Any) -> bool:
-    """qdrant-client's local mode (no server: no server-side inference, no sparse vector made from text)."""
-    return type(getattr(client, "_client", None)).__name__ in ("QdrantLocal", "AsyncQdrantLocal")
+    """qdrant-client's local mode (no server: no server-side inference, no sparse vector made from text),
+    behind an (Async)QdrantClient, and behind qdrant_connect.LocalQdrant's thread too."""
+    for _ in range(3):  # LocalQdrant -> QdrantClient -> QdrantLocal
+        client = getattr(client, "_client", None)
+        if type(client).__name__ in ("QdrantLocal", "AsyncQdrantLocal"):
+            return True
+    return False
 
 
 def has_sparse(info: models.CollectionInfo) -> bool:

@@ -311,3 +311,16 @@ def test_json_formatter_writes_one_object_per_line_with_extras():
     assert (second["msg"], second["level"], second["attempt"]) == ("apply failed", "error", 2)
     assert "RuntimeError: boom" in second["exc"]
     assert not {"args", "exc_info", "levelno", "taskName"} & set(first)
+
+
+def test_local_mode_is_told_apart_behind_every_wrapper():
+    """No sparse vector can be made in local mode (the server computes BM25): is_local
+    must see it behind the daemon's own thread wrapper as well as behind a bare client."""
+    from qdrant_client import AsyncQdrantClient, QdrantClient
+
+    from daemon.core.qdrant_connect import LocalQdrant
+    from daemon.core.qdrant_store import is_local
+
+    assert is_local(LocalQdrant(QdrantClient(location=":memory:")))
+    assert is_local(AsyncQdrantClient(location=":memory:"))
+    assert not is_local(AsyncQdrantClient(url="http://127.0.0.1:1"))
