@@ -323,4 +323,4 @@ def test_local_mode_is_told_apart_behind_every_wrapper():
 
     assert is_local(LocalQdrant(QdrantClient(location=":memory:")))
     assert is_local(AsyncQdrantClient(location=":memory:"))
-    assert not is_local(AsyncQdrantClient(url="http://127.0.0.1:1"))
+    assert not is_local(AsyncQdrantClient(url="http://127.0.0.1:1", check_compatibility=False))
