@@ -168,4 +168,6 @@ def _print(query: str, keywords: str, fusion: str, vector_weight: float, hits: l
         for i, h in enumerate(hits, start=1)
     ]
     title = f"{len(hits)} result{'s' if len(hits) != 1 else ''} for {query!r} ({how})"
-    print_table(rows, ["rank", "score", "vector rank", "keyword rank", "title", "excerpt"], title=title)
+    # fused in the server, a hit's rank in each prefetch is not returned: no columns for them
+    ranks = ["vector rank", "keyword rank"] if keywords != "qdrant" else []
+    print_table(rows, ["rank", "score", *ranks, "title", "excerpt"], title=title)

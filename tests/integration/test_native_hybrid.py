@@ -47,12 +47,17 @@ async def test_hybrid_search_fuses_dense_and_bm25_in_qdrant(dsn, pool, qdrant, c
                                            using="bm25", limit=3)
     assert str(by_keywords.points[0].id) == str(rare)
 
+    # dense alone ranks the code's chunk below look-alike codes; fused, it is in the top two (with
+    # reciprocal ranks it ties with the look-alike the dense side ranks first: 1/(1+1) + 1/(1+4) each)
+    dense = await hybrid_search(pool, qdrant, collection, embedder, RARE, limit=3, keywords="none")
+    assert rare not in [h.chunk_id for h in dense[:2]]
     for fusion in ("rrf", "dbsf"):
         hits = await hybrid_search(pool, qdrant, collection, embedder, RARE, limit=3, keywords="qdrant", fusion=fusion)
         assert (hits.keywords, hits.fusion) == ("qdrant", fusion)
-        assert hits[0].chunk_id == rare and RARE in hits[0].text
+        assert rare in [h.chunk_id for h in hits[:2]]
+        assert RARE in next(h.text for h in hits if h.chunk_id == rare)
     auto = await hybrid_search(pool, qdrant, collection, embedder, RARE, limit=3)
-    assert auto.keywords == "qdrant" and auto[0].chunk_id == rare
+    assert auto.keywords == "qdrant" and rare in [h.chunk_id for h in auto[:2]]
 
     # a paraphrase sharing no word with its paragraph: the dense prefetch finds it
     eclipse = docs["solar-eclipses"]["chunk_ids"][0]

@@ -264,7 +264,8 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
     doc = orjson.loads(capsys.readouterr().out)  # auto: Qdrant's own BM25 on a server, else PostgreSQL's
     native = server_settings() is not None
     assert (doc["keywords"], doc["fusion"]) == (("qdrant", "rrf") if native else ("postgres", "weighted"))
-    assert doc["hits"][0]["chunk_id"] == str(ids["documents"]["greenhouse-tomatoes"]["chunk_ids"][2])
+    # (reciprocal ranks: the code's chunk ties with the look-alike code the dense side ranks first)
+    assert str(ids["documents"]["greenhouse-tomatoes"]["chunk_ids"][2]) in [h["chunk_id"] for h in doc["hits"][:2]]
 
     assert cli.main(base + ["--json", "--keywords", "postgres", "--limit", "3", "PGX-4471"]) == 0
     doc = orjson.loads(capsys.readouterr().out)
