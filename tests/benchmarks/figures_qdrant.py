@@ -39,7 +39,7 @@ from tests.qdrant_server import QdrantServer, find_binary
 NEEDS_BINARY = "not measured: needs the Qdrant server binary (tests/qdrant_server.py) to start a fresh server per setting"
 
 
-def _pct(values: list[float], q: int) -> float:
+def percentile(values: list[float], q: int) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
@@ -137,7 +137,7 @@ def figure_cascade_delete(pg: Postgres, target: QdrantTarget, info: BackendInfo,
     assert code == 0, f"outboxd run exited {code}"
     counted = samples[1:] or samples
     assert all(s["points"] == chunks for s in counted), [s["points"] for s in counted]
-    ms = lambda xs, q: round(_pct(xs, q) * 1000, 1)
+    ms = lambda xs, q: round(percentile(xs, q) * 1000, 1)
     last = [s["all_gone_s"] for s in counted]
     first = [s["first_gone_s"] for s in counted if s["first_gone_s"] is not None]
     out.update(p50_ms=ms(last, 50), p99_ms=ms(last, 99), max_ms=round(max(last) * 1000, 1),
@@ -214,7 +214,7 @@ def vector_set(embedder: Embedder, points: int, queries: int, real: int | None =
     return data, query_vectors, how
 
 
-def _memory(pid: int) -> dict:
+def server_memory(pid: int) -> dict:
     """The process's resident memory (MiB): all of it, anonymous, file-backed (memory-mapped files)."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -224,8 +224,8 @@ def _memory(pid: int) -> dict:
     return {"rss_mib": fields.get("VmRSS"), "anon_mib": fields.get("RssAnon"), "file_mib": fields.get("RssFile")}
 
 
-def _optimized(client: QdrantClient, collection: str, timeout: float = 3600.0, quiet: float = 3.0,
-               done: tuple = (models.CollectionStatus.GREEN,)) -> float:
+def wait_optimized(client: QdrantClient, collection: str, timeout: float = 3600.0, quiet: float = 3.0,
+                   done: tuple = (models.CollectionStatus.GREEN,)) -> float:
     """Wait until the collection's status is one of `done` with its optimizers idle
     for `quiet` seconds on end; the seconds waited."""
     started = time.perf_counter()
@@ -240,8 +240,8 @@ def _optimized(client: QdrantClient, collection: str, timeout: float = 3600.0, q
     raise TimeoutError(f"collection {collection} not optimized within {timeout:.0f} s")
 
 
-def _top(client: QdrantClient, collection: str, queries: np.ndarray, params: models.SearchParams | None,
-         k: int = 10) -> list[set]:
+def top_ids(client: QdrantClient, collection: str, queries: np.ndarray, params: models.SearchParams | None,
+            k: int = 10) -> list[set]:
     """The ids of each query's top k, searched with `params`."""
     found = []
     for lo in range(0, len(queries), 50):
@@ -251,7 +251,7 @@ def _top(client: QdrantClient, collection: str, queries: np.ndarray, params: mod
     return found
 
 
-def _recall(exact: list[set], approx: list[set], k: int = 10) -> float:
+def recall_at_k(exact: list[set], approx: list[set], k: int = 10) -> float:
     """Mean share of the exact top k that the other search returned."""
     return round(sum(len(e & a) for e, a in zip(exact, approx, strict=True)) / (k * len(exact)), 4)
 
@@ -263,7 +263,7 @@ def _one_setting(binary: Path, name: str, knobs: dict, data: np.ndarray, queries
     rng = np.random.default_rng(0)
     out: dict = {"setting": name, "qdrant_settings": {k: str(v).lower() for k, v in knobs.items()}}
     with QdrantServer(binary) as server:
-        out["empty_server"] = _memory(server.pid)
+        out["empty_server"] = server_memory(server.pid)
         client = QdrantClient(url=server.url, prefer_grpc=True, grpc_port=server.grpc_port, timeout=300,
                               check_compatibility=False)
         try:
@@ -278,8 +278,8 @@ def _one_setting(binary: Path, name: str, knobs: dict, data: np.ndarray, queries
             client.upload_collection(collection, vectors=data, payload=payloads, ids=range(1, len(data) + 1),
                                      batch_size=512, parallel=1, wait=True)
             out["upload_s"] = round(time.perf_counter() - started, 1)
-            out["optimize_s"] = _optimized(client, collection)
-            out["after_optimizing"] = _memory(server.pid)
+            out["optimize_s"] = wait_optimized(client, collection)
+            out["after_optimizing"] = server_memory(server.pid)
             info = client.get_collection(collection)
             out["points"], out["indexed_vectors"] = info.points_count, info.indexed_vectors_count
             out["segments"] = info.segments_count
@@ -291,20 +291,20 @@ def _one_setting(binary: Path, name: str, knobs: dict, data: np.ndarray, queries
                               check_compatibility=False)
         try:
             # grey: a restarted server holds its optimizations back until the next write; there is none to run
-            _optimized(client, collection, quiet=1.0,
-                       done=(models.CollectionStatus.GREEN, models.CollectionStatus.GREY))
-            out["after_restart"] = _memory(server.pid)
+            wait_optimized(client, collection, quiet=1.0,
+                           done=(models.CollectionStatus.GREEN, models.CollectionStatus.GREY))
+            out["after_restart"] = server_memory(server.pid)
             out["segments_after_restart"] = client.get_collection(collection).segments_count
-            found = _top(client, collection, queries, shape.search_params())
+            found = top_ids(client, collection, queries, shape.search_params())
             # before any exact search, which reads every original vector (on disk too) into memory
-            out["after_queries"] = _memory(server.pid)
-            exact = _top(client, collection, queries, models.SearchParams(exact=True))
-            out["recall_at_10"] = _recall(exact, found)
+            out["after_queries"] = server_memory(server.pid)
+            exact = top_ids(client, collection, queries, models.SearchParams(exact=True))
+            out["recall_at_10"] = recall_at_k(exact, found)
             if shape.search_params() is not None:
                 for o in oversampling:
                     wider = CollectionShape(QdrantSettings(**knobs, search_oversampling=o)).search_params()
-                    out[f"recall_at_10_oversampling_{o:g}"] = _recall(exact, _top(client, collection, queries, wider))
-            out["after_exact_search"] = _memory(server.pid)
+                    out[f"recall_at_10_oversampling_{o:g}"] = recall_at_k(exact, top_ids(client, collection, queries, wider))
+            out["after_exact_search"] = server_memory(server.pid)
         finally:
             client.close()
         # blocks allocated, not file sizes: Qdrant's write-ahead log and mapped files are preallocated and sparse
