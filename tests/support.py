@@ -119,6 +119,9 @@ async def physical_collection(client: AsyncQdrantClient, name: str) -> str:
     return aliases.get(name, name)
 
 
+NO_SPARSE_DRIFT = {"missing_sparse": 0, "wrong_sparse": 0}  # reconcile's two sparse kinds (test_native_hybrid.py's)
+
+
 async def make_every_drift(conn: psycopg.Connection, qdrant: AsyncQdrantClient, target: str, ids: list[uuid.UUID]) -> str:
     """One drift of each kind behind the daemon's back, on the first five chunks of `ids`:
     missing (0), orphaned (1, and a stray point), stale (2: text; 3: payload) and

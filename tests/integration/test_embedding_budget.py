@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from daemon.core.qdrant_store import dense
 from daemon.embedding.token_bucket import HORIZON, Bucket, Rates
 from daemon.outbox.shared_budget import SharedBudget
 from db.gateway import make_pool
@@ -194,7 +195,7 @@ async def assert_converged_to_the_endpoint(conn, tmp_path, collection, server: E
         await client.close()
     assert set(points) == {str(i) for i in ids}
     for text, chunk_id in zip(texts, ids):
-        assert np.allclose(points[str(chunk_id)].vector, server.vector_for(text), atol=1e-5)
+        assert np.allclose(dense(points[str(chunk_id)].vector), server.vector_for(text), atol=1e-5)
 
 
 @pytest.mark.slow

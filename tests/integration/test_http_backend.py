@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from daemon.config import Settings
+from daemon.core.qdrant_store import dense
 from daemon.embedding.http_backend import EndpointUnavailableError, HttpBackend, endpoint_url, plan_batches
 from daemon.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError, InvalidChunkError, is_transient
 from tests.embedding_server import REJECT_MARKER, EmbeddingServer, load_minilm
@@ -586,5 +587,5 @@ async def test_the_daemon_converges_through_the_endpoint_and_a_rate_limit_is_no_
     assert set(points) == {str(i) for n, i in enumerate(ids) if n != 13}
     for n, chunk_id in enumerate(ids):
         if n != 13:
-            assert np.allclose(points[str(chunk_id)].vector, server.vector_for(texts[n]), atol=1e-5)
+            assert np.allclose(dense(points[str(chunk_id)].vector), server.vector_for(texts[n]), atol=1e-5)
             assert points[str(chunk_id)].payload["outboxd"]["truncated"] is False

@@ -20,6 +20,7 @@ from daemon.outbox.notify_daemon import NotifyDaemon
 from db import migrate
 from tests.conftest import create_database, drop_database
 from tests.support import (
+    NO_SPARSE_DRIFT,
     add_document,
     all_points,
     assert_converged,
@@ -54,7 +55,7 @@ async def test_each_drift_class_is_found_then_repaired(conn, dsn, qdrant, collec
     stray = await make_every_drift(conn, qdrant, target, ids)
 
     report = await reconcile(pool, qdrant, collection, embedder)
-    assert report.counts == {"missing": 1, "orphaned": 2, "stale": 2, "wrong_model": 1}
+    assert report.counts == {"missing": 1, "orphaned": 2, "stale": 2, "wrong_model": 1, **NO_SPARSE_DRIFT}
     assert set(report.examples["orphaned"]) == {stray, str(ids[1])}
     assert report.examples["missing"] == [str(ids[0])] and report.examples["wrong_model"] == [str(ids[4])]
     assert report.chunks == 11 and report.points == 12

@@ -327,7 +327,7 @@ async def test_embedded_default_without_database_url(spawn, tmp_path, embedder, 
     assert points[0].payload["outboxd"]["embedding_model"] == embedder.fingerprint.id
 
     truth = reference.encode([text], normalize_embeddings=True, convert_to_numpy=True)[0]
-    assert float(np.dot(np.asarray(points[0].vector), truth)) > 0.999
+    assert float(np.dot(np.asarray(dense(points[0].vector)), truth)) > 0.999
 
 
 # --- 7. secrets ---------------------------------------------------------------------------------------

@@ -285,11 +285,16 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
     assert doc["filters"]["metadata"] == {"paragraph": 1}
 
     monkeypatch.setenv("COLUMNS", "200")  # room for each title on one line (piped, tables are 100 wide)
-    assert cli.main(base + ["--limit", "2", "transactional outbox dual write"]) == 0
+    assert cli.main(base + ["--limit", "2", "--keywords", "postgres", "transactional outbox dual write"]) == 0
     out = capsys.readouterr().out
     for column in ("rank", "score", "vector rank", "keyword rank", "title", "excerpt"):
         assert column in out
     assert "The transactional outbox pattern" in out and "removes the dual write" in out
+    if native:  # fused in Qdrant, which returns no rank per prefetch: no columns for them
+        assert cli.main(base + ["--limit", "2", "transactional outbox dual write"]) == 0
+        out = capsys.readouterr().out
+        assert "Qdrant's BM25, reciprocal rank fusion in Qdrant" in out and "vector rank" not in out
+        assert "The transactional outbox pattern" in out
 
     assert cli.main(base + ["--fusion", "borda", "anything"]) == 2  # a usage error, before anything runs
     assert cli.main(base + ["--keywords", "postgres", "--fusion", "dbsf", "anything"]) == 2  # the server's own

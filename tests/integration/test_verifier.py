@@ -33,6 +33,7 @@ from daemon.outbox.settings import VerifySettings
 from daemon.outbox.verifier import VerifierLease
 from tests.processes import daemon_env, health_port, sample
 from tests.support import (
+    NO_SPARSE_DRIFT,
     add_document,
     assert_converged,
     db_clock_passed,
@@ -130,7 +131,7 @@ async def test_a_pass_of_small_ranges_finds_each_drift_class_once(conn, dsn, qdr
     assert outbox_rows(conn) == []
 
     _, chunks, points, counts = await one_pass(enqueue_repair(pool))
-    assert counts == {"missing": 1, "orphaned": 2, "stale": 2, "wrong_model": 1}
+    assert counts == {"missing": 1, "orphaned": 2, "stale": 2, "wrong_model": 1, **NO_SPARSE_DRIFT}
     assert (chunks, points) == (39, 40)
     assert len(outbox_rows(conn)) == 6
     _, _, _, counts = await one_pass()  # repairs not applied yet: in flight, not drift again
@@ -270,7 +271,7 @@ async def test_writes_behind_outboxds_back_are_repaired_by_the_running_daemon(
     finally:
         await qdrant.close()
     # each drift once: the repair of one is in flight (pending), not found again
-    assert drift_found(port) == {"missing": 2, "orphaned": 2, "stale": 7, "wrong_model": 0}
+    assert drift_found(port) == {"missing": 2, "orphaned": 2, "stale": 7, "wrong_model": 0, **NO_SPARSE_DRIFT}
     text = metrics_of(port)
     assert sample(text, "outboxd_verify_repaired_total") == 11
     assert sample(text, "outboxd_verify_chunks_checked_total") >= 2 * 63
