@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -29,6 +30,7 @@ class ClusterNode(QdrantServer):
         super().__init__(binary, folder)
         self.p2p_port = free_port()
         self.bootstrap = bootstrap  # the first node's p2p URL; None for the first node itself
+        self.started_at = datetime.now(UTC)  # when it last became ready: failures to reach it before then are history
 
     @property
     def p2p_url(self) -> str:
@@ -46,10 +48,27 @@ class ClusterNode(QdrantServer):
             args += ["--bootstrap", self.bootstrap]
         return args
 
+    def start(self, timeout: float = READY_TIMEOUT) -> ClusterNode:
+        super().start(timeout)
+        self.started_at = datetime.now(UTC)  # ready: a peer that fails to reach it from now on really cannot
+        return self
+
     def cluster(self) -> dict[str, Any]:
         """GET /cluster on this node: its peers, the raft state, the peers it fails to reach."""
         with httpx.Client(timeout=5) as http:
             return http.get(f"{self.url}/cluster").raise_for_status().json()["result"]
+
+
+def _since(failure: dict[str, Any], started: datetime) -> bool:
+    """A failure to send to a peer that happened since it (re)started. A follower that
+    failed to reach a killed node keeps that record until it next sends to it, which
+    may be never: the leader alone sends heartbeats."""
+    stamp = failure.get("latest_error_timestamp")
+    if not stamp:
+        return True
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    when = datetime.fromisoformat(f"{whole}.{(fraction or '0')[:6]}+00:00")
+    return when >= started
 
 
 class QdrantCluster:
@@ -81,7 +100,7 @@ class QdrantCluster:
     def formed(self) -> bool:
         """Every running node lists every peer, knows the leader, and reaches every other running node."""
         running = [node for node in self.nodes if node.running]
-        wanted = {f"{node.p2p_url}/" for node in running}
+        started = {f"{node.p2p_url}/": node.started_at for node in running}
         try:
             views = [node.cluster() for node in running]
         except httpx.HTTPError:
@@ -89,7 +108,8 @@ class QdrantCluster:
         return all(
             len(view.get("peers") or {}) == len(self.nodes)
             and (view.get("raft_info") or {}).get("leader") is not None
-            and not wanted & set(view.get("message_send_failures") or {})
+            and not any(_since(failure, started[url]) for url, failure in (view.get("message_send_failures") or {}).items()
+                        if url in started)
             for view in views
         )
 

@@ -307,7 +307,7 @@ def test_cli_search_json_table_filters_and_mismatch(conn, dsn, collection, embed
     monkeypatch.setattr(torch_backend, "encode_now", lambda *a, **k: checks.append(1) or encode_now(*a, **k))
     monkeypatch.setenv("OUTBOXD_EMBEDDING__BACKEND", "sentence-transformers")
     monkeypatch.setenv("OUTBOXD_EMBEDDING__PRECISION", "bf16")
-    assert cli.main(base + ["--json", "PGX-4471"]) == 0
+    assert cli.main(base + ["--json", "--keywords", "postgres", "PGX-4471"]) == 0
     assert orjson.loads(capsys.readouterr().out)["hits"][0]["chunk_id"] == first["chunk_id"] and checks == []
     monkeypatch.delenv("OUTBOXD_EMBEDDING__PRECISION")
 
