@@ -20,8 +20,9 @@ Figures by theme: figures_embedding (1, 1b, 1c, 1d, 7), figures_outbox (2, 3,
 4), figures_transport (5, 5b, 5c, 5f), figures_scaleout (5d, 5e),
 large_collection (6, 8), figures_verifier (9), http_backend (10: a fleet's
 embedding budget), figures_qdrant (11: a cascaded delete; 12: memory and
-recall by quantization; 5d and 5e on a 3-node cluster); services holds the
-set-up, report the table and plots.
+recall by quantization; 5d and 5e on a 3-node cluster), search_scale (13:
+search at a million chunks; 1e: the pipeline with the sparse vector on);
+services holds the set-up, report the table and plots.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from tests.benchmarks import figures_scaleout as scale
 from tests.benchmarks import figures_transport as transport
 from tests.benchmarks import figures_verifier as verifier
 from tests.benchmarks import http_backend as http_figures
-from tests.benchmarks import kafka_transport
+from tests.benchmarks import kafka_transport, search_scale
 from tests.benchmarks import large_collection as large
 from tests.benchmarks.report import FIGURES, NO_GPU, collect_figures, markdown, plots
 from tests.benchmarks.services import Postgres, QdrantTarget, load_average
@@ -59,13 +60,15 @@ FULL = dict(pipeline_chunks=1000, claim_batches=[16, 64, 256], backend_chunks=50
             scale_repeats=2, grpc_points=20_000, large_sizes=[50_000, 100_000, 200_000], local_reconcile=50_000,
             verify_chunks=20_000, verify_pipeline_chunks=400, verify_base=5000, budget_chunks=960,
             cascade_chunks=1000, cascade_runs=20, memory_points=200_000, memory_queries=200, memory_real=None,
-            cluster_counts=[1, 2, 4])
+            cluster_counts=[1, 2, 4], search_sizes=[100_000, 1_000_000], search_queries=200, search_real=None,
+            search_repeats=2, sparse_pipeline_runs=2)
 QUICK = dict(pipeline_chunks=24, claim_batches=[8, 64], backend_chunks=24, backend_rounds=1, ceiling_chunks=300,
              write_rows=1000, freshness_seconds=2.0, freshness_rate=10.0, wasted_chunks=12, transport_chunks=200,
              cpu_events=300, cpu_repeats=1, scale_events=2000, scale_counts=[1, 2, 4], scale_repeats=1, grpc_points=1000,
              large_sizes=[200, 600], local_reconcile=600, verify_chunks=1000, verify_pipeline_chunks=24, verify_base=200,
              budget_chunks=96, cascade_chunks=100, cascade_runs=3, memory_points=1500, memory_queries=20,
-             memory_real=300, cluster_counts=[1, 2])
+             memory_real=300, cluster_counts=[1, 2], search_sizes=[1000, 2000], search_queries=12, search_real=150,
+             search_repeats=1, sparse_pipeline_runs=1)
 
 
 def say(what: str) -> None:
@@ -81,6 +84,9 @@ def run_figures(sizes: dict, device: str, quick: bool, pg: Postgres, target: Qdr
     try:
         say("figure 1: pipeline against raw encode")
         d["pipeline"] = emb.figure_pipeline(pg, target, embedder, sizes["pipeline_chunks"], sizes["claim_batches"])
+        say("figure 1e: the pipeline with the sparse vector on, against dense only")
+        d["sparse_pipeline"] = search_scale.figure_sparse_pipeline(pg, target, embedder, sizes["pipeline_chunks"],
+                                                                   sizes["sparse_pipeline_runs"])
         say("figure 1b: each embedding backend")
         d["backends"] = emb.figure_backends(sizes["backend_chunks"], device, sizes["backend_rounds"])
         say("figure 1c: the limit")
@@ -137,6 +143,9 @@ def run_figures(sizes: dict, device: str, quick: bool, pg: Postgres, target: Qdr
         say("figure 12: the server's memory and the search's recall by quantization and on-disk setting")
         d["memory_recall"] = production.figure_memory_recall(embedder, sizes["memory_points"], sizes["memory_queries"],
                                                              sizes["memory_real"])
+        say("figure 13: search at a million chunks (dense, native hybrid, PostgreSQL-fused hybrid)")
+        d["search_scale"] = search_scale.figure_search_scale(pg, embedder, sizes["search_sizes"], sizes["search_queries"],
+                                                             sizes["search_real"], sizes["search_repeats"])
         say("figure 9: the continuous verifier's cost")
         d["verifier"] = verifier.figure_verifier(pg, target, embedder, info, sizes["verify_chunks"],
                                                  sizes["verify_pipeline_chunks"], sizes["verify_base"])

@@ -23,6 +23,15 @@ def _on(device: str, threshold: float):
 
 
 SCALE = "≥ 0.9× here (2 cores), every run; ≥ 1.8× where cores are free"
+# figure 13's searches and quantizations (search_scale.MODES, QUANTIZATIONS), as the table names them
+SEARCHES = {"dense": "dense only", "native_hybrid": "native hybrid (BM25 and RRF in Qdrant)",
+            "postgres_hybrid": "hybrid fused with PostgreSQL's full text",
+            "postgres_hybrid_custom_plans": "the same, connections with plan_cache_mode=force_custom_plan"}
+SEARCH_QUANTIZATIONS = {"none": "no quantization", "scalar": "scalar (int8), rescored"}
+
+
+def _search_target(mode: str):
+    return (lambda v, _f, _m: v <= 50) if mode == "native_hybrid" else None
 # figure 12's settings (figures_qdrant.SETTINGS), as the table names them
 MEMORY_SETTINGS = {"none": "no quantization", "scalar": "scalar (int8)", "binary": "binary",
                    "scalar_on_disk": "scalar, originals on disk", "none_on_disk": "no quantization, on disk"}
@@ -35,6 +44,7 @@ FIGURES: dict[str, tuple] = {
     "1c_limit_texts_per_s": ("1c. the limit: the fastest encoder built here (texts/s)", "", None, "limit"),
     "1c_pipeline_vs_encode": ("1c. pipeline ÷ the configured backend's own encode of the same texts (default settings)", "≥ 0.95 on CPU", _on("cpu", 0.95), "pipeline"),
     "1c_pipeline_vs_limit": ("1c. pipeline ÷ limit (default settings)", "≥ 0.9 on a GPU", _on("cuda", 0.9), "pipeline"),
+    "1e_pipeline_sparse_vs_dense": ("1e. pipeline with the sparse BM25 vector ÷ dense only (real model, default claim batch)", "≥ 0.9", lambda v, f, m: v >= 0.9, "sparse_pipeline"),
     "1d_ceiling_claim_256": ("1d. ceiling: pipeline, encoding made free, claim 256 (chunks/s)", "", None, "ceiling"),
     "1d_ceiling_claim_1024": ("1d. ceiling: pipeline, encoding made free, claim 1024 (chunks/s)", "", None, "ceiling"),
     "1d_ceiling_claim_256_local": ("1d. the same, claim 256, local mode (second row)", "", None, "ceiling_local"),
@@ -110,6 +120,16 @@ FIGURES: dict[str, tuple] = {
        for k, label in MEMORY_SETTINGS.items()},
     **{f"12_recall_at_10_{k}": (f"12. recall@10 of outboxd's search ÷ exact, {label}", "≥ 0.97", lambda v, f, m: v >= 0.97, "memory_recall")
        for k, label in MEMORY_SETTINGS.items()},
+    "13_chunks": ("13. search at scale: chunks in the collection and in PostgreSQL (the largest size built)", "1,000,000", lambda v, f, m: v >= 1_000_000, "search_scale"),
+    **{f"13_{mode}_{p}_ms_{q}": (f"13. search through the library, {label}, {p} (ms), {qlabel}",
+                                 "≤ 50" if mode == "native_hybrid" and p == "p99" else "",
+                                 _search_target(mode) if p == "p99" else None, "search_scale")
+       for q, qlabel in SEARCH_QUANTIZATIONS.items() for mode, label in SEARCHES.items() for p in ("p50", "p99")},
+    **{f"13_recall_at_10_{q}": (f"13. recall@10 of the dense search ÷ exact, {label}", "≥ 0.97", lambda v, f, m: v >= 0.97, "search_scale")
+       for q, label in SEARCH_QUANTIZATIONS.items()},
+    **{f"13_rss_mib_{q}": (f"13. Qdrant server RSS, restarted and searched, {label} (MiB)", "", None, "search_scale")
+       for q, label in SEARCH_QUANTIZATIONS.items()},
+    "13_native_hybrid_p99_growth": ("13. native hybrid p99, largest size ÷ smallest, no quantization", "", None, "search_scale"),
     "7_gpu_pipeline_efficiency": ("7. pipeline efficiency with the model on the GPU", "≥ 0.90", lambda v, f, m: v >= 0.90, "gpu"),
     "7_gpu_pipeline_vs_limit": ("7. pipeline ÷ limit on the GPU (fp16 recipe)", "≥ 0.9", lambda v, f, m: v >= 0.9, "gpu"),
 }
@@ -256,6 +276,22 @@ def collect_figures(d: dict) -> tuple[dict, dict]:
     f["9_verifier_cpu_per_10k"] = v["pass"]["cpu_s_per_10k"] if isinstance(v, dict) else v
     f["9_verifier_core_share_default_rate"] = v["pass"]["core_share_at_default_rate"] if isinstance(v, dict) else v
     f["9_verifier_throughput_ratio"] = v["throughput"]["ratio"] if isinstance(v, dict) else v
+    sparse = d["sparse_pipeline"]
+    f["1e_pipeline_sparse_vs_dense"] = sparse["ratio"] if isinstance(sparse, dict) else sparse
+    search = d["search_scale"]
+    last = search["runs"][-1] if isinstance(search, dict) else None
+    f["13_chunks"] = last["chunks"] if last else search
+    for q in SEARCH_QUANTIZATIONS:
+        one = last["configurations"][q] if last else None
+        for mode in SEARCHES:
+            for p in ("p50", "p99"):
+                f[f"13_{mode}_{p}_ms_{q}"] = one["latency"][mode].get(
+                    f"{p}_ms", "not measured: its warm-up took its whole time budget (see details)") if one else search
+        f[f"13_recall_at_10_{q}"] = one["recall_at_10_dense"] if one else search
+        f[f"13_rss_mib_{q}"] = one["after_queries"]["rss_mib"] if one else search
+    growth = search.get("growth_largest_over_smallest") if last else None
+    f["13_native_hybrid_p99_growth"] = (growth["none"]["native_hybrid_p99"] if growth
+                                        else "not measured: one size only" if last else search)
     gpu = d["gpu"]
     if isinstance(gpu, dict) and gpu.get("ran_on") == "cuda":
         f["7_gpu_pipeline_efficiency"] = gpu["efficiency"]

@@ -11,7 +11,8 @@ TINY = dict(harness.QUICK, pipeline_chunks=8, claim_batches=[4, 16], backend_chu
             write_rows=200, freshness_seconds=1.0, wasted_chunks=4, transport_chunks=40, cpu_events=100,
             scale_events=300, scale_repeats=1, grpc_points=100, large_sizes=[100, 200], local_reconcile=100,
             verify_chunks=100, verify_pipeline_chunks=8, verify_base=50, cascade_chunks=50, cascade_runs=2,
-            memory_points=600, memory_queries=10, memory_real=120, cluster_counts=[1, 2])
+            memory_points=600, memory_queries=10, memory_real=120, cluster_counts=[1, 2], search_sizes=[300, 600],
+            search_queries=8, search_real=100)
 
 
 def test_quick_run_writes_every_figure(tmp_path, monkeypatch):
@@ -43,10 +44,19 @@ def test_quick_run_writes_every_figure(tmp_path, monkeypatch):
         assert "3-node" in result["qdrant_of_figure"]["5d_two_daemons_vs_one_cluster"]
         assert result["details"]["daemons_cluster"]["collection"]["replication_factor"] == 2
         assert figures["5d_two_daemons_vs_one_cluster"] > 0 and figures["5e_two_consumers_vs_one_cluster"] > 0
+        # search at scale: grown to the last size, each search measured in each quantization, through the library
+        assert figures["13_chunks"] == TINY["search_sizes"][-1] and figures["1e_pipeline_sparse_vs_dense"] > 0
+        for q in report.SEARCH_QUANTIZATIONS:
+            for mode in report.SEARCHES:
+                assert figures[f"13_{mode}_p99_ms_{q}"] > 0, (mode, q)
+            assert 0 < figures[f"13_recall_at_10_{q}"] <= 1 and figures[f"13_rss_mib_{q}"] > 0, q
+        checked = result["details"]["search_scale"]["runs"][-1]["sample_check"]
+        assert checked["plans"] == {"nothing": checked["sampled"]}  # outboxd's own plan() finds every point right
     else:  # local mode admits one process: they say so instead
         assert figures["5d_two_daemons_vs_one"].startswith("not measured: several processes need a Qdrant server")
         assert figures["9_verifier_cpu_per_10k"].startswith("not measured: ")
         assert figures["11_cascade_delete_p99_ms"].startswith("not measured: ")
+        assert figures["13_chunks"].startswith("not measured: ")
     table = (tmp_path / "results.md").read_text()
     assert "| figure | value | target | met? | Qdrant measured |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
