@@ -25,8 +25,7 @@ def _on(device: str, threshold: float):
 SCALE = "≥ 0.9× here (2 cores), every run; ≥ 1.8× where cores are free"
 # figure 13's searches and quantizations (search_scale.MODES, QUANTIZATIONS), as the table names them
 SEARCHES = {"dense": "dense only", "native_hybrid": "native hybrid (BM25 and RRF in Qdrant)",
-            "postgres_hybrid": "hybrid fused with PostgreSQL's full text",
-            "postgres_hybrid_custom_plans": "the same, connections with plan_cache_mode=force_custom_plan"}
+            "postgres_hybrid": "hybrid fused with PostgreSQL's full text"}
 SEARCH_QUANTIZATIONS = {"none": "no quantization", "scalar": "scalar (int8), rescored"}
 
 

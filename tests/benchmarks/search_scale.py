@@ -68,8 +68,6 @@ import numpy as np
 import orjson
 import psutil
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 from qdrant_client import AsyncQdrantClient, QdrantClient, models
 
 from daemon.config import Settings
@@ -84,7 +82,6 @@ from daemon.embedding.backend import Backend, BackendInfo, Encoded
 from daemon.embedding.embedder import Embedder
 from daemon.hybrid_search import hybrid_search
 from db.gateway import make_pool
-from db.queries import query
 from tests.benchmarks import e2e_throughput
 from tests.benchmarks.figures_qdrant import (
     NEEDS_BINARY,
@@ -103,21 +100,17 @@ CHUNKS_PER_DOCUMENT = 20
 DOCUMENTS_PER_SOURCE = 50
 BLOCK = 10_000  # chunks generated at a time; a multiple of CHUNKS_PER_DOCUMENT
 UPLOAD_BATCH = 256
-# The library's searches, by the name the figures give them: (its arguments, the connections it reads with).
-# A connection that runs a named query often has psycopg prepare it (after 5 runs), and PostgreSQL may then
-# plan it once for every parameter (a generic plan) instead of for the query at hand: PostgreSQL's hybrid is
-# measured on connections as outboxd opens them, and on connections with plan_cache_mode=force_custom_plan.
-MODES = {
-    "dense": ({"keywords": "none"}, "as_opened"),
-    "native_hybrid": ({"keywords": "qdrant", "fusion": "rrf"}, "as_opened"),
-    "postgres_hybrid": ({"keywords": "postgres"}, "as_opened"),
-    "postgres_hybrid_custom_plans": ({"keywords": "postgres"}, "custom_plans"),
+MODES = {  # the library's searches, by the name the figures give them
+    "dense": {"keywords": "none"},
+    "native_hybrid": {"keywords": "qdrant", "fusion": "rrf"},
+    "postgres_hybrid": {"keywords": "postgres"},
 }
-POOLS = {"as_opened": {}, "custom_plans": {"options": "-c plan_cache_mode=force_custom_plan"}}
-POOL = 2  # connections per pool: a hybrid search holds two at once
+POOL = 2  # connections: a hybrid search holds two at once
 QUANTIZATIONS = ("none", "scalar")
-WARM_QUERIES = 30  # per search, not counted: enough for every connection to have prepared its queries
-MODE_BUDGET_S = 180.0  # a search's timed samples stop once they took this long in all
+# per search, not counted: enough for each connection to run every query more often than psycopg's
+# prepare threshold (5), after which a prepared query may be planned once for all parameters
+WARM_QUERIES = 30
+MODE_BUDGET_S = 180.0  # a search is left out once it took this long in all (a pathological plan, say)
 PROFILED_QUERIES = 50
 HNSW_EFS = (128, 256, 512)
 PROFILE_BUDGET_S = 60.0
@@ -453,10 +446,8 @@ async def _searches(settings: Settings, dsn: str, info: BackendInfo, queries: di
     await embedder.load()
     common = _library_options(settings)
     client = TimedQdrant(make_client(settings))
-    pools = {kind: make_pool(make_conninfo(dsn, **options), application_name="outboxd:bench-search",
-                             min_size=POOL, max_size=POOL) for kind, options in POOLS.items()}
-    for pool in pools.values():
-        await pool.open()
+    pool = make_pool(dsn, application_name="outboxd:bench-search", min_size=POOL, max_size=POOL)
+    await pool.open()
     seconds: dict[str, list[float]] = {m: [] for m in MODES}
     warm: dict[str, list[float]] = {m: [] for m in MODES}
     spent = Counter()
@@ -465,9 +456,8 @@ async def _searches(settings: Settings, dsn: str, info: BackendInfo, queries: di
     texts = list(queries)
 
     async def search(mode: str, text: str) -> tuple[list, float]:
-        kwargs, pool = MODES[mode]
         started = time.perf_counter()
-        hits = await hybrid_search(pools[pool], client, ALIAS, embedder, text, limit=10, **common, **kwargs)
+        hits = await hybrid_search(pool, client, ALIAS, embedder, text, limit=10, **common, **MODES[mode])
         return hits, time.perf_counter() - started
 
     try:
@@ -486,18 +476,17 @@ async def _searches(settings: Settings, dsn: str, info: BackendInfo, queries: di
                     seconds[mode].append(took)
                     if round_ == 1 and mode == "dense":
                         dense_ids[text] = {str(h.chunk_id) for h in hits}
-                    elif round_ == 1 and mode == "postgres_hybrid_custom_plans":
+                    elif round_ == 1 and mode == "postgres_hybrid":
                         keyword_hits += any(h.keyword_rank for h in hits)
-        plans = {kind: await _prepared(pool) for kind, pool in pools.items()}
+        prepared = await _prepared(pool)
         profile = await _profile(search, client, texts, cpu, [m for m in MODES if spent[m] <= MODE_BUDGET_S])
     finally:
-        for pool in pools.values():
-            await pool.close()
+        await pool.close()
         await client.close()
         await embedder.close()
     return {"latency": {m: _summary(s, spent[m] > MODE_BUDGET_S) for m, s in seconds.items()},
             "warm_up_ms": warm, "dense_ids": [dense_ids[t] for t in texts],
-            "queries_with_a_keyword_hit": keyword_hits, "prepared_statements": plans, "profile": profile}
+            "queries_with_a_keyword_hit": keyword_hits, "prepared_statements": prepared, "profile": profile}
 
 
 async def _profile(search, client: TimedQdrant, texts: list[str], cpu: dict[str, Callable[[], float | None]],
@@ -540,29 +529,6 @@ async def _profile(search, client: TimedQdrant, texts: list[str], cpu: dict[str,
             "cprofile_top_tottime": [line.strip() for line in stream.getvalue().splitlines()
                                      if re.match(r"\s*\d+(/\d+)?\s+\d", line)][:12],
         }
-    return out
-
-
-def _keyword_plans(dsn: str, text: str) -> dict:
-    """The keyword query of PostgreSQL's hybrid (db/sql/queries.sql: search_keyword)
-    for one query, prepared as psycopg prepares it, planned for its parameters (a
-    custom plan) and once for any (a generic plan): each one's time and plan."""
-    names = re.findall(r"%\((\w+)\)s", query("search_keyword"))
-    order = list(dict.fromkeys(names))
-    prepared = re.sub(r"%\((\w+)\)s", lambda m: f"${order.index(m.group(1)) + 1}", query("search_keyword"))
-    values = {"query": text, "limit": 50}
-    execute = sql.SQL("EXECUTE search_keyword({})").format(
-        sql.SQL(", ").join(sql.Literal(values.get(n)) for n in order))
-    out: dict = {"query": text}
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"PREPARE search_keyword AS {prepared}")
-        for mode in ("force_custom_plan", "force_generic_plan"):
-            conn.execute(sql.SQL("SET plan_cache_mode = {}").format(sql.Literal(mode)))
-            started = time.perf_counter()
-            plan_lines = [r[0] for r in conn.execute(sql.SQL("EXPLAIN (ANALYZE) ") + execute)]
-            kind = mode.split("_")[1]
-            out[f"{kind}_ms"] = round((time.perf_counter() - started) * 1000, 1)
-            out[f"{kind}_plan"] = plan_lines[:14]
     return out
 
 
@@ -714,8 +680,6 @@ def figure_search_scale(pg: Postgres, embedder: Embedder, sizes: list[int], quer
                 run["sample_check"] = check_sample(dsn, client, collection, chunks, n, projection)
             loaded = n
             run["keyword_matches"] = _keyword_matches(dsn, phrases[:40])
-            say(f"figure 13: the keyword query's plans at {n:,} chunks")
-            run["keyword_query_plans"] = _keyword_plans(dsn, run["keyword_matches"]["median_query"])
             run["configurations"] = {}
             for quantization in ([current] + [q for q in QUANTIZATIONS if q != current]):
                 if quantization != current:
