@@ -81,6 +81,13 @@ class Applier:
         versions: dict[str, int] = {}  # point id -> the version its write carries
         holds: dict[str, str] = {}  # point id -> the text (content hash) a versioned payload update assumes
         rewrites: dict[str, tuple[UUID, Target]] = {}  # point id -> its chunk; written again with its vector
+
+        def set_keys(point_id: str, target: Target, keys: dict[str, Any]) -> None:
+            payload_updates.append((point_id, keys))
+            if target.version is not None:
+                holds[point_id] = target.state.content_hash
+            result.payload_only += 1
+
         for chunk_id, target in targets.items():
             point_id = point_ids[chunk_id]
             todo = plan(target.state, existing.get(point_id), projection, target.version, target.deleted)
@@ -100,10 +107,7 @@ class Applier:
             elif todo.action is Action.REWRITE:
                 rewrites[point_id] = (chunk_id, target)
             elif todo.action is Action.SET:
-                payload_updates.append((point_id, todo.payload))
-                if target.version is not None:
-                    holds[point_id] = target.state.content_hash
-                result.payload_only += 1
+                set_keys(point_id, target, todo.payload)
             elif target.state is not None and target.state.has_text:
                 result.unchanged += 1
 
@@ -125,10 +129,7 @@ class Applier:
                     versions.pop(point_id, None)
                     result.older += 1
                 elif todo.action is Action.SET:  # the point moved on meanwhile, to a layout a set serves
-                    payload_updates.append((point_id, todo.payload))
-                    if target.version is not None:
-                        holds[point_id] = target.state.content_hash
-                    result.payload_only += 1
+                    set_keys(point_id, target, todo.payload)
                 else:
                     versions.pop(point_id, None)
                     result.unchanged += 1
